@@ -1,1 +1,42 @@
-//! fams
+//! # fams — failure-atomic msync
+//!
+//! A persistent heap: a file mapped into memory at a fixed address, read and written like
+//! ordinary memory, whose changes become durable only at [`Heap::commit`] — all of them or none,
+//! whatever crashes (process kill, kernel panic, power cut).
+//!
+//! Where to look:
+//! - [`heap`]: format, open, the public API;
+//! - [`commit`]: the commit path (capture, log writer, write-back, checkpoint);
+//! - [`recovery`]: the recovery path;
+//! - [`log_format`] and [`heap_file`]: the on-disk formats, documented where they are encoded;
+//! - [`tracker`]: dirty-page tracking (userfaultfd WP-async + PAGEMAP_SCAN, or mprotect);
+//! - [`io`]: the log device (io_uring or plain syscalls, O_DIRECT, RWF_DSYNC / fdatasync).
+//!
+//! ```no_run
+//! use fams::{FormatOptions, Heap, HeapOptions};
+//! Heap::format(&FormatOptions::new("/var/tmp/app.heap", 64 << 20))?;
+//! let mut heap = Heap::open("/var/tmp/app.heap", &HeapOptions::default())?;
+//! heap.bytes_mut()[..5].copy_from_slice(b"hello");
+//! heap.commit()?; // durable now, all or nothing
+//! # Ok::<(), fams::Error>(())
+//! ```
+
+pub mod commit;
+pub mod error;
+pub mod heap;
+pub mod heap_file;
+pub mod inspect;
+pub mod io;
+pub mod log_format;
+pub mod recovery;
+pub mod stats;
+pub mod tracker;
+
+pub use commit::Ticket;
+pub use error::{Error, Result};
+pub use heap::{FormatOptions, Heap, HeapOptions};
+pub use heap_file::{HeapHeader, HeapId, PAGE_SIZE};
+pub use io::{FlushMode, IoPath, LogKind};
+pub use recovery::RecoveryReport;
+pub use stats::Stats;
+pub use tracker::TrackerKind;

@@ -1,1 +1,293 @@
-fn main() {}
+//! `famsd`: format, inspect and recover fams heaps; demonstrate and torture-test them.
+
+mod demo;
+mod torture;
+mod workload;
+
+use clap::{Parser, Subcommand};
+use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "famsd",
+    version,
+    about = "fams: a persistent heap whose changes become durable only at commit(), all or nothing",
+    long_about = "fams maps a heap file into memory at a fixed address; a program writes it like ordinary \
+memory and calls commit() to make everything written so far durable, atomically, through a redo log \
+written with io_uring (O_DIRECT + RWF_DSYNC) to a file or a raw block device.\n\n\
+Start with `famsd demo`. Make a heap with `famsd format`, look at it with `famsd inspect`, \
+prove crash safety on your machine with `famsd torture`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a heap file and its redo log.
+    #[command(after_help = "Examples:\n  famsd format --heap /var/lib/app/app.heap --size 1G\n  \
+famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw partition")]
+    Format {
+        /// The heap file to create (must not exist).
+        #[arg(long)]
+        heap: PathBuf,
+        /// Heap size, e.g. 64M, 1G, 1GiB, 4096 (rounded up to 4 KiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// The log: a file to create (default: <heap>.log beside the heap) or a block device
+        /// (a raw partition; its contents are destroyed).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Log size (default 64M for a file, the whole device for a block device).
+        #[arg(long, value_parser = parse_size)]
+        log_size: Option<u64>,
+        /// Fixed base address to map the heap at, e.g. 0x300000000000 (default: picked at random).
+        #[arg(long, value_parser = parse_addr)]
+        base: Option<u64>,
+        /// Take over a block device even if it holds a filesystem.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a heap's identity, sizes, log superblock and what recovery would replay (read-only).
+    Inspect {
+        #[arg(long)]
+        heap: PathBuf,
+        /// Use this log instead of the one recorded in the heap.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay the log into the heap file now (opening a heap does this too).
+    Recover {
+        #[arg(long)]
+        heap: PathBuf,
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// On media corruption, keep what precedes the damage and drop the rest (says what is lost).
+        #[arg(long)]
+        salvage: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a workload, kill it with SIGKILL mid-commit several times, recover, verify, report.
+    Demo {
+        /// Data directory to create and use.
+        #[arg(long, default_value = "fams-demo")]
+        dir: PathBuf,
+    },
+    /// Crash test: a child commits a verifiable pattern and is SIGKILLed at random moments; after
+    /// each kill the heap must hold exactly one committed state, at or after the last acknowledged.
+    Torture {
+        /// Number of kill/recover/verify cycles.
+        #[arg(long, default_value_t = 100)]
+        cycles: u64,
+        /// Dirty tracker: uffd or mprotect (default: uffd where available).
+        #[arg(long)]
+        tracker: Option<TrackerKind>,
+        /// Put the log on this file or block device (default: a file in --dir). A block device is
+        /// overwritten.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Working directory (default: a new one under /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Heap size.
+        #[arg(long, value_parser = parse_size, default_value = "8M")]
+        heap_size: u64,
+        /// Log size (small by default so the log wraps and checkpoints often).
+        #[arg(long, value_parser = parse_size, default_value = "4M")]
+        log_size: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Longest time a child runs before the kill, in milliseconds.
+        #[arg(long, default_value_t = 40)]
+        kill_after_ms_max: u64,
+        /// Take over a block device even if it holds a filesystem.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object (cycles, violations, tracker, log_kind, ...).
+        #[arg(long)]
+        json: bool,
+    },
+    #[command(hide = true)]
+    TortureChild {
+        #[arg(long)]
+        heap: PathBuf,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        run_seed: u64,
+        #[arg(long)]
+        tracker: Option<TrackerKind>,
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+}
+
+/// "64M", "1G", "1GiB", "4096", "2k" → bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (try 64M, 1G, 4096)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` in `{s}` (use K, M, G or T)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn parse_addr(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| format!("`{s}` is not an address (e.g. 0x300000000000)"))
+}
+
+fn default_torture_dir() -> PathBuf {
+    PathBuf::from(format!("/var/tmp/famsd-torture-{}", std::process::id()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("famsd: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Cmd::Format { heap, size, log, log_size, base, force, json } => {
+            let mut opts = FormatOptions::new(&heap, size);
+            opts.log_path = log;
+            opts.log_size_bytes = log_size;
+            opts.base_addr = base;
+            opts.force = force;
+            let h = Heap::format(&opts).map_err(|e| e.to_string())?;
+            let log_path = h.resolve_log_path(&heap);
+            if json {
+                print_json(&serde_json::json!({
+                    "heap": heap, "heap_id": h.heap_id.to_string(), "size_bytes": h.heap_size,
+                    "base_addr": format!("{:#x}", h.base_addr), "log": log_path, "log_size_bytes": h.log_size,
+                }));
+            } else {
+                println!("formatted {} ({} bytes at {:#x}, id {})", heap.display(), h.heap_size, h.base_addr, h.heap_id);
+                println!("log {} ({} bytes)", log_path.display(), h.log_size);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { heap, log, json } => {
+            let i = fams::inspect::inspect(&heap, log).map_err(|e| e.to_string())?;
+            let sb = &i.superblock;
+            let pending = match &i.pending {
+                Ok(r) => serde_json::json!({
+                    "records": r.records_replayed, "heap_bytes": r.bytes_replayed,
+                    "next_lsn": r.next_lsn, "torn_tail": r.torn_tail, "would_salvage": r.salvaged,
+                }),
+                Err(e) => serde_json::json!({ "error": e }),
+            };
+            let v = serde_json::json!({
+                "heap": i.heap_path, "heap_id": i.header.heap_id.to_string(),
+                "size_bytes": i.header.heap_size, "base_addr": format!("{:#x}", i.header.base_addr),
+                "created_unix": i.header.created_unix, "locked": i.locked,
+                "log": { "path": i.log_path, "kind": i.log_kind, "size_bytes": i.header.log_size,
+                         "superblock_sequence": sb.sequence, "epoch": sb.epoch,
+                         "tail_offset": sb.tail_offset, "tail_lsn": sb.tail_lsn,
+                         "area_bytes": sb.capacity_bytes(), "checkpoints": sb.checkpoints },
+                "pending": pending,
+            });
+            if json {
+                print_json(&v);
+            } else {
+                println!("heap      {} (id {})", i.heap_path.display(), i.header.heap_id);
+                println!("size      {} bytes at {:#x}{}", i.header.heap_size, i.header.base_addr,
+                    if i.locked { ", open in another process" } else { "" });
+                println!("log       {} ({}, {} bytes)", i.log_path.display(), i.log_kind, i.header.log_size);
+                println!("superblock seq {} epoch {}, tail LSN {} at offset {}, {} checkpoints",
+                    sb.sequence, sb.epoch, sb.tail_lsn, sb.tail_offset, sb.checkpoints);
+                match &i.pending {
+                    Ok(r) => {
+                        println!("pending   {} records ({} heap bytes) would be replayed; next LSN {}",
+                            r.records_replayed, r.bytes_replayed, r.next_lsn);
+                        if let Some(t) = &r.torn_tail { println!("tail      {t}"); }
+                        if let Some(s) = &r.salvaged { println!("DAMAGE    {s}"); }
+                    }
+                    Err(e) => println!("pending   cannot replay: {e}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Recover { heap, log, salvage, json } => {
+            let opts = HeapOptions { log_path: log, salvage, ..HeapOptions::default() };
+            let h = Heap::open(&heap, &opts).map_err(|e| e.to_string())?;
+            let r = h.stats().recovery;
+            drop(h);
+            if json {
+                print_json(&serde_json::json!({
+                    "records_replayed": r.records_replayed, "heap_bytes": r.bytes_replayed,
+                    "log_bytes_read": r.log_bytes_read, "ms": r.duration.as_secs_f64() * 1e3,
+                    "next_lsn": r.next_lsn, "torn_tail": r.torn_tail, "salvaged": r.salvaged,
+                }));
+            } else {
+                println!("replayed {} records ({} heap bytes, {} log bytes read) in {:.2} ms; next LSN {}",
+                    r.records_replayed, r.bytes_replayed, r.log_bytes_read, r.duration.as_secs_f64() * 1e3, r.next_lsn);
+                if let Some(t) = &r.torn_tail { println!("stopped at: {t}"); }
+                if let Some(s) = &r.salvaged { println!("SALVAGED: {s}"); }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { dir } => demo::run(&dir).map(|_| ExitCode::SUCCESS),
+        Cmd::Torture { cycles, tracker, log, dir, heap_size, log_size, seed, kill_after_ms_max, force, json } => {
+            let made_dir = dir.is_none();
+            let dir = dir.unwrap_or_else(default_torture_dir);
+            let log_size = if log.as_ref().is_some_and(|l| is_block_device(l)) { None } else { Some(log_size) };
+            let cfg = torture::TortureConfig {
+                cycles, dir: dir.clone(), log, force, tracker, heap_size_bytes: heap_size,
+                log_size_bytes: log_size, seed, kill_after_ms_max, progress: !json,
+            };
+            let report = torture::run(&cfg);
+            if made_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            let report = report?;
+            if json {
+                print_json(&report.to_json());
+            } else {
+                println!("{} cycles, {} violations (tracker {}, log {} via {}); {} commits acknowledged, final commit {}",
+                    report.cycles, report.violations, report.tracker, report.log_kind, report.io_path,
+                    report.commits_acknowledged, report.final_commit);
+                for v in &report.violation_details { println!("VIOLATION: {v}"); }
+            }
+            Ok(if report.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+        Cmd::TortureChild { heap, seed, run_seed, tracker, log } => {
+            torture::child(&heap, seed, run_seed, tracker, log)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn is_block_device(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).map(|m| m.file_type().is_block_device()).unwrap_or(false)
+}

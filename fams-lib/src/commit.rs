@@ -1,0 +1,426 @@
+//! The commit path.
+//!
+//! On the caller's thread (`Heap::commit_async`):
+//! 1. the tracker returns the pages written since the last commit and re-arms them;
+//! 2. each dirty page is compared with its committed image (the heap file's page cache) and only
+//!    the changed byte runs are copied into a record payload, unless the whole page is smaller;
+//!    a page whose previous commit is still on its way to the heap file is logged whole, because
+//!    its committed image is not in the heap file yet;
+//! 3. the payload gets the next LSN and is queued; the caller gets a [`Ticket`] and goes on.
+//!
+//! On the writer thread (this file's [`LogWriter`]):
+//! 4. everything queued is taken as one group, sealed (checksums) and laid out in the circular
+//!    log, and written with one durable device write (two when it wraps around the end);
+//! 5. once durable, the group's tickets are acknowledged, then its entries are written into the
+//!    heap file with plain `pwrite` (page cache; the log makes them durable);
+//! 6. when the log holds more than the checkpoint threshold, or the next group would not fit:
+//!    fdatasync the heap file, then move the tail in a new superblock (see `log_format`).
+//!
+//! Only one group is in flight at a time: that is what lets recovery tell a torn write (damage
+//! inside the last group) from corruption (damage followed by a later group).
+
+use crate::error::Error;
+use crate::heap_file::HEADER_BYTES;
+use crate::io::{AlignedBuf, LogDevice};
+use crate::log_format::{self, RecordHeader, Superblock, RECORD_HEADER_BYTES};
+use crate::recovery::write_superblock;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// A commit handed to the log writer. Durable once [`crate::Heap::wait`] returns Ok for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket {
+    pub(crate) lsn: u64,
+}
+
+impl Ticket {
+    /// The log sequence number of the commit (0 when nothing was ever committed).
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
+}
+
+/// A record payload waiting for the writer.
+pub(crate) struct QueuedRecord {
+    pub lsn: u64,
+    pub payload: Vec<u8>,
+    pub entry_count: u32,
+}
+
+impl QueuedRecord {
+    pub fn total_len(&self) -> u64 {
+        log_format::round_up_block((RECORD_HEADER_BYTES + self.payload.len()) as u64)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriterStats {
+    pub groups: u64,
+    pub records: u64,
+    pub log_bytes_written: u64,
+    pub checkpoints: u64,
+    pub heap_fdatasyncs: u64,
+    /// Sum over groups of the time from the group's write to its durability.
+    pub device_write_ns: u64,
+}
+
+pub(crate) struct WriterState {
+    pub queue: Vec<QueuedRecord>,
+    pub queued_bytes: u64,
+    /// Every LSN up to this one is durable in the log.
+    pub durable_lsn: u64,
+    /// Every LSN up to this one is also in the heap file.
+    pub applied_lsn: u64,
+    pub failed: Option<String>,
+    pub shutdown: bool,
+    pub stats: WriterStats,
+    pub io: crate::io::IoStats,
+}
+
+pub(crate) struct Shared {
+    pub state: Mutex<WriterState>,
+    /// Signalled when the queue gains work or shutdown is asked.
+    pub work: Condvar,
+    /// Signalled when durable_lsn / applied_lsn / failed change.
+    pub progress: Condvar,
+}
+
+impl Shared {
+    pub fn new(last_lsn: u64) -> Shared {
+        Shared {
+            state: Mutex::new(WriterState {
+                queue: Vec::new(),
+                queued_bytes: 0,
+                durable_lsn: last_lsn,
+                applied_lsn: last_lsn,
+                failed: None,
+                shutdown: false,
+                stats: WriterStats::default(),
+                io: Default::default(),
+            }),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, WriterState> {
+        // A panic on the writer thread while holding the lock is a bug; the data under it
+        // (counters, a queue) stays meaningful, so go on rather than cascade the panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The most bytes one group may hold: also the largest record a commit may produce, so a group
+/// always fits in the log after a checkpoint (a wrap can waste less than one record).
+pub(crate) fn group_bytes_max(capacity_bytes: u64) -> u64 {
+    capacity_bytes / 2
+}
+
+pub(crate) struct LogWriter {
+    pub dev: Box<dyn LogDevice>,
+    pub log_path: PathBuf,
+    pub heap_file: Arc<File>,
+    pub heap_path: PathBuf,
+    pub superblock: Superblock,
+    /// Where the next record goes.
+    pub head: u64,
+    /// Bytes of the record area in use since the tail (records plus space skipped at a wrap).
+    pub used_bytes: u64,
+    pub checkpoint_threshold_bytes: u64,
+    pub shared: Arc<Shared>,
+}
+
+impl LogWriter {
+    pub fn run(mut self) {
+        loop {
+            let group = {
+                let mut st = self.shared.lock();
+                while st.queue.is_empty() && !st.shutdown {
+                    st = self.shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                if st.queue.is_empty() {
+                    break;
+                }
+                let limit = group_bytes_max(self.superblock.capacity_bytes());
+                let mut bytes = 0;
+                let mut take = 0;
+                for r in &st.queue {
+                    if take > 0 && bytes + r.total_len() > limit {
+                        break;
+                    }
+                    bytes += r.total_len();
+                    take += 1;
+                }
+                st.queued_bytes -= st.queue[..take].iter().map(|r| r.payload.len() as u64).sum::<u64>();
+                st.queue.drain(..take).collect::<Vec<_>>()
+            };
+            if let Err(reason) = self.commit_group(&group) {
+                let mut st = self.shared.lock();
+                st.failed = Some(reason);
+                st.queue.clear();
+                self.shared.progress.notify_all();
+                return;
+            }
+        }
+        // Clean shutdown: leave a short log so the next open is quick.
+        if self.used_bytes > 0 {
+            if let Err(reason) = self.checkpoint() {
+                self.shared.lock().failed = Some(reason);
+            }
+        }
+        self.publish_io_stats();
+    }
+
+    fn publish_io_stats(&self) {
+        self.shared.lock().io = self.dev.stats();
+    }
+
+    fn commit_group(&mut self, group: &[QueuedRecord]) -> Result<(), String> {
+        let first_lsn = group[0].lsn;
+        let last_lsn = group[group.len() - 1].lsn;
+        let group_bytes: u64 = group.iter().map(|r| r.total_len()).sum();
+
+        // Lay the group out: records in order from the head, jumping to the area start when the
+        // next one does not fit before the end.
+        let mut layout = Vec::with_capacity(group.len());
+        let mut at = self.head;
+        let mut skipped = 0;
+        for r in group {
+            let len = r.total_len();
+            if at + len > self.superblock.area_end {
+                skipped += self.superblock.area_end - at;
+                at = self.superblock.area_start;
+            }
+            layout.push(at);
+            at += len;
+        }
+        if self.used_bytes + group_bytes + skipped > self.superblock.capacity_bytes() {
+            self.checkpoint()?;
+            assert_eq!(self.used_bytes, 0);
+            return self.commit_group(group);
+        }
+
+        // Two contiguous segments at most: before and after the wrap.
+        let split = layout.iter().position(|&o| o < self.head).unwrap_or(group.len());
+        let seg_len = |rs: &[QueuedRecord]| rs.iter().map(|r| r.total_len()).sum::<u64>() as usize;
+        let mut seg_a = AlignedBuf::zeroed(seg_len(&group[..split]));
+        let mut seg_b = AlignedBuf::zeroed(seg_len(&group[split..]));
+        let fill = |buf: &mut [u8], rs: &[QueuedRecord]| {
+            let mut at = 0usize;
+            for r in rs {
+                let len = r.total_len() as usize;
+                let out = &mut buf[at..at + len];
+                out[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + r.payload.len()].copy_from_slice(&r.payload);
+                let header = RecordHeader {
+                    lsn: r.lsn,
+                    group_first_lsn: first_lsn,
+                    heap_id: self.superblock.heap_id,
+                    epoch: self.superblock.epoch,
+                    total_len: len as u32,
+                    payload_len: r.payload.len() as u32,
+                    entry_count: r.entry_count,
+                    payload_crc: 0,
+                };
+                log_format::seal_record(out, &header);
+                at += len;
+            }
+        };
+        fill(&mut seg_a, &group[..split]);
+        fill(&mut seg_b, &group[split..]);
+        let mut segments: Vec<(u64, &[u8])> = Vec::with_capacity(2);
+        if !seg_a.is_empty() {
+            segments.push((layout[0], &seg_a));
+        }
+        if !seg_b.is_empty() {
+            segments.push((self.superblock.area_start, &seg_b));
+        }
+
+        let started = Instant::now();
+        self.dev
+            .write_durable(&segments)
+            .map_err(|e| format!("{}: writing log records {first_lsn}..={last_lsn}: {e}", self.log_path.display()))?;
+        let write_ns = started.elapsed().as_nanos() as u64;
+        self.head = at;
+        if self.head == self.superblock.area_end {
+            self.head = self.superblock.area_start;
+        }
+        self.used_bytes += group_bytes + skipped;
+        {
+            let mut st = self.shared.lock();
+            st.durable_lsn = last_lsn;
+            st.stats.groups += 1;
+            st.stats.records += group.len() as u64;
+            st.stats.log_bytes_written += group_bytes;
+            st.stats.device_write_ns += write_ns;
+            st.io = self.dev.stats();
+            self.shared.progress.notify_all();
+        }
+
+        // The group is durable: its bytes may now reach the heap file.
+        for r in group {
+            let entries = log_format::decode_entries(&r.payload, r.entry_count, u64::MAX)
+                .map_err(|e| format!("internal: a record we built does not decode: {e}"))?;
+            for e in entries {
+                self.heap_file.write_all_at(e.data, HEADER_BYTES + e.offset).map_err(|err| {
+                    format!("{}: writing committed bytes into the heap file: {err}", self.heap_path.display())
+                })?;
+            }
+        }
+        {
+            let mut st = self.shared.lock();
+            st.applied_lsn = last_lsn;
+            self.shared.progress.notify_all();
+        }
+        if self.used_bytes > self.checkpoint_threshold_bytes {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Make the heap file hold everything logged so far, then free the log up to the head.
+    fn checkpoint(&mut self) -> Result<(), String> {
+        self.heap_file
+            .sync_data()
+            .map_err(|e| format!("{}: fdatasync at checkpoint: {e}", self.heap_path.display()))?;
+        let next_lsn = self.shared.lock().applied_lsn + 1;
+        let mut sb = self.superblock;
+        sb.sequence += 1;
+        sb.tail_offset = self.head;
+        sb.tail_lsn = next_lsn;
+        sb.checkpoints += 1;
+        write_superblock(self.dev.as_mut(), &sb)
+            .map_err(|e| format!("{}: writing the superblock at checkpoint: {e}", self.log_path.display()))?;
+        self.superblock = sb;
+        self.used_bytes = 0;
+        let mut st = self.shared.lock();
+        st.stats.checkpoints += 1;
+        st.stats.heap_fdatasyncs += 1;
+        st.io = self.dev.stats();
+        Ok(())
+    }
+}
+
+/// Builds a record payload from dirty pages: changed runs, or whole pages when that is smaller.
+pub(crate) struct PayloadBuilder {
+    pub payload: Vec<u8>,
+    pub entry_count: u32,
+    /// Bytes that differ from the committed image (whole pages count fully).
+    pub bytes_changed: u64,
+    pub full_pages: u64,
+    pub diffed_pages: u64,
+}
+
+/// Runs of changed 8-byte words closer than this are logged as one entry: a separate entry
+/// costs its 16-byte header.
+const MERGE_GAP_WORDS: usize = 2;
+
+impl PayloadBuilder {
+    pub fn new() -> PayloadBuilder {
+        PayloadBuilder { payload: Vec::new(), entry_count: 0, bytes_changed: 0, full_pages: 0, diffed_pages: 0 }
+    }
+
+    pub fn add_full_page(&mut self, page_offset: u64, current: &[u8]) {
+        log_format::push_entry(&mut self.payload, page_offset, current);
+        self.entry_count += 1;
+        self.bytes_changed += current.len() as u64;
+        self.full_pages += 1;
+    }
+
+    /// Log the differences between `current` and `committed` (one page each).
+    pub fn add_diff(&mut self, page_offset: u64, current: &[u8], committed: &[u8]) {
+        debug_assert_eq!(current.len(), committed.len());
+        debug_assert_eq!(current.len() % 8, 0);
+        let words = current.len() / 8;
+        let word = |b: &[u8], i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let mut runs: Vec<(usize, usize)> = Vec::new(); // word ranges [start, end)
+        let mut changed = 0u64;
+        let mut i = 0;
+        while i < words {
+            let x = word(current, i) ^ word(committed, i);
+            if x == 0 {
+                i += 1;
+                continue;
+            }
+            changed += x.to_ne_bytes().iter().filter(|&&b| b != 0).count() as u64;
+            match runs.last_mut() {
+                Some(last) if i - last.1 <= MERGE_GAP_WORDS => last.1 = i + 1,
+                _ => runs.push((i, i + 1)),
+            }
+            i += 1;
+        }
+        if runs.is_empty() {
+            return;
+        }
+        let encoded: usize = runs.iter().map(|&(s, e)| log_format::entry_encoded_len((e - s) * 8)).sum();
+        if encoded >= log_format::entry_encoded_len(current.len()) {
+            self.add_full_page(page_offset, current);
+            self.bytes_changed -= current.len() as u64;
+            self.bytes_changed += changed;
+            return;
+        }
+        for (s, e) in runs {
+            log_format::push_entry(&mut self.payload, page_offset + (s * 8) as u64, &current[s * 8..e * 8]);
+            self.entry_count += 1;
+        }
+        self.bytes_changed += changed;
+        self.diffed_pages += 1;
+    }
+
+    pub fn record_bytes(&self) -> u64 {
+        log_format::round_up_block((RECORD_HEADER_BYTES + self.payload.len()) as u64)
+    }
+}
+
+pub(crate) fn poisoned(path: &std::path::Path, reason: &str) -> Error {
+    Error::Poisoned { path: path.into(), reason: reason.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(payload: &[u8], count: u32, page: &mut [u8]) {
+        for e in log_format::decode_entries(payload, count, 4096).unwrap() {
+            page[e.offset as usize..e.offset as usize + e.data.len()].copy_from_slice(e.data);
+        }
+    }
+
+    #[test]
+    fn diff_logs_only_changes_and_reproduces_the_page() {
+        let committed = vec![0u8; 4096];
+        let mut current = committed.clone();
+        current[5] = 1;
+        current[17] = 2; // merged with the first run (gap of one word)
+        current[3000] = 3;
+        let mut b = PayloadBuilder::new();
+        b.add_diff(0, &current, &committed);
+        assert_eq!(b.entry_count, 2);
+        assert_eq!(b.bytes_changed, 3);
+        assert!(b.payload.len() < 100);
+        let mut page = committed.clone();
+        apply(&b.payload, b.entry_count, &mut page);
+        assert_eq!(page, current);
+    }
+
+    #[test]
+    fn unchanged_page_logs_nothing_and_scattered_changes_log_the_page() {
+        let committed = vec![9u8; 4096];
+        let mut b = PayloadBuilder::new();
+        b.add_diff(0, &committed, &committed);
+        assert_eq!(b.entry_count, 0);
+        let mut current = committed.clone();
+        for i in (0..4096).step_by(32) {
+            current[i] = 0;
+        }
+        b.add_diff(0, &current, &committed);
+        assert_eq!(b.entry_count, 1);
+        assert_eq!(b.full_pages, 1);
+        assert_eq!(b.bytes_changed, 128);
+        let mut page = committed.clone();
+        apply(&b.payload, b.entry_count, &mut page);
+        assert_eq!(page, current);
+    }
+}

@@ -1,0 +1,52 @@
+//! Read-only look at a heap and its log: identity, sizes, superblock, what recovery would replay.
+
+use crate::error::{Error, Result};
+use crate::heap::{open_log_of, HeapOptions};
+use crate::heap_file::{self, HeapHeader};
+use crate::log_format::Superblock;
+use crate::recovery::{self, RecoveryReport};
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct Inspection {
+    pub heap_path: PathBuf,
+    pub header: HeapHeader,
+    pub log_path: PathBuf,
+    pub log_kind: &'static str,
+    pub superblock: Superblock,
+    /// What opening the heap now would replay (a dry run: nothing was written).
+    pub pending: std::result::Result<RecoveryReport, String>,
+    /// Whether another process holds the heap open.
+    pub locked: bool,
+}
+
+/// Inspect without locking, replaying or writing anything.
+pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
+    let file = File::open(path).map_err(|e| Error::io(path, "opening the heap file", e))?;
+    let header = heap_file::read_header(&file, path)?;
+    // SAFETY: flock on a descriptor we own; a shared probe lock released right away.
+    let locked = unsafe {
+        let rc = libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB);
+        if rc == 0 {
+            libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+        }
+        rc != 0
+    };
+    let opts = HeapOptions { log_path, ..HeapOptions::default() };
+    let (log_path, mut dev) = open_log_of(path, &header, &opts)?;
+    let superblock = recovery::read_superblock(dev.as_mut(), &log_path)?;
+    let pending = recovery::recover(dev.as_mut(), &log_path, &file, path, &header, recovery::Mode::DryRun)
+        .map(|r| r.report)
+        .map_err(|e| e.to_string());
+    Ok(Inspection {
+        heap_path: path.into(),
+        header,
+        log_kind: dev.kind().name(),
+        log_path,
+        superblock,
+        pending,
+        locked,
+    })
+}

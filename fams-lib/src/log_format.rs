@@ -1,0 +1,441 @@
+//! The on-disk format of the redo log: two superblock slots and a circular area of records.
+//!
+//! ```text
+//!  offset 0        4096            8192                                         log end
+//!  +---------------+---------------+-------------------------------------------+
+//!  | superblock A  | superblock B  | record area (circular)                    |
+//!  +---------------+---------------+-------------------------------------------+
+//! ```
+//!
+//! All integers are little-endian. Every record and superblock starts on a 4096-byte boundary
+//! and occupies a whole number of 4096-byte blocks, so each is written with one O_DIRECT write.
+//!
+//! ## Superblock (one 4096-byte slot; fields then zeros)
+//! | off | size | field |
+//! |-----|------|-------|
+//! | 0   | 8    | magic `FAMSLOG1` |
+//! | 8   | 4    | format version (1) |
+//! | 12  | 4    | reserved, zero |
+//! | 16  | 16   | heap identity (random, shared with the heap file header) |
+//! | 32  | 8    | sequence number: the slot with the larger valid one is current |
+//! | 40  | 8    | epoch: bumped by every open; records carry it |
+//! | 48  | 8    | log size in bytes |
+//! | 56  | 8    | record area start (8192) |
+//! | 64  | 8    | record area end |
+//! | 72  | 8    | tail offset: where replay starts |
+//! | 80  | 8    | tail LSN: the LSN of the record expected at the tail |
+//! | 88  | 8    | checkpoints taken over the log's life |
+//! | 96  | 4    | CRC32C of bytes 0..96 |
+//!
+//! Slots are written alternately (sequence number parity picks the slot), each with one durable
+//! write. A torn superblock write leaves the other slot, which describes a tail whose records
+//! have not been overwritten yet: records are only written over the old tail after the new
+//! superblock is durable.
+//!
+//! ## Record (header, entries, zero padding up to a 4096 multiple)
+//! | off | size | field |
+//! |-----|------|-------|
+//! | 0   | 4    | magic `FAMR` |
+//! | 4   | 2    | format version (1) |
+//! | 6   | 2    | flags, zero |
+//! | 8   | 8    | LSN (consecutive, starting at 1) |
+//! | 16  | 8    | group first LSN: the first LSN of the device write this record went out in |
+//! | 24  | 16   | heap identity |
+//! | 40  | 8    | epoch (must equal the superblock's) |
+//! | 48  | 4    | total length in bytes, padded (multiple of 4096) |
+//! | 52  | 4    | payload length in bytes (entries, without padding) |
+//! | 56  | 4    | entry count |
+//! | 60  | 4    | CRC32C of the payload |
+//! | 64  | 4    | CRC32C of header bytes 0..64 |
+//! | 68  | 4    | reserved, zero |
+//!
+//! The payload (from byte 72) is a sequence of entries, each: heap offset (u64), length (u32),
+//! reserved (u32), then `length` bytes of the committed image, padded to 8 bytes. An entry
+//! never crosses a heap page, so `length <= 4096`.
+//!
+//! ## Why these fields
+//! - The LSN chain decides what is a record: recovery expects LSN `n+1` right after `n`, or at
+//!   the area start when the writer wrapped. Stale records from earlier laps have smaller LSNs.
+//! - The epoch separates histories: after a crash the next open writes a superblock with a new
+//!   epoch *before* any new record, so a record that was written but never made durable before a
+//!   crash (and may sit intact past the torn tail) can never be mistaken for a later commit that
+//!   reuses its LSN.
+//! - The group first LSN tells a torn tail from media corruption: a device write is acknowledged
+//!   only when all of it is durable, and the next group is written only after that. A damaged
+//!   record followed by an intact record of the *same* group is a torn write (power cut mid
+//!   write); followed by an intact record of a *later* group, the damaged one had been durable,
+//!   so the damage is corruption and recovery refuses to guess.
+
+use crate::heap_file::HeapId;
+
+pub const BLOCK: usize = 4096;
+pub const SUPERBLOCK_SLOTS: u64 = 2;
+pub const AREA_START: u64 = SUPERBLOCK_SLOTS * BLOCK as u64;
+/// The smallest log: the superblocks and 16 blocks of records.
+pub const LOG_SIZE_MIN: u64 = AREA_START + 16 * BLOCK as u64;
+
+const SUPERBLOCK_MAGIC: &[u8; 8] = b"FAMSLOG1";
+const RECORD_MAGIC: &[u8; 4] = b"FAMR";
+const FORMAT_VERSION: u32 = 1;
+const SUPERBLOCK_CRC_AT: usize = 96;
+pub const RECORD_HEADER_BYTES: usize = 72;
+pub const ENTRY_HEADER_BYTES: usize = 16;
+/// An entry never crosses a heap page.
+pub const ENTRY_LEN_MAX: usize = 4096;
+
+pub fn round_up_block(n: u64) -> u64 {
+    n.div_ceil(BLOCK as u64) * BLOCK as u64
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub heap_id: HeapId,
+    pub sequence: u64,
+    pub epoch: u64,
+    pub log_size: u64,
+    pub area_start: u64,
+    pub area_end: u64,
+    pub tail_offset: u64,
+    pub tail_lsn: u64,
+    pub checkpoints: u64,
+}
+
+impl Superblock {
+    /// A fresh log for `heap_id` on a device of `log_size` bytes.
+    pub fn new(heap_id: HeapId, log_size: u64) -> Superblock {
+        let area_end = log_size / BLOCK as u64 * BLOCK as u64;
+        Superblock {
+            heap_id,
+            sequence: 1,
+            epoch: 1,
+            log_size,
+            area_start: AREA_START,
+            area_end,
+            tail_offset: AREA_START,
+            tail_lsn: 1,
+            checkpoints: 0,
+        }
+    }
+
+    /// Byte offset of the slot this superblock is written to.
+    pub fn slot_offset(&self) -> u64 {
+        (self.sequence % SUPERBLOCK_SLOTS) * BLOCK as u64
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.area_end - self.area_start
+    }
+
+    pub fn encode(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), BLOCK);
+        out.fill(0);
+        out[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
+        put_u32(out, 8, FORMAT_VERSION);
+        out[16..32].copy_from_slice(&self.heap_id.0);
+        put_u64(out, 32, self.sequence);
+        put_u64(out, 40, self.epoch);
+        put_u64(out, 48, self.log_size);
+        put_u64(out, 56, self.area_start);
+        put_u64(out, 64, self.area_end);
+        put_u64(out, 72, self.tail_offset);
+        put_u64(out, 80, self.tail_lsn);
+        put_u64(out, 88, self.checkpoints);
+        let crc = crc32c::crc32c(&out[..SUPERBLOCK_CRC_AT]);
+        put_u32(out, SUPERBLOCK_CRC_AT, crc);
+    }
+
+    /// Decode one slot; every field is checked for self-consistency so a decoded superblock can
+    /// be trusted by the code that follows.
+    pub fn decode(b: &[u8]) -> Result<Superblock, String> {
+        if b.len() < BLOCK {
+            return Err(format!("slot is {} bytes, expected {BLOCK}", b.len()));
+        }
+        if &b[0..8] != SUPERBLOCK_MAGIC {
+            return Err("no superblock magic".into());
+        }
+        let crc = u32_at(b, SUPERBLOCK_CRC_AT);
+        if crc != crc32c::crc32c(&b[..SUPERBLOCK_CRC_AT]) {
+            return Err("superblock checksum mismatch".into());
+        }
+        let version = u32_at(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(format!("log format version {version}, this build reads {FORMAT_VERSION}"));
+        }
+        let sb = Superblock {
+            heap_id: HeapId(b[16..32].try_into().expect("16 bytes")),
+            sequence: u64_at(b, 32),
+            epoch: u64_at(b, 40),
+            log_size: u64_at(b, 48),
+            area_start: u64_at(b, 56),
+            area_end: u64_at(b, 64),
+            tail_offset: u64_at(b, 72),
+            tail_lsn: u64_at(b, 80),
+            checkpoints: u64_at(b, 88),
+        };
+        let block = BLOCK as u64;
+        let sane = sb.area_start == AREA_START
+            && sb.area_end > sb.area_start
+            && sb.area_end <= sb.log_size
+            && sb.area_end % block == 0
+            && sb.tail_offset >= sb.area_start
+            && sb.tail_offset < sb.area_end
+            && sb.tail_offset % block == 0
+            && sb.tail_lsn >= 1
+            && sb.epoch >= 1
+            && sb.sequence >= 1;
+        if !sane {
+            return Err(format!("superblock fields are inconsistent: {sb:?}"));
+        }
+        Ok(sb)
+    }
+}
+
+/// The fixed-size front of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub lsn: u64,
+    pub group_first_lsn: u64,
+    pub heap_id: HeapId,
+    pub epoch: u64,
+    pub total_len: u32,
+    pub payload_len: u32,
+    pub entry_count: u32,
+    pub payload_crc: u32,
+}
+
+/// Why bytes at a record position are not a record we may replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderProblem {
+    /// No magic, bad header checksum: not a record header at all (or a torn one).
+    NotARecord(&'static str),
+    /// A valid header, but of another heap or log epoch, or with impossible lengths.
+    Foreign(String),
+}
+
+impl RecordHeader {
+    pub fn encode(&self, out: &mut [u8]) {
+        out[..RECORD_HEADER_BYTES].fill(0);
+        out[0..4].copy_from_slice(RECORD_MAGIC);
+        out[4..6].copy_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
+        put_u64(out, 8, self.lsn);
+        put_u64(out, 16, self.group_first_lsn);
+        out[24..40].copy_from_slice(&self.heap_id.0);
+        put_u64(out, 40, self.epoch);
+        put_u32(out, 48, self.total_len);
+        put_u32(out, 52, self.payload_len);
+        put_u32(out, 56, self.entry_count);
+        put_u32(out, 60, self.payload_crc);
+        let crc = crc32c::crc32c(&out[..64]);
+        put_u32(out, 64, crc);
+    }
+
+    /// Decode and check a header: magic, checksum, version, identity, epoch and lengths.
+    pub fn decode(b: &[u8], heap_id: HeapId, epoch: u64) -> Result<RecordHeader, HeaderProblem> {
+        if b.len() < RECORD_HEADER_BYTES {
+            return Err(HeaderProblem::NotARecord("short header"));
+        }
+        if &b[0..4] != RECORD_MAGIC {
+            return Err(HeaderProblem::NotARecord("no record magic"));
+        }
+        if u32_at(b, 64) != crc32c::crc32c(&b[..64]) {
+            return Err(HeaderProblem::NotARecord("header checksum mismatch"));
+        }
+        let h = RecordHeader {
+            lsn: u64_at(b, 8),
+            group_first_lsn: u64_at(b, 16),
+            heap_id: HeapId(b[24..40].try_into().expect("16 bytes")),
+            epoch: u64_at(b, 40),
+            total_len: u32_at(b, 48),
+            payload_len: u32_at(b, 52),
+            entry_count: u32_at(b, 56),
+            payload_crc: u32_at(b, 60),
+        };
+        let version = u16::from_le_bytes([b[4], b[5]]) as u32;
+        if version != FORMAT_VERSION {
+            return Err(HeaderProblem::Foreign(format!("record version {version}")));
+        }
+        if h.heap_id != heap_id {
+            return Err(HeaderProblem::Foreign("record of another heap".into()));
+        }
+        if h.epoch != epoch {
+            return Err(HeaderProblem::Foreign(format!("record of epoch {}, log is at {epoch}", h.epoch)));
+        }
+        let total = h.total_len as u64;
+        let body = RECORD_HEADER_BYTES as u64 + h.payload_len as u64;
+        if total == 0 || total % BLOCK as u64 != 0 || body > total || h.group_first_lsn > h.lsn {
+            return Err(HeaderProblem::Foreign(format!("impossible record lengths {h:?}")));
+        }
+        Ok(h)
+    }
+}
+
+/// One piece of committed heap image: `data` goes to heap offset `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+pub fn entry_encoded_len(data_len: usize) -> usize {
+    ENTRY_HEADER_BYTES + data_len.div_ceil(8) * 8
+}
+
+/// Append one entry to a payload under construction.
+pub fn push_entry(payload: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    debug_assert!(data.len() <= ENTRY_LEN_MAX && !data.is_empty());
+    let start = payload.len();
+    payload.extend_from_slice(&offset.to_le_bytes());
+    payload.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    payload.extend_from_slice(data);
+    payload.resize(start + entry_encoded_len(data.len()), 0);
+}
+
+/// Iterate the entries of a checksummed payload, checking each against the heap size. Returns an
+/// error (never panics) on anything malformed: a record whose checksum matched but whose content
+/// is impossible was written by something that is not us.
+pub fn decode_entries(payload: &[u8], entry_count: u32, heap_size: u64) -> Result<Vec<Entry<'_>>, String> {
+    let mut entries = Vec::with_capacity(entry_count.min(1 << 16) as usize);
+    let mut at = 0usize;
+    for i in 0..entry_count {
+        if payload.len() - at < ENTRY_HEADER_BYTES {
+            return Err(format!("entry {i} header runs past the payload"));
+        }
+        let offset = u64_at(payload, at);
+        let len = u32_at(payload, at + 8) as usize;
+        if len == 0 || len > ENTRY_LEN_MAX {
+            return Err(format!("entry {i} has length {len}"));
+        }
+        let page = BLOCK as u64;
+        let end = offset.checked_add(len as u64).ok_or("entry offset overflows")?;
+        if end > heap_size || offset / page != (end - 1) / page {
+            return Err(format!("entry {i} at {offset}+{len} is outside the heap or crosses a page"));
+        }
+        let encoded = entry_encoded_len(len);
+        if payload.len() - at < encoded {
+            return Err(format!("entry {i} data runs past the payload"));
+        }
+        entries.push(Entry {
+            offset,
+            data: &payload[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len],
+        });
+        at += encoded;
+    }
+    if at != payload.len() {
+        return Err(format!("{} stray bytes after the last entry", payload.len() - at));
+    }
+    Ok(entries)
+}
+
+/// Finish a record in `out` (which holds the payload at RECORD_HEADER_BYTES.. and is already
+/// padded with zeros to a block multiple): fill in the header.
+pub fn seal_record(out: &mut [u8], header: &RecordHeader) {
+    debug_assert_eq!(out.len() as u32, header.total_len);
+    let mut h = *header;
+    h.payload_crc = crc32c::crc32c(&out[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + h.payload_len as usize]);
+    h.encode(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> HeapId {
+        HeapId([7; 16])
+    }
+
+    fn build(lsn: u64, entries: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for (off, data) in entries {
+            push_entry(&mut payload, *off, data);
+        }
+        let total = round_up_block((RECORD_HEADER_BYTES + payload.len()) as u64) as usize;
+        let mut out = vec![0u8; total];
+        out[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload.len()].copy_from_slice(&payload);
+        let h = RecordHeader {
+            lsn,
+            group_first_lsn: lsn,
+            heap_id: id(),
+            epoch: 3,
+            total_len: total as u32,
+            payload_len: payload.len() as u32,
+            entry_count: entries.len() as u32,
+            payload_crc: 0,
+        };
+        seal_record(&mut out, &h);
+        out
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let rec = build(42, &[(0, vec![1, 2, 3]), (4096 * 3 + 5, vec![9; 4091]), (8192, vec![5; 4096])]);
+        let h = RecordHeader::decode(&rec, id(), 3).unwrap();
+        assert_eq!(h.lsn, 42);
+        let payload = &rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + h.payload_len as usize];
+        assert_eq!(crc32c::crc32c(payload), h.payload_crc);
+        let e = decode_entries(payload, h.entry_count, 1 << 20).unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0], Entry { offset: 0, data: &[1, 2, 3] });
+        assert_eq!(e[1].offset, 4096 * 3 + 5);
+        assert_eq!(e[1].data.len(), 4091);
+        assert_eq!(e[2].data, &[5u8; 4096][..]);
+    }
+
+    #[test]
+    fn header_rejects_damage_identity_and_epoch() {
+        let rec = build(1, &[(0, vec![1])]);
+        for i in 0..RECORD_HEADER_BYTES {
+            let mut bad = rec.clone();
+            bad[i] ^= 0x40;
+            assert!(RecordHeader::decode(&bad, id(), 3).is_err(), "flip at byte {i} accepted");
+        }
+        assert!(matches!(RecordHeader::decode(&rec, HeapId([8; 16]), 3), Err(HeaderProblem::Foreign(_))));
+        assert!(matches!(RecordHeader::decode(&rec, id(), 4), Err(HeaderProblem::Foreign(_))));
+        assert!(matches!(RecordHeader::decode(&[0u8; 4096], id(), 3), Err(HeaderProblem::NotARecord(_))));
+    }
+
+    #[test]
+    fn entries_outside_the_heap_are_refused() {
+        let mut payload = Vec::new();
+        push_entry(&mut payload, 4090, &[1; 10]); // crosses a page
+        assert!(decode_entries(&payload, 1, 1 << 20).is_err());
+        let mut payload = Vec::new();
+        push_entry(&mut payload, (1 << 20) - 1, &[1; 2]);
+        assert!(decode_entries(&payload, 1, 1 << 20).is_err());
+        let mut payload = Vec::new();
+        push_entry(&mut payload, 0, &[1; 2]);
+        assert!(decode_entries(&payload, 2, 1 << 20).is_err(), "count larger than the payload");
+        assert!(decode_entries(&payload[..10], 1, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn superblock_round_trip_and_damage() {
+        let mut sb = Superblock::new(id(), 1 << 20);
+        sb.sequence = 8;
+        sb.tail_offset = AREA_START + 4096 * 3;
+        sb.tail_lsn = 99;
+        let mut buf = vec![0u8; BLOCK];
+        sb.encode(&mut buf);
+        assert_eq!(Superblock::decode(&buf).unwrap(), sb);
+        assert_eq!(sb.slot_offset(), 0);
+        for i in 0..=SUPERBLOCK_CRC_AT + 3 {
+            let mut bad = buf.clone();
+            bad[i] ^= 1;
+            assert!(Superblock::decode(&bad).is_err(), "flip at byte {i} accepted");
+        }
+        assert!(Superblock::decode(&buf[..100]).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! The recovery path: bring the heap file up to the last durable commit before it is mapped.
+//!
+//! 1. Read both superblock slots; the valid one with the larger sequence number is current. It
+//!    names the tail (offset and LSN) and the epoch.
+//! 2. From the tail, read records in LSN order: the record with LSN `n` is at the current position,
+//!    or at the start of the record area when the writer wrapped. Each record's header and payload
+//!    checksums must match and its entries must lie inside the heap; its entries are written into
+//!    the heap file.
+//! 3. The first position that holds no valid record with the expected LSN is the end. What lies
+//!    after it decides whether that end is honest: an intact record of this epoch from a *later*
+//!    device write (its group started after the missing LSN) proves the missing record had been
+//!    durable, so the log is damaged; we refuse to open rather than silently drop commits
+//!    (`salvage` truncates there instead, saying what is lost). Intact records of the *same*
+//!    group are a torn write from a power cut, which is expected.
+//! 4. fdatasync the heap file, then write a new superblock: tail = end, next epoch. Only then may
+//!    new records be written, so the new history can never be confused with leftovers of the old
+//!    one. A crash anywhere in here is harmless: replay is idempotent and the old superblock still
+//!    points at the old tail until the new one is durable.
+
+use crate::error::{Error, Result};
+use crate::heap_file::{HeapHeader, HEADER_BYTES};
+use crate::io::{AlignedBuf, LogDevice};
+use crate::log_format::{self, HeaderProblem, RecordHeader, Superblock, BLOCK, RECORD_HEADER_BYTES};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What the last open found in the log and did about it.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    pub records_replayed: u64,
+    /// Heap bytes written back from those records.
+    pub bytes_replayed: u64,
+    pub log_bytes_read: u64,
+    pub duration: Duration,
+    /// LSN the next commit will get.
+    pub next_lsn: u64,
+    /// Why replay stopped, when it was not simply the end of what was written.
+    pub torn_tail: Option<String>,
+    /// Set when `salvage` dropped (or, in a dry run, would drop) records after damage.
+    pub salvaged: Option<String>,
+}
+
+pub(crate) struct Recovered {
+    pub superblock: Superblock,
+    pub head: u64,
+    pub report: RecoveryReport,
+}
+
+/// Read window over the log: recovery reads sequentially in large aligned chunks.
+struct LogReader<'a> {
+    dev: &'a mut dyn LogDevice,
+    buf: AlignedBuf,
+    start: u64,
+    len: usize,
+    area_end: u64,
+    bytes_read: u64,
+}
+
+const WINDOW_BYTES: usize = 1 << 20;
+
+impl<'a> LogReader<'a> {
+    fn new(dev: &'a mut dyn LogDevice, area_end: u64) -> LogReader<'a> {
+        LogReader { dev, buf: AlignedBuf::zeroed(WINDOW_BYTES), start: 0, len: 0, area_end, bytes_read: 0 }
+    }
+
+    /// The bytes [offset, offset+len), both block aligned and inside the record area.
+    fn get(&mut self, offset: u64, len: usize) -> std::io::Result<&[u8]> {
+        debug_assert!(offset % BLOCK as u64 == 0 && len % BLOCK == 0);
+        debug_assert!(offset + len as u64 <= self.area_end);
+        let inside = offset >= self.start && offset + len as u64 <= self.start + self.len as u64;
+        if !inside {
+            if len > self.buf.len() {
+                self.buf = AlignedBuf::zeroed(len.next_multiple_of(WINDOW_BYTES));
+            }
+            let want = (self.area_end - offset).min(self.buf.len() as u64) as usize;
+            self.dev.read_exact_at(offset, &mut self.buf[..want])?;
+            self.bytes_read += want as u64;
+            self.start = offset;
+            self.len = want;
+        }
+        let at = (offset - self.start) as usize;
+        Ok(&self.buf[at..at + len])
+    }
+}
+
+/// Read both superblock slots and return the current one.
+pub(crate) fn read_superblock(dev: &mut dyn LogDevice, log_path: &Path) -> Result<Superblock> {
+    let mut buf = AlignedBuf::zeroed(2 * BLOCK);
+    dev.read_exact_at(0, &mut buf).map_err(|e| Error::io(log_path, "reading the log superblocks", e))?;
+    let a = Superblock::decode(&buf[..BLOCK]);
+    let b = Superblock::decode(&buf[BLOCK..]);
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok(if a.sequence >= b.sequence { a } else { b }),
+        (Ok(s), Err(_)) | (Err(_), Ok(s)) => Ok(s),
+        (Err(ea), Err(eb)) => Err(Error::CorruptSuperblock {
+            path: log_path.into(),
+            reason: format!("slot A: {ea}; slot B: {eb}"),
+        }),
+    }
+}
+
+/// Write `sb` to its slot and wait until it is durable.
+pub(crate) fn write_superblock(dev: &mut dyn LogDevice, sb: &Superblock) -> std::io::Result<()> {
+    let mut buf = AlignedBuf::zeroed(BLOCK);
+    sb.encode(&mut buf);
+    dev.write_durable(&[(sb.slot_offset(), &buf)])
+}
+
+enum Step {
+    Record { offset: u64, header: RecordHeader },
+    End { why: Option<String> },
+}
+
+/// What recovery may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Replay into the heap file, sync, start a new epoch.
+    Replay { salvage: bool },
+    /// Only read and report (for `inspect`): the heap file and the log are not written.
+    DryRun,
+}
+
+pub(crate) fn recover(
+    dev: &mut dyn LogDevice,
+    log_path: &Path,
+    heap_file: &File,
+    heap_path: &Path,
+    header: &HeapHeader,
+    mode: Mode,
+) -> Result<Recovered> {
+    let started = Instant::now();
+    let sb = read_superblock(dev, log_path)?;
+    if sb.heap_id != header.heap_id {
+        return Err(Error::LogMismatch {
+            path: log_path.into(),
+            reason: format!("the log belongs to heap {}, this heap is {}", sb.heap_id, header.heap_id),
+        });
+    }
+    if sb.log_size > dev.size_bytes() {
+        return Err(Error::BadLogDevice {
+            path: log_path.into(),
+            reason: format!(
+                "the log was formatted for {} bytes but the device holds {}; it was truncated or replaced",
+                sb.log_size,
+                dev.size_bytes()
+            ),
+        });
+    }
+    let log_err = |what: &'static str| move |e: std::io::Error| Error::io(log_path, what, e);
+    let heap_err = |what: &'static str| move |e: std::io::Error| Error::io(heap_path, what, e);
+
+    let mut report = RecoveryReport::default();
+    let mut reader = LogReader::new(dev, sb.area_end);
+    let mut pos = sb.tail_offset;
+    let mut lsn = sb.tail_lsn;
+    let mut consumed_bytes = 0u64;
+    let end_why = loop {
+        match next_step(&mut reader, &sb, pos, lsn).map_err(log_err("reading log records"))? {
+            Step::End { why } => break why,
+            Step::Record { offset, header: h } => {
+                if offset != pos {
+                    consumed_bytes += sb.area_end - pos;
+                }
+                consumed_bytes += h.total_len as u64;
+                if consumed_bytes > sb.capacity_bytes() {
+                    // Between two checkpoints the writer never laps the tail; this chain does.
+                    break Some(format!("record LSN {lsn} would run the log past its tail"));
+                }
+                let total = h.total_len as usize;
+                let rec = reader.get(offset, total).map_err(log_err("reading a log record"))?;
+                let payload = &rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + h.payload_len as usize];
+                if crc32c::crc32c(payload) != h.payload_crc {
+                    break Some(format!("record LSN {lsn} at offset {offset}: payload checksum mismatch"));
+                }
+                let entries = match log_format::decode_entries(payload, h.entry_count, header.heap_size) {
+                    Ok(e) => e,
+                    Err(why) => break Some(format!("record LSN {lsn} at offset {offset}: {why}")),
+                };
+                for e in entries.iter().filter(|_| mode != Mode::DryRun) {
+                    heap_file
+                        .write_all_at(e.data, HEADER_BYTES + e.offset)
+                        .map_err(heap_err("replaying a log record into the heap"))?;
+                }
+                report.bytes_replayed += entries.iter().map(|e| e.data.len() as u64).sum::<u64>();
+                report.records_replayed += 1;
+                pos = offset + h.total_len as u64;
+                if pos == sb.area_end {
+                    pos = sb.area_start;
+                }
+                lsn += 1;
+            }
+        }
+    };
+
+    if let Some(later) = later_group_after(&mut reader, &sb, pos, lsn).map_err(log_err("scanning the log"))? {
+        let reason = end_why.clone().unwrap_or_else(|| format!("no valid record LSN {lsn} at offset {pos}"));
+        if mode == (Mode::Replay { salvage: false }) {
+            return Err(Error::MediaCorruption {
+                path: log_path.into(),
+                lsn,
+                offset: pos,
+                later_lsn: later,
+                reason,
+            });
+        }
+        report.salvaged = Some(format!(
+            "dropped LSN {lsn} and everything after it (up to at least LSN {later}): {reason}"
+        ));
+    }
+    report.torn_tail = end_why;
+    report.log_bytes_read = reader.bytes_read;
+    drop(reader);
+    report.next_lsn = lsn;
+    if mode == Mode::DryRun {
+        report.duration = started.elapsed();
+        return Ok(Recovered { superblock: sb, head: pos, report });
+    }
+
+    heap_file.sync_data().map_err(heap_err("fdatasync after replay"))?;
+    let mut next = sb;
+    next.sequence += 1;
+    next.epoch += 1;
+    next.tail_offset = pos;
+    next.tail_lsn = lsn;
+    write_superblock(dev, &next).map_err(log_err("writing the superblock after recovery"))?;
+
+    report.duration = started.elapsed();
+    Ok(Recovered { superblock: next, head: pos, report })
+}
+
+/// Where the record with `lsn` is, if anywhere: at `pos`, or at the area start after a wrap.
+fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) -> std::io::Result<Step> {
+    let found = |offset: u64, h: RecordHeader| {
+        if offset + h.total_len as u64 > sb.area_end {
+            Step::End { why: Some(format!("record LSN {lsn} at offset {offset} runs past the end of the log")) }
+        } else {
+            Step::Record { offset, header: h }
+        }
+    };
+    let why = match RecordHeader::decode(reader.get(pos, BLOCK)?, sb.heap_id, sb.epoch) {
+        Ok(h) if h.lsn == lsn => return Ok(found(pos, h)),
+        Ok(h) if h.lsn > lsn => Some(format!("at offset {pos}: LSN {} where {lsn} was expected", h.lsn)),
+        Err(HeaderProblem::Foreign(f)) => Some(format!("at offset {pos}: {f}")),
+        Ok(_) | Err(HeaderProblem::NotARecord(_)) => None,
+    };
+    if pos != sb.area_start {
+        if let Ok(h) = RecordHeader::decode(reader.get(sb.area_start, BLOCK)?, sb.heap_id, sb.epoch) {
+            if h.lsn == lsn {
+                return Ok(found(sb.area_start, h));
+            }
+        }
+    }
+    Ok(Step::End { why })
+}
+
+/// Look through the part of the log that was not replayed for an intact record of this epoch
+/// that was written in a device write *after* the one holding `lsn`. Returns its LSN.
+fn later_group_after(reader: &mut LogReader<'_>, sb: &Superblock, end: u64, lsn: u64) -> std::io::Result<Option<u64>> {
+    // Everything from the end around to the tail was not replayed.
+    let mut offset = end;
+    let mut first = true;
+    while first || offset != sb.tail_offset {
+        first = false;
+        let block = reader.get(offset, BLOCK)?;
+        if let Ok(h) = RecordHeader::decode(block, sb.heap_id, sb.epoch) {
+            if h.lsn >= lsn && h.group_first_lsn > lsn {
+                return Ok(Some(h.lsn));
+            }
+        }
+        offset += BLOCK as u64;
+        if offset == sb.area_end {
+            offset = sb.area_start;
+        }
+    }
+    Ok(None)
+}
+

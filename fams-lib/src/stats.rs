@@ -1,0 +1,48 @@
+//! Counters a heap keeps, for `famsd inspect` and for benchmarks.
+
+use crate::io::IoStats;
+use crate::recovery::RecoveryReport;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Commits requested (including those that changed nothing).
+    pub commits: u64,
+    /// Commits that found nothing changed and wrote no record.
+    pub empty_commits: u64,
+    /// Dirty pages reported by the tracker.
+    pub pages_tracked: u64,
+    /// Bytes that differ from the committed image, over all commits.
+    pub bytes_changed: u64,
+    /// Bytes of record payload (entry headers + data).
+    pub payload_bytes: u64,
+    /// Bytes of records including headers and padding to the block size.
+    pub record_bytes: u64,
+    /// Pages logged whole (diff not smaller, or previous commit of the page still in flight).
+    pub full_page_entries: u64,
+    /// Pages logged as changed runs only.
+    pub diffed_pages: u64,
+    /// Time spent on the caller's thread capturing commits (scan, diff, copy).
+    pub capture_ns: u64,
+    pub releases: u64,
+    /// Device writes of records (each may hold several commits).
+    pub groups: u64,
+    pub log_bytes_written: u64,
+    pub checkpoints: u64,
+    pub heap_fdatasyncs: u64,
+    /// Total time the log writer waited for durable writes.
+    pub device_write_ns: u64,
+    /// The log device's own counters (writes, RWF_DSYNC writes, fdatasyncs, reads).
+    pub io: IoStats,
+    pub durable_lsn: u64,
+    pub tracker: &'static str,
+    pub io_path: &'static str,
+    /// Why io_uring was not used, when it was not.
+    pub io_fallback: Option<String>,
+    pub flush_mode: &'static str,
+    pub log_kind: &'static str,
+    pub log_path: PathBuf,
+    pub heap_size: u64,
+    pub resident_bytes: u64,
+    pub recovery: RecoveryReport,
+}
