@@ -177,7 +177,7 @@ impl Heap {
         }
         self.stats.pages_tracked += dirty.len() as u64;
 
-        let applied_lsn = self.shared.lock().applied_lsn;
+        let applied_lsn = self.applied_lsn_for(&dirty)?;
         let mut builder = PayloadBuilder::new();
         for &page in &dirty {
             debug_assert!(page * PAGE_SIZE < self.size);
@@ -235,6 +235,29 @@ impl Heap {
         Ok(Ticket { lsn })
     }
 
+    /// The LSN up to which the heap file holds committed images, for diffing `dirty`. A dirty
+    /// page whose last record is durable but not yet written back would have to be logged whole;
+    /// that write-back is microseconds away, so wait for it instead. Pages whose record is not yet
+    /// durable (pipelined commits) are logged whole.
+    fn applied_lsn_for(&self, dirty: &[usize]) -> Result<u64> {
+        let mut st = self.shared.lock();
+        let durable = st.durable_lsn;
+        if st.applied_lsn >= durable {
+            return Ok(st.applied_lsn);
+        }
+        let applied = st.applied_lsn;
+        let must_wait = dirty
+            .iter()
+            .any(|p| self.page_last_lsn.get(p).is_some_and(|&l| l > applied && l <= durable));
+        while must_wait && st.applied_lsn < durable {
+            if let Some(reason) = &st.failed {
+                return Err(commit::poisoned(&self.log_path, reason));
+            }
+            st = self.shared.progress.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(st.applied_lsn)
+    }
+
     /// Block until the ticket's commit is durable.
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
         let mut st = self.shared.lock();
@@ -277,7 +300,16 @@ impl Heap {
         self.carried_pages.append(&mut dirty);
         self.carried_pages.sort_unstable();
         self.carried_pages.dedup();
-        let applied_lsn = self.shared.lock().applied_lsn;
+        // Durable records are written back within microseconds; let that finish so their pages
+        // count as clean.
+        let applied_lsn = {
+            let mut st = self.shared.lock();
+            let durable = st.durable_lsn;
+            while st.applied_lsn < durable && st.failed.is_none() {
+                st = self.shared.progress.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.applied_lsn
+        };
         let mut keep: Vec<usize> = self.carried_pages.clone();
         keep.extend(self.page_last_lsn.iter().filter(|(_, &l)| l > applied_lsn).map(|(&p, _)| p));
         keep.sort_unstable();
@@ -325,7 +357,7 @@ impl Heap {
         s.log_kind = self.log_kind.name();
         s.log_path = self.log_path.clone();
         s.heap_size = self.size as u64;
-        s.resident_bytes = resident_bytes(self.base, self.size);
+        (s.resident_bytes, s.private_bytes) = resident_bytes(self.base, self.size);
         s.recovery = self.recovery.clone();
         s
     }
@@ -356,23 +388,34 @@ impl Drop for Heap {
     }
 }
 
-/// Resident bytes of [base, base+size), from mincore.
-fn resident_bytes(base: *mut u8, size: usize) -> u64 {
-    let pages = size / PAGE_SIZE;
-    let mut resident = 0u64;
-    let mut vec = vec![0u8; pages.min(1 << 18)];
-    let mut page = 0;
-    while page < pages {
-        let n = (pages - page).min(vec.len());
-        // SAFETY: the range lies inside our mapping and vec has n bytes.
-        let rc = unsafe { libc::mincore(base.add(page * PAGE_SIZE).cast(), n * PAGE_SIZE, vec.as_mut_ptr()) };
-        if rc != 0 {
-            return 0;
+/// (resident, private) bytes of the mappings inside [base, base+size), from /proc/self/smaps:
+/// `Rss` counts pages mapped in (private copies and page-cache pages read through the mapping);
+/// `Anonymous` counts the private copies only, which is the memory the heap itself costs. mincore
+/// would not do: on a file mapping it reports the page cache, not the mapping.
+fn resident_bytes(base: *mut u8, size: usize) -> (u64, u64) {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return (0, 0) };
+    let (lo, hi) = (base as u64, base as u64 + size as u64);
+    let (mut rss_kb, mut anon_kb, mut inside) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = a >= lo && b <= hi;
+                continue;
+            }
         }
-        resident += vec[..n].iter().filter(|&&b| b & 1 == 1).count() as u64;
-        page += n;
+        if !inside {
+            continue;
+        }
+        let kb = || fields.clone().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match first {
+            "Rss:" => rss_kb += kb(),
+            "Anonymous:" => anon_kb += kb(),
+            _ => {}
+        }
     }
-    resident * PAGE_SIZE as u64
+    (rss_kb * 1024, anon_kb * 1024)
 }
 
 fn now_unix() -> u64 {

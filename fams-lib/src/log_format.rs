@@ -253,6 +253,9 @@ impl RecordHeader {
         if u32_at(b, 64) != crc32c::crc32c(&b[..64]) {
             return Err(HeaderProblem::NotARecord("header checksum mismatch"));
         }
+        if u32_at(b, 68) != 0 || b[6] != 0 || b[7] != 0 {
+            return Err(HeaderProblem::Foreign("reserved header bytes are not zero".into()));
+        }
         let h = RecordHeader {
             lsn: u64_at(b, 8),
             group_first_lsn: u64_at(b, 16),

@@ -43,6 +43,9 @@ pub struct Stats {
     pub log_kind: &'static str,
     pub log_path: PathBuf,
     pub heap_size: u64,
+    /// Heap pages mapped in (private copies plus committed pages read through the page cache).
     pub resident_bytes: u64,
+    /// Private copies: pages written since they were last released. Follows the dirty working set.
+    pub private_bytes: u64,
     pub recovery: RecoveryReport,
 }

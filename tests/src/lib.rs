@@ -1,1 +1,141 @@
 //! Shared helpers for the integration and crash tests.
+
+use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A fresh directory under /var/tmp (a real disk: O_DIRECT does not work on tmpfs), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = PathBuf::from(format!("/var/tmp/fams-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every tracker usable here; prints why uffd is skipped when it is.
+pub fn trackers() -> Vec<TrackerKind> {
+    match fams::tracker::uffd_available() {
+        Ok(()) => vec![TrackerKind::Uffd, TrackerKind::Mprotect],
+        Err(why) => {
+            eprintln!("uffd tracker not tested here: {why}");
+            vec![TrackerKind::Mprotect]
+        }
+    }
+}
+
+pub fn format(path: &Path, size: u64, log_size: Option<u64>) -> fams::HeapHeader {
+    let mut f = FormatOptions::new(path, size);
+    f.log_size_bytes = log_size;
+    Heap::format(&f).expect("format")
+}
+
+pub fn open(path: &Path, tracker: TrackerKind) -> Heap {
+    Heap::open(path, &HeapOptions { tracker: Some(tracker), ..HeapOptions::default() }).expect("open")
+}
+
+/// Run the named test of the current test binary in a child process with `FAMS_CHILD` set; the
+/// child does its work and leaves with `_exit` (no destructors: a crash as far as the heap is
+/// concerned). Returns the child's stdout.
+pub fn run_child(test_name: &str, env: &[(&str, String)]) -> String {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = Command::new(exe);
+    cmd.arg("--exact").arg(test_name).arg("--nocapture").arg("--test-threads=1").env("FAMS_CHILD", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("spawn child");
+    assert!(
+        out.status.code() == Some(0),
+        "child {test_name} failed: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn is_child() -> bool {
+    std::env::var_os("FAMS_CHILD").is_some()
+}
+
+/// Leave the process at once, as a crash would: no destructors, no checkpoint, no unmapping.
+pub fn crash_exit() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: _exit ends the process immediately; nothing runs after it.
+    unsafe { libc::_exit(0) }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A loop device over a fresh file, detached on drop. None (with the reason printed) when not root
+/// or losetup is missing.
+pub struct LoopDevice {
+    pub device: PathBuf,
+    pub backing: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn new(backing: PathBuf, size_bytes: u64) -> Option<LoopDevice> {
+        if !is_root() {
+            eprintln!("SKIPPED: loop-device test needs root (losetup)");
+            return None;
+        }
+        let f = std::fs::File::create(&backing).expect("create backing file");
+        f.set_len(size_bytes).expect("size backing file");
+        drop(f);
+        let out = match Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&backing).output() {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run losetup: {e}");
+                return None;
+            }
+        };
+        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        Some(LoopDevice { device, backing })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+/// Deterministic bytes for tests.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

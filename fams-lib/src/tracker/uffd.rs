@@ -1,0 +1,566 @@
+//! The `uffd` tracker: userfaultfd write-protect in async mode + `PAGEMAP_SCAN` (Linux >= 6.7).
+//!
+//! Arming: a userfaultfd with `UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED`, the range
+//! registered in `UFFDIO_REGISTER_MODE_WP` mode and write-protected with `UFFDIO_WRITEPROTECT`.
+//! With `WP_ASYNC` the kernel resolves a write fault on a protected page itself (no message on
+//! the userfaultfd, nobody needs to read it): it clears the page's uffd-wp bit and the write goes
+//! on. A page is "written" exactly when its uffd-wp bit is clear. Page-table entries with no page
+//! behind them (never touched, or dropped with `MADV_DONTNEED`) hold a protection marker instead,
+//! so they count as clean and reading them back in keeps them clean; file-backed mappings always
+//! get markers, `WP_UNPOPULATED` extends them to anonymous memory (the heap is file-backed, but
+//! we ask for it anyway so any mapping behaves the same).
+//!
+//! Collecting: `PAGEMAP_SCAN` on `/proc/self/pagemap` with `PM_SCAN_WP_MATCHING` returns the
+//! ranges whose `PAGE_IS_WRITTEN` category is set and write-protects them again in the same page
+//! table walk, under the page-table lock. `PM_SCAN_CHECK_WPASYNC` makes the kernel refuse
+//! (`EPERM`) if some part of the range is not registered in async WP mode, instead of silently
+//! reporting nothing.
+//!
+//! The kernel UAPI definitions are not in Debian 12's headers nor in the `libc` crate, so they
+//! are declared here; each ioctl number is checked at compile time against its `_IOWR`/`_IOR`
+//! encoding and each struct against its size.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+use super::{DirtyTracker, TrackerKind, PAGE_SIZE};
+
+// ---- UAPI: include/uapi/linux/userfaultfd.h -------------------------------------------------
+
+const UFFD_API: u64 = 0xAA;
+/// `userfaultfd(2)` flag: only faults raised by user-mode accesses are handled. Needs no
+/// privilege even with `vm.unprivileged_userfaultfd = 0`. Kernel-mode writes are still tracked
+/// in WP-async mode, because the kernel resolves those faults itself.
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// Bit number of `UFFDIO_WRITEPROTECT` in the `ioctls` mask returned by `UFFDIO_REGISTER`.
+const _UFFDIO_WRITEPROTECT: u64 = 0x06;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+const UFFDIO_API: u32 = 0xc018_aa3f;
+const UFFDIO_REGISTER: u32 = 0xc020_aa00;
+const UFFDIO_UNREGISTER: u32 = 0x8010_aa01;
+const UFFDIO_WRITEPROTECT: u32 = 0xc018_aa06;
+
+// ---- UAPI: include/uapi/linux/fs.h ----------------------------------------------------------
+
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy, Debug)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+const PAGEMAP_SCAN: u32 = 0xc060_6610;
+
+/// Linux's `_IOC(dir, type, nr, size)` on x86-64 and the other asm-generic architectures.
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (ty << 8) | nr
+}
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+const _: () = {
+    assert!(size_of::<UffdioApi>() == 24);
+    assert!(size_of::<UffdioRange>() == 16);
+    assert!(size_of::<UffdioRegister>() == 32);
+    assert!(size_of::<UffdioWriteprotect>() == 24);
+    assert!(size_of::<PmScanArg>() == 96);
+    assert!(size_of::<PageRegion>() == 24);
+    assert!(UFFDIO_API == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x3F, size_of::<UffdioApi>()));
+    assert!(UFFDIO_REGISTER == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x00, size_of::<UffdioRegister>()));
+    assert!(UFFDIO_UNREGISTER == ioc(IOC_READ, 0xAA, 0x01, size_of::<UffdioRange>()));
+    assert!(
+        UFFDIO_WRITEPROTECT
+            == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, size_of::<UffdioWriteprotect>())
+    );
+    assert!(PAGEMAP_SCAN == ioc(IOC_READ | IOC_WRITE, b'f' as u32, 16, size_of::<PmScanArg>()));
+};
+
+/// Regions fetched per `PAGEMAP_SCAN` call; more dirty runs than this take several calls.
+const REGIONS_PER_SCAN: usize = 512;
+
+// ---- helpers --------------------------------------------------------------------------------
+
+fn os_err(what: &str) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// `ioctl(fd, req, arg)` retried on `EINTR`; `Ok(return value)` when it is not negative.
+/// (Not used for `PAGEMAP_SCAN`, whose partial progress must not be repeated blindly.)
+///
+/// # Safety
+/// `arg` must point to the struct the kernel expects for `req`, valid for reads and writes.
+unsafe fn ioctl_retry<T>(fd: libc::c_int, req: u32, arg: *mut T) -> Result<libc::c_int, io::Error> {
+    loop {
+        // SAFETY: the caller guarantees `arg` is the right, live struct for `req`.
+        let r = unsafe { libc::ioctl(fd, req as _, arg) };
+        if r >= 0 {
+            return Ok(r);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Open a userfaultfd. The error says why the system call failed.
+fn new_uffd() -> io::Result<OwnedFd> {
+    // SAFETY: userfaultfd(2) takes one int of flags and returns a new fd or -1; no memory is
+    // passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOSYS) => " (kernel built without CONFIG_USERFAULTFD, or filtered)",
+            Some(libc::EPERM) => " (blocked by seccomp or vm.unprivileged_userfaultfd)",
+            Some(libc::EINVAL) => " (UFFD_USER_MODE_ONLY needs Linux >= 5.11)",
+            _ => "",
+        };
+        return Err(io::Error::new(
+            e.kind(),
+            format!("userfaultfd: the userfaultfd(2) system call failed: {e}{hint}"),
+        ));
+    }
+    // SAFETY: `r` is a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as libc::c_int) })
+}
+
+/// `UFFDIO_API` handshake asking for `features`; returns the features the kernel reports.
+/// The error is the bare OS error.
+fn enable_api(uffd: &OwnedFd, features: u64) -> io::Result<u64> {
+    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+    // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is, live for the call.
+    unsafe { ioctl_retry(uffd.as_raw_fd(), UFFDIO_API, &mut api) }?;
+    Ok(api.features)
+}
+
+/// Why UFFDIO_API refused `WP_ASYNC | WP_UNPOPULATED`: ask a second userfaultfd, with no
+/// features requested, what this kernel supports.
+fn explain_api_failure(e: io::Error) -> io::Error {
+    let mut missing = Vec::new();
+    if let Ok(supported) = new_uffd().and_then(|fd| enable_api(&fd, 0)) {
+        if supported & UFFD_FEATURE_WP_ASYNC == 0 {
+            missing.push("WP_ASYNC (needs Linux >= 6.7)");
+        }
+        if supported & UFFD_FEATURE_WP_UNPOPULATED == 0 {
+            missing.push("WP_UNPOPULATED (needs Linux >= 6.4)");
+        }
+    }
+    let what = if missing.is_empty() {
+        "WP_ASYNC|WP_UNPOPULATED (needs Linux >= 6.7)".to_string()
+    } else {
+        missing.join(" and ")
+    };
+    io::Error::new(e.kind(), format!("userfaultfd: UFFDIO_API rejected {what}: {e}"))
+}
+
+// ---- the tracker ----------------------------------------------------------------------------
+
+/// Dirty tracking of one range with userfaultfd WP-async + PAGEMAP_SCAN.
+pub(super) struct UffdTracker {
+    base: usize,
+    len: usize,
+    /// The userfaultfd the range is registered with. Closing it ends the registration.
+    uffd: OwnedFd,
+    /// `/proc/self/pagemap` of this process (opened once, at arming).
+    pagemap: OwnedFd,
+    /// Reusable output vector for PAGEMAP_SCAN.
+    regions: Vec<PageRegion>,
+}
+
+impl UffdTracker {
+    pub(super) fn arm(base: usize, len: usize) -> io::Result<UffdTracker> {
+        Self::arm_with(base, len, REGIONS_PER_SCAN)
+    }
+
+    fn arm_with(base: usize, len: usize, regions: usize) -> io::Result<UffdTracker> {
+        let features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+        let uffd = new_uffd()?;
+        let got = enable_api(&uffd, features).map_err(explain_api_failure)?;
+        if got & features != features {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "userfaultfd: UFFDIO_API accepted but did not enable WP_ASYNC|WP_UNPOPULATED \
+                     (features {got:#x}; needs Linux >= 6.7)"
+                ),
+            ));
+        }
+
+        let pagemap = open_pagemap()?;
+
+        let range = UffdioRange { start: base as u64, len: len as u64 };
+        let mut reg = UffdioRegister { range, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`, which `reg` is. The kernel
+        // only changes how faults in the range are handled; it touches no memory of ours
+        // besides `reg`.
+        if let Err(e) = unsafe { ioctl_retry(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } {
+            let hint = match e.raw_os_error() {
+                Some(libc::EINVAL) | Some(libc::ENOMEM) => {
+                    " (is the whole range mapped, and of a kind userfaultfd supports?)"
+                }
+                Some(libc::EBUSY) => " (already registered with another userfaultfd?)",
+                _ => "",
+            };
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "userfaultfd: UFFDIO_REGISTER (mode WP) of {base:#x}+{len:#x} failed: {e}{hint}"
+                ),
+            ));
+        }
+        // From here on, dropping `t` unregisters the range.
+        let t = UffdTracker {
+            base,
+            len,
+            uffd,
+            pagemap,
+            regions: vec![PageRegion::default(); regions.max(1)],
+        };
+        if reg.ioctls & (1 << _UFFDIO_WRITEPROTECT) == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "userfaultfd: UFFDIO_REGISTER of {base:#x}+{len:#x} does not offer \
+                     UFFDIO_WRITEPROTECT for this mapping (ioctls {:#x})",
+                    reg.ioctls
+                ),
+            ));
+        }
+        let mut wp = UffdioWriteprotect { range, mode: UFFDIO_WRITEPROTECT_MODE_WP };
+        // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`, which `wp` is. Write
+        // protection in async mode never blocks a writer: a later write just clears the bit.
+        if let Err(e) = unsafe { ioctl_retry(t.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) } {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("userfaultfd: UFFDIO_WRITEPROTECT of {base:#x}+{len:#x} failed: {e}"),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn scan(&mut self, out: &mut Vec<usize>) -> io::Result<()> {
+        let end = (self.base + self.len) as u64;
+        let mut start = self.base as u64;
+        while start < end {
+            let mut arg = PmScanArg {
+                size: size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start,
+                end,
+                walk_end: 0,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: PAGE_IS_WRITTEN,
+                category_anyof_mask: 0,
+                return_mask: PAGE_IS_WRITTEN,
+            };
+            // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` (`arg`, of the size it states)
+            // and writes at most `vec_len` `struct page_region`s to `vec`, which points at our
+            // vector of exactly that many. The scanned range is ours; the kernel only reads and
+            // write-protects its page tables.
+            let n = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+            if n < 0 {
+                // Not retried: a failure after part of the walk may already have re-protected
+                // pages it could not report (see the trait's contract on errors).
+                let e = io::Error::last_os_error();
+                let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                    " (part of the range is not registered in async write-protect mode)"
+                } else {
+                    ""
+                };
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "PAGEMAP_SCAN of {:#x}..{end:#x} failed: {e}{hint}",
+                        start
+                    ),
+                ));
+            }
+            let n = n as usize;
+            if n > self.regions.len() {
+                return Err(io::Error::other(format!(
+                    "PAGEMAP_SCAN returned {n} regions for a vector of {}",
+                    self.regions.len()
+                )));
+            }
+            for r in &self.regions[..n] {
+                if r.start < start || r.end > end || r.start >= r.end {
+                    return Err(io::Error::other(format!(
+                        "PAGEMAP_SCAN returned region {:#x}..{:#x} outside {start:#x}..{end:#x}",
+                        r.start, r.end
+                    )));
+                }
+                let first = (r.start - self.base as u64) as usize / PAGE_SIZE;
+                let last = (r.end - self.base as u64) as usize / PAGE_SIZE;
+                out.extend(first..last);
+            }
+            let walk_end = if arg.walk_end == 0 { end } else { arg.walk_end };
+            if walk_end <= start || walk_end > end {
+                return Err(io::Error::other(format!(
+                    "PAGEMAP_SCAN made no progress: walk_end {walk_end:#x}, scanning \
+                     {start:#x}..{end:#x}"
+                )));
+            }
+            start = walk_end;
+        }
+        Ok(())
+    }
+}
+
+impl DirtyTracker for UffdTracker {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::Uffd
+    }
+
+    fn collect(&mut self, out: &mut Vec<usize>) -> io::Result<()> {
+        self.scan(out)
+    }
+}
+
+impl Drop for UffdTracker {
+    fn drop(&mut self) {
+        let mut range = UffdioRange { start: self.base as u64, len: self.len as u64 };
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`, which `range` is. It removes
+        // the write protection so later writes are ordinary. Failure (the mapping is already
+        // gone) leaves nothing to undo: closing the fd below ends the registration anyway.
+        let _ = unsafe { ioctl_retry(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
+        // `uffd` and `pagemap` are closed when their OwnedFds drop.
+    }
+}
+
+fn open_pagemap() -> io::Result<OwnedFd> {
+    const PATH: &CStr = c"/proc/self/pagemap";
+    // SAFETY: `PATH` is a NUL-terminated string; open(2) returns a new fd or -1.
+    let fd = unsafe { libc::open(PATH.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(os_err("userfaultfd tracker: cannot open /proc/self/pagemap"));
+    }
+    // SAFETY: `fd` is a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+// ---- availability probe ---------------------------------------------------------------------
+
+pub(super) fn available() -> Result<(), String> {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE.get_or_init(probe).clone()
+}
+
+/// Arm a tracker on a 4-page anonymous scratch mapping and check that it really works: a fresh
+/// range is clean, a write is reported exactly, and the rescan is clean again.
+fn probe() -> Result<(), String> {
+    const PAGES: usize = 4;
+    let len = PAGES * PAGE_SIZE;
+    // SAFETY: a fresh private anonymous mapping chosen by the kernel; it overlaps nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("probe: mmap of a scratch page failed: {}", io::Error::last_os_error()));
+    }
+    // Unmap on every path out, after the tracker (declared later) has been dropped.
+    struct Unmap(*mut libc::c_void, usize);
+    impl Drop for Unmap {
+        fn drop(&mut self) {
+            // SAFETY: unmapping exactly the scratch mapping made above, which nothing else uses.
+            unsafe { libc::munmap(self.0, self.1) };
+        }
+    }
+    let _unmap = Unmap(p, len);
+    // SAFETY: advising our own scratch mapping; failure only means THP may stay on.
+    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+    let base = p as usize;
+
+    let mut t = UffdTracker::arm(base, len).map_err(|e| e.to_string())?;
+    let mut v = Vec::new();
+    t.scan(&mut v).map_err(|e| e.to_string())?;
+    if !v.is_empty() {
+        return Err(format!("probe: a freshly armed range reported dirty pages {v:?}"));
+    }
+    // SAFETY: page 2 lies inside our live RW scratch mapping.
+    unsafe { std::ptr::write_volatile((base + 2 * PAGE_SIZE) as *mut u8, 1) };
+    t.scan(&mut v).map_err(|e| e.to_string())?;
+    if v != [2] {
+        return Err(format!("probe: wrote page 2, PAGEMAP_SCAN reported {v:?}"));
+    }
+    v.clear();
+    t.scan(&mut v).map_err(|e| e.to_string())?;
+    if !v.is_empty() {
+        return Err(format!("probe: PAGEMAP_SCAN did not re-protect: rescan reported {v:?}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-entry region vector forces a `walk_end` continuation after every dirty run.
+    #[test]
+    fn tiny_region_vector_continues_from_walk_end() {
+        if let Err(why) = available() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        const PAGES: usize = 300;
+        let len = PAGES * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end of this test after the
+        // tracker is dropped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p as usize;
+        let mut t = UffdTracker::arm_with(base, len, 1).unwrap();
+        let want: Vec<usize> =
+            (0..PAGES).filter(|i| i % 3 != 1).collect(); // runs of 2 pages, gaps of 1
+        for &i in &want {
+            // SAFETY: inside our live RW mapping.
+            unsafe { std::ptr::write_volatile((base + i * PAGE_SIZE) as *mut u8, 1) };
+        }
+        let mut v = Vec::new();
+        t.collect(&mut v).unwrap();
+        assert_eq!(v, want);
+        v.clear();
+        t.collect(&mut v).unwrap();
+        assert!(v.is_empty(), "{v:?}");
+        drop(t);
+        // SAFETY: unmapping our own mapping; the tracker is gone.
+        unsafe { libc::munmap(p, len) };
+    }
+
+    /// On anonymous memory only WP_UNPOPULATED keeps never-touched pages protected: without it a
+    /// read would map the zero page unprotected and the page would look written.
+    #[test]
+    fn anonymous_reads_are_not_writes() {
+        if let Err(why) = available() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        const PAGES: usize = 8;
+        let len = PAGES * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end of this test after the
+        // tracker is dropped.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p as usize;
+        let mut t = UffdTracker::arm(base, len).unwrap();
+        let mut sum = 0u32;
+        for i in 0..PAGES {
+            // SAFETY: inside our live mapping.
+            sum += unsafe { std::ptr::read_volatile((base + i * PAGE_SIZE) as *const u8) } as u32;
+        }
+        assert_eq!(sum, 0);
+        let mut v = Vec::new();
+        t.collect(&mut v).unwrap();
+        assert!(v.is_empty(), "reads reported as writes: {v:?}");
+        // SAFETY: inside our live mapping.
+        unsafe { std::ptr::write_volatile((base + 4 * PAGE_SIZE) as *mut u8, 1) };
+        t.collect(&mut v).unwrap();
+        assert_eq!(v, vec![4]);
+        drop(t);
+        // SAFETY: unmapping our own mapping; the tracker is gone.
+        unsafe { libc::munmap(p, len) };
+    }
+
+    #[test]
+    fn probe_result_is_cached_and_explained() {
+        let a = available();
+        let b = available();
+        assert_eq!(a, b);
+        if let Err(why) = a {
+            assert!(!why.is_empty());
+        }
+    }
+}
