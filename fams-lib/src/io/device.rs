@@ -269,11 +269,21 @@ pub(crate) fn open_target(path: &Path) -> io::Result<Target> {
     if kind == LogKind::BlockDevice {
         flags |= libc::O_EXCL;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(flags)
-        .open(path)
+    // A process killed while it held the device releases its exclusive claim only when the
+    // kernel finishes tearing down its io_uring, which happens asynchronously after the exit: a
+    // restart right after a crash can see EBUSY for a few milliseconds. Retry for a while before
+    // concluding the device is really taken.
+    let busy_retry_until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let open = || OpenOptions::new().read(true).write(true).custom_flags(flags).open(path);
+    let mut opened = open();
+    while kind == LogKind::BlockDevice
+        && matches!(&opened, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+        && std::time::Instant::now() < busy_retry_until
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        opened = open();
+    }
+    let file = opened
         .map_err(|e| match e.raw_os_error() {
             Some(libc::EINVAL) => io::Error::new(
                 io::ErrorKind::Unsupported,
