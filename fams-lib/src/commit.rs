@@ -256,8 +256,8 @@ impl LogWriter {
             st.stats.log_bytes_written += group_bytes;
             st.stats.device_write_ns += write_ns;
             st.io = self.dev.stats();
-            self.shared.progress.notify_all();
         }
+        self.shared.progress.notify_all();
 
         // The group is durable: its bytes may now reach the heap file.
         for r in group {
@@ -272,8 +272,8 @@ impl LogWriter {
         {
             let mut st = self.shared.lock();
             st.applied_lsn = last_lsn;
-            self.shared.progress.notify_all();
         }
+        self.shared.progress.notify_all();
         if self.used_bytes > self.checkpoint_threshold_bytes {
             self.checkpoint()?;
         }

@@ -170,6 +170,7 @@ impl Heap {
         let mut dirty = std::mem::take(&mut self.dirty_scratch);
         dirty.clear();
         self.tracker.collect(&mut dirty).map_err(Error::Tracker)?;
+        self.stats.collect_ns += started.elapsed().as_nanos() as u64;
         if !self.carried_pages.is_empty() {
             dirty.append(&mut self.carried_pages);
             dirty.sort_unstable();
@@ -177,7 +178,9 @@ impl Heap {
         }
         self.stats.pages_tracked += dirty.len() as u64;
 
+        let wait_started = Instant::now();
         let applied_lsn = self.applied_lsn_for(&dirty)?;
+        self.stats.write_back_wait_ns += wait_started.elapsed().as_nanos() as u64;
         let mut builder = PayloadBuilder::new();
         for &page in &dirty {
             debug_assert!(page * PAGE_SIZE < self.size);
@@ -228,8 +231,9 @@ impl Heap {
             let mut st = self.shared.lock();
             st.queued_bytes += builder.payload.len() as u64;
             st.queue.push(QueuedRecord { lsn, payload: builder.payload, entry_count: builder.entry_count });
-            self.shared.work.notify_one();
         }
+        // Outside the lock, so the woken writer does not block on it straight away.
+        self.shared.work.notify_one();
         self.stats.capture_ns += started.elapsed().as_nanos() as u64;
         self.dirty_scratch = dirty;
         Ok(Ticket { lsn })

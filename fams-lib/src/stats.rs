@@ -24,6 +24,10 @@ pub struct Stats {
     pub diffed_pages: u64,
     /// Time spent on the caller's thread capturing commits (scan, diff, copy).
     pub capture_ns: u64,
+    /// Part of `capture_ns` spent asking the tracker for dirty pages.
+    pub collect_ns: u64,
+    /// Part of `capture_ns` spent waiting for the previous commit's write-back to the heap file.
+    pub write_back_wait_ns: u64,
     pub releases: u64,
     /// Device writes of records (each may hold several commits).
     pub groups: u64,
