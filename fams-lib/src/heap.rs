@@ -17,6 +17,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+/// Commits dirtying more pages than this keep no shadow copies (the copy would cost more than
+/// logging whole pages saves); their in-flight pages are logged whole by the next commit.
+const SHADOW_PAGES_PER_COMMIT_MAX: usize = 64;
+
 /// Default log size for a log file.
 pub const LOG_SIZE_DEFAULT: u64 = 64 << 20;
 /// Where default base addresses are picked: well above where Linux places ordinary mappings'
@@ -97,6 +101,9 @@ pub struct Heap {
     /// For each page logged recently, the LSN of the last record holding it; a page is "in
     /// flight" while that record is not yet in the heap file.
     page_last_lsn: HashMap<usize, u64>,
+    /// The committed image of in-flight pages (their newest logged content), so the next commit
+    /// can log a diff against it instead of the whole page. Kept for small commits only.
+    shadow_pages: HashMap<usize, Box<[u8; PAGE_SIZE]>>,
     /// Pages known dirty but not yet logged (collected for a release, or a refused commit).
     carried_pages: Vec<usize>,
     dirty_scratch: Vec<usize>,
@@ -190,7 +197,10 @@ impl Heap {
             let current = unsafe { std::slice::from_raw_parts(self.base.add(page * PAGE_SIZE), PAGE_SIZE) };
             let in_flight = self.page_last_lsn.get(&page).is_some_and(|&l| l > applied_lsn);
             if in_flight {
-                builder.add_full_page(offset, current);
+                match self.shadow_pages.get(&page) {
+                    Some(committed) => builder.add_diff(offset, current, &committed[..]),
+                    None => builder.add_full_page(offset, current),
+                }
                 continue;
             }
             if let Err(e) = self.file.read_exact_at(&mut self.page_scratch, HEADER_BYTES + offset) {
@@ -219,11 +229,22 @@ impl Heap {
         }
         let lsn = self.next_lsn;
         self.next_lsn += 1;
+        let last_lsn = &mut self.page_last_lsn;
+        self.shadow_pages.retain(|p, _| last_lsn.get(p).is_some_and(|&l| l > applied_lsn));
+        let keep_shadows = dirty.len() <= SHADOW_PAGES_PER_COMMIT_MAX;
         for &page in &dirty {
-            self.page_last_lsn.insert(page, lsn);
+            last_lsn.insert(page, lsn);
+            if keep_shadows {
+                // SAFETY: as above, the page lies inside the mapping.
+                let current = unsafe { std::slice::from_raw_parts(self.base.add(page * PAGE_SIZE), PAGE_SIZE) };
+                self.shadow_pages.entry(page).or_insert_with(|| Box::new([0u8; PAGE_SIZE])).copy_from_slice(current);
+            } else {
+                // A stale shadow would be a wrong diff base.
+                self.shadow_pages.remove(&page);
+            }
         }
-        if self.page_last_lsn.len() > 4 * dirty.len().max(1024) {
-            self.page_last_lsn.retain(|_, &mut l| l > applied_lsn);
+        if last_lsn.len() > 4 * dirty.len().max(1024) {
+            last_lsn.retain(|_, &mut l| l > applied_lsn);
         }
         self.stats.payload_bytes += builder.payload.len() as u64;
         self.stats.record_bytes += record_bytes;
@@ -339,6 +360,8 @@ impl Heap {
             start = k + 1;
         }
         self.page_last_lsn.retain(|_, &mut l| l > applied_lsn);
+        let last_lsn = &self.page_last_lsn;
+        self.shadow_pages.retain(|p, _| last_lsn.contains_key(p));
         self.stats.releases += 1;
         Ok(keep.len())
     }
@@ -763,6 +786,7 @@ fn open(path: &Path, opts: &HeapOptions) -> Result<Heap> {
         capacity_bytes,
         next_lsn: report.next_lsn,
         page_last_lsn: HashMap::new(),
+        shadow_pages: HashMap::new(),
         carried_pages: Vec::new(),
         dirty_scratch: Vec::new(),
         page_scratch: vec![0u8; PAGE_SIZE],

@@ -89,8 +89,8 @@ pub fn run(dir: &Path) -> Result<(), String> {
         s.groups
     );
     println!(
-        "  logged {} record bytes for {} changed bytes; {} checkpoints",
-        s.record_bytes, s.bytes_changed, s.checkpoints
+        "  logged {} payload bytes ({} with headers and padding to 4 KiB blocks) for {} changed bytes; {} checkpoints",
+        s.payload_bytes, s.record_bytes, s.bytes_changed, s.checkpoints
     );
     drop(heap);
 
