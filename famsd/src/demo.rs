@@ -98,9 +98,8 @@ pub fn run(dir: &Path) -> Result<(), String> {
     let cfg = TortureConfig {
         cycles: 12,
         dir: dir.join("crash"),
-        log: None,
         force: false,
-        tracker: None,
+        choice: Default::default(),
         heap_size_bytes: 8 << 20,
         log_size_bytes: Some(2 << 20),
         seed: 7,

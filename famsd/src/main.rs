@@ -5,7 +5,7 @@ mod torture;
 mod workload;
 
 use clap::{Parser, Subcommand};
-use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
+use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -108,6 +108,12 @@ famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw p
         /// Longest time a child runs before the kill, in milliseconds.
         #[arg(long, default_value_t = 40)]
         kill_after_ms_max: u64,
+        /// Log I/O path: uring or sync (default: io_uring where the kernel allows it).
+        #[arg(long)]
+        io_path: Option<IoPath>,
+        /// How log writes are made durable: dsync (RWF_DSYNC, FUA on a block device) or fdatasync.
+        #[arg(long)]
+        flush_mode: Option<FlushMode>,
         /// Take over a block device even if it holds a filesystem.
         #[arg(long)]
         force: bool,
@@ -125,6 +131,10 @@ famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw p
         run_seed: u64,
         #[arg(long)]
         tracker: Option<TrackerKind>,
+        #[arg(long)]
+        io_path: Option<IoPath>,
+        #[arg(long)]
+        flush_mode: Option<FlushMode>,
         #[arg(long)]
         log: Option<PathBuf>,
     },
@@ -257,12 +267,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { dir } => demo::run(&dir).map(|_| ExitCode::SUCCESS),
-        Cmd::Torture { cycles, tracker, log, dir, heap_size, log_size, seed, kill_after_ms_max, force, json } => {
+        Cmd::Torture {
+            cycles, tracker, log, dir, heap_size, log_size, seed, kill_after_ms_max, io_path, flush_mode, force, json,
+        } => {
             let made_dir = dir.is_none();
             let dir = dir.unwrap_or_else(default_torture_dir);
             let log_size = if log.as_ref().is_some_and(|l| is_block_device(l)) { None } else { Some(log_size) };
             let cfg = torture::TortureConfig {
-                cycles, dir: dir.clone(), log, force, tracker, heap_size_bytes: heap_size,
+                cycles, dir: dir.clone(), force, heap_size_bytes: heap_size,
+                choice: torture::HeapChoice { tracker, io_path, flush_mode, log },
                 log_size_bytes: log_size, seed, kill_after_ms_max, progress: !json,
             };
             let report = torture::run(&cfg);
@@ -273,15 +286,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             if json {
                 print_json(&report.to_json());
             } else {
-                println!("{} cycles, {} violations (tracker {}, log {} via {}); {} commits acknowledged, final commit {}",
-                    report.cycles, report.violations, report.tracker, report.log_kind, report.io_path,
+                println!("{} cycles, {} violations (tracker {}, log {} via {} + {}); {} commits acknowledged, final commit {}",
+                    report.cycles, report.violations, report.tracker, report.log_kind, report.io_path, report.flush_mode,
                     report.commits_acknowledged, report.final_commit);
                 for v in &report.violation_details { println!("VIOLATION: {v}"); }
             }
             Ok(if report.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
-        Cmd::TortureChild { heap, seed, run_seed, tracker, log } => {
-            torture::child(&heap, seed, run_seed, tracker, log)?;
+        Cmd::TortureChild { heap, seed, run_seed, tracker, io_path, flush_mode, log } => {
+            torture::child(&heap, seed, run_seed, &torture::HeapChoice { tracker, io_path, flush_mode, log })?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -4,7 +4,7 @@
 //! the last commit the child reported durable.
 
 use crate::workload::{commit_number, mutate, Model, Rng};
-use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
+use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 pub struct TortureConfig {
     pub cycles: u64,
     pub dir: PathBuf,
-    pub log: Option<PathBuf>,
     pub force: bool,
-    pub tracker: Option<TrackerKind>,
+    pub choice: HeapChoice,
     pub heap_size_bytes: u64,
     pub log_size_bytes: Option<u64>,
     pub seed: u64,
@@ -35,6 +34,7 @@ pub struct TortureReport {
     pub tracker: String,
     pub log_kind: String,
     pub io_path: String,
+    pub flush_mode: String,
     pub commits_acknowledged: u64,
     /// Cycles in which the child was killed before it finished recovering.
     pub killed_during_open: u64,
@@ -57,6 +57,7 @@ impl TortureReport {
             "tracker": self.tracker,
             "log_kind": self.log_kind,
             "io_path": self.io_path,
+            "flush_mode": self.flush_mode,
             "commits_acknowledged": self.commits_acknowledged,
             "final_commit": self.final_commit,
             "killed_during_open": self.killed_during_open,
@@ -69,8 +70,40 @@ impl TortureReport {
     }
 }
 
-fn heap_options(tracker: Option<TrackerKind>, log: &Option<PathBuf>) -> HeapOptions {
-    HeapOptions { tracker, log_path: log.clone(), ..HeapOptions::default() }
+/// The mechanisms a run forces (None: automatic), passed on to the child unchanged.
+#[derive(Clone, Debug, Default)]
+pub struct HeapChoice {
+    pub tracker: Option<TrackerKind>,
+    pub io_path: Option<IoPath>,
+    pub flush_mode: Option<FlushMode>,
+    pub log: Option<PathBuf>,
+}
+
+impl HeapChoice {
+    pub fn options(&self) -> HeapOptions {
+        HeapOptions {
+            tracker: self.tracker,
+            io_path: self.io_path,
+            flush_mode: self.flush_mode,
+            log_path: self.log.clone(),
+            ..HeapOptions::default()
+        }
+    }
+
+    fn add_args(&self, cmd: &mut Command) {
+        if let Some(t) = self.tracker {
+            cmd.arg("--tracker").arg(t.name());
+        }
+        if let Some(p) = self.io_path {
+            cmd.arg("--io-path").arg(p.name());
+        }
+        if let Some(f) = self.flush_mode {
+            cmd.arg("--flush-mode").arg(f.name());
+        }
+        if let Some(l) = &self.log {
+            cmd.arg("--log").arg(l);
+        }
+    }
 }
 
 pub fn heap_path(dir: &Path) -> PathBuf {
@@ -82,11 +115,11 @@ pub fn prepare(cfg: &TortureConfig) -> Result<(), String> {
     std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
     let heap = heap_path(&cfg.dir);
     let _ = std::fs::remove_file(&heap);
-    if cfg.log.is_none() {
+    if cfg.choice.log.is_none() {
         let _ = std::fs::remove_file(cfg.dir.join("torture.heap.log"));
     }
     let mut f = FormatOptions::new(&heap, cfg.heap_size_bytes);
-    f.log_path = cfg.log.clone();
+    f.log_path = cfg.choice.log.clone();
     f.log_size_bytes = cfg.log_size_bytes;
     f.force = cfg.force;
     Heap::format(&f).map_err(|e| e.to_string())?;
@@ -106,12 +139,7 @@ fn spawn_child(cfg: &TortureConfig, cycle: u64) -> Result<Child, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
-    if let Some(t) = cfg.tracker {
-        cmd.arg("--tracker").arg(t.name());
-    }
-    if let Some(l) = &cfg.log {
-        cmd.arg("--log").arg(l);
-    }
+    cfg.choice.add_args(&mut cmd);
     cmd.spawn().map_err(|e| format!("spawning the torture child: {e}"))
 }
 
@@ -169,7 +197,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
         }
 
         let started = Instant::now();
-        let heap = Heap::open(&heap_path, &heap_options(cfg.tracker, &cfg.log)).map_err(|e| {
+        let heap = Heap::open(&heap_path, &cfg.choice.options()).map_err(|e| {
             format!("cycle {cycle}: recovery failed after a SIGKILL (this is a bug): {e}")
         })?;
         let open_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -177,6 +205,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
         report.tracker = stats.tracker.to_string();
         report.log_kind = stats.log_kind.to_string();
         report.io_path = stats.io_path.to_string();
+        report.flush_mode = stats.flush_mode.to_string();
         report.recovery_ms.push(open_ms);
         report.records_replayed += stats.recovery.records_replayed;
         let c = commit_number(heap.bytes());
@@ -228,8 +257,8 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
 /// The child: open (recovering), then commit the workload forever, printing "ack k" when commit
 /// k is durable. Mixes synchronous commits, pipelined async commits and releases of committed
 /// pages; the parent kills it.
-pub fn child(heap_path: &Path, seed: u64, run_seed: u64, tracker: Option<TrackerKind>, log: Option<PathBuf>) -> Result<(), String> {
-    let mut heap = Heap::open(heap_path, &heap_options(tracker, &log)).map_err(|e| e.to_string())?;
+pub fn child(heap_path: &Path, seed: u64, run_seed: u64, choice: &HeapChoice) -> Result<(), String> {
+    let mut heap = Heap::open(heap_path, &choice.options()).map_err(|e| e.to_string())?;
     let mut k = commit_number(heap.bytes());
     let mut out = std::io::stdout().lock();
     let say = |out: &mut std::io::StdoutLock<'_>, line: String| -> Result<(), String> {

@@ -6,6 +6,10 @@ use fams_tests::{trackers, LoopDevice, TempDir};
 use std::process::Command;
 
 fn torture(cycles: u64, tracker: &str, log: Option<&std::path::Path>, seed: u64) -> serde_json::Value {
+    torture_with(cycles, tracker, log, seed, &[])
+}
+
+fn torture_with(cycles: u64, tracker: &str, log: Option<&std::path::Path>, seed: u64, extra: &[&str]) -> serde_json::Value {
     let dir = TempDir::new("torture");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_famsd"));
     cmd.args(["torture", "--json", "--cycles", &cycles.to_string(), "--tracker", tracker, "--seed", &seed.to_string()])
@@ -14,6 +18,7 @@ fn torture(cycles: u64, tracker: &str, log: Option<&std::path::Path>, seed: u64)
     if let Some(l) = log {
         cmd.arg("--log").arg(l);
     }
+    cmd.args(extra);
     let out = cmd.output().expect("run famsd torture");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
@@ -44,4 +49,13 @@ fn sigkill_torture_with_the_log_on_a_loop_device() {
         let v = torture(60, t.name(), Some(&dev.device), 23);
         assert_eq!(v["log_kind"], "block");
     }
+}
+
+#[test]
+fn sigkill_torture_on_the_plain_syscall_path_with_fdatasync() {
+    // The path used where io_uring is blocked (e.g. a container's seccomp profile).
+    let t = trackers()[0];
+    let v = torture_with(40, t.name(), None, 31, &["--io-path", "sync", "--flush-mode", "fdatasync"]);
+    assert_eq!(v["io_path"], "sync");
+    assert_eq!(v["flush_mode"], "fdatasync");
 }
