@@ -20,7 +20,7 @@
 //! inside the last group) from corruption (damage followed by a later group).
 
 use crate::error::Error;
-use crate::heap_file::HEADER_BYTES;
+use crate::heap_file::{HEADER_BYTES, PAGE_SIZE};
 use crate::io::{AlignedBuf, LogDevice};
 use crate::log_format::{self, RecordHeader, Superblock, RECORD_HEADER_BYTES};
 use crate::recovery::write_superblock;
@@ -48,12 +48,26 @@ pub(crate) struct QueuedRecord {
     pub lsn: u64,
     pub payload: Vec<u8>,
     pub entry_count: u32,
+    /// Distinct heap pages the entries touch.
+    pub pages: u32,
 }
 
 impl QueuedRecord {
     pub fn total_len(&self) -> u64 {
         log_format::round_up_block((RECORD_HEADER_BYTES + self.payload.len()) as u64)
     }
+
+    /// The length once the writer has turned every page into a full image (the most it can be).
+    pub fn total_len_max(&self) -> u64 {
+        record_len_max(self.pages as u64).max(self.total_len())
+    }
+}
+
+/// The most bytes a record touching `pages` pages can need (every page a full image).
+pub(crate) fn record_len_max(pages: u64) -> u64 {
+    log_format::round_up_block(
+        RECORD_HEADER_BYTES as u64 + pages * log_format::entry_encoded_len(PAGE_SIZE) as u64,
+    )
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -63,6 +77,8 @@ pub struct WriterStats {
     pub log_bytes_written: u64,
     pub checkpoints: u64,
     pub heap_fdatasyncs: u64,
+    /// Pages logged whole because it was their first change since a checkpoint.
+    pub full_images_after_checkpoint: u64,
     /// Sum over groups of the time from the group's write to its durability.
     pub device_write_ns: u64,
 }
@@ -135,6 +151,29 @@ pub(crate) struct LogWriter {
     pub used_bytes: u64,
     pub checkpoint_threshold_bytes: u64,
     pub shared: Arc<Shared>,
+    pub heap_size_bytes: u64,
+    /// Pages that have had a full image logged since the last checkpoint.
+    pub full_image_logged: PageSet,
+}
+
+/// One bit per heap page.
+pub(crate) struct PageSet {
+    words: Vec<u64>,
+}
+
+impl PageSet {
+    pub fn new(pages: u64) -> PageSet {
+        PageSet { words: vec![0; pages.div_ceil(64) as usize] }
+    }
+    pub fn get(&self, page: u64) -> bool {
+        self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+    pub fn set(&mut self, page: u64) {
+        self.words[(page / 64) as usize] |= 1 << (page % 64);
+    }
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
 }
 
 impl LogWriter {
@@ -152,16 +191,16 @@ impl LogWriter {
                 let mut bytes = 0;
                 let mut take = 0;
                 for r in &st.queue {
-                    if take > 0 && bytes + r.total_len() > limit {
+                    if take > 0 && bytes + r.total_len_max() > limit {
                         break;
                     }
-                    bytes += r.total_len();
+                    bytes += r.total_len_max();
                     take += 1;
                 }
                 st.queued_bytes -= st.queue[..take].iter().map(|r| r.payload.len() as u64).sum::<u64>();
                 st.queue.drain(..take).collect::<Vec<_>>()
             };
-            if let Err(reason) = self.commit_group(&group) {
+            if let Err(reason) = self.commit_group(group) {
                 let mut st = self.shared.lock();
                 st.failed = Some(reason);
                 st.queue.clear();
@@ -182,9 +221,18 @@ impl LogWriter {
         self.shared.lock().io = self.dev.stats();
     }
 
-    fn commit_group(&mut self, group: &[QueuedRecord]) -> Result<(), String> {
+    fn commit_group(&mut self, mut group: Vec<QueuedRecord>) -> Result<(), String> {
         let first_lsn = group[0].lsn;
         let last_lsn = group[group.len() - 1].lsn;
+        // Room for the group at its largest, plus what a wrap can skip (less than one record).
+        let bytes_max: u64 = group.iter().map(|r| r.total_len_max()).sum();
+        let record_max = group.iter().map(|r| r.total_len_max()).max().unwrap_or(0);
+        if self.used_bytes + bytes_max + record_max > self.superblock.capacity_bytes() {
+            self.checkpoint()?;
+        }
+        // Only after any checkpoint: which pages need a full image depends on it.
+        self.add_full_images(&mut group)?;
+        let group = &group[..];
         let group_bytes: u64 = group.iter().map(|r| r.total_len()).sum();
 
         // Lay the group out: records in order from the head, jumping to the area start when the
@@ -201,11 +249,12 @@ impl LogWriter {
             layout.push(at);
             at += len;
         }
-        if self.used_bytes + group_bytes + skipped > self.superblock.capacity_bytes() {
-            self.checkpoint()?;
-            assert_eq!(self.used_bytes, 0);
-            return self.commit_group(group);
-        }
+        assert!(
+            self.used_bytes + group_bytes + skipped <= self.superblock.capacity_bytes(),
+            "group of {group_bytes} bytes (+{skipped} skipped) does not fit: {} used of {}",
+            self.used_bytes,
+            self.superblock.capacity_bytes()
+        );
 
         // Two contiguous segments at most: before and after the wrap.
         let split = layout.iter().position(|&o| o < self.head).unwrap_or(group.len());
@@ -285,6 +334,58 @@ impl LogWriter {
         Ok(())
     }
 
+    /// Make the first record to touch a page since the last checkpoint carry the page's whole
+    /// committed image instead of a diff.
+    ///
+    /// Why: after a checkpoint the heap file is written again (write-back, page cache), and the
+    /// kernel may flush those pages at any time; a power cut during that flush can leave a page
+    /// torn on disk. Recovery replays from the checkpoint, and a diff only repairs the bytes it
+    /// covers. A full image first makes replay independent of what the heap file holds for that
+    /// page. The image is the heap file's current page (everything before this group is written
+    /// back) with the record's entries applied; later touches in the same group or after it are
+    /// diffs against a page that replay has already rebuilt whole.
+    fn add_full_images(&mut self, group: &mut [QueuedRecord]) -> Result<(), String> {
+        let mut image = vec![0u8; PAGE_SIZE];
+        for r in group.iter_mut() {
+            let entries = log_format::decode_entries(&r.payload, r.entry_count, self.heap_size_bytes)
+                .map_err(|e| format!("internal: a record we built does not decode: {e}"))?;
+            let needs_image = |e: &log_format::Entry<'_>| !self.full_image_logged.get(e.offset / PAGE_SIZE as u64);
+            if !entries.iter().any(needs_image) {
+                continue;
+            }
+            let mut payload = Vec::with_capacity(r.payload.len() + PAGE_SIZE);
+            let mut entry_count = 0u32;
+            let mut i = 0;
+            while i < entries.len() {
+                let page = entries[i].offset / PAGE_SIZE as u64;
+                let end = entries[i..].iter().position(|e| e.offset / PAGE_SIZE as u64 != page).map_or(entries.len(), |n| i + n);
+                if self.full_image_logged.get(page) {
+                    for e in &entries[i..end] {
+                        log_format::push_entry(&mut payload, e.offset, e.data);
+                        entry_count += 1;
+                    }
+                } else {
+                    let page_offset = page * PAGE_SIZE as u64;
+                    self.heap_file.read_exact_at(&mut image, HEADER_BYTES + page_offset).map_err(|err| {
+                        format!("{}: reading a page to log it whole: {err}", self.heap_path.display())
+                    })?;
+                    for e in &entries[i..end] {
+                        let at = (e.offset - page_offset) as usize;
+                        image[at..at + e.data.len()].copy_from_slice(e.data);
+                    }
+                    log_format::push_entry(&mut payload, page_offset, &image);
+                    entry_count += 1;
+                    self.full_image_logged.set(page);
+                    self.shared.lock().stats.full_images_after_checkpoint += 1;
+                }
+                i = end;
+            }
+            r.payload = payload;
+            r.entry_count = entry_count;
+        }
+        Ok(())
+    }
+
     /// Write a durable group's entries into the heap file (page cache; checkpoints sync it).
     fn write_back(&self, group: &[QueuedRecord]) -> Result<(), String> {
         for r in group {
@@ -314,6 +415,7 @@ impl LogWriter {
             .map_err(|e| format!("{}: writing the superblock at checkpoint: {e}", self.log_path.display()))?;
         self.superblock = sb;
         self.used_bytes = 0;
+        self.full_image_logged.clear();
         let mut st = self.shared.lock();
         st.stats.checkpoints += 1;
         st.stats.heap_fdatasyncs += 1;
@@ -386,6 +488,11 @@ impl PayloadBuilder {
         }
         self.bytes_changed += changed;
         self.diffed_pages += 1;
+    }
+
+    /// Pages with at least one entry.
+    pub fn pages_logged(&self) -> u32 {
+        (self.full_pages + self.diffed_pages) as u32
     }
 
     pub fn record_bytes(&self) -> u64 {

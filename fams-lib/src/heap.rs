@@ -213,10 +213,14 @@ impl Heap {
 
         let record_bytes = builder.record_bytes();
         let record_max = commit::group_bytes_max(self.capacity_bytes);
-        if record_bytes > record_max {
+        let pages_logged = builder.pages_logged();
+        if commit::record_len_max(pages_logged as u64).max(record_bytes) > record_max {
             self.carried_pages = dirty.clone();
             self.dirty_scratch = dirty;
-            return Err(Error::CommitTooLarge { needed_bytes: record_bytes, capacity_bytes: record_max });
+            return Err(Error::CommitTooLarge {
+                needed_bytes: commit::record_len_max(pages_logged as u64).max(record_bytes),
+                capacity_bytes: record_max,
+            });
         }
         self.stats.commits += 1;
         self.stats.bytes_changed += builder.bytes_changed;
@@ -251,7 +255,12 @@ impl Heap {
         {
             let mut st = self.shared.lock();
             st.queued_bytes += builder.payload.len() as u64;
-            st.queue.push(QueuedRecord { lsn, payload: builder.payload, entry_count: builder.entry_count });
+            st.queue.push(QueuedRecord {
+                lsn,
+                payload: builder.payload,
+                entry_count: builder.entry_count,
+                pages: pages_logged,
+            });
         }
         // Outside the lock, so the woken writer does not block on it straight away.
         self.shared.work.notify_one();
@@ -374,6 +383,7 @@ impl Heap {
         s.log_bytes_written = st.stats.log_bytes_written;
         s.checkpoints = st.stats.checkpoints;
         s.heap_fdatasyncs = st.stats.heap_fdatasyncs;
+        s.full_images_after_checkpoint = st.stats.full_images_after_checkpoint;
         s.device_write_ns = st.stats.device_write_ns;
         s.io = st.io;
         s.durable_lsn = st.durable_lsn;
@@ -759,6 +769,8 @@ fn open(path: &Path, opts: &HeapOptions) -> Result<Heap> {
         superblock: recovered.superblock,
         head: recovered.head,
         used_bytes: 0,
+        heap_size_bytes: header.heap_size,
+        full_image_logged: commit::PageSet::new(header.heap_size / PAGE_SIZE as u64),
         checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),
         shared: shared.clone(),
     };

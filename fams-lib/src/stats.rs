@@ -34,6 +34,9 @@ pub struct Stats {
     pub log_bytes_written: u64,
     pub checkpoints: u64,
     pub heap_fdatasyncs: u64,
+    /// Pages logged whole because it was their first change since a checkpoint (so that replay
+    /// never depends on a heap-file page a power cut may have torn).
+    pub full_images_after_checkpoint: u64,
     /// Total time the log writer waited for durable writes.
     pub device_write_ns: u64,
     /// The log device's own counters (writes, RWF_DSYNC writes, fdatasyncs, reads).

@@ -89,8 +89,8 @@ pub fn run(dir: &Path) -> Result<(), String> {
         s.groups
     );
     println!(
-        "  logged {} payload bytes ({} with headers and padding to 4 KiB blocks) for {} changed bytes; {} checkpoints",
-        s.payload_bytes, s.record_bytes, s.bytes_changed, s.checkpoints
+        "  wrote {} log bytes ({} of them page images logged whole, first change after a checkpoint) for {} changed bytes; {} checkpoints",
+        s.log_bytes_written, s.full_images_after_checkpoint * 4096, s.bytes_changed, s.checkpoints
     );
     drop(heap);
 

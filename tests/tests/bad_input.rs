@@ -41,6 +41,16 @@ fn child_writes_records() {
     crash_exit();
 }
 
+/// Offset of the record with `lsn` in the log file (records start on 4096-byte blocks with the
+/// magic `FAMR` and their LSN at byte 8).
+fn record_offset(log: &Path, lsn: u64) -> u64 {
+    let bytes = std::fs::read(log).unwrap();
+    (8192..bytes.len())
+        .step_by(4096)
+        .find(|&at| &bytes[at..at + 4] == b"FAMR" && u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()) == lsn)
+        .unwrap_or_else(|| panic!("no record LSN {lsn} in {}", log.display())) as u64
+}
+
 fn counter(h: &Heap) -> u64 {
     u64::from_le_bytes(h.bytes()[0..8].try_into().unwrap())
 }
@@ -159,10 +169,10 @@ fn one_damaged_superblock_is_survived_two_are_reported() {
 fn a_torn_last_record_is_dropped_and_the_rest_replayed() {
     let dir = TempDir::new("torn");
     let path = heap_with_log_records(&dir, 6);
-    // Records are one block each here, at 8192 + 4096 * (lsn - 1). Tear the last one.
+    let at = record_offset(&log_of(&path), 6);
     let log = std::fs::OpenOptions::new().write(true).open(log_of(&path)).unwrap();
     // Zero part of its payload, as a write torn at a sector boundary would.
-    log.write_all_at(&[0u8; 100], 8192 + 4096 * 5 + 80).unwrap();
+    log.write_all_at(&[0u8; 100], at + 80).unwrap();
     let h = open_default(&path).unwrap();
     assert_eq!(counter(&h), 5);
     let r = h.stats().recovery;
@@ -174,9 +184,10 @@ fn a_torn_last_record_is_dropped_and_the_rest_replayed() {
 fn damage_followed_by_later_commits_is_media_corruption_and_salvage_says_what_is_lost() {
     let dir = TempDir::new("corrupt");
     let path = heap_with_log_records(&dir, 8);
+    let at = record_offset(&log_of(&path), 3);
     let log = std::fs::OpenOptions::new().write(true).open(log_of(&path)).unwrap();
     // Damage the payload of LSN 3; LSN 4..8 were written by later device writes.
-    log.write_all_at(&[0xff; 8], 8192 + 4096 * 2 + 100).unwrap();
+    log.write_all_at(&[0xff; 8], at + 100).unwrap();
     let e = open_default(&path).err().unwrap();
     assert!(matches!(e, Error::MediaCorruption { lsn: 3, .. }), "{e}");
     assert!(e.to_string().contains("salvage"), "{e}");
