@@ -176,7 +176,7 @@ impl Heap {
         let started = Instant::now();
         let mut dirty = std::mem::take(&mut self.dirty_scratch);
         dirty.clear();
-        self.tracker.collect(&mut dirty).map_err(Error::Tracker)?;
+        self.collect_dirty(&mut dirty)?;
         self.stats.collect_ns += started.elapsed().as_nanos() as u64;
         if !self.carried_pages.is_empty() {
             dirty.append(&mut self.carried_pages);
@@ -329,8 +329,9 @@ impl Heap {
     /// kept. Returns the number of pages kept resident by this rule. Writes after a release are
     /// tracked as usual.
     pub fn release_committed(&mut self) -> Result<usize> {
+        self.check_writer()?;
         let mut dirty = Vec::new();
-        self.tracker.collect(&mut dirty).map_err(Error::Tracker)?;
+        self.collect_dirty(&mut dirty)?;
         self.carried_pages.append(&mut dirty);
         self.carried_pages.sort_unstable();
         self.carried_pages.dedup();
@@ -397,6 +398,18 @@ impl Heap {
         (s.resident_bytes, s.private_bytes) = resident_bytes(self.base, self.size);
         s.recovery = self.recovery.clone();
         s
+    }
+
+    /// Ask the tracker for the dirty pages. If it fails part way, pages it already re-armed
+    /// are lost to us and the next commit could miss their writes: refuse all further commits
+    /// (reopening recovers the last committed state) rather than risk a partial commit.
+    fn collect_dirty(&mut self, dirty: &mut Vec<usize>) -> Result<()> {
+        if let Err(e) = self.tracker.collect(dirty) {
+            let reason = format!("dirty-page tracking failed ({e}); writes since the last commit cannot be captured");
+            self.shared.lock().failed.get_or_insert(reason);
+            return Err(Error::Tracker(e));
+        }
+        Ok(())
     }
 
     fn check_writer(&self) -> Result<()> {
@@ -544,6 +557,8 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         return Err(Error::InvalidArgument(format!("log path longer than {LOG_PATH_MAX} bytes")));
     }
 
+    refuse_volatile("heap", heap_path)?;
+    refuse_volatile("log", &log_actual)?;
     // Check the log target before creating anything.
     let block = if log_actual.exists() {
         io::block_device_info(&log_actual).map_err(|e| Error::io(&log_actual, "inspecting the log device", e))?
@@ -610,6 +625,17 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
     let result = (|| {
         file.write_all_at(&header.encode(), 0).map_err(|e| Error::io(heap_path, "writing the heap header", e))?;
         file.set_len(HEADER_BYTES + size).map_err(|e| Error::io(heap_path, "sizing the heap file", e))?;
+        // Reserve the blocks now, so a full disk is reported here and not later, when
+        // committed bytes are written back (the log would still hold them, but the heap would
+        // stop). Filesystems without fallocate keep the file sparse.
+        // SAFETY: fallocate on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, (HEADER_BYTES + size) as libc::off_t) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(Error::io(heap_path, "reserving disk space for the heap (fallocate)", e));
+            }
+        }
         file.sync_all().map_err(|e| Error::io(heap_path, "fsync", e))?;
         if block.is_none() {
             io::create_log_file(&log_actual, log_size).map_err(|e| Error::io(&log_actual, "creating the log file", e))?;
@@ -702,10 +728,23 @@ pub(crate) fn open_log_of(
     Ok((log_path, dev))
 }
 
+/// Refuse a heap or log on a file system that forgets everything at a power cut.
+fn refuse_volatile(what: &str, path: &Path) -> Result<()> {
+    match io::volatile_filesystem(path) {
+        Some(fs) => Err(Error::InvalidArgument(format!(
+            "{}: the {what} is on {fs}, which keeps data only in memory: nothing there survives a power cut. Put it on a disk (ext4, xfs, btrfs) or a block device",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn open(path: &Path, opts: &HeapOptions) -> Result<Heap> {
     let file = open_locked(path)?;
     let header = heap_file::read_header(&file, path)?;
+    refuse_volatile("heap", path)?;
     let (log_path, mut dev) = open_log_of(path, &header, opts)?;
+    refuse_volatile("log", &log_path)?;
     let size = usize::try_from(header.heap_size)
         .map_err(|_| Error::BadHeap { path: path.into(), reason: "heap larger than the address space".into() })?;
 

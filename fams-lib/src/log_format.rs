@@ -221,7 +221,9 @@ pub struct RecordHeader {
 pub enum HeaderProblem {
     /// No magic, bad header checksum: not a record header at all (or a torn one).
     NotARecord(&'static str),
-    /// A valid header, but of another heap or log epoch, or with impossible lengths.
+    /// A valid header of another heap or an earlier log epoch: left over, not ours to replay.
+    Stale,
+    /// A valid header with impossible contents (version, lengths).
     Foreign(String),
 }
 
@@ -270,11 +272,8 @@ impl RecordHeader {
         if version != FORMAT_VERSION {
             return Err(HeaderProblem::Foreign(format!("record version {version}")));
         }
-        if h.heap_id != heap_id {
-            return Err(HeaderProblem::Foreign("record of another heap".into()));
-        }
-        if h.epoch != epoch {
-            return Err(HeaderProblem::Foreign(format!("record of epoch {}, log is at {epoch}", h.epoch)));
+        if h.heap_id != heap_id || h.epoch != epoch {
+            return Err(HeaderProblem::Stale);
         }
         let total = h.total_len as u64;
         let body = RECORD_HEADER_BYTES as u64 + h.payload_len as u64;
@@ -405,8 +404,8 @@ mod tests {
             bad[i] ^= 0x40;
             assert!(RecordHeader::decode(&bad, id(), 3).is_err(), "flip at byte {i} accepted");
         }
-        assert!(matches!(RecordHeader::decode(&rec, HeapId([8; 16]), 3), Err(HeaderProblem::Foreign(_))));
-        assert!(matches!(RecordHeader::decode(&rec, id(), 4), Err(HeaderProblem::Foreign(_))));
+        assert!(matches!(RecordHeader::decode(&rec, HeapId([8; 16]), 3), Err(HeaderProblem::Stale)));
+        assert!(matches!(RecordHeader::decode(&rec, id(), 4), Err(HeaderProblem::Stale)));
         assert!(matches!(RecordHeader::decode(&[0u8; 4096], id(), 3), Err(HeaderProblem::NotARecord(_))));
     }
 

@@ -243,7 +243,7 @@ fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) ->
         Ok(h) if h.lsn == lsn => return Ok(found(pos, h)),
         Ok(h) if h.lsn > lsn => Some(format!("at offset {pos}: LSN {} where {lsn} was expected", h.lsn)),
         Err(HeaderProblem::Foreign(f)) => Some(format!("at offset {pos}: {f}")),
-        Ok(_) | Err(HeaderProblem::NotARecord(_)) => None,
+        Ok(_) | Err(HeaderProblem::NotARecord(_)) | Err(HeaderProblem::Stale) => None,
     };
     if pos != sb.area_start {
         if let Ok(h) = RecordHeader::decode(reader.get(sb.area_start, BLOCK)?, sb.heap_id, sb.epoch) {

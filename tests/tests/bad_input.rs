@@ -243,3 +243,21 @@ fn random_garbage_in_the_log_never_panics_and_never_applies_foreign_bytes() {
         }
     }
 }
+
+#[test]
+fn a_heap_or_log_on_tmpfs_is_refused() {
+    let Some(shm) = ["/dev/shm", "/run"].into_iter().map(std::path::Path::new).find(|p| fams::io::volatile_filesystem(p).is_some())
+    else {
+        eprintln!("SKIPPED: no tmpfs mounted at /dev/shm or /run");
+        return;
+    };
+    let heap = shm.join(format!("fams-test-{}.heap", std::process::id()));
+    let e = Heap::format(&FormatOptions::new(&heap, 1 << 20)).err().unwrap().to_string();
+    assert!(e.contains("tmpfs") && e.contains("power cut"), "{e}");
+    assert!(!heap.exists());
+    let dir = TempDir::new("tmpfs-log");
+    let mut f = FormatOptions::new(dir.join("h"), 1 << 20);
+    f.log_path = Some(shm.join(format!("fams-test-{}.log", std::process::id())));
+    let e = Heap::format(&f).err().unwrap().to_string();
+    assert!(e.contains("the log is on tmpfs"), "{e}");
+}

@@ -275,6 +275,41 @@ pub fn block_device_info(path: &Path) -> io::Result<Option<BlockDeviceInfo>> {
     device::block_device_info(path)
 }
 
+/// If `path` (or, when it does not exist yet, its directory) lives on a file system that
+/// keeps its data only in memory (tmpfs, ramfs), its name: nothing written there survives a
+/// power cut or reboot, so neither a heap nor a log may live there.
+pub fn volatile_filesystem(path: &Path) -> Option<&'static str> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    use std::os::unix::fs::FileTypeExt;
+    // A device node lives on devtmpfs, but its data lives on the device.
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+        return None;
+    }
+    let probe = if path.exists() {
+        path.to_path_buf()
+    } else {
+        match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => Path::new(".").to_path_buf(),
+        }
+    };
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs fills the zeroed struct we own; `c` is a valid NUL-terminated path.
+    let f_type = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::statfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st.f_type as i64
+    };
+    match f_type {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        _ => None,
+    }
+}
+
 /// Zero `len` bytes at `offset` durably (both multiples of [`LOG_ALIGN`]).
 pub fn zero_range_durable(dev: &mut dyn LogDevice, offset: u64, len: u64) -> io::Result<()> {
     if !log_aligned(offset) || !log_aligned(len) {
