@@ -16,8 +16,9 @@
 //!   access) write: the device acknowledges it only once it is on stable media. If the device does
 //!   not support FUA, the kernel follows the write with a cache flush; if it has no volatile write
 //!   cache, neither is needed and none is sent.
-//! * **RWF_DSYNC on ext4/xfs** is a cheap FUA write only when the write is a pure overwrite of
-//!   already *written* extents. Writing into a hole or into an unwritten (fallocated) extent
+//! * **RWF_DSYNC on ext4/xfs** is a cheap single device write only when it is a pure overwrite of
+//!   already *written* extents: a FUA write where the device supports FUA, otherwise the write
+//!   followed by a cache flush (as on this project's VM disk, `fua=0`). Writing into a hole or into an unwritten (fallocated) extent
 //!   changes file metadata, which then needs a journal commit as well. So [`create_log_file`]
 //!   preallocates the whole log, fills it with real zeros and fsyncs it once; after that every
 //!   log write is an overwrite.
