@@ -1,9 +1,6 @@
 //! `famsd`: format, inspect and recover fams heaps; demonstrate and torture-test them.
 
-mod demo;
-mod torture;
-mod workload;
-
+use famsd::{demo, torture};
 use clap::{Parser, Subcommand};
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use std::path::PathBuf;

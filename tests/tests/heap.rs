@@ -136,7 +136,7 @@ fn child_commits_then_crashes() {
     // that needed the room, so the crash always leaves records to replay over a wrapped log.
     let opts = HeapOptions { tracker: Some(tracker), checkpoint_threshold_bytes: Some(u64::MAX), ..HeapOptions::default() };
     let mut h = Heap::open(&path, &opts).unwrap();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let mut last = None;
     for i in 1..=commits {
         // Mix of small and multi-page commits, some async.

@@ -1,0 +1,6 @@
+//! The parts of `famsd` other programs and tests reuse: the verifiable workload, the SIGKILL
+//! torture run and the demo.
+
+pub mod demo;
+pub mod torture;
+pub mod workload;
