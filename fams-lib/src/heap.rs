@@ -7,6 +7,7 @@ use crate::io::{self, FlushMode, IoPath, LogKind, LogOpenOptions};
 use crate::log_format::{Superblock, LOG_SIZE_MIN};
 use crate::recovery::{self, RecoveryReport};
 use crate::stats::Stats;
+use crate::storage::{HeapStore, RealStorage, Storage};
 use crate::tracker::{self, DirtyTracker, TrackerKind};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -85,7 +86,10 @@ pub struct Heap {
     header: HeapHeader,
     base: *mut u8,
     size: usize,
-    file: Arc<File>,
+    /// Holds the lock and backs the mapping.
+    _file: Arc<File>,
+    /// The heap file as the commit path reads it (the storage seam; the real file in production).
+    store: Arc<dyn HeapStore>,
     /// Dropped by hand in `Drop`, before the mapping it watches goes away.
     tracker: std::mem::ManuallyDrop<Box<dyn DirtyTracker>>,
     shared: Arc<Shared>,
@@ -120,7 +124,13 @@ impl Heap {
 
     /// Open, lock, recover and map the heap at `path`.
     pub fn open(path: impl AsRef<Path>, opts: &HeapOptions) -> Result<Heap> {
-        open(path.as_ref(), opts)
+        open(path.as_ref(), opts, &mut RealStorage)
+    }
+
+    /// [`Heap::open`] with the log and heap-file I/O going through `storage` — the seam crash
+    /// tests use to put a simulated device with a volatile cache under an unchanged heap.
+    pub fn open_on(path: impl AsRef<Path>, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<Heap> {
+        open(path.as_ref(), opts, storage)
     }
 
     pub fn path(&self) -> &Path {
@@ -203,7 +213,7 @@ impl Heap {
                 }
                 continue;
             }
-            if let Err(e) = self.file.read_exact_at(&mut self.page_scratch, HEADER_BYTES + offset) {
+            if let Err(e) = self.store.read_exact_at(&mut self.page_scratch, HEADER_BYTES + offset) {
                 self.carried_pages = dirty.clone();
                 self.dirty_scratch = dirty;
                 return Err(Error::io(&self.path, "reading the committed image of a dirty page", e));
@@ -702,6 +712,7 @@ pub(crate) fn open_log_of(
     path: &Path,
     header: &HeapHeader,
     opts: &HeapOptions,
+    storage: &mut dyn Storage,
 ) -> Result<(PathBuf, Box<dyn io::LogDevice>)> {
     let log_path = opts.log_path.clone().unwrap_or_else(|| header.resolve_log_path(path));
     if !log_path.exists() {
@@ -713,7 +724,8 @@ pub(crate) fn open_log_of(
             ),
         });
     }
-    let dev = io::open_log(&log_path, &LogOpenOptions { io_path: opts.io_path, flush_mode: opts.flush_mode })
+    let dev = storage
+        .log(&log_path, &LogOpenOptions { io_path: opts.io_path, flush_mode: opts.flush_mode })
         .map_err(|e| Error::io(&log_path, "opening the log", e))?;
     if dev.size_bytes() < header.log_size {
         return Err(Error::BadLogDevice {
@@ -739,11 +751,11 @@ fn refuse_volatile(what: &str, path: &Path) -> Result<()> {
     }
 }
 
-fn open(path: &Path, opts: &HeapOptions) -> Result<Heap> {
+fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<Heap> {
     let file = open_locked(path)?;
     let header = heap_file::read_header(&file, path)?;
     refuse_volatile("heap", path)?;
-    let (log_path, mut dev) = open_log_of(path, &header, opts)?;
+    let (log_path, mut dev) = open_log_of(path, &header, opts, storage)?;
     refuse_volatile("log", &log_path)?;
     let size = usize::try_from(header.heap_size)
         .map_err(|_| Error::BadHeap { path: path.into(), reason: "heap larger than the address space".into() })?;
@@ -752,7 +764,16 @@ fn open(path: &Path, opts: &HeapOptions) -> Result<Heap> {
     if !range_is_free(header.base_addr, header.heap_size) {
         return Err(Error::AddressTaken { path: path.into(), base: header.base_addr as usize, size });
     }
-    let recovered = recovery::recover(dev.as_mut(), &log_path, &file, path, &header, recovery::Mode::Replay { salvage: opts.salvage })?;
+    let file = Arc::new(file);
+    let store = storage.heap(file.clone());
+    let recovered = recovery::recover(
+        dev.as_mut(),
+        &log_path,
+        store.as_ref(),
+        path,
+        &header,
+        recovery::Mode::Replay { salvage: opts.salvage },
+    )?;
 
     // SAFETY: MAP_FIXED_NOREPLACE cannot clobber an existing mapping; the file is at least
     // HEADER_BYTES + size long (checked by read_header), so every page is backed.
@@ -797,13 +818,12 @@ fn open(path: &Path, opts: &HeapOptions) -> Result<Heap> {
     let capacity_bytes = recovered.superblock.capacity_bytes();
     let last_lsn = report.next_lsn - 1;
     let shared = Arc::new(Shared::new(last_lsn));
-    let file = Arc::new(file);
     let (log_kind, io_path, flush_mode) = (dev.kind(), dev.io_path(), dev.flush_mode());
     let io_fallback = dev.fallback_reason().map(str::to_string);
     let writer = LogWriter {
         dev,
         log_path: log_path.clone(),
-        heap_file: file.clone(),
+        heap_file: store.clone(),
         heap_path: path.into(),
         superblock: recovered.superblock,
         head: recovered.head,
@@ -825,7 +845,8 @@ fn open(path: &Path, opts: &HeapOptions) -> Result<Heap> {
         header,
         base,
         size,
-        file,
+        _file: file,
+        store,
         tracker: std::mem::ManuallyDrop::new(tracker),
         shared,
         writer: Some(writer),

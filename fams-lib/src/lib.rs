@@ -29,7 +29,9 @@ pub mod inspect;
 pub mod io;
 pub mod log_format;
 pub mod recovery;
+pub mod sim;
 pub mod stats;
+pub mod storage;
 pub mod tracker;
 
 pub use commit::Ticket;

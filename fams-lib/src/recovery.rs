@@ -21,8 +21,7 @@ use crate::error::{Error, Result};
 use crate::heap_file::{HeapHeader, HEADER_BYTES};
 use crate::io::{AlignedBuf, LogDevice};
 use crate::log_format::{self, HeaderProblem, RecordHeader, Superblock, BLOCK, RECORD_HEADER_BYTES};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::storage::HeapStore;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -125,7 +124,7 @@ pub(crate) enum Mode {
 pub(crate) fn recover(
     dev: &mut dyn LogDevice,
     log_path: &Path,
-    heap_file: &File,
+    heap_file: &dyn HeapStore,
     heap_path: &Path,
     header: &HeapHeader,
     mode: Mode,

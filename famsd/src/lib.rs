@@ -2,5 +2,6 @@
 //! torture run and the demo.
 
 pub mod demo;
+pub mod power_loss;
 pub mod torture;
 pub mod workload;

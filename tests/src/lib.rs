@@ -1,5 +1,7 @@
 //! Shared helpers for the integration and crash tests.
 
+pub mod fuse_disk;
+
 use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
 use std::path::{Path, PathBuf};
 use std::process::Command;

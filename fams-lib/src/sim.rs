@@ -1,0 +1,452 @@
+//! A simulated machine for crash tests: two disks (the log and the heap file) with volatile write
+//! caches, and a power switch.
+//!
+//! The model is the one the most trusted storage systems test against (SQLite's crash-test layer,
+//! FoundationDB's non-durable files): a write goes into the disk's volatile cache; a flush makes
+//! every cached write durable; a durable write (`RWF_DSYNC`/FUA) is a write plus a flush. When the
+//! power is cut, each write still in the cache is independently **kept**, **dropped**, or **torn**:
+//! each 512-byte sector it touches ends up old, new, or garbage. Everything is decided by a
+//! seeded generator, so a seed replays the same outcomes for the same sequence of operations.
+//!
+//! The power is cut *during* the Nth mutating operation (write, durable write, flush) counted
+//! across both disks: that operation's writes are in the cache when the lights go out, and it and
+//! everything after it fail with an error, as I/O to a dead disk would. Reads never count.
+//!
+//! Plugging in: [`SimStorage`] implements [`crate::storage::Storage`], so
+//! [`crate::Heap::open_on`] runs the unchanged heap over it. The heap's mapping still needs a real
+//! file: the simulated heap store passes reads and writes through to the real heap file (so the
+//! mapping sees committed bytes as usual) and keeps, beside it, what would be on the platter.
+//! After a cut, [`SimMachine::reboot`] writes the surviving image back into the real file, the
+//! equivalent of the machine coming back up.
+
+use crate::io::{IoPath, IoStats, LogDevice, LogKind, LogOpenOptions, FlushMode};
+use crate::storage::{HeapStore, Storage};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub const SECTOR_BYTES: usize = 512;
+
+/// splitmix64: small, seedable, good enough to choose outcomes.
+#[derive(Clone, Debug)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed ^ 0x5eed_5eed_5eed_5eed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// One disk: what is on stable media, and the writes still in its volatile cache, in order.
+#[derive(Clone, Debug)]
+pub struct SimDisk {
+    pub durable: Vec<u8>,
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+impl SimDisk {
+    pub fn new(image: Vec<u8>) -> SimDisk {
+        SimDisk { durable: image, pending: Vec::new() }
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> std::io::Result<()> {
+        if offset.checked_add(len as u64).is_none_or(|end| end > self.durable.len() as u64) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("simulated disk: {len} bytes at {offset} run past its end ({})", self.durable.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a read sees: stable media overlaid with the cache.
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        let at = offset as usize;
+        buf.copy_from_slice(&self.durable[at..at + buf.len()]);
+        for (o, data) in &self.pending {
+            let (s, e) = (*o as usize, *o as usize + data.len());
+            let (lo, hi) = (s.max(at), e.min(at + buf.len()));
+            if lo < hi {
+                buf[lo - at..hi - at].copy_from_slice(&data[lo - s..hi - s]);
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.pending.push((offset, data.to_vec()));
+    }
+
+    fn flush(&mut self) {
+        for (o, data) in std::mem::take(&mut self.pending) {
+            self.durable[o as usize..o as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+
+    /// Power cut: each cached write is kept, dropped or torn per sector.
+    fn cut(&mut self, rng: &mut SimRng, outcome: &mut CutOutcome) {
+        for (o, data) in std::mem::take(&mut self.pending) {
+            let (start, end) = (o as usize, o as usize + data.len());
+            match rng.below(3) {
+                0 => {
+                    self.durable[start..end].copy_from_slice(&data);
+                    outcome.writes_kept += 1;
+                }
+                1 => outcome.writes_dropped += 1,
+                _ => {
+                    outcome.writes_torn += 1;
+                    let first = start / SECTOR_BYTES;
+                    let last = (end - 1) / SECTOR_BYTES;
+                    for sector in first..=last {
+                        let (s0, s1) = (sector * SECTOR_BYTES, (sector + 1) * SECTOR_BYTES);
+                        match rng.below(3) {
+                            0 => {} // old
+                            1 => {
+                                let (lo, hi) = (s0.max(start), s1.min(end));
+                                self.durable[lo..hi].copy_from_slice(&data[lo - start..hi - start]);
+                            }
+                            _ => {
+                                // The device was writing this sector when the power went: its
+                                // whole content is undefined.
+                                let hi = s1.min(self.durable.len());
+                                for b in &mut self.durable[s0..hi] {
+                                    *b = rng.next_u64() as u8;
+                                }
+                                outcome.garbage_sectors += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a power cut did to the cached writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CutOutcome {
+    pub writes_kept: u64,
+    pub writes_dropped: u64,
+    pub writes_torn: u64,
+    pub garbage_sectors: u64,
+}
+
+#[derive(Debug)]
+struct Machine {
+    log: SimDisk,
+    heap: SimDisk,
+    rng: SimRng,
+    /// Mutating operations so far in this power cycle.
+    ops: u64,
+    cut_at: Option<u64>,
+    powered: bool,
+    last_cut: Option<CutOutcome>,
+    log_stats: IoStats,
+}
+
+/// The simulated machine: both disks and the power switch, shared by the devices handed out.
+#[derive(Clone, Debug)]
+pub struct SimMachine {
+    inner: Arc<Mutex<Machine>>,
+}
+
+fn powered_off() -> std::io::Error {
+    std::io::Error::other("simulated power cut: the disk is gone")
+}
+
+impl SimMachine {
+    /// A machine whose disks hold these images (e.g. a freshly formatted heap file and log).
+    pub fn new(log_image: Vec<u8>, heap_image: Vec<u8>, seed: u64) -> SimMachine {
+        SimMachine {
+            inner: Arc::new(Mutex::new(Machine {
+                log: SimDisk::new(log_image),
+                heap: SimDisk::new(heap_image),
+                rng: SimRng::new(seed),
+                ops: 0,
+                cut_at: None,
+                powered: true,
+                last_cut: None,
+                log_stats: IoStats::default(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Machine> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cut the power during the `n`th mutating operation from now (1 = the next one); None
+    /// leaves the power on.
+    pub fn cut_power_at(&self, n: Option<u64>) {
+        let mut m = self.lock();
+        m.cut_at = n.map(|n| m.ops + n.max(1));
+    }
+
+    /// Cut the power now (between operations).
+    pub fn cut_power_now(&self) {
+        let mut m = self.lock();
+        if m.powered {
+            m.cut();
+        }
+    }
+
+    /// Mutating operations so far in this power cycle.
+    pub fn ops(&self) -> u64 {
+        self.lock().ops
+    }
+
+    pub fn powered(&self) -> bool {
+        self.lock().powered
+    }
+
+    /// What the last power cut did, once (later calls return None until the next cut).
+    pub fn take_last_cut(&self) -> Option<CutOutcome> {
+        self.lock().last_cut.take()
+    }
+
+    /// Power back on: the caches are empty, the disks hold what survived. Writes the heap image
+    /// into `heap_file` (the real file the heap maps), as a reboot would present it.
+    pub fn reboot(&self, heap_file: &Path) -> std::io::Result<()> {
+        let mut m = self.lock();
+        if m.powered {
+            m.cut();
+        }
+        m.log.pending.clear();
+        m.heap.pending.clear();
+        m.powered = true;
+        m.ops = 0;
+        m.cut_at = None;
+        let f = std::fs::OpenOptions::new().write(true).open(heap_file)?;
+        f.write_all_at(&m.heap.durable, 0)?;
+        Ok(())
+    }
+
+    /// Replace both disks' contents (a snapshot taken with [`SimMachine::images`]) and power on,
+    /// writing the heap image into `heap_file` as [`SimMachine::reboot`] does.
+    pub fn restore(&self, log_image: Vec<u8>, heap_image: Vec<u8>, heap_file: &Path) -> std::io::Result<()> {
+        {
+            let mut m = self.lock();
+            m.log = SimDisk::new(log_image);
+            m.heap = SimDisk::new(heap_image);
+            m.powered = false;
+        }
+        self.reboot(heap_file)
+    }
+
+    /// The disks' current images (stable media only), for snapshots.
+    pub fn images(&self) -> (Vec<u8>, Vec<u8>) {
+        let m = self.lock();
+        (m.log.durable.clone(), m.heap.durable.clone())
+    }
+}
+
+impl Machine {
+    fn cut(&mut self) {
+        let mut outcome = CutOutcome::default();
+        let Machine { log, heap, rng, .. } = self;
+        log.cut(rng, &mut outcome);
+        heap.cut(rng, &mut outcome);
+        self.powered = false;
+        self.cut_at = None;
+        self.last_cut = Some(outcome);
+    }
+
+    /// Count a mutating operation; cut the power if this is the one. `apply` puts the
+    /// operation's writes into the cache first, so a cut during it covers them.
+    fn mutate(&mut self, apply: impl FnOnce(&mut Machine)) -> std::io::Result<()> {
+        if !self.powered {
+            return Err(powered_off());
+        }
+        self.ops += 1;
+        let cut_now = self.cut_at == Some(self.ops);
+        apply(self);
+        if cut_now {
+            self.cut();
+            return Err(powered_off());
+        }
+        Ok(())
+    }
+}
+
+/// The log on the simulated machine.
+pub struct SimLog {
+    machine: SimMachine,
+    path: PathBuf,
+    size_bytes: u64,
+}
+
+impl LogDevice for SimLog {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn kind(&self) -> LogKind {
+        LogKind::File
+    }
+    fn io_path(&self) -> IoPath {
+        IoPath::Sync
+    }
+    fn flush_mode(&self) -> FlushMode {
+        FlushMode::Dsync
+    }
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+    fn fallback_reason(&self) -> Option<&str> {
+        Some("simulated device")
+    }
+
+    fn write_durable(&mut self, segments: &[(u64, &[u8])]) -> std::io::Result<()> {
+        let mut m = self.machine.lock();
+        for (o, data) in segments {
+            m.log.check_range(*o, data.len())?;
+        }
+        // The writes go into the cache, then the flush (FUA) makes them durable; a cut during
+        // this operation catches them in the cache.
+        m.mutate(|m| {
+            for (o, data) in segments {
+                m.log.write(*o, data);
+                m.log_stats.writes += 1;
+                m.log_stats.bytes_written += data.len() as u64;
+                m.log_stats.dsync_writes += 1;
+            }
+        })?;
+        m.log.flush();
+        Ok(())
+    }
+
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut m = self.machine.lock();
+        if !m.powered {
+            return Err(powered_off());
+        }
+        m.log.check_range(offset, buf.len())?;
+        m.log.read(offset, buf);
+        m.log_stats.reads += 1;
+        m.log_stats.bytes_read += buf.len() as u64;
+        Ok(())
+    }
+
+    fn stats(&self) -> IoStats {
+        self.machine.lock().log_stats
+    }
+}
+
+/// The heap file on the simulated machine: reads and writes pass through to the real file the
+/// heap maps; the simulated disk remembers what would survive a cut.
+pub struct SimHeapFile {
+    machine: SimMachine,
+    file: Arc<File>,
+}
+
+impl HeapStore for SimHeapFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let m = self.machine.lock();
+        if !m.powered {
+            return Err(powered_off());
+        }
+        m.heap.check_range(offset, buf.len())?;
+        drop(m);
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut m = self.machine.lock();
+        m.heap.check_range(offset, data.len())?;
+        m.mutate(|m| m.heap.write(offset, data))?;
+        self.file.write_all_at(data, offset)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        let mut m = self.machine.lock();
+        m.mutate(|_| {})?;
+        m.heap.flush();
+        Ok(())
+    }
+}
+
+/// [`Storage`] on the simulated machine.
+pub struct SimStorage {
+    pub machine: SimMachine,
+}
+
+impl Storage for SimStorage {
+    fn log(&mut self, path: &Path, _opts: &LogOpenOptions) -> std::io::Result<Box<dyn LogDevice>> {
+        let size_bytes = self.machine.lock().log.durable.len() as u64;
+        Ok(Box::new(SimLog { machine: self.machine.clone(), path: path.into(), size_bytes }))
+    }
+    fn heap(&mut self, file: Arc<File>) -> Arc<dyn HeapStore> {
+        Arc::new(SimHeapFile { machine: self.machine.clone(), file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flushed_writes_survive_and_unflushed_ones_follow_the_model() {
+        let mut outcomes = CutOutcome::default();
+        for seed in 0..200 {
+            let mut d = SimDisk::new(vec![0u8; 4096]);
+            d.write(0, &[1u8; 1024]);
+            d.flush();
+            d.write(1024, &[2u8; 2048]);
+            let mut rng = SimRng::new(seed);
+            let mut o = CutOutcome::default();
+            d.cut(&mut rng, &mut o);
+            assert_eq!(&d.durable[..1024], &[1u8; 1024][..], "flushed data lost (seed {seed})");
+            assert!(d.durable[3072..].iter().all(|&b| b == 0), "bytes outside any write changed");
+            // Every sector of the unflushed write is old, new or garbage; kept/dropped are whole.
+            if o.writes_kept == 1 {
+                assert!(d.durable[1024..3072].iter().all(|&b| b == 2));
+            }
+            if o.writes_dropped == 1 {
+                assert!(d.durable[1024..3072].iter().all(|&b| b == 0));
+            }
+            outcomes.writes_kept += o.writes_kept;
+            outcomes.writes_dropped += o.writes_dropped;
+            outcomes.writes_torn += o.writes_torn;
+            outcomes.garbage_sectors += o.garbage_sectors;
+        }
+        assert!(outcomes.writes_kept > 20 && outcomes.writes_dropped > 20 && outcomes.writes_torn > 20);
+        assert!(outcomes.garbage_sectors > 20);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_outcome() {
+        let run = |seed| {
+            let mut d = SimDisk::new(vec![0u8; 8192]);
+            for i in 0..8u64 {
+                d.write(i * 1000, &[i as u8 + 1; 700]);
+            }
+            d.cut(&mut SimRng::new(seed), &mut CutOutcome::default());
+            d.durable
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn a_cut_during_a_durable_write_fails_it_and_everything_after() {
+        let m = SimMachine::new(vec![0u8; 8192], vec![0u8; 8192], 1);
+        let mut log = SimLog { machine: m.clone(), path: "sim".into(), size_bytes: 8192 };
+        log.write_durable(&[(0, &[7u8; 4096])]).unwrap();
+        m.cut_power_at(Some(1));
+        assert!(log.write_durable(&[(4096, &[8u8; 4096])]).is_err());
+        assert!(!m.powered());
+        let mut buf = [0u8; 16];
+        assert!(log.read_exact_at(0, &mut buf).is_err(), "a dead disk cannot be read");
+        let (log_image, _) = m.images();
+        assert!(log_image[..4096].iter().all(|&b| b == 7), "a durable write survives a later cut");
+    }
+}

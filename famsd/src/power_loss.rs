@@ -1,0 +1,328 @@
+//! `famsd torture --power-loss`: the crash explorer. The unchanged heap runs on a simulated
+//! machine ([`fams::sim`]) whose disks have volatile write caches; the power is cut during a
+//! chosen I/O operation, unflushed writes are kept, dropped or torn per 512-byte sector, the
+//! machine reboots and the heap recovers — sometimes with the power cut again *during* recovery.
+//! After each crash the heap must hold exactly the state after some commit `c`, at or after the
+//! last acknowledged one, and must keep working.
+//!
+//! Two phases:
+//! 1. **Exhaustive**: a short synchronous workload from a fixed state, cut at every mutating I/O
+//!    operation in turn, each with several cache outcomes.
+//! 2. **Random**: a long chain of states; each runs a random mix of synchronous commits, grouped
+//!    async bursts and page releases until the power is cut at a random operation.
+//!
+//! Everything is derived from the seed. The order of operations is exact for synchronous commits;
+//! grouped async commits depend on thread timing, so `--sync-only` makes a replay bit-exact.
+
+use crate::workload::{commit_number, mutate, Model};
+use fams::sim::{SimMachine, SimRng, SimStorage};
+use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
+use std::path::{Path, PathBuf};
+
+pub struct PowerLossConfig {
+    pub states: u64,
+    pub seed: u64,
+    pub dir: PathBuf,
+    pub tracker: Option<TrackerKind>,
+    pub heap_size_bytes: u64,
+    pub log_size_bytes: u64,
+    /// Only synchronous commits: the I/O sequence, and so a replay, is exact.
+    pub sync_only: bool,
+    pub progress: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct PowerLossReport {
+    pub states: u64,
+    pub violations: u64,
+    pub violation_details: Vec<String>,
+    pub seed: u64,
+    pub exhaustive_states: u64,
+    pub cuts_during_recovery: u64,
+    pub commits_acknowledged: u64,
+    pub recovered_unacknowledged: u64,
+    pub writes_kept: u64,
+    pub writes_dropped: u64,
+    pub writes_torn: u64,
+    pub garbage_sectors: u64,
+    pub records_replayed: u64,
+    pub checkpoints: u64,
+    pub final_commit: u64,
+}
+
+impl PowerLossReport {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "states": self.states,
+            "violations": self.violations,
+            "violation_details": self.violation_details,
+            "seed": self.seed,
+            "exhaustive_states": self.exhaustive_states,
+            "cuts_during_recovery": self.cuts_during_recovery,
+            "commits_acknowledged": self.commits_acknowledged,
+            "recovered_unacknowledged": self.recovered_unacknowledged,
+            "unflushed_writes_kept": self.writes_kept,
+            "unflushed_writes_dropped": self.writes_dropped,
+            "unflushed_writes_torn": self.writes_torn,
+            "garbage_sectors": self.garbage_sectors,
+            "records_replayed": self.records_replayed,
+            "checkpoints": self.checkpoints,
+            "final_commit": self.final_commit,
+        })
+    }
+}
+
+struct Explorer<'a> {
+    cfg: &'a PowerLossConfig,
+    heap_path: PathBuf,
+    machine: SimMachine,
+    model: Model,
+    /// Highest commit acknowledged durable so far.
+    acked: u64,
+    report: PowerLossReport,
+}
+
+impl<'a> Explorer<'a> {
+    fn options(&self) -> HeapOptions {
+        // Checkpoint often, so crashes land around checkpoints and wrap-arounds.
+        HeapOptions {
+            tracker: self.cfg.tracker,
+            checkpoint_threshold_bytes: Some(self.cfg.log_size_bytes / 5),
+            ..HeapOptions::default()
+        }
+    }
+
+    fn open(&self) -> fams::Result<Heap> {
+        let mut storage = SimStorage { machine: self.machine.clone() };
+        Heap::open_on(&self.heap_path, &self.options(), &mut storage)
+    }
+
+    fn violation(&mut self, state: u64, what: String) {
+        self.report.violations += 1;
+        if self.report.violation_details.len() < 10 {
+            self.report.violation_details.push(format!("seed {} state {state}: {what}", self.cfg.seed));
+        }
+    }
+
+    fn note_cut(&mut self) {
+        if let Some(o) = self.machine.take_last_cut() {
+            self.report.writes_kept += o.writes_kept;
+            self.report.writes_dropped += o.writes_dropped;
+            self.report.writes_torn += o.writes_torn;
+            self.report.garbage_sectors += o.garbage_sectors;
+        }
+    }
+
+    /// Reboot, recover (maybe cutting the power during recovery first), and check the state.
+    /// Returns the recovered heap, or None if it could not be opened (a violation).
+    fn recover_and_verify(&mut self, state: u64, issued: u64, cut_recovery_at: Option<u64>) -> Option<Heap> {
+        self.note_cut();
+        self.machine.reboot(&self.heap_path).expect("rewriting the real heap file");
+        if let Some(n) = cut_recovery_at {
+            self.machine.cut_power_at(Some(n));
+            match self.open() {
+                Ok(h) => {
+                    // Recovery needed fewer operations than that: the cut would land in the next
+                    // workload instead; cancel it and use this open.
+                    self.machine.cut_power_at(None);
+                    return self.verify(state, issued, h);
+                }
+                Err(_) if !self.machine.powered() => {
+                    self.report.cuts_during_recovery += 1;
+                    self.note_cut();
+                    self.machine.reboot(&self.heap_path).expect("rewriting the real heap file");
+                }
+                Err(e) => {
+                    self.violation(state, format!("recovery failed without a power cut: {e}"));
+                    return None;
+                }
+            }
+        }
+        match self.open() {
+            Ok(h) => self.verify(state, issued, h),
+            Err(e) => {
+                self.violation(state, format!("recovery after a power cut failed: {e}"));
+                None
+            }
+        }
+    }
+
+    fn verify(&mut self, state: u64, issued: u64, heap: Heap) -> Option<Heap> {
+        let s = heap.stats();
+        self.report.records_replayed += s.recovery.records_replayed;
+        let c = commit_number(heap.bytes());
+        if c < self.acked {
+            self.violation(state, format!("heap is at commit {c} but commit {} was acknowledged", self.acked));
+        } else if c < self.model.at {
+            self.violation(state, format!("heap went back from commit {} to {c}", self.model.at));
+        } else if c > issued {
+            self.violation(state, format!("heap is at commit {c} but only {issued} were issued"));
+        } else {
+            if c > self.acked {
+                self.report.recovered_unacknowledged += 1;
+            }
+            self.model.advance_to(c);
+            if let Some(at) = self.model.first_difference(heap.bytes()) {
+                self.violation(state, format!("heap says commit {c} but differs from it at byte {at} (page {})", at / 4096));
+            } else {
+                self.report.final_commit = c;
+                self.report.states += 1;
+                return Some(heap);
+            }
+        }
+        // Go on from what is there, so later states are still checked.
+        self.model.image.copy_from_slice(heap.bytes());
+        self.model.at = c;
+        self.acked = c;
+        self.report.states += 1;
+        Some(heap)
+    }
+
+    /// Commit the workload until the power goes (or `max_commits`). Returns the highest commit
+    /// issued; updates `acked`.
+    fn run_workload(&mut self, heap: &mut Heap, rng: &mut SimRng, max_commits: u64, sync_only: bool) -> u64 {
+        let mut k = commit_number(heap.bytes());
+        let mut done = 0;
+        while done < max_commits && self.machine.powered() {
+            if sync_only || rng.below(2) == 0 {
+                k += 1;
+                done += 1;
+                mutate(heap.bytes_mut(), self.cfg.seed, k);
+                match heap.commit() {
+                    Ok(_) => self.ack(k),
+                    Err(_) => break,
+                }
+            } else {
+                let mut tickets = Vec::new();
+                for _ in 0..1 + rng.below(6) {
+                    k += 1;
+                    done += 1;
+                    mutate(heap.bytes_mut(), self.cfg.seed, k);
+                    match heap.commit_async() {
+                        Ok(t) => tickets.push((k, t)),
+                        Err(_) => break,
+                    }
+                }
+                if let Some(&(_, last)) = tickets.last() {
+                    let _ = heap.wait(last);
+                }
+                for (kk, t) in tickets {
+                    if heap.is_durable(t).unwrap_or(false) {
+                        self.ack(kk);
+                    }
+                }
+            }
+            if !sync_only && rng.below(8) == 0 && heap.release_committed().is_err() {
+                break;
+            }
+        }
+        let s = heap.stats();
+        self.report.checkpoints += s.checkpoints;
+        k
+    }
+
+    fn ack(&mut self, k: u64) {
+        if k > self.acked {
+            self.report.commits_acknowledged += k - self.acked;
+            self.acked = k;
+        }
+    }
+}
+
+pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
+    std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
+    let heap_path = cfg.dir.join("power-loss.heap");
+    let log_path = cfg.dir.join("power-loss.heap.log");
+    let _ = std::fs::remove_file(&heap_path);
+    let _ = std::fs::remove_file(&log_path);
+    let mut f = FormatOptions::new(&heap_path, cfg.heap_size_bytes);
+    f.log_size_bytes = Some(cfg.log_size_bytes);
+    Heap::format(&f).map_err(|e| e.to_string())?;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let machine = SimMachine::new(read(&log_path)?, read(&heap_path)?, cfg.seed);
+    let heap_bytes = cfg.heap_size_bytes.div_ceil(4096) as usize * 4096;
+    let mut x = Explorer {
+        cfg,
+        heap_path,
+        machine,
+        model: Model::new(heap_bytes, cfg.seed),
+        acked: 0,
+        report: PowerLossReport { seed: cfg.seed, ..Default::default() },
+    };
+    let mut rng = SimRng::new(cfg.seed ^ 0x0ddb_a11c_afe0_0001);
+    let mut heap = x.open().map_err(|e| format!("opening the fresh heap on the simulated machine: {e}"))?;
+
+    // Phase 1, exhaustive: from a state with some history, a short synchronous workload cut at
+    // every mutating operation, with several cache outcomes each.
+    const EXHAUSTIVE_COMMITS: u64 = 6;
+    const OUTCOMES_PER_POINT: u64 = 3;
+    x.run_workload(&mut heap, &mut rng, 12, true);
+    drop(heap);
+    let (log0, heap0) = x.machine.images();
+    // The snapshot's committed state, as recovery sees it (and checked like any other).
+    x.machine.restore(log0.clone(), heap0.clone(), &x.heap_path).map_err(|e| e.to_string())?;
+    let prefix_issued = x.acked;
+    let Some(h) = x.recover_and_verify(0, prefix_issued, None) else { return Ok(x.report) };
+    let at0 = commit_number(h.bytes());
+    drop(h);
+    let (model0, acked0) = (x.model.image.clone(), x.acked);
+    // Count the operations of the workload with the power on.
+    x.machine.restore(log0.clone(), heap0.clone(), &x.heap_path).map_err(|e| e.to_string())?;
+    let mut h = x.open().map_err(|e| e.to_string())?;
+    let ops_before = x.machine.ops();
+    let mut probe_rng = SimRng::new(1);
+    x.run_workload(&mut h, &mut probe_rng, EXHAUSTIVE_COMMITS, true);
+    let ops_total = x.machine.ops() - ops_before;
+    drop(h);
+    let points = ops_total.min(cfg.states / OUTCOMES_PER_POINT / 2);
+    'points: for point in 1..=points {
+        for _ in 0..OUTCOMES_PER_POINT {
+            if x.report.states >= cfg.states / 2 {
+                break 'points;
+            }
+            x.machine.restore(log0.clone(), heap0.clone(), &x.heap_path).map_err(|e| e.to_string())?;
+            x.model.image.copy_from_slice(&model0);
+            x.model.at = at0;
+            x.acked = acked0.max(at0);
+            let Some(mut h) = x.recover_and_verify(x.report.states, at0, None) else { continue };
+            x.machine.cut_power_at(Some(point));
+            let mut wl_rng = SimRng::new(1);
+            let issued = x.run_workload(&mut h, &mut wl_rng, EXHAUSTIVE_COMMITS, true);
+            drop(h);
+            if let Some(h) = x.recover_and_verify(x.report.states, issued, None) {
+                drop(h);
+            }
+            x.report.exhaustive_states += 1;
+        }
+    }
+
+    // Phase 2, random: one long chain from the exhaustive phase's starting state.
+    x.machine.restore(log0, heap0, &x.heap_path).map_err(|e| e.to_string())?;
+    x.model.image.copy_from_slice(&model0);
+    x.model.at = at0;
+    x.acked = acked0.max(at0);
+    let mut heap = x.open().map_err(|e| format!("reopening for the random phase: {e}"))?;
+    let mut state = x.report.states;
+    while x.report.states < cfg.states {
+        state += 1;
+        x.machine.cut_power_at(Some(1 + rng.below(60)));
+        let issued = x.run_workload(&mut heap, &mut rng, 200, cfg.sync_only);
+        drop(heap);
+        let cut_recovery = (rng.below(4) == 0).then(|| 1 + rng.below(8));
+        heap = match x.recover_and_verify(state, issued, cut_recovery) {
+            Some(h) => h,
+            None => return Ok(x.report),
+        };
+        if cfg.progress && state % 100 == 0 {
+            eprint!(
+                "\rpower-loss states {}/{}  commit {}  violations {}   ",
+                x.report.states, cfg.states, x.report.final_commit, x.report.violations
+            );
+        }
+    }
+    if cfg.progress {
+        eprintln!();
+    }
+    drop(heap);
+    Ok(x.report)
+}
