@@ -781,11 +781,8 @@ pub fn serve_main(args: Vec<String>) -> Result<(), String> {
         std::thread::spawn(move || control_loop(listener, state));
     }
     let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::FSName("fams-fuse-disk".into()),
-        MountOption::AllowOther,
-        MountOption::CUSTOM("max_read=131072".into()),
-    ];
+    // Mounted by root for root (the owner), which is who opens it: losetup and the loop driver.
+    config.mount_options = vec![MountOption::FSName("fams-fuse-disk".into())];
     config.n_threads = Some(1); // requests are handled in the order the kernel queued them
     let session = fuser::Session::new(DiskFs { state }, &mountpoint, &config)
         .map_err(|e| format!("mounting FUSE at {}: {e}", mountpoint.display()))?;
