@@ -221,8 +221,11 @@ pub struct RecordHeader {
 pub enum HeaderProblem {
     /// No magic, bad header checksum: not a record header at all (or a torn one).
     NotARecord(&'static str),
-    /// A valid header of another heap or an earlier log epoch: left over, not ours to replay.
-    Stale,
+    /// A valid header of another heap: left over on a reused device.
+    OtherHeap,
+    /// A valid header of this heap from another log epoch (the epoch is given): left over from
+    /// an earlier history when older; proof of a newer superblock when newer.
+    OtherEpoch(u64),
     /// A valid header with impossible contents (version, lengths).
     Foreign(String),
 }
@@ -272,8 +275,11 @@ impl RecordHeader {
         if version != FORMAT_VERSION {
             return Err(HeaderProblem::Foreign(format!("record version {version}")));
         }
-        if h.heap_id != heap_id || h.epoch != epoch {
-            return Err(HeaderProblem::Stale);
+        if h.heap_id != heap_id {
+            return Err(HeaderProblem::OtherHeap);
+        }
+        if h.epoch != epoch {
+            return Err(HeaderProblem::OtherEpoch(h.epoch));
         }
         let total = h.total_len as u64;
         let body = RECORD_HEADER_BYTES as u64 + h.payload_len as u64;
@@ -404,8 +410,8 @@ mod tests {
             bad[i] ^= 0x40;
             assert!(RecordHeader::decode(&bad, id(), 3).is_err(), "flip at byte {i} accepted");
         }
-        assert!(matches!(RecordHeader::decode(&rec, HeapId([8; 16]), 3), Err(HeaderProblem::Stale)));
-        assert!(matches!(RecordHeader::decode(&rec, id(), 4), Err(HeaderProblem::Stale)));
+        assert!(matches!(RecordHeader::decode(&rec, HeapId([8; 16]), 3), Err(HeaderProblem::OtherHeap)));
+        assert!(matches!(RecordHeader::decode(&rec, id(), 4), Err(HeaderProblem::OtherEpoch(3))));
         assert!(matches!(RecordHeader::decode(&[0u8; 4096], id(), 3), Err(HeaderProblem::NotARecord(_))));
     }
 

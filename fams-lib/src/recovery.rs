@@ -193,8 +193,16 @@ pub(crate) fn recover(
         }
     };
 
-    if let Some(later) = later_group_after(&mut reader, &sb, pos, lsn).map_err(log_err("scanning the log"))? {
-        let reason = end_why.clone().unwrap_or_else(|| format!("no valid record LSN {lsn} at offset {pos}"));
+    if let Some(Later { lsn: later, newer_epoch }) =
+        later_group_after(&mut reader, &sb, pos, lsn).map_err(log_err("scanning the log"))?
+    {
+        let reason = match newer_epoch {
+            Some(e) => format!(
+                "the newest superblock is damaged: the log holds records of epoch {e}, the best superblock left is of epoch {}",
+                sb.epoch
+            ),
+            None => end_why.clone().unwrap_or_else(|| format!("no valid record LSN {lsn} at offset {pos}")),
+        };
         if mode == (Mode::Replay { salvage: false }) {
             return Err(Error::MediaCorruption {
                 path: log_path.into(),
@@ -242,7 +250,7 @@ fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) ->
         Ok(h) if h.lsn == lsn => return Ok(found(pos, h)),
         Ok(h) if h.lsn > lsn => Some(format!("at offset {pos}: LSN {} where {lsn} was expected", h.lsn)),
         Err(HeaderProblem::Foreign(f)) => Some(format!("at offset {pos}: {f}")),
-        Ok(_) | Err(HeaderProblem::NotARecord(_)) | Err(HeaderProblem::Stale) => None,
+        Ok(_) | Err(HeaderProblem::NotARecord(_)) | Err(HeaderProblem::OtherHeap) | Err(HeaderProblem::OtherEpoch(_)) => None,
     };
     if pos != sb.area_start {
         if let Ok(h) = RecordHeader::decode(reader.get(sb.area_start, BLOCK)?, sb.heap_id, sb.epoch) {
@@ -256,17 +264,30 @@ fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) ->
 
 /// Look through the part of the log that was not replayed for an intact record of this epoch
 /// that was written in a device write *after* the one holding `lsn`. Returns its LSN.
-fn later_group_after(reader: &mut LogReader<'_>, sb: &Superblock, end: u64, lsn: u64) -> std::io::Result<Option<u64>> {
+/// An intact record that proves the end of replay is not the end of what was durable.
+struct Later {
+    lsn: u64,
+    /// Set when the record belongs to a newer epoch than the superblock used.
+    newer_epoch: Option<u64>,
+}
+
+fn later_group_after(reader: &mut LogReader<'_>, sb: &Superblock, end: u64, lsn: u64) -> std::io::Result<Option<Later>> {
     // Everything from the end around to the tail was not replayed.
     let mut offset = end;
     let mut first = true;
     while first || offset != sb.tail_offset {
         first = false;
         let block = reader.get(offset, BLOCK)?;
-        if let Ok(h) = RecordHeader::decode(block, sb.heap_id, sb.epoch) {
-            if h.lsn >= lsn && h.group_first_lsn > lsn {
-                return Ok(Some(h.lsn));
+        match RecordHeader::decode(block, sb.heap_id, sb.epoch) {
+            Ok(h) if h.lsn >= lsn && h.group_first_lsn > lsn => return Ok(Some(Later { lsn: h.lsn, newer_epoch: None })),
+            // Records of an epoch are written only after that epoch's superblock is durable, so
+            // a record of a newer epoch proves a newer superblock existed: the one we read is
+            // not the newest, and replaying from it would lose commits.
+            Err(HeaderProblem::OtherEpoch(e)) if e > sb.epoch => {
+                let h = RecordHeader::decode(block, sb.heap_id, e).expect("decoded with its own epoch");
+                return Ok(Some(Later { lsn: h.lsn, newer_epoch: Some(e) }));
             }
+            _ => {}
         }
         offset += BLOCK as u64;
         if offset == sb.area_end {

@@ -1,0 +1,652 @@
+//! Real power cuts on the real kernel path.
+//!
+//! One `fams-fuse-disk` process serves two files, `log` and `fs`, each a simulated drive with a
+//! volatile write cache (see `fams_tests::fuse_disk`). A loop device sits on each (direct I/O when
+//! the kernel allows it); the fams log is the raw loop device over `log`, and the heap file lives
+//! on ext4 on the loop device over `fs`. The product runs unchanged: io_uring or plain syscalls,
+//! O_DIRECT, RWF_DSYNC (a FUA write, emulated by the block layer with a flush) or fdatasync; its
+//! checkpoints fdatasync the heap file through ext4. Every flush reaches the FUSE program as an
+//! fsync of that file; everything written since is volatile.
+//!
+//! Each cycle: a child process (this test binary again) recovers and commits the verifiable
+//! workload, printing `ack k` when commit k is durable. At a random moment — a tenth of the time
+//! while the child is still recovering — the test stops the child (SIGSTOP, so nothing more is
+//! acknowledged), **cuts the power** of both drives at once (each unflushed write kept, dropped or
+//! torn per 512-byte sector), kills the child, unmounts ext4, detaches the loop devices and ends
+//! the FUSE program. Then power comes back: a new FUSE program from the durable images, loop
+//! devices, ext4 (replaying its journal), and `Heap::open` (replaying the fams log). The heap must
+//! hold exactly the state after some commit c ≥ the last acknowledged one, and never go back.
+//!
+//! Root only (losetup, mount, FUSE); otherwise the test says why it skipped and passes.
+
+use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
+use fams_tests::fuse_disk::{umount_retrying, CutReport, DiskCounters, DiskSpec, FuseDisk};
+use fams_tests::*;
+use famsd::workload::{commit_number, mutate, Model};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const HEAP_SIZE: u64 = 4 << 20;
+/// Small, so the log wraps and checkpoints (each one an fdatasync of the heap file through ext4)
+/// happen every few cycles.
+const LOG_DISK: u64 = 4 << 20;
+const FS_DISK: u64 = 32 << 20;
+
+/// Print past the test harness's capture, so CI logs show it for passing tests too.
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?}: {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Why this machine cannot run the test, if it cannot.
+fn cannot_run() -> Option<String> {
+    if !is_root() {
+        return Some("needs root (FUSE mount, losetup, mount)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is missing (no FUSE in this kernel)".into());
+    }
+    for tool in ["losetup", "mkfs.ext4", "mount", "e2fsck"] {
+        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_or(true, |o| !o.status.success()) {
+            return Some(format!("{tool} is missing"));
+        }
+    }
+    None
+}
+
+/// Attach a loop device to `file`, with direct I/O when the kernel takes it. Returns the device and
+/// whether direct I/O is on.
+fn losetup(file: &Path) -> Result<(PathBuf, bool), String> {
+    let dev = match run(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file)) {
+        Ok(d) => d,
+        Err(_) => run(Command::new("losetup").args(["-f", "--show"]).arg(file))?,
+    };
+    let name = Path::new(&dev).file_name().unwrap_or_default().to_string_lossy().to_string();
+    let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).is_ok_and(|s| s.trim() == "1");
+    Ok((PathBuf::from(dev), dio))
+}
+
+fn losetup_detach(dev: &Path) {
+    let _ = Command::new("losetup").arg("-d").arg(dev).stderr(Stdio::null()).status();
+}
+
+/// The stack of simulated hardware: FUSE drives, loop devices, ext4. Torn down on drop.
+struct Rig {
+    dir: TempDir,
+    fuse: Option<FuseDisk>,
+    log_dev: Option<PathBuf>,
+    fs_dev: Option<PathBuf>,
+    fs_mounted: bool,
+    loop_dio: bool,
+    trace: bool,
+    power_ons: u64,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = TempDir::new("powercut");
+        Rig { dir, fuse: None, log_dev: None, fs_dev: None, fs_mounted: false, loop_dio: true, trace: false, power_ons: 0 }
+    }
+    fn fs_mnt(&self) -> PathBuf {
+        self.dir.join("fs")
+    }
+    fn heap_path(&self) -> PathBuf {
+        self.fs_mnt().join("power-cut.heap")
+    }
+    fn log_dev(&self) -> PathBuf {
+        self.log_dev.clone().expect("powered on")
+    }
+    fn fuse(&self) -> &FuseDisk {
+        self.fuse.as_ref().expect("powered on")
+    }
+
+    /// Start the drives from their durable images, attach loop devices, mount ext4 (first time:
+    /// make it). With `fsck`, check the file system after its journal replay.
+    fn power_on(&mut self, first: bool, fsck: bool) -> Result<Option<String>, String> {
+        let disks = [
+            DiskSpec { name: "log".into(), image: self.dir.join("log.img"), size: LOG_DISK },
+            DiskSpec { name: "fs".into(), image: self.dir.join("fs.img"), size: FS_DISK },
+        ];
+        let trace = self.trace.then(|| self.dir.join(&format!("trace-{}.txt", self.power_ons)));
+        self.power_ons += 1;
+        let fuse = FuseDisk::start(
+            Path::new(env!("CARGO_BIN_EXE_fams-fuse-disk")),
+            &self.dir.join("disk"),
+            &disks,
+            &self.dir.join("control.sock"),
+            trace.as_deref(),
+        )?;
+        let (log_file, fs_file) = (fuse.disk_path("log"), fuse.disk_path("fs"));
+        self.fuse = Some(fuse);
+        let (log_dev, dio1) = losetup(&log_file)?;
+        self.log_dev = Some(log_dev);
+        let (fs_dev, dio2) = losetup(&fs_file)?;
+        self.fs_dev = Some(fs_dev.clone());
+        self.loop_dio = dio1 && dio2;
+        if first {
+            run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&fs_dev))?;
+        }
+        std::fs::create_dir_all(self.fs_mnt()).map_err(|e| e.to_string())?;
+        let mut fsck_problem = None;
+        run(Command::new("mount").args(["-t", "ext4"]).arg(&fs_dev).arg(self.fs_mnt()))?;
+        self.fs_mounted = true;
+        if fsck {
+            // The journal is replayed now; a clean unmount, then a read-only full check.
+            run(Command::new("umount").arg(self.fs_mnt()))?;
+            self.fs_mounted = false;
+            if let Err(e) = run(Command::new("e2fsck").args(["-f", "-n"]).arg(&fs_dev)) {
+                fsck_problem = Some(e);
+            }
+            run(Command::new("mount").args(["-t", "ext4"]).arg(&fs_dev).arg(self.fs_mnt()))?;
+            self.fs_mounted = true;
+        }
+        Ok(fsck_problem)
+    }
+
+    /// Power loss on both drives at once.
+    fn cut(&self, seed: u64) -> Result<(CutReport, Vec<DiskCounters>), String> {
+        let (r, stats) = self.fuse().cut(seed)?;
+        let counters = stats["disks"].as_array().map(|a| a.iter().map(DiskCounters::from_json).collect()).unwrap_or_default();
+        Ok((r, counters))
+    }
+
+    /// Tear the stack down (after a cut the drives ignore whatever this writes).
+    fn power_off(&mut self) -> Result<(), String> {
+        let mut err = None;
+        if self.fs_mounted {
+            if !umount_retrying(&self.fs_mnt(), Duration::from_secs(10)) {
+                err = Some(format!("{} stayed busy; unmounted lazily", self.fs_mnt().display()));
+            }
+            self.fs_mounted = false;
+        }
+        for dev in [self.fs_dev.take(), self.log_dev.take()].into_iter().flatten() {
+            losetup_detach(&dev);
+        }
+        if let Some(mut f) = self.fuse.take() {
+            if let Err(e) = f.stop() {
+                err.get_or_insert(e);
+            }
+        }
+        err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Err(e) = self.power_off() {
+            say(&format!("power-cut rig teardown: {e}"));
+        }
+    }
+}
+
+/// The child, SIGKILLed on drop if still there.
+struct ChildProc {
+    pid: libc::pid_t,
+    reaped: bool,
+}
+
+impl ChildProc {
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        unsafe { libc::kill(self.pid, sig) };
+    }
+    /// Stop it and wait until every thread is stopped. Err(status) if it had ended instead.
+    fn stop(&mut self) -> Result<(), String> {
+        self.signal(libc::SIGSTOP);
+        let mut status = 0;
+        // SAFETY: waitpid on our own child; WUNTRACED reports the stop without reaping.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WUNTRACED) };
+        if r == self.pid && libc::WIFSTOPPED(status) {
+            return Ok(());
+        }
+        self.reaped = r == self.pid;
+        Err(format!("the child ended by itself (wait status {status:#x})"))
+    }
+    fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        self.signal(libc::SIGKILL);
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        self.reaped = true;
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Default)]
+struct ChildOutput {
+    ready: AtomicBool,
+    eof: AtomicBool,
+    last_ack: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Choice {
+    tracker: TrackerKind,
+    io_path: IoPath,
+    flush_mode: FlushMode,
+}
+
+struct Config {
+    cycles: u64,
+    seed: u64,
+    /// Longest time the child commits before the cut.
+    cut_after_ms_max: u64,
+    /// Break the protocol on purpose: acknowledge commits before they are durable.
+    ack_before_durable: bool,
+    /// Check ext4 with e2fsck after every this many power-ons.
+    fsck_every: u64,
+}
+
+#[derive(Default, Debug)]
+struct Report {
+    cycles: u64,
+    violations: u64,
+    violation_details: Vec<String>,
+    commits_acknowledged: u64,
+    final_commit: u64,
+    cuts_during_recovery: u64,
+    recovered_unacknowledged: u64,
+    records_replayed: u64,
+    cuts_with_pending_writes: u64,
+    cuts_with_pending_log_writes: u64,
+    cuts_that_dropped: u64,
+    cuts_that_tore: u64,
+    writes_pending_at_cuts: u64,
+    writes_dropped: u64,
+    writes_torn: u64,
+    writes_kept: u64,
+    cut_modes: std::collections::BTreeMap<String, u64>,
+    log_disk: DiskCounters,
+    fs_disk: DiskCounters,
+    fsck_runs: u64,
+    fsck_problems: Vec<String>,
+    choices: std::collections::BTreeMap<String, u64>,
+    loop_dio: bool,
+    seconds: f64,
+}
+
+impl Report {
+    fn summary(&self) -> String {
+        format!(
+            "power cuts: {} cycles in {:.1} s ({:.0} ms/cycle), violations {}, commits acknowledged {}, final commit {}, \
+             cut while recovering {}, recovered unacknowledged commits {} times, records replayed {}\n\
+             cuts: {} with unflushed writes ({} on the log drive), {} dropped writes, {} tore writes; \
+             writes pending {} → kept {}, dropped {}, torn {}; modes {:?}\n\
+             loop direct I/O: {}; fsck after journal replay: {} runs, {} problems\n\
+             log drive saw: {} writes, {} fsyncs, {} fdatasyncs, {} writes with O_DSYNC, {} from page cache, {} O_DIRECT opens, max {} unflushed writes\n\
+             fs drive saw: {} writes, {} fsyncs, {} fdatasyncs, {} fallocates, max {} unflushed writes\n\
+             configurations: {:?}{}",
+            self.cycles,
+            self.seconds,
+            self.seconds * 1e3 / self.cycles.max(1) as f64,
+            self.violations,
+            self.commits_acknowledged,
+            self.final_commit,
+            self.cuts_during_recovery,
+            self.recovered_unacknowledged,
+            self.records_replayed,
+            self.cuts_with_pending_writes,
+            self.cuts_with_pending_log_writes,
+            self.cuts_that_dropped,
+            self.cuts_that_tore,
+            self.writes_pending_at_cuts,
+            self.writes_kept,
+            self.writes_dropped,
+            self.writes_torn,
+            self.cut_modes,
+            self.loop_dio,
+            self.fsck_runs,
+            self.fsck_problems.len(),
+            self.log_disk.writes,
+            self.log_disk.fsyncs,
+            self.log_disk.fdatasyncs,
+            self.log_disk.writes_with_sync_flag,
+            self.log_disk.writes_from_page_cache,
+            self.log_disk.opens_direct,
+            self.log_disk.max_pending_writes,
+            self.fs_disk.writes,
+            self.fs_disk.fsyncs,
+            self.fs_disk.fdatasyncs,
+            self.fs_disk.fallocates,
+            self.fs_disk.max_pending_writes,
+            self.choices,
+            if self.violation_details.is_empty() {
+                String::new()
+            } else {
+                format!("\nviolations:\n  {}", self.violation_details.join("\n  "))
+            },
+        )
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
+    let started = Instant::now();
+    let mut rig = Rig::new();
+    rig.trace = std::env::var_os("FAMS_POWER_CUT_TRACE").is_some();
+    rig.power_on(true, false)?;
+    let heap_path = rig.heap_path();
+    let mut f = FormatOptions::new(&heap_path, HEAP_SIZE);
+    f.log_path = Some(rig.log_dev());
+    Heap::format(&f).map_err(|e| format!("format: {e}"))?;
+
+    let trackers = trackers();
+    let mut report = Report { loop_dio: rig.loop_dio, ..Report::default() };
+    let mut model = Model::new(HEAP_SIZE as usize, cfg.seed);
+    let mut last_acked = 0u64;
+    let mut rng = Rng::new(cfg.seed ^ 0x0070_7765_7263_7574);
+    for cycle in 0..cfg.cycles {
+        // Mostly the production default (io_uring + RWF_DSYNC), sometimes the other paths.
+        let choice = Choice {
+            tracker: trackers[rng.below(trackers.len() as u64) as usize],
+            io_path: if rng.below(4) == 0 { IoPath::Sync } else { IoPath::Uring },
+            flush_mode: if rng.below(4) == 0 { FlushMode::Fdatasync } else { FlushMode::Dsync },
+        };
+        *report
+            .choices
+            .entry(format!("{}+{}+{}", choice.tracker.name(), choice.io_path.name(), choice.flush_mode.name()))
+            .or_default() += 1;
+        let err_path = rig.dir.join("child.err");
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["--exact", "power_cut_child", "--nocapture", "--test-threads=1"])
+            .env("FAMS_CHILD", "1")
+            .env("FAMS_PC_HEAP", &heap_path)
+            .env("FAMS_PC_LOG", rig.log_dev())
+            .env("FAMS_PC_SEED", cfg.seed.to_string())
+            .env("FAMS_PC_RUN_SEED", rng.next_u64().to_string())
+            .env("FAMS_PC_TRACKER", choice.tracker.name())
+            .env("FAMS_PC_IO_PATH", choice.io_path.name())
+            .env("FAMS_PC_FLUSH_MODE", choice.flush_mode.name())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err_path).map_err(|e| e.to_string())?);
+        if cfg.ack_before_durable {
+            cmd.env("FAMS_PC_ACK_BEFORE_DURABLE", "1");
+        }
+        let mut spawned = cmd.spawn().map_err(|e| format!("spawning the child: {e}"))?;
+        let mut child = ChildProc { pid: spawned.id() as libc::pid_t, reaped: false };
+        let out = Arc::new(ChildOutput::default());
+        let reader = {
+            let out = out.clone();
+            let stdout = spawned.stdout.take().expect("piped");
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line.starts_with("ready ") {
+                        out.ready.store(true, Ordering::SeqCst);
+                    } else if let Some(k) = line.strip_prefix("ack ").and_then(|k| k.trim().parse::<u64>().ok()) {
+                        out.last_ack.fetch_max(k, Ordering::SeqCst);
+                    }
+                }
+                out.eof.store(true, Ordering::SeqCst);
+            })
+        };
+        drop(spawned); // the pid is ours to wait for (ChildProc); std's handle neither waits nor kills
+
+        // The cut: a tenth of the time at a random moment of start-up and recovery, otherwise
+        // while the child commits.
+        if rng.below(10) == 0 {
+            std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !out.ready.load(Ordering::SeqCst) && !out.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            if !out.ready.load(Ordering::SeqCst) {
+                child.kill();
+                let _ = reader.join();
+                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                return Err(format!("cycle {cycle}: the child did not start ({choice:?}): {}", err.trim()));
+            }
+            std::thread::sleep(Duration::from_micros(rng.below(cfg.cut_after_ms_max * 1000 + 1)));
+        }
+        // Freeze the child so it can acknowledge nothing more, then cut the power. Its I/O in
+        // flight goes on in the kernel and lands on a dead drive.
+        if let Err(e) = child.stop() {
+            let _ = reader.join();
+            let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+            return Err(format!("cycle {cycle}: {e} ({choice:?}): {}", err.trim()));
+        }
+        let (cut, counters) = rig.cut(rng.next_u64())?;
+        child.kill();
+        reader.join().map_err(|_| "reader thread panicked".to_string())?;
+        let opened = out.ready.load(Ordering::SeqCst);
+        let acked = out.last_ack.load(Ordering::SeqCst);
+        if acked > last_acked {
+            report.commits_acknowledged += acked - last_acked;
+            last_acked = acked;
+        }
+        if !opened {
+            report.cuts_during_recovery += 1;
+        }
+        report.writes_pending_at_cuts += cut.pending_writes;
+        report.writes_kept += cut.kept;
+        report.writes_dropped += cut.dropped;
+        report.writes_torn += cut.torn;
+        report.cuts_with_pending_writes += (cut.pending_writes > 0) as u64;
+        report.cuts_with_pending_log_writes += (cut.pending_per_disk.first().copied().unwrap_or(0) > 0) as u64;
+        report.cuts_that_dropped += (cut.dropped > 0) as u64;
+        report.cuts_that_tore += (cut.torn > 0) as u64;
+        *report.cut_modes.entry(cut.mode.clone()).or_default() += 1;
+        if let [log, fs] = counters.as_slice() {
+            report.log_disk.add(log);
+            report.fs_disk.add(fs);
+        }
+
+        // Power back on.
+        rig.power_off()?;
+        let fsck = cfg.fsck_every > 0 && (cycle + 1) % cfg.fsck_every == 0;
+        if let Some(problem) = rig.power_on(false, fsck)? {
+            report.fsck_problems.push(format!("cycle {cycle}: {problem}"));
+        }
+        report.fsck_runs += fsck as u64;
+        let opts = HeapOptions { log_path: Some(rig.log_dev()), ..HeapOptions::default() };
+        let heap = match Heap::open(&heap_path, &opts) {
+            Ok(h) => h,
+            Err(e) => {
+                report.violations += 1;
+                report.violation_details.push(format!(
+                    "cycle {cycle}: recovery failed after a power cut ({} cut, {} writes pending, {} dropped, {} torn; {choice:?}): {e}",
+                    cut.mode, cut.pending_writes, cut.dropped, cut.torn
+                ));
+                report.cycles += 1;
+                break; // nothing more can be checked on a heap that does not open
+            }
+        };
+        report.records_replayed += heap.stats().recovery.records_replayed;
+        let c = commit_number(heap.bytes());
+        let mut violation = None;
+        let ctx = || format!("{} cut, {} writes pending, {} dropped, {} torn; {choice:?}", cut.mode, cut.pending_writes, cut.dropped, cut.torn);
+        if c < last_acked {
+            violation = Some(format!("cycle {cycle}: heap is at commit {c} but commit {last_acked} was acknowledged ({})", ctx()));
+        } else if c < model.at {
+            violation = Some(format!("cycle {cycle}: heap went back from commit {} to {c} ({})", model.at, ctx()));
+        } else {
+            if c > last_acked {
+                report.recovered_unacknowledged += 1;
+            }
+            model.advance_to(c);
+            if let Some(at) = model.first_difference(heap.bytes()) {
+                violation = Some(format!(
+                    "cycle {cycle}: heap says commit {c} but differs from that state at byte {at} (page {}) ({})",
+                    at / 4096,
+                    ctx()
+                ));
+            }
+        }
+        if let Some(v) = violation {
+            report.violations += 1;
+            if report.violation_details.len() < 10 {
+                report.violation_details.push(v);
+            }
+            // Resynchronise with what is there so later cycles are still checked.
+            model.image.copy_from_slice(heap.bytes());
+            model.at = c;
+            last_acked = c;
+        }
+        report.final_commit = c;
+        report.cycles += 1;
+        drop(heap);
+        if std::env::var_os("FAMS_POWER_CUT_PROGRESS").is_some() {
+            say(&format!(
+                "cycle {cycle}: {} cut, pending {:?}, kept {} dropped {} torn {}, acked {last_acked}, recovered {c}, violations {}",
+                cut.mode, cut.pending_per_disk, cut.kept, cut.dropped, cut.torn, report.violations
+            ));
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    rig.power_off()?;
+    Ok(report)
+}
+
+#[test]
+fn power_cuts_on_a_fuse_backed_loop_device() {
+    if is_child() {
+        return;
+    }
+    if let Some(why) = cannot_run() {
+        say(&format!("SKIPPED: power-cut test: {why}"));
+        return;
+    }
+    let cfg = Config {
+        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 220),
+        seed: env_u64("FAMS_POWER_CUT_SEED", 0x00f0_5e5e_d001),
+        cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
+        ack_before_durable: false,
+        fsck_every: 20,
+    };
+    let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
+    say(&report.summary());
+    assert_eq!(report.cycles, cfg.cycles, "{}", report.summary());
+    assert_eq!(report.violations, 0, "{}", report.summary());
+    assert!(report.fsck_problems.is_empty(), "ext4 found damage: the FUSE drive model is broken?\n{:?}", report.fsck_problems);
+    assert!(report.commits_acknowledged > cfg.cycles, "the child should commit between cuts\n{}", report.summary());
+    assert!(report.cuts_that_dropped > cfg.cycles / 10, "the cuts should lose unflushed writes\n{}", report.summary());
+    assert!(report.log_disk.fsyncs + report.log_disk.fdatasyncs > 0, "flushes should reach the drive as fsync\n{}", report.summary());
+}
+
+/// Proof that the test can fail: a child that acknowledges each commit as soon as it is handed
+/// to the log writer (before its record is durable) must be caught. Run with
+/// `cargo test --release -p fams-tests --test power_cut -- --ignored`.
+#[test]
+#[ignore]
+fn power_cut_catches_acks_before_durability() {
+    if is_child() {
+        return;
+    }
+    if let Some(why) = cannot_run() {
+        say(&format!("SKIPPED: power-cut test: {why}"));
+        return;
+    }
+    let cfg = Config {
+        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 40),
+        seed: env_u64("FAMS_POWER_CUT_SEED", 0xbad_ac),
+        cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
+        ack_before_durable: true,
+        fsck_every: 0,
+    };
+    let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
+    say(&format!("broken protocol (ack before durable):\n{}", report.summary()));
+    assert!(report.violations > 0, "acknowledging commits before they are durable went unnoticed\n{}", report.summary());
+}
+
+/// The committing child (runs only inside the process the test starts).
+#[test]
+fn power_cut_child() {
+    if !is_child() || std::env::var_os("FAMS_PC_HEAP").is_none() {
+        return;
+    }
+    if let Err(e) = child_main() {
+        eprintln!("power-cut child: {e}");
+        let _ = std::io::stderr().flush();
+        // SAFETY: leave at once, as a crash would.
+        unsafe { libc::_exit(3) };
+    }
+}
+
+fn child_main() -> Result<(), String> {
+    let var = |k: &str| std::env::var(k).map_err(|_| format!("{k} not set"));
+    let heap_path = PathBuf::from(var("FAMS_PC_HEAP")?);
+    let seed: u64 = var("FAMS_PC_SEED")?.parse().map_err(|_| "FAMS_PC_SEED")?;
+    let run_seed: u64 = var("FAMS_PC_RUN_SEED")?.parse().map_err(|_| "FAMS_PC_RUN_SEED")?;
+    let opts = HeapOptions {
+        tracker: Some(var("FAMS_PC_TRACKER")?.parse()?),
+        io_path: Some(var("FAMS_PC_IO_PATH")?.parse()?),
+        flush_mode: Some(var("FAMS_PC_FLUSH_MODE")?.parse()?),
+        log_path: Some(PathBuf::from(var("FAMS_PC_LOG")?)),
+        ..HeapOptions::default()
+    };
+    let ack_early = std::env::var_os("FAMS_PC_ACK_BEFORE_DURABLE").is_some();
+    let mut heap = Heap::open(&heap_path, &opts).map_err(|e| e.to_string())?;
+    let mut k = commit_number(heap.bytes());
+    let mut out = std::io::stdout().lock();
+    let mut say = |line: String| -> Result<(), String> {
+        out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"))
+    };
+    say(format!("ready {k}\n"))?;
+    let mut rng = Rng::new(run_seed);
+    let mut in_flight: VecDeque<(u64, fams::Ticket)> = VecDeque::new();
+    loop {
+        let depth = match rng.below(3) {
+            0 => 1,
+            _ => 1 + rng.below(6) as usize,
+        };
+        for _ in 0..1 + rng.below(8) {
+            k += 1;
+            mutate(heap.bytes_mut(), seed, k);
+            if rng.below(4) == 0 && in_flight.is_empty() {
+                heap.commit().map_err(|e| e.to_string())?;
+                say(format!("ack {k}\n"))?;
+                continue;
+            }
+            let t = heap.commit_async().map_err(|e| e.to_string())?;
+            if ack_early {
+                say(format!("ack {k}\n"))?; // the deliberate bug
+            }
+            in_flight.push_back((k, t));
+            while let Some(&(kk, t)) = in_flight.front() {
+                if in_flight.len() > depth {
+                    heap.wait(t).map_err(|e| e.to_string())?;
+                } else if !heap.is_durable(t).map_err(|e| e.to_string())? {
+                    break;
+                }
+                if !ack_early {
+                    say(format!("ack {kk}\n"))?;
+                }
+                in_flight.pop_front();
+            }
+        }
+        if rng.below(16) == 0 {
+            heap.release_committed().map_err(|e| e.to_string())?;
+        }
+    }
+}
