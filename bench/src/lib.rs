@@ -1,1 +1,399 @@
-//! Benchmarks live in benches/ (a later issue).
+//! Measurements shared by the criterion benchmarks (`benches/`) and `famsd bench`: fams commits,
+//! the device floor for the same bytes, the baselines doing the same durable update, and
+//! recovery. Every function measures exactly what its name says, on the target it is given, so
+//! the rows of one run can be compared as ratios.
+
+use fams::io::{self, AlignedBuf, FlushMode, LogOpenOptions};
+use fams::{FormatOptions, Heap, HeapOptions, TrackerKind, PAGE_SIZE};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Latency samples in microseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Samples(pub Vec<f64>);
+
+impl Samples {
+    pub fn percentile(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+    pub fn p50(&self) -> f64 {
+        self.percentile(0.5)
+    }
+    pub fn p99(&self) -> f64 {
+        self.percentile(0.99)
+    }
+    pub fn mean(&self) -> f64 {
+        self.0.iter().sum::<f64>() / self.0.len().max(1) as f64
+    }
+}
+
+fn time_us(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// Where to measure: a directory on the device under test, and optionally a block device for the
+/// log (then the floor is measured on that device too).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub dir: PathBuf,
+    pub log_device: Option<PathBuf>,
+}
+
+impl Target {
+    /// For the criterion benchmarks: a fresh directory under `FAMS_BENCH_DIR` (default
+    /// /var/tmp), and the block device in `FAMS_BENCH_LOG_DEVICE` for the log, if set.
+    pub fn from_env() -> Target {
+        let base = std::env::var_os("FAMS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let dir = base.join(format!("fams-criterion-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the benchmark directory");
+        Target { dir, log_device: std::env::var_os("FAMS_BENCH_LOG_DEVICE").map(PathBuf::from) }
+    }
+
+    fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    /// Format a heap in `dir` with its log on the target (a file beside it, or the device).
+    pub fn format_heap(&self, name: &str, heap_bytes: u64, log_bytes: u64) -> fams::Result<PathBuf> {
+        let heap = self.scratch(name);
+        let mut f = FormatOptions::new(&heap, heap_bytes);
+        match &self.log_device {
+            Some(dev) => {
+                f.log_path = Some(dev.clone());
+                f.log_size_bytes = Some(log_bytes);
+                f.force = true; // the user named the device for benchmarking; famsd checks it first
+            }
+            None => {
+                let _ = std::fs::remove_file(self.dir.join(format!("{name}.log")));
+                f.log_size_bytes = Some(log_bytes);
+            }
+        }
+        Heap::format(&f)?;
+        Ok(heap)
+    }
+
+    pub fn remove_heap(&self, heap: &Path) {
+        let _ = std::fs::remove_file(heap);
+        let _ = std::fs::remove_file(PathBuf::from(format!("{}.log", heap.display())));
+    }
+}
+
+/// The device floor: one O_DIRECT write of `bytes` (rounded up to 4 KiB) made durable the way
+/// the log makes its writes durable, on the same device, `iters` times.
+pub fn floor_write_flush(target: &Target, bytes: usize, iters: usize, mode: FlushMode) -> std::io::Result<Samples> {
+    let len = bytes.div_ceil(4096).max(1) * 4096;
+    let (path, span, temp) = match &target.log_device {
+        Some(dev) => (dev.clone(), io::block_device_info(dev)?.map(|i| i.size_bytes).unwrap_or(0), false),
+        None => {
+            let p = target.scratch("floor.scratch");
+            let span = (len as u64 * 4).max(64 << 20).next_multiple_of(4096);
+            io::create_log_file(&p, span)?;
+            (p, span, true)
+        }
+    };
+    let mut dev = io::open_log(&path, &LogOpenOptions { io_path: None, flush_mode: Some(mode) })?;
+    let buf = AlignedBuf::zeroed(len);
+    let slots = (span / len as u64).max(1);
+    let mut s = Samples::default();
+    for i in 0..iters {
+        let off = (i as u64 % slots) * len as u64;
+        s.0.push(time_us(|| dev.write_durable(&[(off, &buf)]).expect("floor write")));
+    }
+    drop(dev);
+    if temp {
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(s)
+}
+
+/// The device's sequential read floor: read `bytes` with O_DIRECT in 1 MiB requests, in ms.
+pub fn floor_read_ms(path: &Path, bytes: u64) -> std::io::Result<f64> {
+    let mut dev = io::open_log(path, &LogOpenOptions::default())?;
+    let chunk = 1 << 20;
+    let mut buf = AlignedBuf::zeroed(chunk);
+    let size = dev.size_bytes();
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < bytes.min(size) {
+        let n = ((bytes.min(size) - off) as usize).min(chunk) / 4096 * 4096;
+        if n == 0 {
+            break;
+        }
+        dev.read_exact_at(off, &mut buf[..n])?;
+        off += n as u64;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// One row of commit latency.
+#[derive(Clone, Debug)]
+pub struct CommitResult {
+    pub pages: usize,
+    pub whole_pages: bool,
+    pub tracker: &'static str,
+    pub samples: Samples,
+    /// Log bytes written per commit (records, headers, padding).
+    pub log_bytes_per_commit: f64,
+    /// The floor for the same number of log bytes.
+    pub floor: Samples,
+}
+
+/// Commit latency with `pages` dirty pages per commit: one byte changed per page, or whole pages
+/// rewritten. Timed: `commit()` alone (the writes before it are not).
+pub fn fams_commit(
+    target: &Target,
+    pages: usize,
+    whole_pages: bool,
+    iters: usize,
+    tracker: Option<TrackerKind>,
+) -> fams::Result<CommitResult> {
+    let heap_bytes = ((pages * 2 * PAGE_SIZE) as u64).max(64 << 20);
+    let log_bytes = (256u64 << 20).max((pages * PAGE_SIZE) as u64 * 16);
+    let path = target.format_heap("bench-commit.heap", heap_bytes, log_bytes)?;
+    let mut heap = Heap::open(&path, &HeapOptions { tracker, ..HeapOptions::default() })?;
+    let touch = |heap: &mut Heap, i: usize| {
+        let b = heap.bytes_mut();
+        for p in 0..pages {
+            if whole_pages {
+                b[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill((i + p) as u8);
+            } else {
+                b[p * PAGE_SIZE + (i * 8 + p) % PAGE_SIZE] ^= 0x5a;
+            }
+        }
+    };
+    // Warm up: the first change to each page after a checkpoint is logged whole.
+    for i in 0..2 {
+        touch(&mut heap, i);
+        heap.commit()?;
+    }
+    let before = heap.stats().log_bytes_written;
+    let mut samples = Samples::default();
+    for i in 0..iters {
+        touch(&mut heap, i + 2);
+        let t = Instant::now();
+        heap.commit()?;
+        samples.0.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let stats = heap.stats();
+    let log_bytes_per_commit = (stats.log_bytes_written - before) as f64 / iters as f64;
+    drop(heap);
+    target.remove_heap(&path);
+    let floor = floor_write_flush(target, log_bytes_per_commit.round() as usize, iters, FlushMode::Dsync)
+        .map_err(|e| fams::Error::InvalidArgument(format!("floor measurement failed: {e}")))?;
+    Ok(CommitResult { pages, whole_pages, tracker: stats.tracker, samples, log_bytes_per_commit, floor })
+}
+
+/// Commits per second, 1-page commits: synchronous `commit()` vs `commit_async()` with up to
+/// `depth` in flight (grouped into shared device writes).
+pub fn commit_rate(target: &Target, commits: usize, depth: usize) -> fams::Result<(f64, f64, u64)> {
+    let path = target.format_heap("bench-rate.heap", 64 << 20, 256 << 20)?;
+    let mut heap = Heap::open(&path, &HeapOptions::default())?;
+    let t = Instant::now();
+    for i in 0..commits {
+        heap.bytes_mut()[PAGE_SIZE * (1 + i % 1000) + 8] ^= 1;
+        heap.commit()?;
+    }
+    let sync_rate = commits as f64 / t.elapsed().as_secs_f64();
+    let groups_before = heap.stats().groups;
+    let t = Instant::now();
+    let mut in_flight = std::collections::VecDeque::new();
+    for i in 0..commits {
+        heap.bytes_mut()[PAGE_SIZE * (1 + i % 1000) + 16] ^= 1;
+        in_flight.push_back(heap.commit_async()?);
+        if in_flight.len() > depth {
+            heap.wait(in_flight.pop_front().expect("non-empty"))?;
+        }
+    }
+    if let Some(last) = in_flight.back() {
+        heap.wait(*last)?;
+    }
+    let async_rate = commits as f64 / t.elapsed().as_secs_f64();
+    let groups = heap.stats().groups - groups_before;
+    drop(heap);
+    target.remove_heap(&path);
+    Ok((sync_rate, async_rate, groups))
+}
+
+/// Ken's way for a 1-page update: write one new checkpoint file holding the page image and a
+/// CRC, fsync it, fsync the directory.
+pub fn ken_style(dir: &Path, iters: usize) -> std::io::Result<Samples> {
+    let d = dir.join("ken-style");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    let dirf = std::fs::File::open(&d)?;
+    let mut page = vec![0u8; PAGE_SIZE + 16];
+    let mut s = Samples::default();
+    for i in 0..iters {
+        page[i % PAGE_SIZE] ^= 1;
+        let crc = crc32c::crc32c(&page[..PAGE_SIZE]);
+        page[PAGE_SIZE..PAGE_SIZE + 4].copy_from_slice(&crc.to_le_bytes());
+        let name = d.join(format!("turn-{i:08}"));
+        s.0.push(time_us(|| {
+            let mut f = std::fs::File::create(&name).expect("create turn file");
+            f.write_all(&page).expect("write turn file");
+            f.sync_all().expect("fsync turn file");
+            dirf.sync_all().expect("fsync directory");
+        }));
+        if i >= 8 {
+            let _ = std::fs::remove_file(d.join(format!("turn-{:08}", i - 8)));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&d);
+    Ok(s)
+}
+
+/// Plain msync(MS_SYNC) of one changed page of a MAP_SHARED file. Fast, but NOT failure-atomic:
+/// a crash can leave any mix of pages, and the kernel may write pages back before msync.
+pub fn msync_shared(dir: &Path, iters: usize) -> std::io::Result<Samples> {
+    let p = dir.join("msync.scratch");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p)?;
+    let len = 64usize << 20;
+    f.set_len(len as u64)?;
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a fresh shared mapping of a file we own, unmapped below; no other reference to it.
+    let base = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0)
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base.cast::<u8>();
+    let mut s = Samples::default();
+    for i in 0..iters {
+        let page = (i * 7) % (len / PAGE_SIZE);
+        // SAFETY: page < len / PAGE_SIZE, so the byte lies inside the mapping.
+        unsafe { *base.add(page * PAGE_SIZE + i % PAGE_SIZE) ^= 1 };
+        s.0.push(time_us(|| {
+            // SAFETY: the page-aligned range lies inside the mapping.
+            let rc = unsafe { libc::msync(base.add(page * PAGE_SIZE).cast(), PAGE_SIZE, libc::MS_SYNC) };
+            assert_eq!(rc, 0, "msync failed");
+        }));
+    }
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(base.cast(), len) };
+    let _ = std::fs::remove_file(&p);
+    Ok(s)
+}
+
+/// SQLite, WAL mode, synchronous=FULL: one transaction updating one row per iteration.
+pub fn sqlite_wal_full(dir: &Path, iters: usize) -> rusqlite::Result<Samples> {
+    let p = dir.join("sqlite.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+    }
+    let db = rusqlite::Connection::open(&p)?;
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    db.execute("CREATE TABLE kv (k INTEGER PRIMARY KEY, v BLOB NOT NULL)", [])?;
+    for k in 0..1000 {
+        db.execute("INSERT INTO kv VALUES (?1, ?2)", rusqlite::params![k, vec![0u8; 64]])?;
+    }
+    let mut s = Samples::default();
+    for i in 0..iters {
+        let k = (i * 7) % 1000;
+        s.0.push(time_us(|| {
+            db.execute("UPDATE kv SET v = ?2 WHERE k = ?1", rusqlite::params![k as i64, vec![i as u8; 64]])
+                .expect("sqlite update");
+        }));
+    }
+    drop(db);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+    }
+    Ok(s)
+}
+
+/// LMDB (heed), default durable commits: one write transaction putting one key per iteration.
+pub fn lmdb(dir: &Path, iters: usize) -> Result<Samples, heed::Error> {
+    let d = dir.join("lmdb");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    // SAFETY (heed's contract for `open`): this process opens this environment once, and no other
+    // process uses the directory (it was just created).
+    let env = unsafe { heed::EnvOpenOptions::new().map_size(256 << 20).open(&d)? };
+    let mut wtxn = env.write_txn()?;
+    let db: heed::Database<heed::types::U64<heed::byteorder::BE>, heed::types::Bytes> = env.create_database(&mut wtxn, None)?;
+    for k in 0..1000u64 {
+        db.put(&mut wtxn, &k, &[0u8; 64])?;
+    }
+    wtxn.commit()?;
+    let mut s = Samples::default();
+    for i in 0..iters {
+        let k = ((i * 7) % 1000) as u64;
+        let v = [i as u8; 64];
+        s.0.push(time_us(|| {
+            let mut w = env.write_txn().expect("lmdb txn");
+            db.put(&mut w, &k, &v).expect("lmdb put");
+            w.commit().expect("lmdb commit");
+        }));
+    }
+    drop(env);
+    let _ = std::fs::remove_dir_all(&d);
+    Ok(s)
+}
+
+#[derive(Clone, Debug)]
+pub struct RecoveryResult {
+    pub log_mib: u64,
+    pub heap_bytes: u64,
+    pub records: u64,
+    pub log_bytes_read: u64,
+    pub ms: f64,
+    /// Reading the same number of bytes from the same device with O_DIRECT.
+    pub floor_ms: f64,
+}
+
+/// Recovery time after a crash that left `log_mib` MiB of committed records in the log.
+/// Building the crashed image is not timed; the time is the recovery inside `Heap::open`.
+pub fn recovery(target: &Target, log_mib: u64, heap_bytes: u64) -> fams::Result<RecoveryResult> {
+    let record_bytes = log_mib << 20;
+    // Room for the records plus a margin, so nothing is checkpointed away.
+    let log_bytes = (record_bytes + record_bytes / 4 + (4 << 20)).next_multiple_of(4096);
+    let path = target.format_heap("bench-recovery.heap", heap_bytes, log_bytes)?;
+    let opts = HeapOptions { checkpoint_threshold_bytes: Some(u64::MAX), ..HeapOptions::default() };
+    let mut heap = Heap::open(&path, &opts)?;
+    let pages = (heap.len() / PAGE_SIZE).min(16 << 10);
+    let mut i = 0usize;
+    while heap.stats().log_bytes_written < record_bytes {
+        // 64 whole pages per commit, spread over the heap.
+        for j in 0..64 {
+            let p = (i * 64 + j) % pages;
+            heap.bytes_mut()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(i as u8);
+        }
+        heap.commit()?;
+        i += 1;
+    }
+    heap.abandon();
+    let heap = Heap::open(&path, &HeapOptions::default())?;
+    let r = heap.stats().recovery;
+    let log_path = heap.stats().log_path;
+    drop(heap);
+    let floor_ms = floor_read_ms(&log_path, r.log_bytes_read)
+        .map_err(|e| fams::Error::InvalidArgument(format!("floor read failed: {e}")))?;
+    target.remove_heap(&path);
+    Ok(RecoveryResult {
+        log_mib,
+        heap_bytes,
+        records: r.records_replayed,
+        log_bytes_read: r.log_bytes_read,
+        ms: r.duration.as_secs_f64() * 1e3,
+        floor_ms,
+    })
+}
+
+/// Let one row's background write-back finish before the next row starts.
+pub fn settle() {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(50));
+}

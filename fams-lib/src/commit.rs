@@ -91,6 +91,8 @@ pub(crate) struct WriterState {
     pub applied_lsn: u64,
     pub failed: Option<String>,
     pub shutdown: bool,
+    /// With `shutdown`: leave without the final checkpoint, as a crash would.
+    pub abandon: bool,
     pub stats: WriterStats,
     pub io: crate::io::IoStats,
 }
@@ -113,6 +115,7 @@ impl Shared {
                 applied_lsn: last_lsn,
                 failed: None,
                 shutdown: false,
+                abandon: false,
                 stats: WriterStats::default(),
                 io: Default::default(),
             }),
@@ -208,7 +211,7 @@ impl LogWriter {
             }
         }
         // Clean shutdown: leave a short log so the next open is quick.
-        if self.used_bytes > 0 {
+        if self.used_bytes > 0 && !self.shared.lock().abandon {
             if let Err(reason) = self.checkpoint() {
                 self.shared.lock().failed = Some(reason);
             }

@@ -386,6 +386,14 @@ impl Heap {
         Ok(keep.len())
     }
 
+    /// Close the heap as a crash would leave it: every acknowledged commit is in the log, queued
+    /// ones are written, but no final checkpoint is taken, so the next open replays the log.
+    /// For benchmarks of recovery and for tests; a normal close is just dropping the heap.
+    pub fn abandon(self) {
+        self.shared.lock().abandon = true;
+        drop(self);
+    }
+
     /// Counters since open, and what the last open's recovery did.
     pub fn stats(&self) -> Stats {
         let st = self.shared.lock();

@@ -1,6 +1,7 @@
 //! The parts of `famsd` other programs and tests reuse: the verifiable workload, the SIGKILL
-//! torture run and the demo.
+//! torture run, the power-loss explorer, the benchmark and the demo.
 
+pub mod bench;
 pub mod demo;
 pub mod power_loss;
 pub mod torture;

@@ -72,6 +72,32 @@ famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw p
         #[arg(long)]
         json: bool,
     },
+    /// Measure commit latency and recovery on this machine's device, next to the device floor
+    /// (an O_DIRECT write + flush of the same bytes) and the baselines (SQLite WAL, LMDB, Ken-style
+    /// checkpoint files, plain msync), all in one run.
+    #[command(after_help = "Examples:\n  famsd bench --quick\n  famsd bench --dir /mnt/nvme/bench --json > result.json\n  \
+famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents")]
+    Bench {
+        /// Directory on the device under test (heap files, file logs, baselines).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Put the fams log (and the floor measurement) on this block device. Its contents are
+        /// destroyed; a device holding a filesystem or a fams log is refused without --force.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// A shorter run (under a minute here): fewer rows and iterations.
+        #[arg(long)]
+        quick: bool,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Also draw the results into this SVG file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Overwrite a block device even if it holds a filesystem or a fams log.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run a workload, kill it with SIGKILL mid-commit several times, recover, verify, report.
     Demo {
         /// Data directory to create and use.
@@ -275,6 +301,26 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     r.records_replayed, r.bytes_replayed, r.log_bytes_read, r.duration.as_secs_f64() * 1e3, r.next_lsn);
                 if let Some(t) = &r.torn_tail { println!("stopped at: {t}"); }
                 if let Some(s) = &r.salvaged { println!("SALVAGED: {s}"); }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { dir, log, quick, json, svg, force } => {
+            let made_dir = dir.is_none();
+            let dir = dir.unwrap_or_else(|| PathBuf::from(format!("/var/tmp/famsd-bench-{}", std::process::id())));
+            let cfg = famsd::bench::BenchConfig { dir: dir.clone(), log_device: log, quick, force, progress: true };
+            let report = famsd::bench::run(&cfg);
+            if made_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            let report = report?;
+            if json {
+                print_json(&report.to_json(&cfg));
+            } else {
+                report.print_table();
+            }
+            if let Some(svg) = svg {
+                std::fs::write(&svg, report.svg()).map_err(|e| format!("{}: {e}", svg.display()))?;
+                eprintln!("wrote {}", svg.display());
             }
             Ok(ExitCode::SUCCESS)
         }

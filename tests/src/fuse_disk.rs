@@ -14,12 +14,20 @@
 //!
 //! The control socket takes one command per line and answers with one JSON line:
 //! * `stats` — counters per disk (writes, fsyncs, reads, pending writes, open flags seen);
-//! * `cut SEED` — a **power cut** of every disk at once: each cached write is kept, dropped or
+//! * `cut SEED [MODE]` — a **power cut** of every disk at once: each cached write is kept, dropped or
 //!   torn (per 512-byte sector: old bytes, new bytes or garbage), all chosen by a PRNG seeded
 //!   with SEED; the survivors are applied to the durable images, and the disks go **dead**: later
-//!   writes and fsyncs succeed but change nothing, reads return the durable image — like a drive
-//!   whose power is gone. The test then tears the stack down and starts a new `fams-fuse-disk`
-//!   from the images (power back on).
+//!   writes, fsyncs and fallocates fail with EIO and change nothing (a drive whose power is gone;
+//!   failing rather than pretending matters: a program still running must not be told that a
+//!   write or flush after the cut succeeded), reads return the durable image. The test then tears
+//!   the stack down and starts a new `fams-fuse-disk` from the images (power back on);
+//! * `arm SEED N [DISK]` — cut (as `cut SEED`) right after the N-th write from now (to any disk,
+//!   or to DISK) has been cached, in the FUSE request handler itself: a cut that lands between a
+//!   write and its flush, while the program runs;
+//! * `silence` — after a cut, answer writes and fsyncs with success (still changing nothing):
+//!   for the teardown, once the program under test is gone, so that ext4's unmount stays quiet;
+//! * `ignore-flushes DISK` — from now on DISK acknowledges fsyncs without flushing: a drive that
+//!   lies about its cache, for proving that a test notices lost "durable" data.
 //!
 //! The image files are written with plain `pwrite` and not fsynced: the host does not lose power
 //! in this test, only the simulated drive does; the image only has to outlive the FUSE process.
@@ -63,7 +71,7 @@ pub struct DiskCounters {
     pub opens_direct: u64,
     /// Most cached writes seen at once.
     pub max_pending_writes: u64,
-    /// Writes and fsyncs that arrived after the cut (ignored).
+    /// Writes, fsyncs and fallocates that arrived after the cut (failed with EIO).
     pub ignored_after_cut: u64,
 }
 
@@ -126,6 +134,8 @@ pub struct Disk {
     cache: Vec<(u64, Vec<u8>)>,
     image: Option<File>,
     pub counters: DiskCounters,
+    /// Acknowledge fsyncs without flushing (a lying drive; for proving the test can fail).
+    pub ignore_flushes: bool,
 }
 
 impl Disk {
@@ -138,6 +148,7 @@ impl Disk {
             cache: Vec::new(),
             image: None,
             counters: DiskCounters::default(),
+            ignore_flushes: false,
         }
     }
 
@@ -237,6 +248,9 @@ impl CutMode {
             CutMode::Random => "random",
         }
     }
+    pub fn parse(s: &str) -> Option<CutMode> {
+        [CutMode::LoseAll, CutMode::Prefix, CutMode::Random].into_iter().find(|m| m.name() == s)
+    }
 }
 
 /// What a cut did.
@@ -253,6 +267,8 @@ pub struct CutReport {
     pub sectors_garbage: u64,
     /// Pending writes per disk, in disk order.
     pub pending_per_disk: Vec<u64>,
+    /// "control" (a `cut` command) or "armed" (an `arm` command's count ran out).
+    pub trigger: String,
 }
 
 impl CutReport {
@@ -268,6 +284,7 @@ impl CutReport {
             "sectors_old": self.sectors_old,
             "sectors_garbage": self.sectors_garbage,
             "pending_per_disk": self.pending_per_disk,
+            "trigger": self.trigger,
         })
     }
     pub fn from_json(v: &serde_json::Value) -> CutReport {
@@ -286,6 +303,7 @@ impl CutReport {
                 .as_array()
                 .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
                 .unwrap_or_default(),
+            trigger: v["trigger"].as_str().unwrap_or("").to_string(),
         }
     }
     /// Did the cut lose or damage anything that was written?
@@ -296,13 +314,15 @@ impl CutReport {
 
 /// Power loss across `disks` at once, decided by `seed`: every cached write is kept, dropped or
 /// torn; the survivors become durable; caches are emptied; `current` becomes the durable image.
-pub fn cut(disks: &mut [Disk], seed: u64) -> Result<CutReport, String> {
+/// `mode` None: picked by the seed (a fifth lose-all, a fifth prefix, the rest random).
+pub fn cut(disks: &mut [Disk], seed: u64, mode: Option<CutMode>) -> Result<CutReport, String> {
     let mut rng = Rng::new(seed ^ 0x00c0_ffee_0000_0001);
-    let mode = match rng.below(10) {
+    let picked = match rng.below(10) {
         0 | 1 => CutMode::LoseAll,
         2 | 3 => CutMode::Prefix,
         _ => CutMode::Random,
     };
+    let mode = mode.unwrap_or(picked);
     let mut r = CutReport { mode: mode.name().into(), ..CutReport::default() };
     for d in disks.iter_mut() {
         let cache = std::mem::take(&mut d.cache);
@@ -371,7 +391,12 @@ pub fn cut(disks: &mut [Disk], seed: u64) -> Result<CutReport, String> {
 struct State {
     disks: Vec<Disk>,
     dead: bool,
+    /// After a cut: answer later writes and fsyncs with success (still changing nothing) instead
+    /// of EIO. For the teardown once no program is left to believe it: keeps ext4's unmount quiet.
+    silenced: bool,
     last_cut: Option<CutReport>,
+    /// An armed cut: (seed, writes still to come before it, counting only this disk's).
+    armed: Option<(u64, u64, Option<usize>)>,
     trace: Option<File>,
     started: Instant,
 }
@@ -393,7 +418,21 @@ impl State {
                 v
             }).collect::<Vec<_>>(),
             "last_cut": self.last_cut.as_ref().map(|c| c.to_json()),
+            "armed": self.armed.map(|(_, n, _)| n),
         })
+    }
+
+    fn cut(&mut self, seed: u64, mode: Option<CutMode>, trigger: &str) -> Result<CutReport, String> {
+        if self.dead {
+            return Err("already cut".into());
+        }
+        let mut r = cut(&mut self.disks, seed, mode)?;
+        r.trigger = trigger.into();
+        self.dead = true;
+        self.armed = None;
+        self.trace(format_args!("CUT {}", r.to_json()));
+        self.last_cut = Some(r.clone());
+        Ok(r)
     }
 }
 
@@ -550,11 +589,11 @@ impl Filesystem for DiskFs {
         reply: ReplyWrite,
     ) {
         let r = self.with_disk(ino, |s, i| {
-            let dead = s.dead;
+            let (dead, silenced) = (s.dead, s.silenced);
             let d = &mut s.disks[i];
             if dead {
                 d.counters.ignored_after_cut += 1;
-                return true;
+                return if silenced { Ok(()) } else { Err(Errno::EIO) };
             }
             d.counters.writes += 1;
             d.counters.write_bytes += data.len() as u64;
@@ -564,14 +603,27 @@ impl Filesystem for DiskFs {
             if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
                 d.counters.writes_from_page_cache += 1;
             }
-            let ok = d.write(offset, data);
+            if !d.write(offset, data) {
+                return Err(Errno::ENOSPC);
+            }
             let name = d.name.clone();
             s.trace(format_args!("W {name} {offset} {} flags {:#x} wflags {:?}", data.len(), flags.0, write_flags));
-            ok
+            if let Some((seed, n, only)) = s.armed.filter(|a| a.2.is_none_or(|d| d == i)) {
+                if n <= 1 {
+                    if let Err(e) = s.cut(seed, None, "armed") {
+                        eprintln!("fams-fuse-disk: armed cut: {e}");
+                    }
+                    // The write was received; its fate was decided by the cut. Answer as a drive
+                    // whose cache took it would have (the acknowledgement may be lost in reality too).
+                } else {
+                    s.armed = Some((seed, n - 1, only));
+                }
+            }
+            Ok(())
         });
         match r {
-            Some(true) => reply.written(data.len() as u32),
-            Some(false) => reply.error(Errno::ENOSPC),
+            Some(Ok(())) => reply.written(data.len() as u32),
+            Some(Err(e)) => reply.error(e),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -583,11 +635,11 @@ impl Filesystem for DiskFs {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let r = self.with_disk(ino, |s, i| {
-            let dead = s.dead;
+            let (dead, silenced) = (s.dead, s.silenced);
             let d = &mut s.disks[i];
             if dead {
                 d.counters.ignored_after_cut += 1;
-                return Ok(());
+                return if silenced { Ok(()) } else { Err("dead".to_string()) };
             }
             if datasync {
                 d.counters.fdatasyncs += 1;
@@ -596,14 +648,16 @@ impl Filesystem for DiskFs {
             }
             let pending = d.pending_writes();
             let name = d.name.clone();
-            let r = d.flush();
+            let r = if d.ignore_flushes { Ok(()) } else { d.flush() };
             s.trace(format_args!("S {name} datasync {datasync} pending {pending}"));
             r
         });
         match r {
             Some(Ok(())) => reply.ok(),
             Some(Err(e)) => {
-                eprintln!("fams-fuse-disk: {e}");
+                if e != "dead" {
+                    eprintln!("fams-fuse-disk: {e}");
+                }
                 reply.error(Errno::EIO)
             }
             None => reply.error(Errno::ENOENT),
@@ -623,13 +677,17 @@ impl Filesystem for DiskFs {
         // The loop driver turns discard / write-zeroes into PUNCH_HOLE / ZERO_RANGE: a cached
         // write of zeros. Plain allocation changes nothing on a fixed-size disk.
         let r = self.with_disk(ino, |s, i| {
-            let dead = s.dead;
+            let (dead, silenced) = (s.dead, s.silenced);
             let d = &mut s.disks[i];
             d.counters.fallocates += 1;
             if offset.checked_add(length).is_none_or(|e| e > d.size()) {
                 return Err(Errno::EINVAL);
             }
-            if dead || mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) == 0 {
+            if dead {
+                d.counters.ignored_after_cut += 1;
+                return if silenced { Ok(()) } else { Err(Errno::EIO) };
+            }
+            if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) == 0 {
                 return Ok(());
             }
             let mut off = offset;
@@ -693,15 +751,18 @@ fn control_command(state: &Mutex<State>, cmd: &str) -> serde_json::Value {
         (Some("stats"), None) => s.stats_json(),
         (Some("ping"), None) => serde_json::json!({"ok": true}),
         (Some("cut"), Some(seed)) => {
-            let Ok(seed) = seed.parse::<u64>() else { return serde_json::json!({"error": "cut SEED: SEED is a u64"}) };
-            if s.dead {
-                return serde_json::json!({"error": "already cut"});
-            }
-            match cut(&mut s.disks, seed) {
+            let Ok(seed) = seed.parse::<u64>() else {
+                return serde_json::json!({"error": "cut SEED [MODE]: SEED is a u64"});
+            };
+            let mode = match words.next() {
+                None => None,
+                Some(m) => match CutMode::parse(m) {
+                    Some(m) => Some(m),
+                    None => return serde_json::json!({"error": "cut SEED [lose-all|prefix|random]"}),
+                },
+            };
+            match s.cut(seed, mode, "control") {
                 Ok(r) => {
-                    s.dead = true;
-                    s.trace(format_args!("CUT {}", r.to_json()));
-                    s.last_cut = Some(r.clone());
                     let mut v = r.to_json();
                     v["stats"] = s.stats_json();
                     v
@@ -709,7 +770,41 @@ fn control_command(state: &Mutex<State>, cmd: &str) -> serde_json::Value {
                 Err(e) => serde_json::json!({"error": e}),
             }
         }
-        _ => serde_json::json!({"error": format!("unknown command {cmd:?}: stats | ping | cut SEED")}),
+        (Some("silence"), None) => {
+            if !s.dead {
+                return serde_json::json!({"error": "silence: only after a cut"});
+            }
+            s.silenced = true;
+            serde_json::json!({"ok": true})
+        }
+        (Some("ignore-flushes"), Some(name)) => match s.disks.iter().position(|d| d.name == name) {
+            // A drive that lies: acknowledges flushes without making anything durable.
+            Some(i) => {
+                s.disks[i].ignore_flushes = true;
+                serde_json::json!({"ok": true})
+            }
+            None => serde_json::json!({"error": format!("no disk {name:?}")}),
+        },
+        (Some("arm"), Some(seed)) => {
+            let (Ok(seed), Some(Ok(n))) = (seed.parse::<u64>(), words.next().map(str::parse::<u64>)) else {
+                return serde_json::json!({"error": "arm SEED N [DISK]: two u64s and a disk name"});
+            };
+            let only = match words.next() {
+                None => None,
+                Some(name) => match s.disks.iter().position(|d| d.name == name) {
+                    Some(i) => Some(i),
+                    None => return serde_json::json!({"error": format!("no disk {name:?}")}),
+                },
+            };
+            if s.dead {
+                return serde_json::json!({"error": "already cut"});
+            }
+            s.armed = Some((seed, n.max(1), only));
+            serde_json::json!({"ok": true})
+        }
+        _ => {
+            serde_json::json!({"error": format!("unknown command {cmd:?}: stats | ping | cut SEED [MODE] | arm SEED N [DISK] | silence | ignore-flushes DISK")})
+        }
     }
 }
 
@@ -726,7 +821,7 @@ impl DiskSpec {
         let (name, rest) = s.split_once('=').ok_or_else(|| format!("--disk {s}: want NAME=IMAGE:SIZE"))?;
         let (image, size) = rest.rsplit_once(':').ok_or_else(|| format!("--disk {s}: want NAME=IMAGE:SIZE"))?;
         let size: u64 = size.parse().map_err(|_| format!("--disk {s}: SIZE is a number of bytes"))?;
-        if name.is_empty() || name.contains('/') || size == 0 || size % SECTOR as u64 != 0 {
+        if name.is_empty() || name.contains('/') || size == 0 || !size.is_multiple_of(SECTOR as u64) {
             return Err(format!("--disk {s}: NAME must be a plain file name, SIZE a non-zero multiple of 512"));
         }
         Ok(DiskSpec { name: name.into(), image: image.into(), size })
@@ -739,7 +834,9 @@ impl DiskSpec {
 const USAGE: &str = "usage: fams-fuse-disk MOUNTPOINT --disk NAME=IMAGE:SIZE [--disk …] --control SOCKET [--trace FILE]\n\
 Serves each disk as MOUNTPOINT/NAME: a durable image (IMAGE) plus a volatile cache of the writes\n\
 since the last fsync. Control socket commands: `stats`, `cut SEED` (power cut: cached writes kept,\n\
-dropped or torn per 512-byte sector; then every write/fsync is ignored). Prints `ready` once mounted.";
+dropped or torn per 512-byte sector; then every write/fsync fails with EIO; MODE lose-all, prefix or\n\
+random, default picked by SEED), `arm SEED N [DISK]` (cut right after the N-th next write),\n\
+`silence` (after a cut: fail nothing, change nothing), `ignore-flushes DISK` (a lying drive). Prints `ready` once mounted.";
 
 /// The `fams-fuse-disk` program.
 pub fn serve_main(args: Vec<String>) -> Result<(), String> {
@@ -765,15 +862,20 @@ pub fn serve_main(args: Vec<String>) -> Result<(), String> {
     if specs.is_empty() {
         return Err(USAGE.into());
     }
-    let disks = specs
-        .iter()
-        .map(|s| Disk::open_image(&s.name, &s.image, s.size))
-        .collect::<Result<Vec<_>, _>>()?;
+    let disks = specs.iter().map(|s| Disk::open_image(&s.name, &s.image, s.size)).collect::<Result<Vec<_>, _>>()?;
     let trace = match trace {
         Some(p) => Some(File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => None,
     };
-    let state = Arc::new(Mutex::new(State { disks, dead: false, last_cut: None, trace, started: Instant::now() }));
+    let state = Arc::new(Mutex::new(State {
+        disks,
+        dead: false,
+        silenced: false,
+        last_cut: None,
+        armed: None,
+        trace,
+        started: Instant::now(),
+    }));
     let _ = std::fs::remove_file(&control);
     let listener = UnixListener::bind(&control).map_err(|e| format!("{}: {e}", control.display()))?;
     {
@@ -805,7 +907,13 @@ pub struct FuseDisk {
 
 impl FuseDisk {
     /// Start `exe` serving `disks` at `mountpoint` (created if missing); returns once mounted.
-    pub fn start(exe: &Path, mountpoint: &Path, disks: &[DiskSpec], control: &Path, trace: Option<&Path>) -> Result<FuseDisk, String> {
+    pub fn start(
+        exe: &Path,
+        mountpoint: &Path,
+        disks: &[DiskSpec],
+        control: &Path,
+        trace: Option<&Path>,
+    ) -> Result<FuseDisk, String> {
         std::fs::create_dir_all(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
         let mut cmd = Command::new(exe);
         cmd.arg(mountpoint).arg("--control").arg(control);
@@ -820,12 +928,18 @@ impl FuseDisk {
         let mut line = String::new();
         let read = BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line);
         let mut fd = FuseDisk { mountpoint: mountpoint.into(), control: control.into(), child: Some(child) };
-        if !matches!(read, Ok(_) if line.trim() == "ready") {
+        if !(read.is_ok() && line.trim() == "ready") {
             let status = fd.child.as_mut().and_then(|c| c.wait().ok());
             fd.child = None;
             return Err(format!("fams-fuse-disk did not mount at {} ({status:?})", mountpoint.display()));
         }
         Ok(fd)
+    }
+
+    /// The program's pid while it runs. Killing it aborts the FUSE connection: every request
+    /// waiting on it fails (ENOTCONN) instead of hanging.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn disk_path(&self, name: &str) -> PathBuf {
@@ -838,7 +952,8 @@ impl FuseDisk {
         writeln!(s, "{cmd}").map_err(|e| format!("control: {e}"))?;
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).map_err(|e| format!("control: {e}"))?;
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("control answered {line:?}: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("control answered {line:?}: {e}"))?;
         if let Some(e) = v.get("error") {
             return Err(format!("control {cmd:?}: {e}"));
         }
@@ -849,6 +964,32 @@ impl FuseDisk {
     pub fn cut(&self, seed: u64) -> Result<(CutReport, serde_json::Value), String> {
         let v = self.command(&format!("cut {seed}"))?;
         Ok((CutReport::from_json(&v), v["stats"].clone()))
+    }
+
+    /// Power cut in a given mode.
+    pub fn cut_mode(&self, seed: u64, mode: CutMode) -> Result<(CutReport, serde_json::Value), String> {
+        let v = self.command(&format!("cut {seed} {}", mode.name()))?;
+        Ok((CutReport::from_json(&v), v["stats"].clone()))
+    }
+
+    /// Cut right after the `n`-th write from now (to `disk`, or to any) reaches the drive cache.
+    pub fn arm(&self, seed: u64, n: u64, disk: Option<&str>) -> Result<(), String> {
+        self.command(&format!("arm {seed} {n} {}", disk.unwrap_or(""))).map(|_| ())
+    }
+
+    /// Wait up to `patience` for an armed cut; its report and the stats, or None if it did not happen.
+    pub fn wait_for_cut(&self, patience: Duration) -> Result<Option<(CutReport, serde_json::Value)>, String> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let v = self.stats()?;
+            if v["dead"] == true {
+                return Ok(Some((CutReport::from_json(&v["last_cut"]), v)));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
     }
 
     pub fn stats(&self) -> Result<serde_json::Value, String> {
@@ -939,7 +1080,7 @@ mod tests {
             d.write(4096, &[3; 2048]);
             d.write(4096 + 512, &[4; 512]); // overlaps the previous
             let mut ds = [d];
-            let r = cut(&mut ds, seed).unwrap();
+            let r = cut(&mut ds, seed, None).unwrap();
             let d = &ds[0];
             assert_eq!(r.pending_writes, 3);
             assert_eq!(r.kept + r.dropped + r.torn, 3);
@@ -974,8 +1115,8 @@ mod tests {
                 [d]
             };
             let (mut a, mut b) = (mk(), mk());
-            let ra = cut(&mut a, seed).unwrap();
-            let rb = cut(&mut b, seed).unwrap();
+            let ra = cut(&mut a, seed, None).unwrap();
+            let rb = cut(&mut b, seed, None).unwrap();
             assert_eq!(ra, rb);
             assert_eq!(a[0].durable(), b[0].durable());
             modes.insert(ra.mode);

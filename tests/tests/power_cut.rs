@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,8 @@ fn cannot_run() -> Option<String> {
         return Some("/dev/fuse is missing (no FUSE in this kernel)".into());
     }
     for tool in ["losetup", "mkfs.ext4", "mount", "e2fsck"] {
-        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_or(true, |o| !o.status.success()) {
+        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_or(true, |o| !o.status.success())
+        {
             return Some(format!("{tool} is missing"));
         }
     }
@@ -74,9 +75,19 @@ fn cannot_run() -> Option<String> {
 /// Attach a loop device to `file`, with direct I/O when the kernel takes it. Returns the device and
 /// whether direct I/O is on.
 fn losetup(file: &Path) -> Result<(PathBuf, bool), String> {
-    let dev = match run(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file)) {
-        Ok(d) => d,
-        Err(_) => run(Command::new("losetup").args(["-f", "--show"]).arg(file))?,
+    let mut tries = 0;
+    let dev = loop {
+        // Another process may take the free device first: try again.
+        let r = run(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file))
+            .or_else(|_| run(Command::new("losetup").args(["-f", "--show"]).arg(file)));
+        match r {
+            Ok(d) => break d,
+            Err(e) if tries >= 5 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20 * tries));
+            }
+        }
     };
     let name = Path::new(&dev).file_name().unwrap_or_default().to_string_lossy().to_string();
     let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).is_ok_and(|s| s.trim() == "1");
@@ -95,14 +106,30 @@ struct Rig {
     fs_dev: Option<PathBuf>,
     fs_mounted: bool,
     loop_dio: bool,
-    trace: bool,
+    /// Where the FUSE program writes a trace of every request, one file per power-on.
+    trace: Option<PathBuf>,
     power_ons: u64,
+    /// After the first power-on, the log drive acknowledges flushes without flushing.
+    lying_log_drive: bool,
+    /// The FUSE program's pid (0: none), for the watchdog.
+    fuse_pid: Arc<AtomicI32>,
 }
 
 impl Rig {
     fn new() -> Rig {
         let dir = TempDir::new("powercut");
-        Rig { dir, fuse: None, log_dev: None, fs_dev: None, fs_mounted: false, loop_dio: true, trace: false, power_ons: 0 }
+        Rig {
+            dir,
+            fuse: None,
+            log_dev: None,
+            fs_dev: None,
+            fs_mounted: false,
+            loop_dio: true,
+            trace: None,
+            power_ons: 0,
+            lying_log_drive: false,
+            fuse_pid: Arc::new(AtomicI32::new(0)),
+        }
     }
     fn fs_mnt(&self) -> PathBuf {
         self.dir.join("fs")
@@ -124,7 +151,7 @@ impl Rig {
             DiskSpec { name: "log".into(), image: self.dir.join("log.img"), size: LOG_DISK },
             DiskSpec { name: "fs".into(), image: self.dir.join("fs.img"), size: FS_DISK },
         ];
-        let trace = self.trace.then(|| self.dir.join(&format!("trace-{}.txt", self.power_ons)));
+        let trace = self.trace.as_ref().map(|d| d.join(format!("trace-{}.txt", self.power_ons)));
         self.power_ons += 1;
         let fuse = FuseDisk::start(
             Path::new(env!("CARGO_BIN_EXE_fams-fuse-disk")),
@@ -133,7 +160,11 @@ impl Rig {
             &self.dir.join("control.sock"),
             trace.as_deref(),
         )?;
+        if self.lying_log_drive && !first {
+            fuse.command("ignore-flushes log")?;
+        }
         let (log_file, fs_file) = (fuse.disk_path("log"), fuse.disk_path("fs"));
+        self.fuse_pid.store(fuse.pid().map_or(0, |p| p as i32), Ordering::SeqCst);
         self.fuse = Some(fuse);
         let (log_dev, dio1) = losetup(&log_file)?;
         self.log_dev = Some(log_dev);
@@ -163,8 +194,27 @@ impl Rig {
     /// Power loss on both drives at once.
     fn cut(&self, seed: u64) -> Result<(CutReport, Vec<DiskCounters>), String> {
         let (r, stats) = self.fuse().cut(seed)?;
-        let counters = stats["disks"].as_array().map(|a| a.iter().map(DiskCounters::from_json).collect()).unwrap_or_default();
-        Ok((r, counters))
+        Ok((r, counters(&stats)))
+    }
+
+    /// Power loss on both drives right after the `n`-th write from now reaches a drive (or now,
+    /// if that takes longer than `patience`).
+    fn cut_after_writes(
+        &self,
+        seed: u64,
+        n: u64,
+        disk: Option<&str>,
+        patience: Duration,
+    ) -> Result<(CutReport, Vec<DiskCounters>), String> {
+        self.fuse().arm(seed, n, disk)?;
+        match self.fuse().wait_for_cut(patience)? {
+            Some((r, stats)) => Ok((r, counters(&stats))),
+            None => match self.cut(seed) {
+                Ok(r) => Ok(r),
+                // The armed cut came in between.
+                Err(_) => self.fuse().wait_for_cut(patience)?.map(|(r, st)| (r, counters(&st))).ok_or("no cut".into()),
+            },
+        }
     }
 
     /// Tear the stack down (after a cut the drives ignore whatever this writes).
@@ -179,6 +229,7 @@ impl Rig {
         for dev in [self.fs_dev.take(), self.log_dev.take()].into_iter().flatten() {
             losetup_detach(&dev);
         }
+        self.fuse_pid.store(0, Ordering::SeqCst);
         if let Some(mut f) = self.fuse.take() {
             if let Err(e) = f.stop() {
                 err.get_or_insert(e);
@@ -194,6 +245,10 @@ impl Drop for Rig {
             say(&format!("power-cut rig teardown: {e}"));
         }
     }
+}
+
+fn counters(stats: &serde_json::Value) -> Vec<DiskCounters> {
+    stats["disks"].as_array().map(|a| a.iter().map(DiskCounters::from_json).collect()).unwrap_or_default()
 }
 
 /// The child, SIGKILLed on drop if still there.
@@ -218,6 +273,20 @@ impl ChildProc {
         }
         self.reaped = r == self.pid;
         Err(format!("the child ended by itself (wait status {status:#x})"))
+    }
+    /// Has it ended by itself? (Reaps it if so.)
+    fn ended(&mut self) -> Option<i32> {
+        if self.reaped {
+            return Some(0);
+        }
+        let mut status = 0;
+        // SAFETY: non-blocking waitpid on our own child.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+        if r == self.pid {
+            self.reaped = true;
+            return Some(status);
+        }
+        None
     }
     fn kill(&mut self) {
         if self.reaped {
@@ -260,6 +329,8 @@ struct Config {
     ack_before_durable: bool,
     /// Check ext4 with e2fsck after every this many power-ons.
     fsck_every: u64,
+    /// Break the drive on purpose: the log drive acknowledges flushes without flushing.
+    lying_log_drive: bool,
 }
 
 #[derive(Default, Debug)]
@@ -281,6 +352,9 @@ struct Report {
     writes_torn: u64,
     writes_kept: u64,
     cut_modes: std::collections::BTreeMap<String, u64>,
+    cut_triggers: std::collections::BTreeMap<String, u64>,
+    /// Cycles whose child reported an error (the dead drive's EIO) before it was killed.
+    child_saw_io_errors: u64,
     log_disk: DiskCounters,
     fs_disk: DiskCounters,
     fsck_runs: u64,
@@ -296,7 +370,7 @@ impl Report {
             "power cuts: {} cycles in {:.1} s ({:.0} ms/cycle), violations {}, commits acknowledged {}, final commit {}, \
              cut while recovering {}, recovered unacknowledged commits {} times, records replayed {}\n\
              cuts: {} with unflushed writes ({} on the log drive), {} dropped writes, {} tore writes; \
-             writes pending {} → kept {}, dropped {}, torn {}; modes {:?}\n\
+             writes pending {} → kept {}, dropped {}, torn {}; modes {:?}; when {:?}; child saw the dead drive's EIO {} times\n\
              loop direct I/O: {}; fsck after journal replay: {} runs, {} problems\n\
              log drive saw: {} writes, {} fsyncs, {} fdatasyncs, {} writes with O_DSYNC, {} from page cache, {} O_DIRECT opens, max {} unflushed writes\n\
              fs drive saw: {} writes, {} fsyncs, {} fdatasyncs, {} fallocates, max {} unflushed writes\n\
@@ -319,6 +393,8 @@ impl Report {
             self.writes_dropped,
             self.writes_torn,
             self.cut_modes,
+            self.cut_triggers,
+            self.child_saw_io_errors,
             self.loop_dio,
             self.fsck_runs,
             self.fsck_problems.len(),
@@ -351,19 +427,63 @@ fn env_u64(name: &str, default: u64) -> u64 {
 fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
     let started = Instant::now();
     let mut rig = Rig::new();
-    rig.trace = std::env::var_os("FAMS_POWER_CUT_TRACE").is_some();
+    // FAMS_POWER_CUT_TRACE=DIR: keep a trace of every request the drives see, per power-on.
+    rig.trace = std::env::var_os("FAMS_POWER_CUT_TRACE").map(PathBuf::from);
+    if let Some(d) = &rig.trace {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    rig.lying_log_drive = cfg.lying_log_drive;
     rig.power_on(true, false)?;
     let heap_path = rig.heap_path();
     let mut f = FormatOptions::new(&heap_path, HEAP_SIZE);
     f.log_path = Some(rig.log_dev());
     Heap::format(&f).map_err(|e| format!("format: {e}"))?;
 
+    // A cycle takes well under a second. If one stalls (a kernel or FUSE hang), kill the FUSE
+    // program: that aborts the connection, every waiting request fails, and the test reports an
+    // error instead of hanging CI.
+    let progress = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (progress, finished, fuse_pid) = (progress.clone(), finished.clone(), rig.fuse_pid.clone());
+        std::thread::spawn(move || {
+            let (mut seen, mut since) = (u64::MAX, Instant::now());
+            while !finished.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                let p = progress.load(Ordering::SeqCst);
+                if p != seen {
+                    (seen, since) = (p, Instant::now());
+                } else if since.elapsed() > Duration::from_secs(120) {
+                    let pid = fuse_pid.load(Ordering::SeqCst);
+                    say(&format!(
+                        "power-cut watchdog: no progress for 120 s in cycle {p}; killing fams-fuse-disk {pid}"
+                    ));
+                    if pid > 0 {
+                        // SAFETY: kill(2) on the FUSE program the rig started.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    since = Instant::now();
+                }
+            }
+        })
+    };
+    let result = run_cycles(cfg, &mut rig, &heap_path, &progress);
+    finished.store(true, Ordering::SeqCst);
+    let _ = watchdog.join();
+    let mut report = result?;
+    report.seconds = started.elapsed().as_secs_f64();
+    rig.power_off()?;
+    Ok(report)
+}
+
+fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path, progress: &AtomicU64) -> Result<Report, String> {
     let trackers = trackers();
     let mut report = Report { loop_dio: rig.loop_dio, ..Report::default() };
     let mut model = Model::new(HEAP_SIZE as usize, cfg.seed);
     let mut last_acked = 0u64;
     let mut rng = Rng::new(cfg.seed ^ 0x0070_7765_7263_7574);
     for cycle in 0..cfg.cycles {
+        progress.store(cycle, Ordering::SeqCst);
         // Mostly the production default (io_uring + RWF_DSYNC), sometimes the other paths.
         let choice = Choice {
             tracker: trackers[rng.below(trackers.len() as u64) as usize],
@@ -379,7 +499,7 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
         let mut cmd = Command::new(exe);
         cmd.args(["--exact", "power_cut_child", "--nocapture", "--test-threads=1"])
             .env("FAMS_CHILD", "1")
-            .env("FAMS_PC_HEAP", &heap_path)
+            .env("FAMS_PC_HEAP", heap_path)
             .env("FAMS_PC_LOG", rig.log_dev())
             .env("FAMS_PC_SEED", cfg.seed.to_string())
             .env("FAMS_PC_RUN_SEED", rng.next_u64().to_string())
@@ -401,7 +521,8 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    if line.starts_with("ready ") {
+                    // libtest may have printed "test power_cut_child ... " on the same line.
+                    if line.contains("ready ") {
                         out.ready.store(true, Ordering::SeqCst);
                     } else if let Some(k) = line.strip_prefix("ack ").and_then(|k| k.trim().parse::<u64>().ok()) {
                         out.last_ack.fetch_max(k, Ordering::SeqCst);
@@ -412,9 +533,18 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
         };
         drop(spawned); // the pid is ours to wait for (ChildProc); std's handle neither waits nor kills
 
-        // The cut: a tenth of the time at a random moment of start-up and recovery, otherwise
-        // while the child commits.
-        if rng.below(10) == 0 {
+        // When and how the power goes: a tenth of the time at a random moment of start-up and
+        // recovery; otherwise while the child commits: with the child frozen first (its I/O in
+        // flight lands on the dead drive), at a random instant while it runs, or right after
+        // its n-th next write reaches a drive (between a write and its flush).
+        let how = match rng.below(20) {
+            0 | 1 => "recovering",
+            2..=6 => "frozen",
+            7..=10 => "running",
+            _ => "after-write",
+        };
+        *report.cut_triggers.entry(how.into()).or_default() += 1;
+        if how == "recovering" {
             std::thread::sleep(Duration::from_micros(rng.below(40_000)));
         } else {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -429,15 +559,56 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
             }
             std::thread::sleep(Duration::from_micros(rng.below(cfg.cut_after_ms_max * 1000 + 1)));
         }
-        // Freeze the child so it can acknowledge nothing more, then cut the power. Its I/O in
-        // flight goes on in the kernel and lands on a dead drive.
-        if let Err(e) = child.stop() {
-            let _ = reader.join();
+        let died_early = |child: &mut ChildProc| -> Option<String> {
+            let status = child.ended()?;
             let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-            return Err(format!("cycle {cycle}: {e} ({choice:?}): {}", err.trim()));
-        }
-        let (cut, counters) = rig.cut(rng.next_u64())?;
+            Some(format!(
+                "cycle {cycle}: the child ended before the cut (status {status:#x}, {choice:?}): {}",
+                err.trim()
+            ))
+        };
+        let seed = rng.next_u64();
+        let cut_result = match how {
+            "frozen" => {
+                // Freeze the child so it can acknowledge nothing more, then cut the power. Its
+                // I/O in flight goes on in the kernel and lands on a dead drive.
+                if let Err(e) = child.stop() {
+                    let _ = reader.join();
+                    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                    return Err(format!("cycle {cycle}: {e} ({choice:?}): {}", err.trim()));
+                }
+                rig.cut(seed)
+            }
+            "after-write" => {
+                if let Some(e) = died_early(&mut child) {
+                    return Err(e);
+                }
+                // Mostly the log drive: the moment between a record's write and its flush.
+                let disk = if rng.below(4) == 0 { None } else { Some("log") };
+                rig.cut_after_writes(
+                    seed,
+                    1 + rng.below(if disk.is_some() { 8 } else { 24 }),
+                    disk,
+                    Duration::from_secs(2),
+                )
+            }
+            _ => {
+                if how == "running" {
+                    if let Some(e) = died_early(&mut child) {
+                        return Err(e);
+                    }
+                }
+                rig.cut(seed)
+            }
+        };
+        // The child dies with the power (if the dead drive's EIO has not ended it already).
         child.kill();
+        let (cut, counters) = cut_result?;
+        // No one is left to be told that a write succeeded: let ext4 unmount without I/O errors.
+        rig.fuse().command("silence")?;
+        if std::fs::read_to_string(&err_path).is_ok_and(|e| e.contains("power-cut child:")) {
+            report.child_saw_io_errors += 1;
+        }
         reader.join().map_err(|_| "reader thread panicked".to_string())?;
         let opened = out.ready.load(Ordering::SeqCst);
         let acked = out.last_ack.load(Ordering::SeqCst);
@@ -470,7 +641,7 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
         }
         report.fsck_runs += fsck as u64;
         let opts = HeapOptions { log_path: Some(rig.log_dev()), ..HeapOptions::default() };
-        let heap = match Heap::open(&heap_path, &opts) {
+        let heap = match Heap::open(heap_path, &opts) {
             Ok(h) => h,
             Err(e) => {
                 report.violations += 1;
@@ -485,9 +656,17 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
         report.records_replayed += heap.stats().recovery.records_replayed;
         let c = commit_number(heap.bytes());
         let mut violation = None;
-        let ctx = || format!("{} cut, {} writes pending, {} dropped, {} torn; {choice:?}", cut.mode, cut.pending_writes, cut.dropped, cut.torn);
+        let ctx = || {
+            format!(
+                "{} cut, {} writes pending, {} dropped, {} torn; {choice:?}",
+                cut.mode, cut.pending_writes, cut.dropped, cut.torn
+            )
+        };
         if c < last_acked {
-            violation = Some(format!("cycle {cycle}: heap is at commit {c} but commit {last_acked} was acknowledged ({})", ctx()));
+            violation = Some(format!(
+                "cycle {cycle}: heap is at commit {c} but commit {last_acked} was acknowledged ({})",
+                ctx()
+            ));
         } else if c < model.at {
             violation = Some(format!("cycle {cycle}: heap went back from commit {} to {c} ({})", model.at, ctx()));
         } else {
@@ -523,8 +702,6 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
             ));
         }
     }
-    report.seconds = started.elapsed().as_secs_f64();
-    rig.power_off()?;
     Ok(report)
 }
 
@@ -538,20 +715,29 @@ fn power_cuts_on_a_fuse_backed_loop_device() {
         return;
     }
     let cfg = Config {
-        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 220),
+        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 240),
         seed: env_u64("FAMS_POWER_CUT_SEED", 0x00f0_5e5e_d001),
         cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
         ack_before_durable: false,
         fsck_every: 20,
+        lying_log_drive: false,
     };
     let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
     say(&report.summary());
     assert_eq!(report.cycles, cfg.cycles, "{}", report.summary());
     assert_eq!(report.violations, 0, "{}", report.summary());
-    assert!(report.fsck_problems.is_empty(), "ext4 found damage: the FUSE drive model is broken?\n{:?}", report.fsck_problems);
+    assert!(
+        report.fsck_problems.is_empty(),
+        "ext4 found damage: the FUSE drive model is broken?\n{:?}",
+        report.fsck_problems
+    );
     assert!(report.commits_acknowledged > cfg.cycles, "the child should commit between cuts\n{}", report.summary());
     assert!(report.cuts_that_dropped > cfg.cycles / 10, "the cuts should lose unflushed writes\n{}", report.summary());
-    assert!(report.log_disk.fsyncs + report.log_disk.fdatasyncs > 0, "flushes should reach the drive as fsync\n{}", report.summary());
+    assert!(
+        report.log_disk.fsyncs + report.log_disk.fdatasyncs > 0,
+        "flushes should reach the drive as fsync\n{}",
+        report.summary()
+    );
 }
 
 /// Proof that the test can fail: a child that acknowledges each commit as soon as it is handed
@@ -569,14 +755,118 @@ fn power_cut_catches_acks_before_durability() {
     }
     let cfg = Config {
         cycles: env_u64("FAMS_POWER_CUT_CYCLES", 40),
-        seed: env_u64("FAMS_POWER_CUT_SEED", 0xbad_ac),
+        seed: env_u64("FAMS_POWER_CUT_SEED", 0xbada_c0de),
         cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
         ack_before_durable: true,
         fsck_every: 0,
+        lying_log_drive: false,
     };
     let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
     say(&format!("broken protocol (ack before durable):\n{}", report.summary()));
-    assert!(report.violations > 0, "acknowledging commits before they are durable went unnoticed\n{}", report.summary());
+    assert!(
+        report.violations > 0,
+        "acknowledging commits before they are durable went unnoticed\n{}",
+        report.summary()
+    );
+}
+
+/// Proof that the test sees the drive, not just the process: with a log drive that acknowledges
+/// flushes without making anything durable (a drive lying about its write cache), acknowledged
+/// commits are lost at power cuts and the test must say so. A SIGKILL test cannot see this.
+#[test]
+#[ignore]
+fn power_cut_catches_a_drive_that_ignores_flushes() {
+    if is_child() {
+        return;
+    }
+    if let Some(why) = cannot_run() {
+        say(&format!("SKIPPED: power-cut test: {why}"));
+        return;
+    }
+    let cfg = Config {
+        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 40),
+        seed: env_u64("FAMS_POWER_CUT_SEED", 0x11e5),
+        cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
+        ack_before_durable: false,
+        fsck_every: 0,
+        lying_log_drive: true,
+    };
+    let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
+    say(&format!("lying log drive (flushes ignored):\n{}", report.summary()));
+    assert!(report.violations > 0, "a log drive that ignores flushes went unnoticed\n{}", report.summary());
+}
+
+/// A loop device on attached to an O_DIRECT-opened file, closed on drop.
+struct LoopGuard(PathBuf);
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        losetup_detach(&self.0);
+    }
+}
+
+/// The drive model seen through the real kernel path, without fams: an O_DIRECT write to the loop
+/// device that was never flushed is lost at a cut; one followed by fdatasync, and one written with
+/// RWF_DSYNC (a FUA write), survive.
+#[test]
+fn the_fuse_drive_loses_unflushed_writes_and_keeps_flushed_ones() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    if is_child() {
+        return;
+    }
+    if let Some(why) = cannot_run() {
+        say(&format!("SKIPPED: power-cut test: {why}"));
+        return;
+    }
+    let dir = TempDir::new("fusedrive");
+    let exe = Path::new(env!("CARGO_BIN_EXE_fams-fuse-disk"));
+    let spec = [DiskSpec { name: "d".into(), image: dir.join("d.img"), size: 1 << 20 }];
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    // SAFETY: a non-zero-sized layout; freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buf.is_null());
+    // SAFETY: `buf` is a live 4096-byte allocation owned here.
+    let block = unsafe { std::slice::from_raw_parts_mut(buf, 4096) };
+    {
+        let fuse = FuseDisk::start(exe, &dir.join("m"), &spec, &dir.join("c.sock"), None).unwrap();
+        let (dev, dio) = losetup(&fuse.disk_path("d")).unwrap();
+        let _loop = LoopGuard(dev.clone());
+        let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(&dev).unwrap();
+        block.fill(1);
+        f.write_all_at(block, 0).unwrap();
+        f.sync_data().unwrap();
+        block.fill(2);
+        let iov = libc::iovec { iov_base: buf.cast(), iov_len: 4096 };
+        // SAFETY: one iovec over our 4096-byte, 4096-aligned buffer.
+        let n = unsafe { libc::pwritev2(f.as_raw_fd(), &iov, 1, 4096, libc::RWF_DSYNC) };
+        assert_eq!(n, 4096, "{}", std::io::Error::last_os_error());
+        block.fill(3);
+        f.write_all_at(block, 8192).unwrap();
+        let st = fuse.stats().unwrap();
+        let d = &st["disks"][0];
+        say(&format!(
+            "fuse drive under a loop device (direct I/O {dio}): 3 O_DIRECT writes (1 + fdatasync, 1 RWF_DSYNC, 1 plain) \
+             arrived as {} writes and {} fsyncs + {} fdatasyncs; {} unflushed",
+            d["writes"], d["fsyncs"], d["fdatasyncs"], d["pending_writes"]
+        ));
+        assert_eq!(d["pending_writes"], 1, "only the plain write is unflushed: {st}");
+        let (cut, _) = fuse.cut_mode(1, fams_tests::fuse_disk::CutMode::LoseAll).unwrap();
+        assert_eq!((cut.pending_writes, cut.dropped), (1, 1), "{cut:?}");
+        // The dead drive fails what comes after the cut.
+        assert!(f.write_all_at(block, 12288).and_then(|_| f.sync_data()).is_err(), "writes after the cut must fail");
+    }
+    // Power back on.
+    let fuse = FuseDisk::start(exe, &dir.join("m"), &spec, &dir.join("c.sock"), None).unwrap();
+    let (dev, _) = losetup(&fuse.disk_path("d")).unwrap();
+    let _loop = LoopGuard(dev.clone());
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&dev).unwrap();
+    for (off, want) in [(0u64, 1u8), (4096, 2), (8192, 0), (12288, 0)] {
+        f.read_exact_at(block, off).unwrap();
+        assert!(block.iter().all(|&b| b == want), "block at {off}: want {want}, found {}", block[0]);
+    }
+    // SAFETY: allocated above with this layout; `block` is not used after this.
+    unsafe { std::alloc::dealloc(buf, layout) };
 }
 
 /// The committing child (runs only inside the process the test starts).
@@ -612,7 +902,8 @@ fn child_main() -> Result<(), String> {
     let mut say = |line: String| -> Result<(), String> {
         out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"))
     };
-    say(format!("ready {k}\n"))?;
+    // On a line of its own: libtest has printed "test power_cut_child ... " without a newline.
+    say(format!("\nready {k}\n"))?;
     let mut rng = Rng::new(run_seed);
     let mut in_flight: VecDeque<(u64, fams::Ticket)> = VecDeque::new();
     loop {

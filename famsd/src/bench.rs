@@ -1,0 +1,315 @@
+//! `famsd bench`: commit latency and recovery time on the user's own device, next to the
+//! device floor and the baselines, all measured in the same run and reported as ratios.
+
+use fams::TrackerKind;
+use fams_bench::{CommitResult, RecoveryResult, Samples, Target};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct BenchConfig {
+    pub dir: PathBuf,
+    pub log_device: Option<PathBuf>,
+    pub quick: bool,
+    pub force: bool,
+    pub progress: bool,
+}
+
+pub struct BenchReport {
+    pub commits: Vec<CommitResult>,
+    pub recoveries: Vec<RecoveryResult>,
+    pub baselines: Vec<(&'static str, Samples)>,
+    pub sync_rate: f64,
+    pub async_rate: f64,
+    pub async_groups: u64,
+    pub async_commits: usize,
+    pub seconds: f64,
+}
+
+/// Refuse a log device that holds anything we would destroy, unless forced.
+pub fn check_device(dev: &Path, force: bool) -> Result<(), String> {
+    let info = fams::io::block_device_info(dev)
+        .map_err(|e| format!("{}: {e}", dev.display()))?
+        .ok_or_else(|| format!("{}: not a block device; for a log file on a filesystem use --dir", dev.display()))?;
+    if force {
+        return Ok(());
+    }
+    if let Some(fs) = info.filesystem {
+        return Err(format!(
+            "{}: the device appears to hold {fs}; the benchmark overwrites it. Pass --force if that is what you want",
+            dev.display()
+        ));
+    }
+    let mut dev_io = fams::io::open_log(dev, &Default::default()).map_err(|e| e.to_string())?;
+    let mut head = fams::io::AlignedBuf::zeroed(4096);
+    dev_io.read_exact_at(0, &mut head).map_err(|e| e.to_string())?;
+    if &head[..8] == b"FAMSLOG1" {
+        return Err(format!(
+            "{}: the device holds a fams log (maybe of a heap in use); the benchmark overwrites it. Pass --force if that is what you want",
+            dev.display()
+        ));
+    }
+    Ok(())
+}
+
+struct Progress {
+    on: bool,
+    step: usize,
+    steps: usize,
+    started: Instant,
+}
+
+impl Progress {
+    fn next(&mut self, what: &str) {
+        self.step += 1;
+        if self.on {
+            let width = 24;
+            let done = width * (self.step - 1) / self.steps;
+            eprintln!(
+                "[{}{}] {}/{} {what} ({:.0} s)",
+                "#".repeat(done),
+                ".".repeat(width - done),
+                self.step,
+                self.steps,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
+    if let Some(dev) = &cfg.log_device {
+        check_device(dev, cfg.force)?;
+    }
+    std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
+    let target = Target { dir: cfg.dir.clone(), log_device: cfg.log_device.clone() };
+    let err = |e: fams::Error| e.to_string();
+
+    let (page_rows, baseline_iters, rate_commits, recovery_rows): (Vec<(usize, usize)>, usize, usize, Vec<(u64, u64)>) =
+        if cfg.quick {
+            (vec![(1, 300), (16, 150), (256, 40)], 200, 2000, vec![(1, 1 << 30), (16, 1 << 30)])
+        } else {
+            (
+                vec![(1, 1000), (16, 500), (256, 100), (4096, 20)],
+                1000,
+                10000,
+                vec![(1, 1 << 30), (16, 1 << 30), (256, 1 << 30), (16, 8 << 30)],
+            )
+        };
+    let trackers: Vec<Option<TrackerKind>> =
+        if cfg.quick { vec![None] } else { vec![Some(TrackerKind::Uffd), Some(TrackerKind::Mprotect)] };
+    let trackers: Vec<_> = trackers
+        .into_iter()
+        .filter(|t| *t != Some(TrackerKind::Uffd) || fams::tracker::uffd_available().is_ok())
+        .collect();
+    let mut p = Progress {
+        on: cfg.progress,
+        step: 0,
+        steps: page_rows.len() * trackers.len() + 4 + 1 + recovery_rows.len(),
+        started: Instant::now(),
+    };
+
+    let mut commits = Vec::new();
+    for tracker in &trackers {
+        for &(pages, iters) in &page_rows {
+            p.next(&format!("commit, {pages} dirty pages, {iters} commits + the floor"));
+            commits.push(fams_bench::fams_commit(&target, pages, false, iters, *tracker).map_err(err)?);
+            fams_bench::settle();
+        }
+    }
+    let mut baselines = Vec::new();
+    p.next("baseline: SQLite WAL synchronous=FULL");
+    baselines.push(("sqlite_wal", fams_bench::sqlite_wal_full(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+    p.next("baseline: LMDB");
+    baselines.push(("lmdb", fams_bench::lmdb(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+    p.next("baseline: Ken-style checkpoint file + fsync + directory fsync");
+    baselines.push(("ken_style", fams_bench::ken_style(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+    p.next("baseline: msync(MS_SYNC) of a MAP_SHARED file (not failure-atomic)");
+    baselines.push(("msync_not_atomic", fams_bench::msync_shared(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+    p.next(&format!("commit rate: {rate_commits} synchronous vs {rate_commits} async 1-page commits"));
+    let (sync_rate, async_rate, async_groups) = fams_bench::commit_rate(&target, rate_commits, 64).map_err(err)?;
+    let mut recoveries = Vec::new();
+    for &(log_mib, heap_bytes) in &recovery_rows {
+        p.next(&format!("recovery of {log_mib} MiB of log, {} GiB heap", heap_bytes >> 30));
+        recoveries.push(fams_bench::recovery(&target, log_mib, heap_bytes).map_err(err)?);
+        fams_bench::settle();
+    }
+    Ok(BenchReport {
+        commits,
+        recoveries,
+        baselines,
+        sync_rate,
+        async_rate,
+        async_groups,
+        async_commits: rate_commits,
+        seconds: p.started.elapsed().as_secs_f64(),
+    })
+}
+
+impl BenchReport {
+    fn baseline_p50(&self, name: &str) -> f64 {
+        self.baselines.iter().find(|(n, _)| *n == name).map(|(_, s)| s.p50()).unwrap_or(0.0)
+    }
+
+    pub fn to_json(&self, cfg: &BenchConfig) -> serde_json::Value {
+        let commit: Vec<_> = self
+            .commits
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "pages": c.pages, "tracker": c.tracker, "p50_us": c.samples.p50(), "p99_us": c.samples.p99(),
+                    "floor_p50_us": c.floor.p50(), "floor_p99_us": c.floor.p99(),
+                    "ratio_to_floor_p50": c.samples.p50() / c.floor.p50(),
+                    "log_bytes_per_commit": c.log_bytes_per_commit, "commits": c.samples.0.len(),
+                })
+            })
+            .collect();
+        let recovery: Vec<_> = self
+            .recoveries
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "log_mib": r.log_mib, "heap_gib": r.heap_bytes as f64 / (1u64 << 30) as f64, "ms": r.ms,
+                    "floor_ms": r.floor_ms, "records": r.records, "log_bytes_read": r.log_bytes_read,
+                    "ratio_to_floor": r.ms / r.floor_ms,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "device": { "dir": cfg.dir, "log_device": cfg.log_device, "quick": cfg.quick },
+            "commit": commit,
+            "recovery": recovery,
+            "baselines": {
+                "sqlite_wal_p50_us": self.baseline_p50("sqlite_wal"),
+                "lmdb_p50_us": self.baseline_p50("lmdb"),
+                "ken_style_p50_us": self.baseline_p50("ken_style"),
+                "msync_not_atomic_p50_us": self.baseline_p50("msync_not_atomic"),
+            },
+            "commit_rate": {
+                "sync_per_s": self.sync_rate, "async_per_s": self.async_rate,
+                "async_speedup": self.async_rate / self.sync_rate,
+                "async_device_writes": self.async_groups, "async_commits": self.async_commits,
+            },
+            "seconds": self.seconds,
+        })
+    }
+
+    pub fn print_table(&self) {
+        println!("commit latency (one byte changed per dirty page), µs");
+        println!("{:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>12}", "pages", "tracker", "p50", "p99", "floor p50", "ratio", "log B/commit");
+        for c in &self.commits {
+            println!(
+                "{:>8} {:>9} {:>9.0} {:>9.0} {:>11.0} {:>7.2}× {:>12.0}",
+                c.pages,
+                c.tracker,
+                c.samples.p50(),
+                c.samples.p99(),
+                c.floor.p50(),
+                c.samples.p50() / c.floor.p50(),
+                c.log_bytes_per_commit
+            );
+        }
+        let one = self.commits.iter().find(|c| c.pages == 1).map(|c| c.samples.p50()).unwrap_or(0.0);
+        println!("\nthe same durable 1-page update elsewhere, µs (p50, p99, and how many times slower than fams)");
+        for (name, s) in &self.baselines {
+            let label = match *name {
+                "sqlite_wal" => "SQLite WAL, synchronous=FULL",
+                "lmdb" => "LMDB",
+                "ken_style" => "Ken-style checkpoint file",
+                _ => "msync MAP_SHARED (NOT atomic)",
+            };
+            println!("{label:>32} {:>9.0} {:>9.0} {:>7.2}×", s.p50(), s.p99(), s.p50() / one);
+        }
+        println!(
+            "\ncommit rate, 1-page commits: synchronous {:.0}/s, commit_async {:.0}/s ({:.1}×; {} commits in {} device writes)",
+            self.sync_rate,
+            self.async_rate,
+            self.async_rate / self.sync_rate,
+            self.async_commits,
+            self.async_groups
+        );
+        println!("\nrecovery (replay + scan of the log), ms");
+        println!("{:>8} {:>9} {:>9} {:>11} {:>8} {:>12}", "log MiB", "heap GiB", "ms", "floor ms", "ratio", "throughput");
+        for r in &self.recoveries {
+            println!(
+                "{:>8} {:>9.0} {:>9.1} {:>11.1} {:>7.2}× {:>8.0} MB/s",
+                r.log_mib,
+                r.heap_bytes as f64 / (1u64 << 30) as f64,
+                r.ms,
+                r.floor_ms,
+                r.ms / r.floor_ms,
+                r.log_bytes_read as f64 / 1e6 / (r.ms / 1e3)
+            );
+        }
+        println!("\n(measured in {:.0} s; ratios compare rows of this run on this device)", self.seconds);
+    }
+
+    /// Two charts: commit latency vs dirty pages, recovery time vs log size; floor and
+    /// baselines on the same axes.
+    pub fn svg(&self) -> String {
+        let mut out = String::new();
+        let (w, h) = (900.0, 380.0);
+        out.push_str(&format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        ));
+        let fams_pts: Vec<(f64, f64)> = self.commits.iter().filter(|c| c.tracker == self.commits[0].tracker).map(|c| (c.pages as f64, c.samples.p50())).collect();
+        let floor_pts: Vec<(f64, f64)> = self.commits.iter().filter(|c| c.tracker == self.commits[0].tracker).map(|c| (c.pages as f64, c.floor.p50())).collect();
+        let base: Vec<(String, f64)> = self.baselines.iter().map(|(n, s)| (n.to_string(), s.p50())).collect();
+        out.push_str(&chart(
+            20.0,
+            "commit latency p50 (µs) vs dirty pages",
+            &[("fams", "#1f77b4", fams_pts), ("floor: O_DIRECT write + flush", "#2ca02c", floor_pts)],
+            &base,
+            true,
+        ));
+        let rec: Vec<(f64, f64)> = self.recoveries.iter().filter(|r| r.heap_bytes == 1 << 30).map(|r| (r.log_mib as f64, r.ms)).collect();
+        let recf: Vec<(f64, f64)> = self.recoveries.iter().filter(|r| r.heap_bytes == 1 << 30).map(|r| (r.log_mib as f64, r.floor_ms)).collect();
+        out.push_str(&chart(470.0, "recovery (ms) vs log MiB", &[("fams", "#1f77b4", rec), ("floor: O_DIRECT read", "#2ca02c", recf)], &[], true));
+        out.push_str("</svg>\n");
+        out
+    }
+}
+
+/// One log-log chart at x offset `x0`, 410×330.
+fn chart(x0: f64, title: &str, series: &[(&str, &str, Vec<(f64, f64)>)], hlines: &[(String, f64)], log_y: bool) -> String {
+    let (cw, ch, left, top) = (410.0, 300.0, 55.0, 30.0);
+    let xs: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.0)).collect();
+    let ys: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.1)).chain(hlines.iter().map(|h| h.1)).filter(|y| *y > 0.0).collect();
+    if xs.is_empty() || ys.is_empty() {
+        return String::new();
+    }
+    let lx = |v: f64| v.max(1e-9).log10();
+    let (xmin, xmax) = (lx(xs.iter().cloned().fold(f64::MAX, f64::min)), lx(xs.iter().cloned().fold(0.0, f64::max)) + 1e-9);
+    let ty = |v: f64| if log_y { v.max(1e-9).log10() } else { v };
+    let (ymin, ymax) = (ty(ys.iter().cloned().fold(f64::MAX, f64::min)) - 0.2, ty(ys.iter().cloned().fold(0.0, f64::max)) + 0.2);
+    let px = |x: f64| x0 + left + (lx(x) - xmin) / (xmax - xmin).max(1e-9) * (cw - left - 10.0);
+    let py = |y: f64| top + ch - (ty(y) - ymin) / (ymax - ymin).max(1e-9) * ch;
+    let mut s = format!("<text x=\"{}\" y=\"18\" font-weight=\"bold\">{title}</text>\n", x0 + left);
+    s.push_str(&format!(
+        "<rect x=\"{}\" y=\"{top}\" width=\"{}\" height=\"{ch}\" fill=\"none\" stroke=\"#888\"/>\n",
+        x0 + left,
+        cw - left - 10.0
+    ));
+    for (i, (name, color, pts)) in series.iter().enumerate() {
+        let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        s.push_str(&format!("<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n", path.join(" ")));
+        for &(x, y) in pts {
+            s.push_str(&format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n", px(x), py(y)));
+            s.push_str(&format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{y:.0}</text>\n", px(x) + 4.0, py(y) - 4.0));
+        }
+        s.push_str(&format!("<text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n", x0 + left + 8.0, top + 16.0 + 14.0 * i as f64));
+    }
+    for (i, (name, y)) in hlines.iter().enumerate() {
+        let yy = py(*y);
+        s.push_str(&format!(
+            "<line x1=\"{}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#d62728\" stroke-dasharray=\"4 3\"/>\n<text x=\"{}\" y=\"{:.1}\" fill=\"#d62728\" font-size=\"10\">{name} (1 page) {y:.0}</text>\n",
+            x0 + left,
+            x0 + cw - 10.0,
+            x0 + left + 150.0 + 0.0 * i as f64,
+            yy - 3.0
+        ));
+    }
+    for &x in &xs {
+        s.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{x}</text>\n", px(x), top + ch + 14.0));
+    }
+    s
+}
