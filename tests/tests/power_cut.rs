@@ -4,19 +4,25 @@
 //! volatile write cache (see `fams_tests::fuse_disk`). A loop device sits on each (direct I/O when
 //! the kernel allows it); the fams log is the raw loop device over `log`, and the heap file lives
 //! on ext4 on the loop device over `fs`. The product runs unchanged: io_uring or plain syscalls,
-//! O_DIRECT, RWF_DSYNC (a FUA write, emulated by the block layer with a flush) or fdatasync; its
-//! checkpoints fdatasync the heap file through ext4. Every flush reaches the FUSE program as an
-//! fsync of that file; everything written since is volatile.
+//! O_DIRECT, RWF_DSYNC (a FUA write; the loop device has no FUA, so the block layer follows the
+//! write with a flush) or fdatasync; its checkpoints fdatasync the heap file through ext4. Every
+//! flush reaches the FUSE program as an fsync of that file; everything written since is volatile.
 //!
 //! Each cycle: a child process (this test binary again) recovers and commits the verifiable
-//! workload, printing `ack k` when commit k is durable. At a random moment — a tenth of the time
-//! while the child is still recovering — the test stops the child (SIGSTOP, so nothing more is
-//! acknowledged), **cuts the power** of both drives at once (each unflushed write kept, dropped or
-//! torn per 512-byte sector), kills the child, unmounts ext4, detaches the loop devices and ends
-//! the FUSE program. Then power comes back: a new FUSE program from the durable images, loop
-//! devices, ext4 (replaying its journal), and `Heap::open` (replaying the fams log). The heap must
-//! hold exactly the state after some commit c ≥ the last acknowledged one, and never go back.
+//! workload, printing `ack k` when commit k is durable. Then the test **cuts the power** of both
+//! drives at once (each unflushed write kept, dropped or torn per 512-byte sector; afterwards
+//! the drives fail every write and flush with EIO, so nothing after the cut can be acknowledged),
+//! at one of these moments: while the child is still starting or recovering; after freezing it
+//! (SIGSTOP; its I/O in flight lands on the dead drive); at a random instant while it runs; or
+//! right after its n-th next write reaches a drive (in the FUSE request handler: between a
+//! record's write and its flush). It kills the child, unmounts ext4, detaches the loop devices
+//! and ends the FUSE program. Then power comes back: a new FUSE program from the durable images,
+//! loop devices, ext4 (replaying its journal; every 20th time also checked with e2fsck), and
+//! `Heap::open` (replaying the fams log). The heap must hold exactly the state after some commit
+//! c ≥ the last acknowledged one, and never go back. The next cycle goes on from there.
 //!
+//! Knobs: FAMS_POWER_CUT_CYCLES, _SEED, _MAX_MS (longest run before a cut), _PROGRESS (a line
+//! per cycle), _TRACE=DIR (every request the drives see, per power-on).
 //! Root only (losetup, mount, FUSE); otherwise the test says why it skipped and passes.
 
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};

@@ -159,7 +159,8 @@ fn check_entries(payload: &[u8], count: u32) {
 /// is taken from superblock slot A, or slot B with bit 1). Bit 0 clear = **area**: bytes 3.. are
 /// the record area behind a valid superblock that the target writes:
 /// - byte 1: the tail block (modulo the area's blocks); the heap identity, the epoch and the tail
-///   LSN come from the bytes at the tail (a record header there, if any);
+///   LSN come from the first block from the tail on (circularly) that starts with the record
+///   magic, or from the tail block when none does;
 /// - byte 2: added to that LSN (as i8);
 /// - bit 1: the superblock goes to slot B (sequence 3) instead of slot A (sequence 2);
 /// - bit 2: the superblock's epoch is one less than the tail record's (records of a newer epoch
@@ -195,7 +196,14 @@ pub fn build(data: &[u8]) -> Option<Built> {
             reseal(&mut log);
         }
         let tail = AREA_START as usize + (*tail_block as usize % area_blocks) * BLOCK;
-        let at_tail = &log[tail..tail + BLOCK];
+        // The first record-looking block from the tail on (circularly): where the writer
+        // wrapped, the tail's record is at the area start.
+        let first = (0..area_blocks)
+            .map(|i| tail + i * BLOCK)
+            .map(|at| if at >= log_len { at - area_blocks * BLOCK } else { at })
+            .find(|&at| &log[at..at + 4] == b"FAMR")
+            .unwrap_or(tail);
+        let at_tail = &log[first..first + BLOCK];
         let id = HeapId(at_tail[24..40].try_into().unwrap());
         let rec_epoch = u64_at(at_tail, 40).max(1);
         let epoch = if sel & 4 != 0 { (rec_epoch - 1).max(1) } else { rec_epoch };
