@@ -137,6 +137,33 @@ pub(crate) fn group_bytes_max(capacity_bytes: u64) -> u64 {
     capacity_bytes / 2
 }
 
+/// The log writer, shared by the log-writer thread and synchronous commits.
+pub(crate) type WriterCore = Arc<Mutex<LogWriter>>;
+
+pub(crate) fn lock_core(core: &WriterCore) -> MutexGuard<'_, LogWriter> {
+    core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The log-writer thread: sleeps until records are queued (by `commit_async`), drains them,
+/// and takes the final checkpoint at shutdown.
+pub(crate) fn run_writer_thread(core: WriterCore, shared: Arc<Shared>) {
+    loop {
+        {
+            let mut st = shared.lock();
+            while st.queue.is_empty() && !st.shutdown {
+                st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.queue.is_empty() {
+                break;
+            }
+        }
+        if lock_core(&core).drain().is_err() {
+            return;
+        }
+    }
+    lock_core(&core).finish();
+}
+
 /// Groups with at most this much payload are written back to the heap file before they are
 /// acknowledged; larger ones after (their write-back would delay the acknowledgement).
 const WRITE_BACK_BEFORE_ACK_BYTES_MAX: usize = 64 << 10;
@@ -179,38 +206,50 @@ impl PageSet {
 }
 
 impl LogWriter {
-    pub fn run(mut self) {
+    /// The next group: queued records in LSN order, up to the group limit.
+    fn take_group(&self, st: &mut WriterState) -> Vec<QueuedRecord> {
+        let limit = group_bytes_max(self.superblock.capacity_bytes());
+        let mut bytes = 0;
+        let mut take = 0;
+        for r in &st.queue {
+            if take > 0 && bytes + r.total_len_max() > limit {
+                break;
+            }
+            bytes += r.total_len_max();
+            take += 1;
+        }
+        st.queued_bytes -= st.queue[..take].iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        st.queue.drain(..take).collect()
+    }
+
+    /// Write every queued record, group by group, on the calling thread. Whoever holds the
+    /// writer (the log-writer thread, or a synchronous `commit()` that found it idle) drains the
+    /// queue in LSN order. Err once the writer has failed.
+    pub fn drain(&mut self) -> Result<(), ()> {
         loop {
             let group = {
                 let mut st = self.shared.lock();
-                while st.queue.is_empty() && !st.shutdown {
-                    st = self.shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                if st.failed.is_some() {
+                    return Err(());
                 }
                 if st.queue.is_empty() {
-                    break;
+                    return Ok(());
                 }
-                let limit = group_bytes_max(self.superblock.capacity_bytes());
-                let mut bytes = 0;
-                let mut take = 0;
-                for r in &st.queue {
-                    if take > 0 && bytes + r.total_len_max() > limit {
-                        break;
-                    }
-                    bytes += r.total_len_max();
-                    take += 1;
-                }
-                st.queued_bytes -= st.queue[..take].iter().map(|r| r.payload.len() as u64).sum::<u64>();
-                st.queue.drain(..take).collect::<Vec<_>>()
+                self.take_group(&mut st)
             };
             if let Err(reason) = self.commit_group(group) {
                 let mut st = self.shared.lock();
                 st.failed = Some(reason);
                 st.queue.clear();
+                drop(st);
                 self.shared.progress.notify_all();
-                return;
+                return Err(());
             }
         }
-        // Clean shutdown: leave a short log so the next open is quick.
+    }
+
+    /// Clean shutdown: leave a short log so the next open is quick (unless abandoning).
+    fn finish(&mut self) {
         if self.used_bytes > 0 && !self.shared.lock().abandon {
             if let Err(reason) = self.checkpoint() {
                 self.shared.lock().failed = Some(reason);

@@ -93,6 +93,8 @@ pub struct Heap {
     /// Dropped by hand in `Drop`, before the mapping it watches goes away.
     tracker: std::mem::ManuallyDrop<Box<dyn DirtyTracker>>,
     shared: Arc<Shared>,
+    /// The log writer; a synchronous commit uses it directly when it is idle.
+    writer_core: commit::WriterCore,
     writer: Option<JoinHandle<()>>,
     log_path: PathBuf,
     log_kind: LogKind,
@@ -171,7 +173,16 @@ impl Heap {
 
     /// Make everything written so far durable, all or nothing; returns once it is.
     pub fn commit(&mut self) -> Result<Ticket> {
-        let t = self.commit_async()?;
+        let t = self.capture()?;
+        // When the log writer is idle, write the record on this thread: no hand-off to the
+        // writer thread and back, so two thread wake-ups fewer per commit. Otherwise the writer
+        // thread is busy with earlier records and drains this one after them.
+        match self.writer_core.try_lock() {
+            Ok(mut w) => {
+                let _ = w.drain();
+            }
+            Err(_) => self.shared.work.notify_one(),
+        }
         self.wait(t)?;
         Ok(t)
     }
@@ -182,6 +193,13 @@ impl Heap {
     /// Writes made after this call belong to the next commit.
     #[must_use = "the ticket is how you learn the commit is durable"]
     pub fn commit_async(&mut self) -> Result<Ticket> {
+        let t = self.capture()?;
+        self.shared.work.notify_one();
+        Ok(t)
+    }
+
+    /// Capture the commit into a queued record (steps 1–3 of the commit path).
+    fn capture(&mut self) -> Result<Ticket> {
         self.check_writer()?;
         let started = Instant::now();
         let mut dirty = std::mem::take(&mut self.dirty_scratch);
@@ -272,8 +290,6 @@ impl Heap {
                 pages: pages_logged,
             });
         }
-        // Outside the lock, so the woken writer does not block on it straight away.
-        self.shared.work.notify_one();
         self.stats.capture_ns += started.elapsed().as_nanos() as u64;
         self.dirty_scratch = dirty;
         Ok(Ticket { lsn })
@@ -841,9 +857,11 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
         checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),
         shared: shared.clone(),
     };
+    let writer_core: commit::WriterCore = Arc::new(std::sync::Mutex::new(writer));
+    let (core, thread_shared) = (writer_core.clone(), shared.clone());
     let writer = std::thread::Builder::new()
         .name("fams-log-writer".into())
-        .spawn(move || writer.run())
+        .spawn(move || commit::run_writer_thread(core, thread_shared))
         .map_err(|e| {
             unmap();
             Error::io(path, "starting the log writer thread", e)
@@ -857,6 +875,7 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
         store,
         tracker: std::mem::ManuallyDrop::new(tracker),
         shared,
+        writer_core,
         writer: Some(writer),
         log_path,
         log_kind,
