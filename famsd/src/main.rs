@@ -94,6 +94,9 @@ famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's co
         /// Also draw the results into this SVG file.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// Also write the JSON object into this file (the table still goes to stdout).
+        #[arg(long)]
+        save_json: Option<PathBuf>,
         /// Overwrite a block device even if it holds a filesystem or a fams log.
         #[arg(long)]
         force: bool,
@@ -304,7 +307,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { dir, log, quick, json, svg, force } => {
+        Cmd::Bench { dir, log, quick, json, svg, save_json, force } => {
             let made_dir = dir.is_none();
             let dir = dir.unwrap_or_else(|| PathBuf::from(format!("/var/tmp/famsd-bench-{}", std::process::id())));
             let cfg = famsd::bench::BenchConfig { dir: dir.clone(), log_device: log, quick, force, progress: true };
@@ -317,6 +320,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 print_json(&report.to_json(&cfg));
             } else {
                 report.print_table();
+            }
+            if let Some(path) = save_json {
+                let text = serde_json::to_string_pretty(&report.to_json(&cfg)).expect("json");
+                std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+                eprintln!("wrote {}", path.display());
             }
             if let Some(svg) = svg {
                 std::fs::write(&svg, report.svg()).map_err(|e| format!("{}: {e}", svg.display()))?;
