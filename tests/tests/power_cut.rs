@@ -712,6 +712,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path, progress: &AtomicU6
 }
 
 #[test]
+#[cfg_attr(feature = "broken-protocol", ignore = "the protocol is broken on purpose in this build")]
 fn power_cuts_on_a_fuse_backed_loop_device() {
     if is_child() {
         return;
@@ -774,6 +775,32 @@ fn power_cut_catches_acks_before_durability() {
         "acknowledging commits before they are durable went unnoticed\n{}",
         report.summary()
     );
+}
+
+/// Proof that the test catches a broken protocol inside the product: built with
+/// `--features broken-protocol`, checkpoints move the log tail before the heap file is durable,
+/// and power cuts must then lose acknowledged commits. CI runs this in a separate build.
+#[cfg(feature = "broken-protocol")]
+#[test]
+fn power_cut_catches_the_broken_protocol_feature() {
+    if is_child() {
+        return;
+    }
+    if let Some(why) = cannot_run() {
+        say(&format!("SKIPPED: power-cut test: {why}"));
+        return;
+    }
+    let cfg = Config {
+        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 120),
+        seed: env_u64("FAMS_POWER_CUT_SEED", 0x0b0e_4e11),
+        cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
+        ack_before_durable: false,
+        fsck_every: 0,
+        lying_log_drive: false,
+    };
+    let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
+    say(&format!("broken protocol feature (checkpoint without heap fdatasync):\n{}", report.summary()));
+    assert!(report.violations > 0, "the broken checkpoint went unnoticed\n{}", report.summary());
 }
 
 /// Proof that the test sees the drive, not just the process: with a log drive that acknowledges
