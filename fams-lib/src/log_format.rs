@@ -82,6 +82,8 @@ pub const RECORD_HEADER_BYTES: usize = 72;
 pub const ENTRY_HEADER_BYTES: usize = 16;
 /// An entry never crosses a heap page.
 pub const ENTRY_LEN_MAX: usize = 4096;
+/// Superblock counters (sequence, epoch, LSNs, checkpoints) above this are refused as damage.
+pub const COUNTER_MAX: u64 = 1 << 62;
 
 pub fn round_up_block(n: u64) -> u64 {
     n.div_ceil(BLOCK as u64) * BLOCK as u64
@@ -195,7 +197,13 @@ impl Superblock {
             && sb.tail_offset % block == 0
             && sb.tail_lsn >= 1
             && sb.epoch >= 1
-            && sb.sequence >= 1;
+            && sb.sequence >= 1
+            // Counters only ever grow by one; values near the top are damage, and refusing them
+            // keeps every `+ 1` below from overflowing.
+            && sb.sequence < COUNTER_MAX
+            && sb.epoch < COUNTER_MAX
+            && sb.tail_lsn < COUNTER_MAX
+            && sb.checkpoints < COUNTER_MAX;
         if !sane {
             return Err(format!("superblock fields are inconsistent: {sb:?}"));
         }
@@ -225,7 +233,7 @@ pub enum HeaderProblem {
     OtherHeap,
     /// A valid header of this heap from another log epoch (the epoch is given): left over from
     /// an earlier history when older; proof of a newer superblock when newer.
-    OtherEpoch(u64),
+    OtherEpoch(RecordHeader),
     /// A valid header with impossible contents (version, lengths).
     Foreign(String),
 }
@@ -275,16 +283,17 @@ impl RecordHeader {
         if version != FORMAT_VERSION {
             return Err(HeaderProblem::Foreign(format!("record version {version}")));
         }
-        if h.heap_id != heap_id {
-            return Err(HeaderProblem::OtherHeap);
-        }
-        if h.epoch != epoch {
-            return Err(HeaderProblem::OtherEpoch(h.epoch));
-        }
+        // Lengths first: a header reported as another heap's or epoch's is otherwise valid.
         let total = h.total_len as u64;
         let body = RECORD_HEADER_BYTES as u64 + h.payload_len as u64;
         if total == 0 || total % BLOCK as u64 != 0 || body > total || h.group_first_lsn > h.lsn {
             return Err(HeaderProblem::Foreign(format!("impossible record lengths {h:?}")));
+        }
+        if h.heap_id != heap_id {
+            return Err(HeaderProblem::OtherHeap);
+        }
+        if h.epoch != epoch {
+            return Err(HeaderProblem::OtherEpoch(h));
         }
         Ok(h)
     }
@@ -411,7 +420,7 @@ mod tests {
             assert!(RecordHeader::decode(&bad, id(), 3).is_err(), "flip at byte {i} accepted");
         }
         assert!(matches!(RecordHeader::decode(&rec, HeapId([8; 16]), 3), Err(HeaderProblem::OtherHeap)));
-        assert!(matches!(RecordHeader::decode(&rec, id(), 4), Err(HeaderProblem::OtherEpoch(3))));
+        assert!(matches!(RecordHeader::decode(&rec, id(), 4), Err(HeaderProblem::OtherEpoch(h)) if h.epoch == 3));
         assert!(matches!(RecordHeader::decode(&[0u8; 4096], id(), 3), Err(HeaderProblem::NotARecord(_))));
     }
 

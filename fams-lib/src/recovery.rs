@@ -283,9 +283,8 @@ fn later_group_after(reader: &mut LogReader<'_>, sb: &Superblock, end: u64, lsn:
             // Records of an epoch are written only after that epoch's superblock is durable, so
             // a record of a newer epoch proves a newer superblock existed: the one we read is
             // not the newest, and replaying from it would lose commits.
-            Err(HeaderProblem::OtherEpoch(e)) if e > sb.epoch => {
-                let h = RecordHeader::decode(block, sb.heap_id, e).expect("decoded with its own epoch");
-                return Ok(Some(Later { lsn: h.lsn, newer_epoch: Some(e) }));
+            Err(HeaderProblem::OtherEpoch(h)) if h.epoch > sb.epoch => {
+                return Ok(Some(Later { lsn: h.lsn, newer_epoch: Some(h.epoch) }));
             }
             _ => {}
         }
