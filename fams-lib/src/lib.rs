@@ -21,6 +21,7 @@
 //! # Ok::<(), fams::Error>(())
 //! ```
 
+pub mod alloc;
 pub mod commit;
 pub mod error;
 pub mod heap;
@@ -34,6 +35,7 @@ pub mod stats;
 pub mod storage;
 pub mod tracker;
 
+pub use alloc::{ObjectError, ObjectHeap, ObjectOptions, Persistent};
 pub use commit::Ticket;
 pub use error::{Error, Result};
 pub use heap::{FormatOptions, Heap, HeapOptions};

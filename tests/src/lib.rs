@@ -32,12 +32,12 @@ impl Drop for TempDir {
     }
 }
 
-/// Every tracker usable here; prints why uffd is skipped when it is.
+/// Every tracker usable here; prints why uffd (and regions, which needs it) is skipped when it is.
 pub fn trackers() -> Vec<TrackerKind> {
     match fams::tracker::uffd_available() {
-        Ok(()) => vec![TrackerKind::Uffd, TrackerKind::Mprotect],
+        Ok(()) => vec![TrackerKind::Uffd, TrackerKind::Mprotect, TrackerKind::Regions],
         Err(why) => {
-            eprintln!("uffd tracker not tested here: {why}");
+            eprintln!("uffd and regions trackers not tested here: {why}");
             vec![TrackerKind::Mprotect]
         }
     }

@@ -304,9 +304,25 @@ impl UffdTracker {
         Ok(t)
     }
 
+    /// Report (appending to `out`, ascending) and write-protect again the written pages of the
+    /// whole range.
     fn scan(&mut self, out: &mut Vec<usize>) -> io::Result<()> {
-        let end = (self.base + self.len) as u64;
-        let mut start = self.base as u64;
+        self.scan_range(self.base, self.base + self.len, out)
+    }
+
+    /// Report (appending to `out`, ascending, as page indices relative to the tracked base) and
+    /// write-protect again the written pages of `[start, end)`, a page-aligned part of the
+    /// tracked range. Used by the `regions` tracker to scan only its open regions.
+    pub(super) fn scan_range(
+        &mut self,
+        start: usize,
+        end: usize,
+        out: &mut Vec<usize>,
+    ) -> io::Result<()> {
+        debug_assert!(self.base <= start && start <= end && end <= self.base + self.len);
+        debug_assert!((start | end) & (PAGE_SIZE - 1) == 0);
+        let end = end as u64;
+        let mut start = start as u64;
         while start < end {
             let mut arg = PmScanArg {
                 size: size_of::<PmScanArg>() as u64,

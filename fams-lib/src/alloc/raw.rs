@@ -1,0 +1,1048 @@
+//! The allocator itself: every byte of its state lives in the heap, so it commits atomically
+//! with the objects it hands out, and a crash rolls both back together.
+//!
+//! # On-heap layout
+//!
+//! All offsets are from the heap's base. Metadata never uses absolute addresses (the base is
+//! fixed, but offsets keep `check()` readable and 0 free to mean "none").
+//!
+//! ```text
+//! page 0  (0..4096)      the metadata block: magic, format version, heap size and base, the
+//!                        application's schema version, the layout fingerprint, the block
+//!                        region's bounds and top, the free-block bins, the partial-slab list
+//!                        head of each size class, and the main root's entry
+//! page 1  (4096..8192)   31 named-root entries of 128 bytes; the last 16 bytes hold the
+//!                        sentinel tag that stands for "the block before the first block"
+//! 8192..top              blocks, each ending in a 16-byte boundary tag
+//! top..heap end          never carved (the "top"): large requests that fit no free block are
+//!                        cut from its start, and a freed block next to it merges back into it
+//! ```
+//!
+//! ## Blocks and boundary tags
+//!
+//! Every block is a multiple of 16 bytes and ends in a **tag**: `w0 = size | flags`,
+//! `w1 = start ^ TAG_CHECK`. Flags: `ALLOCATED`, `SLAB` (an allocated block holding a slab
+//! page), `NEXT_FREE` (the block right after this one is free — the mirror image of dlmalloc's
+//! "previous in use" bit: tags sit at the *end*, so an allocated large object's payload starts
+//! at the block's first byte and a slab page is exactly one page). A free block also repeats
+//! `w0` in its first word (so its end can be found from its start); free blocks of 48 bytes or
+//! more are on a doubly linked list (`next`, `prev` at +8, +16) in the bin of their size's
+//! power of two; smaller ones (16, 32 bytes: alignment and split leftovers) are on no list and
+//! merge when a neighbour is freed. Two free blocks are never adjacent, and the block before the
+//! top is never free.
+//!
+//! Freeing a large block reads the tag before it (is the previous block free? where does it
+//! start?) and its own `NEXT_FREE` bit (is the next block free?), so coalescing touches only
+//! the pages at the block's two ends and its neighbours' — plus the bins' list neighbours.
+//!
+//! ## Slabs (small objects)
+//!
+//! Requests up to [`SMALL_OBJECT_BYTES_MAX`] bytes (and alignment up to that) go to one of
+//! [`SIZE_CLASSES_BYTES`]. A slab is one page-aligned page, itself a 4096-byte block of the large
+//! allocator (flag `SLAB`): objects from the page's first byte, then a 64-byte slab header
+//! (magic, class, free count, partial-list links, a 256-bit free bitmap, a check word), then
+//! the page's tag. An object of class `c` sits at `page + i*c`, so it is aligned to the largest
+//! power of two dividing `c`; a class is chosen only if that satisfies the requested alignment.
+//! Allocating or freeing a small object therefore writes **one page**: the page holding the
+//! object and its own bitmap. Only when a slab becomes full or stops being full is the class's
+//! partial list (head in page 0, links in neighbouring slab headers) touched. An empty slab goes
+//! back to the large allocator unless it is the only partial slab of its class.
+//!
+//! ## What is not stored
+//!
+//! No counters are kept in the heap (a counter every allocation updates would dirty one
+//! central page per allocation); `check()` computes them by walking the blocks.
+
+use super::ObjectError;
+use std::alloc::Layout;
+use std::collections::{HashMap, HashSet};
+use std::ptr::NonNull;
+
+pub(crate) const PAGE_BYTES: u64 = 4096;
+/// The largest request (size, and alignment) served from a slab; larger ones get a block.
+pub const SMALL_OBJECT_BYTES_MAX: usize = 1024;
+/// The size classes of small objects. All are multiples of 16, so every small object is at
+/// least 16-byte aligned.
+pub const SIZE_CLASSES_BYTES: [u32; 20] =
+    [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024];
+const CLASS_COUNT: usize = SIZE_CLASSES_BYTES.len();
+/// Bytes of heap the object layer keeps for itself before the first block.
+pub const OBJECT_META_BYTES: u64 = 2 * PAGE_BYTES;
+/// The smallest heap the object layer accepts: the metadata plus room for a few slabs.
+pub const OBJECT_HEAP_BYTES_MIN: u64 = 16 * PAGE_BYTES;
+/// Named roots besides the main root.
+pub const NAMED_ROOTS_MAX: usize = 31;
+/// The longest root name, in bytes of UTF-8.
+pub const ROOT_NAME_BYTES_MAX: usize = 88;
+/// The version of this on-heap format. Opening a heap recorded with another version is refused.
+pub const OBJECT_FORMAT_VERSION: u32 = 1;
+/// How many free blocks an allocation examines per bin before trying the top; only if the top
+/// cannot serve it either are all free blocks examined (so exhaustion is reported only when no
+/// free block fits).
+const FIT_SEARCH_STEPS_MAX: usize = 32;
+
+pub(crate) const MAGIC: [u8; 8] = *b"FAMSOBJ\0";
+
+// Page 0: the metadata block.
+const M_MAGIC: u64 = 0;
+const M_VERSION: u64 = 8;
+const M_HEAP_BYTES: u64 = 16;
+const M_BASE: u64 = 24;
+const M_SCHEMA: u64 = 32;
+const M_LAYOUT_FP: u64 = 40;
+const M_REGION_START: u64 = 48;
+const M_REGION_END: u64 = 56;
+const M_TOP: u64 = 64;
+const M_BINS_NONEMPTY: u64 = 72;
+const M_ROOT: u64 = 128; // the main root's entry, ROOT_ENTRY_BYTES
+const M_BINS: u64 = 256; // BIN_COUNT offsets
+const M_CLASSES: u64 = M_BINS + 8 * BIN_COUNT as u64; // CLASS_COUNT offsets
+const META_USED_END: u64 = M_CLASSES + 8 * CLASS_COUNT as u64;
+const _: () = assert!(META_USED_END <= PAGE_BYTES);
+// Page 1: named roots, then the sentinel tag.
+const M_NAMED_ROOTS: u64 = PAGE_BYTES;
+pub(crate) const ROOT_ENTRY_BYTES: u64 = 128;
+const SENTINEL_TAG: u64 = OBJECT_META_BYTES - 16;
+const _: () = assert!(M_NAMED_ROOTS + NAMED_ROOTS_MAX as u64 * ROOT_ENTRY_BYTES <= SENTINEL_TAG);
+const _: () = assert!(ROOT_NAME_BYTES_MAX as u64 + 40 == ROOT_ENTRY_BYTES);
+
+const BIN_COUNT: usize = 48;
+/// Free blocks smaller than this are on no list (a listed block needs size, next, prev + tag).
+const LISTED_FREE_BYTES_MIN: u64 = 48;
+
+const F_ALLOCATED: u64 = 1;
+const F_NEXT_FREE: u64 = 2;
+const F_SLAB: u64 = 4;
+const FLAGS: u64 = 15;
+const TAG_CHECK: u64 = 0x7a6b_5c4d_3e2f_1a0b;
+const SENTINEL_CHECK: u64 = 0x5e47_1e7a_6f46_414d;
+
+// Slab header, at the end of the slab page, before its tag.
+const SLAB_HDR: u64 = PAGE_BYTES - 16 - 64;
+const SLAB_MAGIC: u64 = 0x5ab5_1ab0;
+const SLAB_CHECK: u64 = 0x51ab_c0de_51ab_c0de;
+const SH_WORD: u64 = 0; // magic (32) | class (16) | free count (16)
+const SH_NEXT: u64 = 8;
+const SH_PREV: u64 = 16;
+const SH_BITMAP: u64 = 24; // 4 words, 1 = allocated
+const SH_CHECK: u64 = 56;
+const SLAB_OBJECTS_MAX: u64 = 256;
+const _: () = assert!(SLAB_HDR / 16 <= SLAB_OBJECTS_MAX);
+
+pub(crate) fn objects_per_slab(class: usize) -> u64 {
+    SLAB_HDR / SIZE_CLASSES_BYTES[class] as u64
+}
+
+/// The size class for a request, if it is small.
+pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
+    if size > SMALL_OBJECT_BYTES_MAX || align > SMALL_OBJECT_BYTES_MAX {
+        return None;
+    }
+    let size = size.max(1);
+    SIZE_CLASSES_BYTES.iter().position(|&c| c as usize >= size && c as usize % align == 0)
+}
+
+/// Bytes of the block a large request occupies (payload rounded to 16, plus the tag).
+fn large_block_bytes(size: usize) -> Option<u64> {
+    let size = u64::try_from(size).ok()?;
+    size.checked_add(15).map(|s| (s & !15) + 16)
+}
+
+fn bin_of(size: u64) -> usize {
+    debug_assert!(size >= LISTED_FREE_BYTES_MIN);
+    ((63 - size.leading_zeros()) as usize).min(BIN_COUNT - 1)
+}
+
+/// Where a live allocation is: a slot of a slab or a large block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Placement {
+    Small { class: usize },
+    Large { block_bytes: u64 },
+    Empty,
+}
+
+pub(crate) fn placement(layout: Layout) -> Placement {
+    if layout.size() == 0 {
+        return Placement::Empty;
+    }
+    match class_for(layout.size(), layout.align()) {
+        Some(class) => Placement::Small { class },
+        None => match large_block_bytes(layout.size()) {
+            Some(block_bytes) => Placement::Large { block_bytes },
+            None => Placement::Large { block_bytes: !15 },
+        },
+    }
+}
+
+/// A view of the allocator state in a mapped heap. Copy: it is just the base and the length.
+///
+/// All access to metadata goes through raw pointer reads and writes of whole words at offsets
+/// the allocator computed; no Rust reference to metadata is ever created, so no reference a
+/// user holds (they only ever get references to objects) can overlap a write made here.
+#[derive(Clone, Copy)]
+pub(crate) struct Raw {
+    base: NonNull<u8>,
+    len: u64,
+}
+
+/// Outcome of `Raw::validate_meta`.
+pub(crate) enum MetaState {
+    /// Page 0 and 1 are all zero: a fresh heap.
+    Fresh,
+    Ours,
+    Foreign(String),
+}
+
+impl Raw {
+    /// # Safety
+    /// `[base, base+len)` must be a mapped, writable heap that stays mapped while this view (and
+    /// any copy) is used, and nothing else may access the allocator's metadata meanwhile.
+    pub(crate) unsafe fn new(base: NonNull<u8>, len: u64) -> Raw {
+        debug_assert!(len % PAGE_BYTES == 0);
+        Raw { base, len }
+    }
+
+    pub(crate) fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+
+    #[inline]
+    fn rd(&self, off: u64) -> u64 {
+        assert!(off % 8 == 0 && off + 8 <= self.len, "allocator read at {off:#x} outside the heap");
+        // SAFETY: in bounds (asserted) and 8-aligned (base is page-aligned); the heap is mapped
+        // for the life of self (Raw::new's contract); a plain read races with nothing because the
+        // heap is single-threaded.
+        unsafe { self.base.as_ptr().add(off as usize).cast::<u64>().read() }
+    }
+
+    /// Write a word, skipping the write (and so the page fault that marks the page dirty) when
+    /// the word already holds the value.
+    #[inline]
+    fn wr(&self, off: u64, v: u64) {
+        assert!(off % 8 == 0 && off + 8 <= self.len, "allocator write at {off:#x} outside the heap");
+        // SAFETY: as in `rd`; the word belongs to allocator metadata, which no reference covers.
+        unsafe {
+            let p = self.base.as_ptr().add(off as usize).cast::<u64>();
+            if p.read() != v {
+                p.write(v);
+            }
+        }
+    }
+
+    pub(crate) fn ptr(&self, off: u64) -> *mut u8 {
+        debug_assert!(off <= self.len);
+        // SAFETY: off is inside the mapping (or one past its end), so the result stays in bounds.
+        unsafe { self.base.as_ptr().add(off as usize) }
+    }
+
+    pub(crate) fn offset_of(&self, p: *const u8) -> u64 {
+        let off = (p as usize).wrapping_sub(self.base.as_ptr() as usize) as u64;
+        assert!(off < self.len, "pointer {p:p} is not inside the heap at {:p}", self.base);
+        off
+    }
+
+    fn abs(&self, off: u64) -> u64 {
+        self.base.as_ptr() as u64 + off
+    }
+
+    fn align_up_abs(&self, off: u64, align: u64) -> Option<u64> {
+        let a = self.abs(off);
+        let up = a.checked_add(align - 1)? & !(align - 1);
+        Some(up - self.base.as_ptr() as u64)
+    }
+
+    // ---- metadata -------------------------------------------------------------------------
+
+    pub(crate) fn meta_state(&self) -> MetaState {
+        if self.len < OBJECT_META_BYTES {
+            return MetaState::Foreign(format!("the heap is {} bytes, too small for objects", self.len));
+        }
+        let magic = self.rd(M_MAGIC).to_le_bytes();
+        if magic == MAGIC {
+            return MetaState::Ours;
+        }
+        if (0..OBJECT_META_BYTES).step_by(8).all(|o| self.rd(o) == 0) {
+            return MetaState::Fresh;
+        }
+        MetaState::Foreign(format!(
+            "its first bytes are {:02x?}, not the object layer's magic {:?} (the heap holds data written without the object layer)",
+            magic,
+            String::from_utf8_lossy(&MAGIC[..7])
+        ))
+    }
+
+    pub(crate) fn format_version(&self) -> u32 {
+        self.rd(M_VERSION) as u32
+    }
+    pub(crate) fn recorded_heap_bytes(&self) -> u64 {
+        self.rd(M_HEAP_BYTES)
+    }
+    pub(crate) fn recorded_base(&self) -> u64 {
+        self.rd(M_BASE)
+    }
+    pub(crate) fn schema_version(&self) -> u64 {
+        self.rd(M_SCHEMA)
+    }
+    pub(crate) fn set_schema_version(&self, v: u64) {
+        self.wr(M_SCHEMA, v)
+    }
+    pub(crate) fn layout_fingerprint(&self) -> u64 {
+        self.rd(M_LAYOUT_FP)
+    }
+
+    /// Lay out the metadata of a fresh heap (whose first two pages are zero).
+    pub(crate) fn format(&self, schema_version: u64, layout_fp: u64) -> Result<(), ObjectError> {
+        if self.len < OBJECT_HEAP_BYTES_MIN {
+            return Err(ObjectError::InvalidArgument(format!(
+                "the heap is {} bytes; the object layer needs at least {OBJECT_HEAP_BYTES_MIN}",
+                self.len
+            )));
+        }
+        self.wr(M_VERSION, OBJECT_FORMAT_VERSION as u64);
+        self.wr(M_HEAP_BYTES, self.len);
+        self.wr(M_BASE, self.base.as_ptr() as u64);
+        self.wr(M_SCHEMA, schema_version);
+        self.wr(M_LAYOUT_FP, layout_fp);
+        self.wr(M_REGION_START, OBJECT_META_BYTES);
+        self.wr(M_REGION_END, self.len);
+        self.wr(M_TOP, OBJECT_META_BYTES);
+        self.wr(SENTINEL_TAG, F_ALLOCATED);
+        self.wr(SENTINEL_TAG + 8, SENTINEL_CHECK);
+        // Last, so a crash (or an error) before the first commit leaves a fresh-looking heap.
+        self.wr(M_MAGIC, u64::from_le_bytes(MAGIC));
+        Ok(())
+    }
+
+    /// The cheap consistency test `open` runs (the full one is `check`).
+    pub(crate) fn meta_sane(&self) -> Result<(), String> {
+        let (rs, re, top) = (self.rd(M_REGION_START), self.rd(M_REGION_END), self.rd(M_TOP));
+        if rs != OBJECT_META_BYTES || re != self.len || top < rs || top > re || top % 16 != 0 {
+            return Err(format!("block region {rs:#x}..{re:#x} with top {top:#x} does not fit a heap of {} bytes", self.len));
+        }
+        if self.rd(SENTINEL_TAG + 8) != SENTINEL_CHECK {
+            return Err("the sentinel tag before the first block is damaged".into());
+        }
+        Ok(())
+    }
+
+    fn top(&self) -> u64 {
+        self.rd(M_TOP)
+    }
+    fn region_start(&self) -> u64 {
+        OBJECT_META_BYTES
+    }
+    fn region_end(&self) -> u64 {
+        self.len
+    }
+
+    // ---- roots ----------------------------------------------------------------------------
+
+    pub(crate) fn root_entry_offset(&self, slot: Option<usize>) -> u64 {
+        match slot {
+            None => M_ROOT,
+            Some(i) => {
+                assert!(i < NAMED_ROOTS_MAX);
+                M_NAMED_ROOTS + i as u64 * ROOT_ENTRY_BYTES
+            }
+        }
+    }
+
+    pub(crate) fn read_root(&self, slot: Option<usize>) -> Option<RootEntry> {
+        let e = self.root_entry_offset(slot);
+        let w0 = self.rd(e);
+        if w0 & 0xff == 0 {
+            return None;
+        }
+        let name_len = ((w0 >> 8) & 0xff) as usize;
+        let mut name = vec![0u8; name_len.min(ROOT_NAME_BYTES_MAX)];
+        for (i, b) in name.iter_mut().enumerate() {
+            let w = self.rd(e + 40 + (i as u64 & !7));
+            *b = (w >> (8 * (i % 8))) as u8;
+        }
+        Some(RootEntry {
+            name: String::from_utf8_lossy(&name).into_owned(),
+            offset: self.rd(e + 8),
+            size: self.rd(e + 16),
+            align: self.rd(e + 24),
+            fingerprint: self.rd(e + 32),
+        })
+    }
+
+    pub(crate) fn write_root(&self, slot: Option<usize>, entry: Option<&RootEntry>) {
+        let e = self.root_entry_offset(slot);
+        let Some(r) = entry else {
+            for o in (0..ROOT_ENTRY_BYTES).step_by(8) {
+                self.wr(e + o, 0);
+            }
+            return;
+        };
+        let name = r.name.as_bytes();
+        assert!(name.len() <= ROOT_NAME_BYTES_MAX);
+        self.wr(e + 8, r.offset);
+        self.wr(e + 16, r.size);
+        self.wr(e + 24, r.align);
+        self.wr(e + 32, r.fingerprint);
+        for w in 0..(ROOT_NAME_BYTES_MAX as u64 / 8) {
+            let mut bytes = [0u8; 8];
+            for (k, b) in bytes.iter_mut().enumerate() {
+                *b = name.get(w as usize * 8 + k).copied().unwrap_or(0);
+            }
+            self.wr(e + 40 + 8 * w, u64::from_le_bytes(bytes));
+        }
+        self.wr(e, 1 | (name.len() as u64) << 8);
+    }
+
+    // ---- tags ----------------------------------------------------------------------------
+
+    /// The tag of the block ending at `end`: (size, flags).
+    fn tag(&self, end: u64) -> (u64, u64) {
+        let w0 = self.rd(end - 16);
+        (w0 & !FLAGS, w0 & FLAGS)
+    }
+
+    fn write_tag(&self, start: u64, end: u64, flags: u64) {
+        self.wr(end - 16, (end - start) | flags);
+        self.wr(end - 8, start ^ TAG_CHECK);
+    }
+
+    /// Set the NEXT_FREE bit of the block ending at `start` (an allocated block or the sentinel;
+    /// a free block's next is never free, so there is nothing to record for it).
+    fn mark_before(&self, start: u64, next_free: bool) {
+        let w0 = self.rd(start - 16);
+        if w0 & F_ALLOCATED == 0 {
+            assert!(!next_free, "two adjacent free blocks at {start:#x}");
+            return;
+        }
+        self.wr(start - 16, if next_free { w0 | F_NEXT_FREE } else { w0 & !F_NEXT_FREE });
+    }
+
+    /// The free block starting at `start`: its size, after checking its header against its tag.
+    fn free_block_at(&self, start: u64) -> u64 {
+        let w0 = self.rd(start);
+        let size = w0 & !FLAGS;
+        assert!(
+            w0 & F_ALLOCATED == 0 && size >= 16 && start + size <= self.top(),
+            "expected a free block at {start:#x}, found header {w0:#x}"
+        );
+        assert!(
+            self.rd(start + size - 16) == w0 && self.rd(start + size - 8) == start ^ TAG_CHECK,
+            "free block at {start:#x}: its tag does not match its header"
+        );
+        size
+    }
+
+    fn make_free(&self, start: u64, end: u64) {
+        let size = end - start;
+        debug_assert!(size >= 16 && size % 16 == 0);
+        self.write_tag(start, end, 0);
+        self.wr(start, size); // the header repeats w0 (for a 16-byte block it is w0)
+        if size >= LISTED_FREE_BYTES_MIN {
+            self.bin_insert(start, size);
+        }
+        self.mark_before(start, true);
+    }
+
+    fn make_allocated(&self, start: u64, end: u64, flags: u64) {
+        self.write_tag(start, end, F_ALLOCATED | flags);
+        self.mark_before(start, false);
+    }
+
+    // ---- bins ----------------------------------------------------------------------------
+
+    fn bin_head(&self, bin: usize) -> u64 {
+        self.rd(M_BINS + 8 * bin as u64)
+    }
+
+    fn set_bin_head(&self, bin: usize, head: u64) {
+        self.wr(M_BINS + 8 * bin as u64, head);
+        let bits = self.rd(M_BINS_NONEMPTY);
+        self.wr(M_BINS_NONEMPTY, if head == 0 { bits & !(1 << bin) } else { bits | (1 << bin) });
+    }
+
+    fn bin_insert(&self, start: u64, size: u64) {
+        let bin = bin_of(size);
+        let head = self.bin_head(bin);
+        self.wr(start + 8, head);
+        self.wr(start + 16, 0);
+        if head != 0 {
+            self.wr(head + 16, start);
+        }
+        self.set_bin_head(bin, start);
+    }
+
+    fn bin_remove(&self, start: u64, size: u64) {
+        let (next, prev) = (self.rd(start + 8), self.rd(start + 16));
+        if prev == 0 {
+            let bin = bin_of(size);
+            assert!(self.bin_head(bin) == start, "free block {start:#x} is not the head of its bin");
+            self.set_bin_head(bin, next);
+        } else {
+            self.wr(prev + 8, next);
+        }
+        if next != 0 {
+            self.wr(next + 16, prev);
+        }
+    }
+
+    /// Remove a free block from its bin if it is on one.
+    fn unlist(&self, start: u64, size: u64) {
+        if size >= LISTED_FREE_BYTES_MIN {
+            self.bin_remove(start, size);
+        }
+    }
+
+    // ---- large blocks ----------------------------------------------------------------------
+
+    /// Where a block of `bytes` aligned to `align` fits in the free block [fs, fs+size).
+    fn fit(&self, fs: u64, size: u64, bytes: u64, align: u64) -> Option<u64> {
+        let p = self.align_up_abs(fs, align)?;
+        (p.checked_add(bytes)? <= fs + size).then_some(p)
+    }
+
+    /// Find a free block for (bytes, align): Some((free block start, its size, where)).
+    fn find_free(&self, bytes: u64, align: u64, steps_max: usize) -> Option<(u64, u64, u64)> {
+        let first = bin_of(bytes.max(LISTED_FREE_BYTES_MIN));
+        let nonempty = self.rd(M_BINS_NONEMPTY);
+        for bin in first..BIN_COUNT {
+            if nonempty & (1 << bin) == 0 {
+                continue;
+            }
+            let mut cur = self.bin_head(bin);
+            let mut steps = 0;
+            while cur != 0 && steps < steps_max {
+                let size = self.free_block_at(cur);
+                if let Some(p) = self.fit(cur, size, bytes, align) {
+                    return Some((cur, size, p));
+                }
+                cur = self.rd(cur + 8);
+                steps += 1;
+            }
+        }
+        None
+    }
+
+    /// Allocate a block of exactly `bytes` (a multiple of 16, tag included) whose first byte is
+    /// aligned to `align` (absolute address).
+    pub(crate) fn alloc_block(&self, bytes: u64, align: u64, flags: u64) -> Result<u64, ObjectError> {
+        assert!(bytes >= 16 && bytes % 16 == 0 && align.is_power_of_two());
+        let align = align.max(16);
+        let found = self.find_free(bytes, align, FIT_SEARCH_STEPS_MAX);
+        if let Some((fs, size, p)) = found {
+            self.take_from_free(fs, size, p, bytes, flags);
+            return Ok(p);
+        }
+        let top = self.top();
+        if let Some(p) = self.align_up_abs(top, align) {
+            if p.checked_add(bytes).is_some_and(|e| e <= self.region_end()) {
+                if p > top {
+                    self.make_free(top, p);
+                }
+                self.make_allocated(p, p + bytes, flags);
+                self.wr(M_TOP, p + bytes);
+                return Ok(p);
+            }
+        }
+        if let Some((fs, size, p)) = self.find_free(bytes, align, usize::MAX) {
+            self.take_from_free(fs, size, p, bytes, flags);
+            return Ok(p);
+        }
+        Err(ObjectError::Exhausted { requested_bytes: bytes - 16, align_bytes: align, top_bytes: self.region_end() - top })
+    }
+
+    fn take_from_free(&self, fs: u64, size: u64, p: u64, bytes: u64, flags: u64) {
+        let fe = fs + size;
+        self.unlist(fs, size);
+        if p > fs {
+            self.make_free(fs, p);
+        }
+        self.make_allocated(p, p + bytes, flags);
+        if p + bytes < fe {
+            self.make_free(p + bytes, fe);
+        }
+    }
+
+    /// Check that an allocated block of `bytes` with `flags` starts at `p`; panics otherwise (a
+    /// deallocation with the wrong layout, or a pointer the allocator never returned).
+    fn expect_block(&self, p: u64, bytes: u64, flags: u64) -> u64 {
+        assert!(
+            p >= self.region_start() && p % 16 == 0 && p.checked_add(bytes).is_some_and(|e| e <= self.top()),
+            "no block of {bytes} bytes at {p:#x}: outside the allocated region (wrong pointer or layout)"
+        );
+        let end = p + bytes;
+        let (size, f) = self.tag(end);
+        assert!(
+            size == bytes && f & (F_ALLOCATED | F_SLAB) == F_ALLOCATED | flags && self.rd(end - 8) == p ^ TAG_CHECK,
+            "no allocated block of {bytes} bytes at {p:#x} (tag says {size} bytes, flags {f:#x}): wrong pointer or layout, or a double free"
+        );
+        f
+    }
+
+    pub(crate) fn free_block(&self, p: u64, bytes: u64, flags: u64) {
+        let f = self.expect_block(p, bytes, flags);
+        let (mut start, mut end) = (p, p + bytes);
+        let prev_w0 = self.rd(start - 16);
+        if prev_w0 & F_ALLOCATED == 0 {
+            let psize = prev_w0 & !FLAGS;
+            let ps = start - psize;
+            assert!(self.free_block_at(ps) == psize);
+            self.unlist(ps, psize);
+            start = ps;
+        }
+        if end == self.top() {
+            self.wr(M_TOP, start);
+            self.mark_before(start, false);
+            return;
+        }
+        if f & F_NEXT_FREE != 0 {
+            let nsize = self.free_block_at(end);
+            self.unlist(end, nsize);
+            end += nsize;
+        }
+        self.make_free(start, end);
+    }
+
+    /// Resize a large block in place if its neighbour allows; returns whether it did.
+    fn resize_block_in_place(&self, p: u64, old: u64, new: u64) -> bool {
+        let f = self.expect_block(p, old, 0);
+        let end = p + old;
+        if new == old {
+            return true;
+        }
+        if new < old {
+            // Shrink: the tail becomes an allocated block that is freed at once (merging it).
+            self.write_tag(p, p + new, F_ALLOCATED);
+            self.write_tag(p + new, end, F_ALLOCATED | (f & F_NEXT_FREE));
+            self.free_block(p + new, old - new, 0);
+            return true;
+        }
+        if end == self.top() {
+            if p + new > self.region_end() {
+                return false;
+            }
+            self.write_tag(p, p + new, F_ALLOCATED);
+            self.wr(M_TOP, p + new);
+            return true;
+        }
+        if f & F_NEXT_FREE == 0 {
+            return false;
+        }
+        let nsize = self.free_block_at(end);
+        if end + nsize < p + new {
+            return false;
+        }
+        self.unlist(end, nsize);
+        self.write_tag(p, p + new, F_ALLOCATED);
+        if p + new < end + nsize {
+            self.make_free(p + new, end + nsize);
+        }
+        true
+    }
+
+    // ---- slabs -------------------------------------------------------------------------------
+
+    fn slab_word(&self, page: u64) -> (u64, usize, u64) {
+        let w = self.rd(page + SLAB_HDR + SH_WORD);
+        (w & 0xffff_ffff, ((w >> 32) & 0xffff) as usize, w >> 48)
+    }
+
+    fn set_slab_word(&self, page: u64, class: usize, free: u64) {
+        self.wr(page + SLAB_HDR + SH_WORD, SLAB_MAGIC | (class as u64) << 32 | free << 48);
+    }
+
+    fn class_head(&self, class: usize) -> u64 {
+        self.rd(M_CLASSES + 8 * class as u64)
+    }
+
+    fn partial_push(&self, class: usize, page: u64) {
+        let head = self.class_head(class);
+        self.wr(page + SLAB_HDR + SH_NEXT, head);
+        self.wr(page + SLAB_HDR + SH_PREV, 0);
+        if head != 0 {
+            self.wr(head + SLAB_HDR + SH_PREV, page);
+        }
+        self.wr(M_CLASSES + 8 * class as u64, page);
+    }
+
+    fn partial_remove(&self, class: usize, page: u64) {
+        let (next, prev) = (self.rd(page + SLAB_HDR + SH_NEXT), self.rd(page + SLAB_HDR + SH_PREV));
+        if prev == 0 {
+            assert!(self.class_head(class) == page, "slab {page:#x} is not the head of its partial list");
+            self.wr(M_CLASSES + 8 * class as u64, next);
+        } else {
+            self.wr(prev + SLAB_HDR + SH_NEXT, next);
+        }
+        if next != 0 {
+            self.wr(next + SLAB_HDR + SH_PREV, prev);
+        }
+        self.wr(page + SLAB_HDR + SH_NEXT, 0);
+        self.wr(page + SLAB_HDR + SH_PREV, 0);
+    }
+
+    fn new_slab(&self, class: usize) -> Result<u64, ObjectError> {
+        let page = self.alloc_block(PAGE_BYTES, PAGE_BYTES, F_SLAB)?;
+        for w in 0..4 {
+            self.wr(page + SLAB_HDR + SH_BITMAP + 8 * w, 0);
+        }
+        self.wr(page + SLAB_HDR + SH_CHECK, page ^ SLAB_CHECK);
+        self.set_slab_word(page, class, objects_per_slab(class));
+        self.partial_push(class, page);
+        Ok(page)
+    }
+
+    pub(crate) fn alloc_small(&self, class: usize) -> Result<u64, ObjectError> {
+        let mut page = self.class_head(class);
+        if page == 0 {
+            page = self.new_slab(class)?;
+        }
+        let (magic, c, free) = self.slab_word(page);
+        assert!(magic == SLAB_MAGIC && c == class && free > 0, "partial slab {page:#x} of class {class} is damaged");
+        let n = objects_per_slab(class);
+        let mut slot = None;
+        for w in 0..4u64 {
+            let bits = self.rd(page + SLAB_HDR + SH_BITMAP + 8 * w);
+            if bits != u64::MAX {
+                let i = w * 64 + bits.trailing_ones() as u64;
+                assert!(i < n, "slab {page:#x}: free count {free} but no free slot");
+                self.wr(page + SLAB_HDR + SH_BITMAP + 8 * w, bits | 1 << (i % 64));
+                slot = Some(i);
+                break;
+            }
+        }
+        let slot = slot.expect("a partial slab has a free slot");
+        self.set_slab_word(page, class, free - 1);
+        if free == 1 {
+            self.partial_remove(class, page);
+        }
+        Ok(page + slot * SIZE_CLASSES_BYTES[class] as u64)
+    }
+
+    pub(crate) fn free_small(&self, off: u64, class: usize) {
+        let page = off & !(PAGE_BYTES - 1);
+        let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
+        assert!(page >= self.region_start() && page < self.top(), "small object {off:#x} is outside the allocated region");
+        let (magic, c, free) = self.slab_word(page);
+        assert!(
+            magic == SLAB_MAGIC && c == class && self.rd(page + SLAB_HDR + SH_CHECK) == page ^ SLAB_CHECK,
+            "{off:#x} is not in a slab of {c_bytes}-byte objects: wrong pointer or layout"
+        );
+        let n = objects_per_slab(class);
+        let i = (off - page) / c_bytes;
+        assert!((off - page) % c_bytes == 0 && i < n, "{off:#x} is not the start of a {c_bytes}-byte object");
+        let word = page + SLAB_HDR + SH_BITMAP + 8 * (i / 64);
+        let bits = self.rd(word);
+        assert!(bits & 1 << (i % 64) != 0, "double free of the {c_bytes}-byte object at {off:#x}");
+        self.wr(word, bits & !(1 << (i % 64)));
+        let free = free + 1;
+        self.set_slab_word(page, class, free);
+        if free == 1 {
+            self.partial_push(class, page);
+        } else if free == n {
+            let sole = self.class_head(class) == page && self.rd(page + SLAB_HDR + SH_NEXT) == 0;
+            if !sole {
+                self.partial_remove(class, page);
+                self.wr(page + SLAB_HDR + SH_WORD, 0);
+                self.free_block(page, PAGE_BYTES, F_SLAB);
+            }
+        }
+    }
+
+    // ---- the public operations -------------------------------------------------------------
+
+    /// Allocate for `layout`; returns the offset. Zero-size layouts are not allowed here.
+    pub(crate) fn alloc(&self, layout: Layout, zeroed: bool) -> Result<u64, ObjectError> {
+        let exhausted = || ObjectError::Exhausted {
+            requested_bytes: layout.size() as u64,
+            align_bytes: layout.align() as u64,
+            top_bytes: self.region_end() - self.top(),
+        };
+        let off = match placement(layout) {
+            Placement::Empty => unreachable!("zero-size allocations never reach the heap"),
+            Placement::Small { class } => self.alloc_small(class),
+            Placement::Large { block_bytes } if block_bytes > self.len => Err(exhausted()),
+            Placement::Large { block_bytes } => self.alloc_block(block_bytes, layout.align() as u64, 0),
+        }
+        .map_err(|e| match e {
+            ObjectError::Exhausted { .. } => exhausted(),
+            e => e,
+        })?;
+        debug_assert!(self.abs(off) % layout.align() as u64 == 0);
+        if zeroed {
+            self.zero(off, layout.size() as u64);
+        }
+        Ok(off)
+    }
+
+    pub(crate) fn dealloc(&self, off: u64, layout: Layout) {
+        match placement(layout) {
+            Placement::Empty => {}
+            Placement::Small { class } => self.free_small(off, class),
+            Placement::Large { block_bytes } => self.free_block(off, block_bytes, 0),
+        }
+    }
+
+    /// Resize in place when the placement allows; returns whether it did.
+    pub(crate) fn resize_in_place(&self, off: u64, old: Layout, new: Layout) -> bool {
+        if self.abs(off) % new.align() as u64 != 0 {
+            return false;
+        }
+        match (placement(old), placement(new)) {
+            (Placement::Small { class: a }, Placement::Small { class: b }) => a == b,
+            (Placement::Large { block_bytes: a }, Placement::Large { block_bytes: b }) => {
+                b <= self.len && self.resize_block_in_place(off, a, b)
+            }
+            _ => false,
+        }
+    }
+
+    /// Zero `[off, off+len)`, writing only the 64-byte chunks that are not zero already, so
+    /// that memory which is zero (never used, or freshly formatted) is not dirtied.
+    pub(crate) fn zero(&self, off: u64, len: u64) {
+        assert!(off + len <= self.len);
+        // SAFETY: the range is inside the mapping (asserted) and belongs to an allocation that
+        // was just made (or grown) and not yet handed out, so nothing else refers to it.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.ptr(off), len as usize) };
+        for chunk in bytes.chunks_mut(64) {
+            if chunk.iter().any(|&b| b != 0) {
+                chunk.fill(0);
+            }
+        }
+    }
+
+    // ---- walking and checking ----------------------------------------------------------------
+
+    /// Every block from the first to the top, walking the tags backwards from the top.
+    fn blocks(&self, problems: &mut Vec<String>) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        let (rs, mut end) = (self.region_start(), self.top());
+        while end > rs {
+            let (size, flags) = self.tag(end);
+            let check = self.rd(end - 8);
+            if size < 16 || size % 16 != 0 || size > end - rs || check != (end - size) ^ TAG_CHECK {
+                problems.push(format!(
+                    "the tag ending at {end:#x} is damaged (size {size}, check {check:#x}); {} blocks above it were walked",
+                    out.len()
+                ));
+                break;
+            }
+            out.push((end - size, size, flags));
+            end -= size;
+        }
+        out.reverse();
+        out
+    }
+
+    /// Walk and verify all metadata (fsck). Never panics on damaged metadata: every problem is
+    /// collected. `allocations` receives (offset, bytes) of every live object.
+    pub(crate) fn check(&self, mut allocations: Option<&mut Vec<(u64, u64)>>) -> (CheckReport, Vec<String>) {
+        let mut p = Vec::new();
+        let mut r = CheckReport::default();
+        if let Err(e) = self.meta_sane() {
+            p.push(e);
+            return (r, p);
+        }
+        let top = self.top();
+        r.top_bytes = self.region_end() - top;
+        let blocks = self.blocks(&mut p);
+        r.blocks = blocks.len() as u64;
+        let sentinel = self.rd(SENTINEL_TAG);
+        if sentinel & !F_NEXT_FREE != F_ALLOCATED {
+            p.push(format!("the sentinel tag is damaged ({sentinel:#x})"));
+        }
+        let mut listed: HashMap<u64, u64> = HashMap::new();
+        let mut slabs: HashMap<u64, (usize, u64)> = HashMap::new();
+        let mut prev_free = false;
+        let mut prev_next_free = sentinel & F_NEXT_FREE != 0;
+        for (i, &(start, size, flags)) in blocks.iter().enumerate() {
+            let free = flags & F_ALLOCATED == 0;
+            if prev_next_free != free {
+                p.push(format!("block {start:#x}: the block before it says next-free={prev_next_free}, but it is {}", if free { "free" } else { "allocated" }));
+            }
+            if free {
+                if prev_free {
+                    p.push(format!("free blocks not coalesced at {start:#x}"));
+                }
+                if flags != 0 {
+                    p.push(format!("free block {start:#x} has flags {flags:#x}"));
+                }
+                if self.rd(start) != size {
+                    p.push(format!("free block {start:#x}: header {:#x} differs from its tag (size {size})", self.rd(start)));
+                }
+                if i + 1 == blocks.len() {
+                    p.push(format!("free block {start:#x} lies right before the top (should have merged into it)"));
+                }
+                r.free_blocks += 1;
+                r.free_bytes += size;
+                if size >= LISTED_FREE_BYTES_MIN {
+                    listed.insert(start, size);
+                }
+            } else if flags & F_SLAB != 0 {
+                if size != PAGE_BYTES || start % PAGE_BYTES != 0 {
+                    p.push(format!("slab block {start:#x} is {size} bytes, not one aligned page"));
+                    continue;
+                }
+                r.slabs += 1;
+                let (magic, class, free) = self.slab_word(start);
+                if magic != SLAB_MAGIC || class >= CLASS_COUNT || self.rd(start + SLAB_HDR + SH_CHECK) != start ^ SLAB_CHECK {
+                    p.push(format!("slab {start:#x}: header damaged (magic {magic:#x}, class {class})"));
+                    continue;
+                }
+                let n = objects_per_slab(class);
+                let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
+                let mut used = 0;
+                for w in 0..4u64 {
+                    let bits = self.rd(start + SLAB_HDR + SH_BITMAP + 8 * w);
+                    for b in 0..64 {
+                        let slot = w * 64 + b;
+                        if bits & 1 << b != 0 {
+                            if slot >= n {
+                                p.push(format!("slab {start:#x}: bit {slot} set beyond its {n} objects"));
+                            } else {
+                                used += 1;
+                                if let Some(a) = allocations.as_deref_mut() {
+                                    a.push((start + slot * c_bytes, c_bytes));
+                                }
+                            }
+                        }
+                    }
+                }
+                if used + free != n {
+                    p.push(format!("slab {start:#x}: {used} objects in use + {free} free != {n}"));
+                }
+                r.small_objects += used;
+                r.small_bytes += used * c_bytes;
+                slabs.insert(start, (class, free));
+            } else {
+                r.large_objects += 1;
+                r.large_bytes += size - 16;
+                if let Some(a) = allocations.as_deref_mut() {
+                    a.push((start, size - 16));
+                }
+            }
+            prev_free = free;
+            prev_next_free = flags & F_NEXT_FREE != 0;
+        }
+        if prev_next_free {
+            p.push("the last block before the top says its next block is free".into());
+        }
+        // Bins.
+        let nonempty = self.rd(M_BINS_NONEMPTY);
+        let mut seen = HashSet::new();
+        for bin in 0..BIN_COUNT {
+            let head = self.bin_head(bin);
+            if (head != 0) != (nonempty & 1 << bin != 0) {
+                p.push(format!("bin {bin}: non-empty bit disagrees with its head {head:#x}"));
+            }
+            let (mut cur, mut prev) = (head, 0);
+            while cur != 0 {
+                let Some(&size) = listed.get(&cur) else {
+                    p.push(format!("bin {bin} lists {cur:#x}, which is not a free block of 48 bytes or more"));
+                    break;
+                };
+                if !seen.insert(cur) {
+                    p.push(format!("bin {bin}: {cur:#x} listed twice (a cycle?)"));
+                    break;
+                }
+                if bin_of(size) != bin {
+                    p.push(format!("free block {cur:#x} of {size} bytes is in bin {bin}, not {}", bin_of(size)));
+                }
+                if self.rd(cur + 16) != prev {
+                    p.push(format!("free block {cur:#x}: back link {:#x}, expected {prev:#x}", self.rd(cur + 16)));
+                }
+                prev = cur;
+                cur = self.rd(cur + 8);
+            }
+        }
+        if seen.len() != listed.len() {
+            p.push(format!("{} free blocks of 48 bytes or more, but {} on the bins", listed.len(), seen.len()));
+        }
+        // Partial slab lists.
+        let mut on_lists = 0;
+        for class in 0..CLASS_COUNT {
+            let (mut cur, mut prev) = (self.class_head(class), 0);
+            let mut steps = 0;
+            while cur != 0 {
+                steps += 1;
+                match slabs.get(&cur) {
+                    Some(&(c, free)) if c == class && free > 0 => {}
+                    _ => {
+                        p.push(format!("partial list of class {class} holds {cur:#x}, not a partial slab of that class"));
+                        break;
+                    }
+                }
+                if self.rd(cur + SLAB_HDR + SH_PREV) != prev {
+                    p.push(format!("slab {cur:#x}: back link wrong"));
+                }
+                if steps > slabs.len() {
+                    p.push(format!("partial list of class {class} has a cycle"));
+                    break;
+                }
+                on_lists += 1;
+                prev = cur;
+                cur = self.rd(cur + SLAB_HDR + SH_NEXT);
+            }
+        }
+        let partial = slabs.values().filter(|&&(_, free)| free > 0).count();
+        if on_lists != partial {
+            p.push(format!("{partial} slabs have free objects but {on_lists} are on the partial lists"));
+        }
+        // Roots point at live objects of their recorded layout.
+        for slot in std::iter::once(None).chain((0..NAMED_ROOTS_MAX).map(Some)) {
+            let Some(e) = self.read_root(slot) else { continue };
+            r.roots += 1;
+            let Ok(layout) = Layout::from_size_align(e.size as usize, e.align as usize) else {
+                p.push(format!("root {:?}: impossible layout {} / {}", e.name, e.size, e.align));
+                continue;
+            };
+            let live = match placement(layout) {
+                Placement::Empty => true,
+                Placement::Small { class } => {
+                    let page = e.offset & !(PAGE_BYTES - 1);
+                    let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
+                    slabs.get(&page).is_some_and(|&(c, _)| c == class)
+                        && (e.offset - page) % c_bytes == 0
+                        && self.rd(page + SLAB_HDR + SH_BITMAP + 8 * ((e.offset - page) / c_bytes / 64))
+                            & 1 << ((e.offset - page) / c_bytes % 64)
+                            != 0
+                }
+                Placement::Large { block_bytes } => blocks
+                    .binary_search_by_key(&e.offset, |b| b.0)
+                    .is_ok_and(|i| blocks[i].1 == block_bytes && blocks[i].2 & (F_ALLOCATED | F_SLAB) == F_ALLOCATED),
+            };
+            if !live {
+                p.push(format!("root {:?} points at {:#x}, which is not a live object of {} bytes", e.name, e.offset, e.size));
+            }
+        }
+        (r, p)
+    }
+}
+
+/// A root's entry in the metadata block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RootEntry {
+    pub name: String,
+    pub offset: u64,
+    pub size: u64,
+    pub align: u64,
+    pub fingerprint: u64,
+}
+
+/// What [`ObjectHeap::check`](super::ObjectHeap::check) found: totals computed by walking every block.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Blocks between the first one and the top (slabs, large objects, free blocks).
+    pub blocks: u64,
+    pub free_blocks: u64,
+    /// Bytes in free blocks (tags included), not counting the top.
+    pub free_bytes: u64,
+    /// Bytes never carved, at the end of the heap.
+    pub top_bytes: u64,
+    pub slabs: u64,
+    pub small_objects: u64,
+    /// Bytes of small objects, counted by size class.
+    pub small_bytes: u64,
+    pub large_objects: u64,
+    /// Bytes of large objects (their blocks less the tag).
+    pub large_bytes: u64,
+    /// The main root and the named roots.
+    pub roots: u64,
+}
