@@ -18,7 +18,7 @@ fn commits(c: &mut Criterion) {
     let mut g = c.benchmark_group("commit");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     let trackers: Vec<_> = match fams::tracker::uffd_available() {
-        Ok(()) => vec![fams::TrackerKind::Uffd, fams::TrackerKind::Mprotect],
+        Ok(()) => vec![fams::TrackerKind::Uffd, fams::TrackerKind::Regions, fams::TrackerKind::Mprotect],
         Err(_) => vec![fams::TrackerKind::Mprotect],
     };
     for tracker in trackers {

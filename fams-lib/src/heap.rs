@@ -410,7 +410,13 @@ impl Heap {
         drop(self);
     }
 
-    /// Counters since open, and what the last open's recovery did.
+    /// Resident and private memory of the heap's mapping (reads /proc/self/smaps).
+    pub fn memory(&self) -> crate::stats::Memory {
+        let (resident_bytes, private_bytes) = resident_bytes(self.base, self.size);
+        crate::stats::Memory { heap_bytes: self.size as u64, resident_bytes, private_bytes }
+    }
+
+    /// Counters since open, and what the last open's recovery did. Cheap: no system calls.
     pub fn stats(&self) -> Stats {
         let st = self.shared.lock();
         let mut s = self.stats.clone();
@@ -429,7 +435,6 @@ impl Heap {
         s.log_kind = self.log_kind.name();
         s.log_path = self.log_path.clone();
         s.heap_size = self.size as u64;
-        (s.resident_bytes, s.private_bytes) = resident_bytes(self.base, self.size);
         s.recovery = self.recovery.clone();
         s
     }

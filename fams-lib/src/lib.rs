@@ -42,5 +42,5 @@ pub use heap::{FormatOptions, Heap, HeapOptions};
 pub use heap_file::{HeapHeader, HeapId, PAGE_SIZE};
 pub use io::{FlushMode, IoPath, LogKind};
 pub use recovery::RecoveryReport;
-pub use stats::Stats;
+pub use stats::{Memory, Stats};
 pub use tracker::TrackerKind;

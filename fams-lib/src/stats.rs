@@ -50,9 +50,17 @@ pub struct Stats {
     pub log_kind: &'static str,
     pub log_path: PathBuf,
     pub heap_size: u64,
+    pub recovery: RecoveryReport,
+}
+
+/// How much memory the heap's mapping uses (from /proc/self/smaps: costs a read of that file,
+/// so it is separate from the cheap [`Stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub heap_bytes: u64,
     /// Heap pages mapped in (private copies plus committed pages read through the page cache).
     pub resident_bytes: u64,
-    /// Private copies: pages written since they were last released. Follows the dirty working set.
+    /// Private copies: pages written since they were last released. Follows the dirty working
+    /// set, not the heap size, when `release_committed` is called after commits.
     pub private_bytes: u64,
-    pub recovery: RecoveryReport,
 }

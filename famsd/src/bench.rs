@@ -96,10 +96,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
             )
         };
     let trackers: Vec<Option<TrackerKind>> =
-        if cfg.quick { vec![None] } else { vec![Some(TrackerKind::Uffd), Some(TrackerKind::Mprotect)] };
+        if cfg.quick { vec![None] } else { vec![Some(TrackerKind::Uffd), Some(TrackerKind::Regions), Some(TrackerKind::Mprotect)] };
+    let uffd = fams::tracker::uffd_available().is_ok();
     let trackers: Vec<_> = trackers
         .into_iter()
-        .filter(|t| *t != Some(TrackerKind::Uffd) || fams::tracker::uffd_available().is_ok())
+        .filter(|t| uffd || !matches!(t, Some(TrackerKind::Uffd) | Some(TrackerKind::Regions)))
         .collect();
     let mut p = Progress {
         on: cfg.progress,

@@ -112,7 +112,7 @@ fn child(path: &Path) {
         chunks += n;
         commits += 1;
         // Sample before the release: the peak of this commit's working set.
-        let s = o.stats();
+        let s = o.memory();
         max_private = max_private.max(s.private_bytes);
         max_resident = max_resident.max(s.resident_bytes);
         o.release_committed().expect("release");
@@ -121,7 +121,7 @@ fn child(path: &Path) {
             let mem = cg.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).unwrap_or_default();
             let stat = std::fs::read_to_string(format!("{CGROUP_V1_MEMORY}{mem}/memory.stat")).unwrap_or_default();
             let pick: Vec<&str> = stat.lines().filter(|l| ["cache ", "rss ", "mapped_file ", "dirty ", "writeback ", "inactive_file ", "active_file "].iter().any(|k| l.starts_with(k))).collect();
-            let s = o.stats();
+            let s = o.memory();
             eprintln!("commit {commits}: private {} MiB resident {} MiB; {pick:?}", s.private_bytes >> 20, s.resident_bytes >> 20);
         }
         if n < (COMMIT_BYTES / CHUNK_BYTES) as u64 {
@@ -138,7 +138,7 @@ fn child(path: &Path) {
             assert_eq!(w, word(c as u64, page), "chunk {c} page {page}");
         }
         if c % 64 == 63 {
-            let s = o.stats();
+            let s = o.memory();
             max_private = max_private.max(s.private_bytes);
             max_resident = max_resident.max(s.resident_bytes);
             o.release_committed().unwrap();
@@ -148,10 +148,10 @@ fn child(path: &Path) {
         eprintln!("read back");
     }
     let report = o.check().expect("check");
-    let s = o.stats();
+    let s = o.memory();
     println!(
         "RESULT commits={commits} chunks={chunks} max_private={max_private} max_resident={max_resident} heap_size={} fill_s={fill_s:.1} total_s={:.1} large_objects={}",
-        s.heap_size,
+        s.heap_bytes,
         started.elapsed().as_secs_f64(),
         report.large_objects
     );

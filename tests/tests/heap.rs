@@ -72,12 +72,12 @@ fn released_pages_leave_memory_and_later_writes_are_still_tracked() {
             h.bytes_mut()[p * PAGE_SIZE] = 1;
         }
         h.commit().unwrap();
-        let before = h.stats();
+        let before = h.memory();
         assert!(before.private_bytes >= (pages * PAGE_SIZE) as u64 * 9 / 10, "private {}", before.private_bytes);
         h.bytes_mut()[7 * PAGE_SIZE + 1] = 77; // dirty, not committed: must survive the release
         let kept = h.release_committed().unwrap();
         assert!(kept >= 1);
-        let after = h.stats();
+        let after = h.memory();
         assert!(after.private_bytes < before.private_bytes / 10, "{tracker:?}: private {} -> {}", before.private_bytes, after.private_bytes);
         assert!(after.resident_bytes < before.resident_bytes / 10, "{tracker:?}: resident {} -> {}", before.resident_bytes, after.resident_bytes);
         // Released pages read back their committed bytes; the dirty one kept its new byte.

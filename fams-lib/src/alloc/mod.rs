@@ -271,6 +271,11 @@ impl ObjectHeap {
         self.heap.stats()
     }
 
+    /// Resident and private memory of the heap's mapping (see [`Heap::memory`]).
+    pub fn memory(&self) -> crate::stats::Memory {
+        self.heap.memory()
+    }
+
     /// The application's schema version recorded in the heap.
     pub fn schema_version(&self) -> u64 {
         self.raw.schema_version()
