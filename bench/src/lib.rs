@@ -364,13 +364,19 @@ pub fn recovery(target: &Target, log_mib: u64, heap_bytes: u64) -> fams::Result<
     let mut heap = Heap::open(&path, &opts)?;
     let pages = (heap.len() / PAGE_SIZE).min(16 << 10);
     let mut i = 0usize;
-    while heap.stats().log_bytes_written < record_bytes {
-        // 64 whole pages per commit, spread over the heap.
+    let mut written = 0;
+    while written < record_bytes {
+        // 64 whole pages per commit, spread over the heap; a page's new byte always differs from
+        // what it held the lap before, so no commit is empty.
+        let fill = (i as u8) ^ ((i >> 8) as u8).wrapping_mul(31) ^ 0x5a;
         for j in 0..64 {
             let p = (i * 64 + j) % pages;
-            heap.bytes_mut()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(i as u8);
+            heap.bytes_mut()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(fill);
         }
         heap.commit()?;
+        let now = heap.stats().log_bytes_written;
+        assert!(now > written, "internal: a benchmark commit wrote nothing to the log");
+        written = now;
         i += 1;
     }
     heap.abandon();

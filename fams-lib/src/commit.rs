@@ -456,6 +456,9 @@ impl LogWriter {
         sb.tail_offset = self.head;
         sb.tail_lsn = next_lsn;
         sb.checkpoints += 1;
+        if !sb.counters_writable() {
+            return Err(format!("{}: the log's counters are at their limit ({sb:?})", self.log_path.display()));
+        }
         write_superblock(self.dev.as_mut(), &sb)
             .map_err(|e| format!("{}: writing the superblock at checkpoint: {e}", self.log_path.display()))?;
         self.superblock = sb;

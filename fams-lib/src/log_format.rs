@@ -137,6 +137,11 @@ impl Superblock {
         (self.sequence % SUPERBLOCK_SLOTS) * BLOCK as u64
     }
 
+    /// Whether this superblock, once written, decodes again: every counter below [`COUNTER_MAX`].
+    pub fn counters_writable(&self) -> bool {
+        self.sequence < COUNTER_MAX && self.epoch < COUNTER_MAX && self.tail_lsn < COUNTER_MAX && self.checkpoints < COUNTER_MAX
+    }
+
     pub fn capacity_bytes(&self) -> u64 {
         self.area_end - self.area_start
     }

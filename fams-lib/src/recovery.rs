@@ -231,6 +231,14 @@ pub(crate) fn recover(
     next.epoch += 1;
     next.tail_offset = pos;
     next.tail_lsn = lsn;
+    if !next.counters_writable() {
+        // Only a damaged or crafted superblock gets here (the counters grow by one per open,
+        // checkpoint or commit): a superblock written with them could not be read back.
+        return Err(Error::CorruptSuperblock {
+            path: log_path.into(),
+            reason: format!("its counters are at their limit ({next:?}); the log is damaged"),
+        });
+    }
     write_superblock(dev, &next).map_err(log_err("writing the superblock after recovery"))?;
 
     report.duration = started.elapsed();

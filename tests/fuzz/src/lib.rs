@@ -293,12 +293,25 @@ fn writable_ranges(log: &[u8], sb: &Superblock, heap_size: u64) -> Vec<(u64, u64
     out
 }
 
-/// Recovery on a log built from the input (see [`build`]) and a valid heap file. Never panics;
-/// when it succeeds: the heap header is unchanged, every changed heap byte lies in an entry of a
-/// valid record, the record area of the log is unchanged and the new superblock follows the old
-/// one. When it fails, the log is unchanged.
+
+/// Recovery on a log built from the input (see [`build`]) and a valid heap file.
 pub fn recover_from_bytes(data: &[u8]) {
-    let Some(Built { log, heap, salvage }) = build(data) else { return };
+    let Some(b) = build(data) else { return };
+    check_recovery(b);
+}
+
+/// [`recover_from_bytes`] without skipping known findings.
+pub fn recover_from_bytes_unfiltered(data: &[u8]) {
+    if let Some(b) = build(data) {
+        check_recovery(b);
+    }
+}
+
+/// Recovery must never panic; when it succeeds: the heap header is unchanged, every changed heap
+/// byte lies in an entry of a valid record, the record area of the log is unchanged and the new
+/// superblock (valid, decodable) follows the old one. When it fails, the log is unchanged.
+pub fn check_recovery(b: Built) {
+    let Built { log, heap, salvage } = b;
     let log_len = log.len() / BLOCK * BLOCK;
     let (res, heap_after, log_after) = fams::sim::recover_images(log.clone(), heap.clone(), salvage);
     assert_eq!(heap_after.len(), heap.len());
