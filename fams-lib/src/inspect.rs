@@ -37,7 +37,7 @@ pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
     let opts = HeapOptions { log_path, ..HeapOptions::default() };
     let (log_path, mut dev) = open_log_of(path, &header, &opts, &mut crate::storage::RealStorage)?;
     let superblock = recovery::read_superblock(dev.as_mut(), &log_path)?;
-    let file = crate::storage::RealHeapFile(std::sync::Arc::new(file));
+    let file = crate::storage::RealHeapFile::new(std::sync::Arc::new(file));
     let pending = recovery::recover(dev.as_mut(), &log_path, &file, path, &header, recovery::Mode::DryRun)
         .map(|r| r.report)
         .map_err(|e| e.to_string());
