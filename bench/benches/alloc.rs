@@ -187,8 +187,12 @@ fn allocs(c: &mut Criterion) {
     let mut g = c.benchmark_group("alloc");
     g.sample_size(10).measurement_time(Duration::from_secs(2));
     for pattern in [Pattern::Small, Pattern::Large, Pattern::Mixed] {
-        g.bench_function(format!("fams/{}", pattern.name()), |b| b.iter_custom(|iters| run(&mut o, pattern, iters, false)));
-        g.bench_function(format!("system/{}", pattern.name()), |b| b.iter_custom(|iters| run(&mut Sys, pattern, iters, false)));
+        g.bench_function(format!("fams/{}", pattern.name()), |b| {
+            b.iter_custom(|iters| run(&mut o, pattern, iters, false))
+        });
+        g.bench_function(format!("system/{}", pattern.name()), |b| {
+            b.iter_custom(|iters| run(&mut Sys, pattern, iters, false))
+        });
     }
     g.finish();
     println!("pages dirtied per allocation (10,000 allocations in one commit, after a warm-up):");

@@ -28,20 +28,24 @@ fn commits(c: &mut Criterion) {
                 let mut log_bytes = 0.0;
                 g.bench_function(&name, |b| {
                     b.iter_custom(|iters| {
-                        let r = fams_commit(&t, pages, whole, iters.max(2) as usize, Some(tracker)).expect("commit bench");
+                        let r =
+                            fams_commit(&t, pages, whole, iters.max(2) as usize, Some(tracker)).expect("commit bench");
                         log_bytes = r.log_bytes_per_commit;
                         per_iter(&r.samples, iters)
                     })
                 });
                 g.bench_function(format!("floor-dsync/{pages}p/{}", if whole { "whole" } else { "1byte" }), |b| {
                     b.iter_custom(|iters| {
-                        let s = floor_write_flush(&t, (log_bytes as usize).max(4096), iters as usize, FlushMode::Dsync).expect("floor");
+                        let s = floor_write_flush(&t, (log_bytes as usize).max(4096), iters as usize, FlushMode::Dsync)
+                            .expect("floor");
                         per_iter(&s, iters)
                     })
                 });
                 g.bench_function(format!("floor-fdatasync/{pages}p/{}", if whole { "whole" } else { "1byte" }), |b| {
                     b.iter_custom(|iters| {
-                        let s = floor_write_flush(&t, (log_bytes as usize).max(4096), iters as usize, FlushMode::Fdatasync).expect("floor");
+                        let s =
+                            floor_write_flush(&t, (log_bytes as usize).max(4096), iters as usize, FlushMode::Fdatasync)
+                                .expect("floor");
                         per_iter(&s, iters)
                     })
                 });
@@ -51,7 +55,9 @@ fn commits(c: &mut Criterion) {
     g.bench_function("baseline/sqlite-wal-full/1p", |b| {
         b.iter_custom(|iters| per_iter(&sqlite_wal_full(&t.dir, iters as usize).expect("sqlite"), iters))
     });
-    g.bench_function("baseline/lmdb/1p", |b| b.iter_custom(|iters| per_iter(&lmdb(&t.dir, iters as usize).expect("lmdb"), iters)));
+    g.bench_function("baseline/lmdb/1p", |b| {
+        b.iter_custom(|iters| per_iter(&lmdb(&t.dir, iters as usize).expect("lmdb"), iters))
+    });
     g.bench_function("baseline/ken-style/1p", |b| {
         b.iter_custom(|iters| per_iter(&ken_style(&t.dir, iters as usize).expect("ken"), iters))
     });

@@ -322,7 +322,8 @@ pub fn lmdb(dir: &Path, iters: usize) -> Result<Samples, heed::Error> {
     // process uses the directory (it was just created).
     let env = unsafe { heed::EnvOpenOptions::new().map_size(256 << 20).open(&d)? };
     let mut wtxn = env.write_txn()?;
-    let db: heed::Database<heed::types::U64<heed::byteorder::BE>, heed::types::Bytes> = env.create_database(&mut wtxn, None)?;
+    let db: heed::Database<heed::types::U64<heed::byteorder::BE>, heed::types::Bytes> =
+        env.create_database(&mut wtxn, None)?;
     for k in 0..1000u64 {
         db.put(&mut wtxn, &k, &[0u8; 64])?;
     }
@@ -366,9 +367,10 @@ pub fn recovery(target: &Target, log_mib: u64, heap_bytes: u64) -> fams::Result<
     let mut i = 0usize;
     let mut written = 0;
     while written < record_bytes {
-        // 64 whole pages per commit, spread over the heap; a page's new byte always differs from
-        // what it held the lap before, so no commit is empty.
-        let fill = (i as u8) ^ ((i >> 8) as u8).wrapping_mul(31) ^ 0x5a;
+        // 64 whole pages per commit, spread over the heap. A page gets lap + 1, so it differs
+        // from both the zeros it started with and what the previous lap wrote: no commit is empty.
+        let lap = (i * 64) / pages;
+        let fill = (lap as u8).wrapping_add(1);
         for j in 0..64 {
             let p = (i * 64 + j) % pages;
             heap.bytes_mut()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(fill);

@@ -153,13 +153,18 @@ fn run(objects: &mut ObjectHeap, cmd: &str, args: &[std::ffi::OsString]) -> Resu
                 store.map.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (&k[..], &v[..])).collect();
             rows.sort_unstable();
             for (k, v) in rows {
-                let _ = out.write_all(k).and_then(|_| out.write_all(b"\t")).and_then(|_| out.write_all(v)).and_then(|_| out.write_all(b"\n"));
+                let _ = out
+                    .write_all(k)
+                    .and_then(|_| out.write_all(b"\t"))
+                    .and_then(|_| out.write_all(v))
+                    .and_then(|_| out.write_all(b"\n"));
             }
         }
         ("check", 0) => {
             let report = objects.check()?;
             let store = objects.root(new_store)?;
-            let (entries, bytes) = store.map.iter().fold((0u64, 0u64), |(n, b), (k, v)| (n + 1, b + (k.len() + v.len()) as u64));
+            let (entries, bytes) =
+                store.map.iter().fold((0u64, 0u64), |(n, b), (k, v)| (n + 1, b + (k.len() + v.len()) as u64));
             let _ = writeln!(
                 out,
                 "ok: {entries} entries, {bytes} bytes of keys and values, {} puts, {} dels; {report:?}",
@@ -182,7 +187,9 @@ fn run(objects: &mut ObjectHeap, cmd: &str, args: &[std::ffi::OsString]) -> Resu
                     (Some(b"del"), Some(k), None) => {
                         del(store, k);
                     }
-                    _ => return Err(Failure::Other(format!("bad line {}: {:?}", n + 1, String::from_utf8_lossy(&line)))),
+                    _ => {
+                        return Err(Failure::Other(format!("bad line {}: {:?}", n + 1, String::from_utf8_lossy(&line))))
+                    }
                 }
                 objects.commit()?;
                 n += 1;

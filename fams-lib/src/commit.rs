@@ -64,9 +64,7 @@ impl QueuedRecord {
 
 /// The most bytes a record touching `pages` pages can need (every page a full image).
 pub(crate) fn record_len_max(pages: u64) -> u64 {
-    log_format::round_up_block(
-        RECORD_HEADER_BYTES as u64 + pages * log_format::entry_encoded_len(PAGE_SIZE) as u64,
-    )
+    log_format::round_up_block(RECORD_HEADER_BYTES as u64 + pages * log_format::entry_encoded_len(PAGE_SIZE) as u64)
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -399,7 +397,10 @@ impl LogWriter {
             let mut i = 0;
             while i < entries.len() {
                 let page = entries[i].offset / PAGE_SIZE as u64;
-                let end = entries[i..].iter().position(|e| e.offset / PAGE_SIZE as u64 != page).map_or(entries.len(), |n| i + n);
+                let end = entries[i..]
+                    .iter()
+                    .position(|e| e.offset / PAGE_SIZE as u64 != page)
+                    .map_or(entries.len(), |n| i + n);
                 if self.full_image_logged.get(page) {
                     for e in &entries[i..end] {
                         log_format::push_entry(&mut payload, e.offset, e.data);

@@ -29,13 +29,7 @@ pub enum Error {
     CorruptSuperblock { path: PathBuf, reason: String },
 
     #[error("{path}: media corruption in the log: record LSN {lsn} at offset {offset} is damaged ({reason}) but a later commit (LSN {later_lsn}) is intact, so this is not a torn tail; refusing to open. `famsd recover --salvage` replays up to LSN {lsn} and drops what follows")]
-    MediaCorruption {
-        path: PathBuf,
-        lsn: u64,
-        offset: u64,
-        later_lsn: u64,
-        reason: String,
-    },
+    MediaCorruption { path: PathBuf, lsn: u64, offset: u64, later_lsn: u64, reason: String },
 
     #[error("{path}: the heap is locked by another process (pid {holder}); stop it first, a heap has one writer")]
     Locked { path: PathBuf, holder: String },
@@ -61,10 +55,6 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, what: &'static str, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            what,
-            source,
-        }
+        Error::Io { path: path.into(), what, source }
     }
 }

@@ -306,9 +306,7 @@ impl Heap {
             return Ok(st.applied_lsn);
         }
         let applied = st.applied_lsn;
-        let must_wait = dirty
-            .iter()
-            .any(|p| self.page_last_lsn.get(p).is_some_and(|&l| l > applied && l <= durable));
+        let must_wait = dirty.iter().any(|p| self.page_last_lsn.get(p).is_some_and(|&l| l > applied && l <= durable));
         while must_wait && st.applied_lsn < durable {
             if let Some(reason) = &st.failed {
                 return Err(commit::poisoned(&self.log_path, reason));
@@ -383,11 +381,7 @@ impl Heap {
                 // committed bytes (not dirty, not in flight), which the heap file's page cache
                 // also holds, so discarding the private copies loses nothing.
                 let rc = unsafe {
-                    libc::madvise(
-                        self.base.add(start * PAGE_SIZE).cast(),
-                        (k - start) * PAGE_SIZE,
-                        libc::MADV_DONTNEED,
-                    )
+                    libc::madvise(self.base.add(start * PAGE_SIZE).cast(), (k - start) * PAGE_SIZE, libc::MADV_DONTNEED)
                 };
                 if rc != 0 {
                     return Err(Error::io(&self.path, "madvise(MADV_DONTNEED)", std::io::Error::last_os_error()));
@@ -516,9 +510,7 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, "fsync of the directory", e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, "fsync of the directory", e))
 }
 
 /// Is [base, base+size) free in this process? Probe with MAP_FIXED_NOREPLACE.
@@ -589,9 +581,10 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
             (rel, actual)
         }
     };
-    let log_recorded = log_recorded.to_str().map(str::to_string).ok_or_else(|| {
-        Error::InvalidArgument(format!("log path {} is not UTF-8", log_recorded.display()))
-    })?;
+    let log_recorded = log_recorded
+        .to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::InvalidArgument(format!("log path {} is not UTF-8", log_recorded.display())))?;
     if log_recorded.len() > LOG_PATH_MAX {
         return Err(Error::InvalidArgument(format!("log path longer than {LOG_PATH_MAX} bytes")));
     }
@@ -648,19 +641,14 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         created_unix: now_unix(),
         log_path: log_recorded,
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(heap_path)
-        .map_err(|e| {
-            let what = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                "creating the heap file (it already exists; remove it or pick another path)"
-            } else {
-                "creating the heap file"
-            };
-            Error::io(heap_path, what, e)
-        })?;
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(heap_path).map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::AlreadyExists {
+            "creating the heap file (it already exists; remove it or pick another path)"
+        } else {
+            "creating the heap file"
+        };
+        Error::io(heap_path, what, e)
+    })?;
     let result = (|| {
         file.write_all_at(&header.encode(), 0).map_err(|e| Error::io(heap_path, "writing the heap header", e))?;
         file.set_len(HEADER_BYTES + size).map_err(|e| Error::io(heap_path, "sizing the heap file", e))?;
@@ -677,7 +665,8 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         }
         file.sync_all().map_err(|e| Error::io(heap_path, "fsync", e))?;
         if block.is_none() {
-            io::create_log_file(&log_actual, log_size).map_err(|e| Error::io(&log_actual, "creating the log file", e))?;
+            io::create_log_file(&log_actual, log_size)
+                .map_err(|e| Error::io(&log_actual, "creating the log file", e))?;
         }
         let mut dev = io::open_log(&log_actual, &LogOpenOptions::default())
             .map_err(|e| Error::io(&log_actual, "opening the log", e))?;

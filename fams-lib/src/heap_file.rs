@@ -130,9 +130,8 @@ impl HeapHeader {
         if path_len > LOG_PATH_MAX {
             return Err(format!("log path length {path_len} exceeds {LOG_PATH_MAX}"));
         }
-        let log_path = std::str::from_utf8(&b[66..66 + path_len])
-            .map_err(|_| "log path is not UTF-8".to_string())?
-            .to_string();
+        let log_path =
+            std::str::from_utf8(&b[66..66 + path_len]).map_err(|_| "log path is not UTF-8".to_string())?.to_string();
         let h = HeapHeader {
             heap_id: HeapId(b[16..32].try_into().expect("16 bytes")),
             heap_size: u64_at(32),
@@ -168,9 +167,7 @@ pub fn read_header(file: &std::fs::File, path: &Path) -> Result<HeapHeader> {
     let mut b = vec![0u8; HEADER_BYTES as usize];
     let mut got = 0;
     while got < b.len() {
-        let n = file
-            .read_at(&mut b[got..], got as u64)
-            .map_err(|e| Error::io(path, "reading the heap header", e))?;
+        let n = file.read_at(&mut b[got..], got as u64).map_err(|e| Error::io(path, "reading the heap header", e))?;
         if n == 0 {
             break;
         }

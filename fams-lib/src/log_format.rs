@@ -139,7 +139,10 @@ impl Superblock {
 
     /// Whether this superblock, once written, decodes again: every counter below [`COUNTER_MAX`].
     pub fn counters_writable(&self) -> bool {
-        self.sequence < COUNTER_MAX && self.epoch < COUNTER_MAX && self.tail_lsn < COUNTER_MAX && self.checkpoints < COUNTER_MAX
+        self.sequence < COUNTER_MAX
+            && self.epoch < COUNTER_MAX
+            && self.tail_lsn < COUNTER_MAX
+            && self.checkpoints < COUNTER_MAX
     }
 
     pub fn capacity_bytes(&self) -> u64 {
@@ -350,10 +353,7 @@ pub fn decode_entries(payload: &[u8], entry_count: u32, heap_size: u64) -> Resul
         if payload.len() - at < encoded {
             return Err(format!("entry {i} data runs past the payload"));
         }
-        entries.push(Entry {
-            offset,
-            data: &payload[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len],
-        });
+        entries.push(Entry { offset, data: &payload[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len] });
         at += encoded;
     }
     if at != payload.len() {

@@ -93,10 +93,9 @@ pub(crate) fn read_superblock(dev: &mut dyn LogDevice, log_path: &Path) -> Resul
     match (a, b) {
         (Ok(a), Ok(b)) => Ok(if a.sequence >= b.sequence { a } else { b }),
         (Ok(s), Err(_)) | (Err(_), Ok(s)) => Ok(s),
-        (Err(ea), Err(eb)) => Err(Error::CorruptSuperblock {
-            path: log_path.into(),
-            reason: format!("slot A: {ea}; slot B: {eb}"),
-        }),
+        (Err(ea), Err(eb)) => {
+            Err(Error::CorruptSuperblock { path: log_path.into(), reason: format!("slot A: {ea}; slot B: {eb}") })
+        }
     }
 }
 
@@ -204,17 +203,10 @@ pub(crate) fn recover(
             None => end_why.clone().unwrap_or_else(|| format!("no valid record LSN {lsn} at offset {pos}")),
         };
         if mode == (Mode::Replay { salvage: false }) {
-            return Err(Error::MediaCorruption {
-                path: log_path.into(),
-                lsn,
-                offset: pos,
-                later_lsn: later,
-                reason,
-            });
+            return Err(Error::MediaCorruption { path: log_path.into(), lsn, offset: pos, later_lsn: later, reason });
         }
-        report.salvaged = Some(format!(
-            "dropped LSN {lsn} and everything after it (up to at least LSN {later}): {reason}"
-        ));
+        report.salvaged =
+            Some(format!("dropped LSN {lsn} and everything after it (up to at least LSN {later}): {reason}"));
     }
     report.torn_tail = end_why;
     report.log_bytes_read = reader.bytes_read;
@@ -258,7 +250,10 @@ fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) ->
         Ok(h) if h.lsn == lsn => return Ok(found(pos, h)),
         Ok(h) if h.lsn > lsn => Some(format!("at offset {pos}: LSN {} where {lsn} was expected", h.lsn)),
         Err(HeaderProblem::Foreign(f)) => Some(format!("at offset {pos}: {f}")),
-        Ok(_) | Err(HeaderProblem::NotARecord(_)) | Err(HeaderProblem::OtherHeap) | Err(HeaderProblem::OtherEpoch(_)) => None,
+        Ok(_)
+        | Err(HeaderProblem::NotARecord(_))
+        | Err(HeaderProblem::OtherHeap)
+        | Err(HeaderProblem::OtherEpoch(_)) => None,
     };
     if pos != sb.area_start {
         if let Ok(h) = RecordHeader::decode(reader.get(sb.area_start, BLOCK)?, sb.heap_id, sb.epoch) {
@@ -279,7 +274,12 @@ struct Later {
     newer_epoch: Option<u64>,
 }
 
-fn later_group_after(reader: &mut LogReader<'_>, sb: &Superblock, end: u64, lsn: u64) -> std::io::Result<Option<Later>> {
+fn later_group_after(
+    reader: &mut LogReader<'_>,
+    sb: &Superblock,
+    end: u64,
+    lsn: u64,
+) -> std::io::Result<Option<Later>> {
     // Everything from the end around to the tail was not replayed.
     let mut offset = end;
     let mut first = true;
@@ -287,7 +287,9 @@ fn later_group_after(reader: &mut LogReader<'_>, sb: &Superblock, end: u64, lsn:
         first = false;
         let block = reader.get(offset, BLOCK)?;
         match RecordHeader::decode(block, sb.heap_id, sb.epoch) {
-            Ok(h) if h.lsn >= lsn && h.group_first_lsn > lsn => return Ok(Some(Later { lsn: h.lsn, newer_epoch: None })),
+            Ok(h) if h.lsn >= lsn && h.group_first_lsn > lsn => {
+                return Ok(Some(Later { lsn: h.lsn, newer_epoch: None }))
+            }
             // Records of an epoch are written only after that epoch's superblock is durable, so
             // a record of a newer epoch proves a newer superblock existed: the one we read is
             // not the newest, and replaying from it would lose commits.
@@ -303,4 +305,3 @@ fn later_group_after(reader: &mut LogReader<'_>, sb: &Superblock, end: u64, lsn:
     }
     Ok(None)
 }
-

@@ -19,7 +19,7 @@
 //! After a cut, [`SimMachine::reboot`] writes the surviving image back into the real file, the
 //! equivalent of the machine coming back up.
 
-use crate::io::{IoPath, IoStats, LogDevice, LogKind, LogOpenOptions, FlushMode};
+use crate::io::{FlushMode, IoPath, IoStats, LogDevice, LogKind, LogOpenOptions};
 use crate::storage::{HeapStore, Storage};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -502,7 +502,8 @@ pub fn recover_images(
     let mut log_image = log_image;
     log_image.truncate(log_len);
     let machine = SimMachine::new(log_image, heap_file_image, 0);
-    let mut log = SimLog { machine: machine.clone(), path: PathBuf::from("<in-memory log>"), size_bytes: log_len as u64 };
+    let mut log =
+        SimLog { machine: machine.clone(), path: PathBuf::from("<in-memory log>"), size_bytes: log_len as u64 };
     let heap = SimMemHeap { machine: machine.clone() };
     let result = crate::recovery::recover(
         &mut log,

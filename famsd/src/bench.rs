@@ -95,8 +95,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
                 vec![(1, 1 << 30), (16, 1 << 30), (256, 1 << 30), (16, 8 << 30)],
             )
         };
-    let trackers: Vec<Option<TrackerKind>> =
-        if cfg.quick { vec![None] } else { vec![Some(TrackerKind::Uffd), Some(TrackerKind::Regions), Some(TrackerKind::Mprotect)] };
+    let trackers: Vec<Option<TrackerKind>> = if cfg.quick {
+        vec![None]
+    } else {
+        vec![Some(TrackerKind::Uffd), Some(TrackerKind::Regions), Some(TrackerKind::Mprotect)]
+    };
     let uffd = fams::tracker::uffd_available().is_ok();
     let trackers: Vec<_> = trackers
         .into_iter()
@@ -125,7 +128,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     p.next("baseline: Ken-style checkpoint file + fsync + directory fsync");
     baselines.push(("ken_style", fams_bench::ken_style(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
     p.next("baseline: msync(MS_SYNC) of a MAP_SHARED file (not failure-atomic)");
-    baselines.push(("msync_not_atomic", fams_bench::msync_shared(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+    baselines
+        .push(("msync_not_atomic", fams_bench::msync_shared(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
     p.next(&format!("commit rate: {rate_commits} synchronous vs {rate_commits} async 1-page commits"));
     let (sync_rate, async_rate, async_groups) = fams_bench::commit_rate(&target, rate_commits, 64).map_err(err)?;
     let mut recoveries = Vec::new();
@@ -196,7 +200,10 @@ impl BenchReport {
 
     pub fn print_table(&self) {
         println!("commit latency (one byte changed per dirty page), µs");
-        println!("{:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>12}", "pages", "tracker", "p50", "p99", "floor p50", "ratio", "log B/commit");
+        println!(
+            "{:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>12}",
+            "pages", "tracker", "p50", "p99", "floor p50", "ratio", "log B/commit"
+        );
         for c in &self.commits {
             println!(
                 "{:>8} {:>9} {:>9.0} {:>9.0} {:>11.0} {:>7.2}× {:>12.0}",
@@ -229,7 +236,10 @@ impl BenchReport {
             self.async_groups
         );
         println!("\nrecovery (replay + scan of the log), ms");
-        println!("{:>8} {:>9} {:>9} {:>11} {:>8} {:>12}", "log MiB", "heap GiB", "ms", "floor ms", "ratio", "throughput");
+        println!(
+            "{:>8} {:>9} {:>9} {:>11} {:>8} {:>12}",
+            "log MiB", "heap GiB", "ms", "floor ms", "ratio", "throughput"
+        );
         for r in &self.recoveries {
             println!(
                 "{:>8} {:>9.0} {:>9.1} {:>11.1} {:>7.2}× {:>8.0} MB/s",
@@ -252,8 +262,18 @@ impl BenchReport {
         out.push_str(&format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         ));
-        let fams_pts: Vec<(f64, f64)> = self.commits.iter().filter(|c| c.tracker == self.commits[0].tracker).map(|c| (c.pages as f64, c.samples.p50())).collect();
-        let floor_pts: Vec<(f64, f64)> = self.commits.iter().filter(|c| c.tracker == self.commits[0].tracker).map(|c| (c.pages as f64, c.floor.p50())).collect();
+        let fams_pts: Vec<(f64, f64)> = self
+            .commits
+            .iter()
+            .filter(|c| c.tracker == self.commits[0].tracker)
+            .map(|c| (c.pages as f64, c.samples.p50()))
+            .collect();
+        let floor_pts: Vec<(f64, f64)> = self
+            .commits
+            .iter()
+            .filter(|c| c.tracker == self.commits[0].tracker)
+            .map(|c| (c.pages as f64, c.floor.p50()))
+            .collect();
         let base: Vec<(String, f64)> = self.baselines.iter().map(|(n, s)| (n.to_string(), s.p50())).collect();
         out.push_str(&chart(
             20.0,
@@ -262,26 +282,51 @@ impl BenchReport {
             &base,
             true,
         ));
-        let rec: Vec<(f64, f64)> = self.recoveries.iter().filter(|r| r.heap_bytes == 1 << 30).map(|r| (r.log_mib as f64, r.ms)).collect();
-        let recf: Vec<(f64, f64)> = self.recoveries.iter().filter(|r| r.heap_bytes == 1 << 30).map(|r| (r.log_mib as f64, r.floor_ms)).collect();
-        out.push_str(&chart(470.0, "recovery (ms) vs log MiB", &[("fams", "#1f77b4", rec), ("floor: O_DIRECT read", "#2ca02c", recf)], &[], true));
+        let rec: Vec<(f64, f64)> =
+            self.recoveries.iter().filter(|r| r.heap_bytes == 1 << 30).map(|r| (r.log_mib as f64, r.ms)).collect();
+        let recf: Vec<(f64, f64)> = self
+            .recoveries
+            .iter()
+            .filter(|r| r.heap_bytes == 1 << 30)
+            .map(|r| (r.log_mib as f64, r.floor_ms))
+            .collect();
+        out.push_str(&chart(
+            470.0,
+            "recovery (ms) vs log MiB",
+            &[("fams", "#1f77b4", rec), ("floor: O_DIRECT read", "#2ca02c", recf)],
+            &[],
+            true,
+        ));
         out.push_str("</svg>\n");
         out
     }
 }
 
 /// One log-log chart at x offset `x0`, 410×330.
-fn chart(x0: f64, title: &str, series: &[(&str, &str, Vec<(f64, f64)>)], hlines: &[(String, f64)], log_y: bool) -> String {
+fn chart(
+    x0: f64,
+    title: &str,
+    series: &[(&str, &str, Vec<(f64, f64)>)],
+    hlines: &[(String, f64)],
+    log_y: bool,
+) -> String {
     let (cw, ch, left, top) = (410.0, 300.0, 55.0, 30.0);
     let xs: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.0)).collect();
-    let ys: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.1)).chain(hlines.iter().map(|h| h.1)).filter(|y| *y > 0.0).collect();
+    let ys: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .chain(hlines.iter().map(|h| h.1))
+        .filter(|y| *y > 0.0)
+        .collect();
     if xs.is_empty() || ys.is_empty() {
         return String::new();
     }
     let lx = |v: f64| v.max(1e-9).log10();
-    let (xmin, xmax) = (lx(xs.iter().cloned().fold(f64::MAX, f64::min)), lx(xs.iter().cloned().fold(0.0, f64::max)) + 1e-9);
+    let (xmin, xmax) =
+        (lx(xs.iter().cloned().fold(f64::MAX, f64::min)), lx(xs.iter().cloned().fold(0.0, f64::max)) + 1e-9);
     let ty = |v: f64| if log_y { v.max(1e-9).log10() } else { v };
-    let (ymin, ymax) = (ty(ys.iter().cloned().fold(f64::MAX, f64::min)) - 0.2, ty(ys.iter().cloned().fold(0.0, f64::max)) + 0.2);
+    let (ymin, ymax) =
+        (ty(ys.iter().cloned().fold(f64::MAX, f64::min)) - 0.2, ty(ys.iter().cloned().fold(0.0, f64::max)) + 0.2);
     let px = |x: f64| x0 + left + (lx(x) - xmin) / (xmax - xmin).max(1e-9) * (cw - left - 10.0);
     let py = |y: f64| top + ch - (ty(y) - ymin) / (ymax - ymin).max(1e-9) * ch;
     let mut s = format!("<text x=\"{}\" y=\"18\" font-weight=\"bold\">{title}</text>\n", x0 + left);
@@ -292,12 +337,23 @@ fn chart(x0: f64, title: &str, series: &[(&str, &str, Vec<(f64, f64)>)], hlines:
     ));
     for (i, (name, color, pts)) in series.iter().enumerate() {
         let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
-        s.push_str(&format!("<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n", path.join(" ")));
+        s.push_str(&format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
+            path.join(" ")
+        ));
         for &(x, y) in pts {
             s.push_str(&format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n", px(x), py(y)));
-            s.push_str(&format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{y:.0}</text>\n", px(x) + 4.0, py(y) - 4.0));
+            s.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{y:.0}</text>\n",
+                px(x) + 4.0,
+                py(y) - 4.0
+            ));
         }
-        s.push_str(&format!("<text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n", x0 + left + 8.0, top + 16.0 + 14.0 * i as f64));
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n",
+            x0 + left + 8.0,
+            top + 16.0 + 14.0 * i as f64
+        ));
     }
     for (i, (name, y)) in hlines.iter().enumerate() {
         let yy = py(*y);
@@ -310,7 +366,11 @@ fn chart(x0: f64, title: &str, series: &[(&str, &str, Vec<(f64, f64)>)], hlines:
         ));
     }
     for &x in &xs {
-        s.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{x}</text>\n", px(x), top + ch + 14.0));
+        s.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{x}</text>\n",
+            px(x),
+            top + ch + 14.0
+        ));
     }
     s
 }

@@ -94,7 +94,9 @@ pub fn run(dir: &Path) -> Result<(), String> {
     );
     drop(heap);
 
-    println!("  crash test: a child commits; it is killed with SIGKILL mid-commit, the heap is recovered and verified…");
+    println!(
+        "  crash test: a child commits; it is killed with SIGKILL mid-commit, the heap is recovered and verified…"
+    );
     let cfg = TortureConfig {
         cycles: 12,
         dir: dir.join("crash"),

@@ -1,8 +1,8 @@
 //! `famsd`: format, inspect and recover fams heaps; demonstrate and torture-test them.
 
-use famsd::{demo, torture};
 use clap::{Parser, Subcommand};
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
+use famsd::{demo, torture};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -75,8 +75,10 @@ famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw p
     /// Measure commit latency and recovery on this machine's device, next to the device floor
     /// (an O_DIRECT write + flush of the same bytes) and the baselines (SQLite WAL, LMDB, Ken-style
     /// checkpoint files, plain msync), all in one run.
-    #[command(after_help = "Examples:\n  famsd bench --quick\n  famsd bench --dir /mnt/nvme/bench --json > result.json\n  \
-famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents")]
+    #[command(
+        after_help = "Examples:\n  famsd bench --quick\n  famsd bench --dir /mnt/nvme/bench --json > result.json\n  \
+famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents"
+    )]
     Bench {
         /// Directory on the device under test (heap files, file logs, baselines).
         #[arg(long)]
@@ -243,7 +245,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     "base_addr": format!("{:#x}", h.base_addr), "log": log_path, "log_size_bytes": h.log_size,
                 }));
             } else {
-                println!("formatted {} ({} bytes at {:#x}, id {})", heap.display(), h.heap_size, h.base_addr, h.heap_id);
+                println!(
+                    "formatted {} ({} bytes at {:#x}, id {})",
+                    heap.display(),
+                    h.heap_size,
+                    h.base_addr,
+                    h.heap_id
+                );
                 println!("log {} ({} bytes)", log_path.display(), h.log_size);
             }
             Ok(ExitCode::SUCCESS)
@@ -272,17 +280,29 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 print_json(&v);
             } else {
                 println!("heap      {} (id {})", i.heap_path.display(), i.header.heap_id);
-                println!("size      {} bytes at {:#x}{}", i.header.heap_size, i.header.base_addr,
-                    if i.locked { ", open in another process" } else { "" });
+                println!(
+                    "size      {} bytes at {:#x}{}",
+                    i.header.heap_size,
+                    i.header.base_addr,
+                    if i.locked { ", open in another process" } else { "" }
+                );
                 println!("log       {} ({}, {} bytes)", i.log_path.display(), i.log_kind, i.header.log_size);
-                println!("superblock seq {} epoch {}, tail LSN {} at offset {}, {} checkpoints",
-                    sb.sequence, sb.epoch, sb.tail_lsn, sb.tail_offset, sb.checkpoints);
+                println!(
+                    "superblock seq {} epoch {}, tail LSN {} at offset {}, {} checkpoints",
+                    sb.sequence, sb.epoch, sb.tail_lsn, sb.tail_offset, sb.checkpoints
+                );
                 match &i.pending {
                     Ok(r) => {
-                        println!("pending   {} records ({} heap bytes) would be replayed; next LSN {}",
-                            r.records_replayed, r.bytes_replayed, r.next_lsn);
-                        if let Some(t) = &r.torn_tail { println!("tail      {t}"); }
-                        if let Some(s) = &r.salvaged { println!("DAMAGE    {s}"); }
+                        println!(
+                            "pending   {} records ({} heap bytes) would be replayed; next LSN {}",
+                            r.records_replayed, r.bytes_replayed, r.next_lsn
+                        );
+                        if let Some(t) = &r.torn_tail {
+                            println!("tail      {t}");
+                        }
+                        if let Some(s) = &r.salvaged {
+                            println!("DAMAGE    {s}");
+                        }
                     }
                     Err(e) => println!("pending   cannot replay: {e}"),
                 }
@@ -301,10 +321,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     "next_lsn": r.next_lsn, "torn_tail": r.torn_tail, "salvaged": r.salvaged,
                 }));
             } else {
-                println!("replayed {} records ({} heap bytes, {} log bytes read) in {:.2} ms; next LSN {}",
-                    r.records_replayed, r.bytes_replayed, r.log_bytes_read, r.duration.as_secs_f64() * 1e3, r.next_lsn);
-                if let Some(t) = &r.torn_tail { println!("stopped at: {t}"); }
-                if let Some(s) = &r.salvaged { println!("SALVAGED: {s}"); }
+                println!(
+                    "replayed {} records ({} heap bytes, {} log bytes read) in {:.2} ms; next LSN {}",
+                    r.records_replayed,
+                    r.bytes_replayed,
+                    r.log_bytes_read,
+                    r.duration.as_secs_f64() * 1e3,
+                    r.next_lsn
+                );
+                if let Some(t) = &r.torn_tail {
+                    println!("stopped at: {t}");
+                }
+                if let Some(s) = &r.salvaged {
+                    println!("SALVAGED: {s}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -338,8 +368,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let made_dir = dir.is_none();
             let dir = dir.unwrap_or_else(default_torture_dir);
             let cfg = famsd::power_loss::PowerLossConfig {
-                states, seed, dir: dir.clone(), tracker, heap_size_bytes: 256 << 10, log_size_bytes: 640 << 10,
-                sync_only, progress: !json,
+                states,
+                seed,
+                dir: dir.clone(),
+                tracker,
+                heap_size_bytes: 256 << 10,
+                log_size_bytes: 640 << 10,
+                sync_only,
+                progress: !json,
             };
             let report = famsd::power_loss::run(&cfg);
             if made_dir {
@@ -352,20 +388,40 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 println!("{} power-loss states ({} exhaustive, {} cuts during recovery), {} violations, seed {}; {} commits acknowledged; unflushed writes kept/dropped/torn {}/{}/{}, {} garbage sectors",
                     report.states, report.exhaustive_states, report.cuts_during_recovery, report.violations, report.seed,
                     report.commits_acknowledged, report.writes_kept, report.writes_dropped, report.writes_torn, report.garbage_sectors);
-                for v in &report.violation_details { println!("VIOLATION: {v}"); }
+                for v in &report.violation_details {
+                    println!("VIOLATION: {v}");
+                }
             }
             Ok(if report.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Cmd::Torture {
-            cycles, tracker, log, dir, heap_size, log_size, seed, kill_after_ms_max, io_path, flush_mode, force, json, ..
+            cycles,
+            tracker,
+            log,
+            dir,
+            heap_size,
+            log_size,
+            seed,
+            kill_after_ms_max,
+            io_path,
+            flush_mode,
+            force,
+            json,
+            ..
         } => {
             let made_dir = dir.is_none();
             let dir = dir.unwrap_or_else(default_torture_dir);
             let log_size = if log.as_ref().is_some_and(|l| is_block_device(l)) { None } else { Some(log_size) };
             let cfg = torture::TortureConfig {
-                cycles, dir: dir.clone(), force, heap_size_bytes: heap_size,
+                cycles,
+                dir: dir.clone(),
+                force,
+                heap_size_bytes: heap_size,
                 choice: torture::HeapChoice { tracker, io_path, flush_mode, log },
-                log_size_bytes: log_size, seed, kill_after_ms_max, progress: !json,
+                log_size_bytes: log_size,
+                seed,
+                kill_after_ms_max,
+                progress: !json,
             };
             let report = torture::run(&cfg);
             if made_dir {
@@ -378,7 +434,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 println!("{} cycles, {} violations (tracker {}, log {} via {} + {}); {} commits acknowledged, final commit {}",
                     report.cycles, report.violations, report.tracker, report.log_kind, report.io_path, report.flush_mode,
                     report.commits_acknowledged, report.final_commit);
-                for v in &report.violation_details { println!("VIOLATION: {v}"); }
+                for v in &report.violation_details {
+                    println!("VIOLATION: {v}");
+                }
             }
             Ok(if report.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }

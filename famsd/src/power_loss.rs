@@ -163,7 +163,10 @@ impl<'a> Explorer<'a> {
             }
             self.model.advance_to(c);
             if let Some(at) = self.model.first_difference(heap.bytes()) {
-                self.violation(state, format!("heap says commit {c} but differs from it at byte {at} (page {})", at / 4096));
+                self.violation(
+                    state,
+                    format!("heap says commit {c} but differs from it at byte {at} (page {})", at / 4096),
+                );
             } else {
                 self.report.final_commit = c;
                 self.report.states += 1;

@@ -197,9 +197,8 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
         }
 
         let started = Instant::now();
-        let heap = Heap::open(&heap_path, &cfg.choice.options()).map_err(|e| {
-            format!("cycle {cycle}: recovery failed after a SIGKILL (this is a bug): {e}")
-        })?;
+        let heap = Heap::open(&heap_path, &cfg.choice.options())
+            .map_err(|e| format!("cycle {cycle}: recovery failed after a SIGKILL (this is a bug): {e}"))?;
         let open_ms = started.elapsed().as_secs_f64() * 1e3;
         let stats = heap.stats();
         report.tracker = stats.tracker.to_string();

@@ -84,13 +84,10 @@ impl Model {
         if heap.len() != self.image.len() {
             return Some(0);
         }
-        heap.chunks(PAGE)
-            .zip(self.image.chunks(PAGE))
-            .position(|(a, b)| a != b)
-            .map(|page| {
-                let a = &heap[page * PAGE..];
-                let b = &self.image[page * PAGE..];
-                page * PAGE + a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0)
-            })
+        heap.chunks(PAGE).zip(self.image.chunks(PAGE)).position(|(a, b)| a != b).map(|page| {
+            let a = &heap[page * PAGE..];
+            let b = &self.image[page * PAGE..];
+            page * PAGE + a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0)
+        })
     }
 }

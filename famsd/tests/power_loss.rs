@@ -28,7 +28,15 @@ fn ten_thousand_simulated_power_cuts_without_a_violation() {
     assert_eq!(v["violations"], 0, "{v}");
     assert_eq!(v["seed"], 20261128);
     // The run really exercised what it claims to.
-    for key in ["exhaustive_states", "cuts_during_recovery", "unflushed_writes_torn", "garbage_sectors", "checkpoints", "records_replayed", "recovered_unacknowledged"] {
+    for key in [
+        "exhaustive_states",
+        "cuts_during_recovery",
+        "unflushed_writes_torn",
+        "garbage_sectors",
+        "checkpoints",
+        "records_replayed",
+        "recovered_unacknowledged",
+    ] {
         assert!(v[key].as_u64().unwrap() > 0, "{key} is zero: {v}");
     }
 }

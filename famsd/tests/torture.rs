@@ -9,7 +9,13 @@ fn torture(cycles: u64, tracker: &str, log: Option<&std::path::Path>, seed: u64)
     torture_with(cycles, tracker, log, seed, &[])
 }
 
-fn torture_with(cycles: u64, tracker: &str, log: Option<&std::path::Path>, seed: u64, extra: &[&str]) -> serde_json::Value {
+fn torture_with(
+    cycles: u64,
+    tracker: &str,
+    log: Option<&std::path::Path>,
+    seed: u64,
+    extra: &[&str],
+) -> serde_json::Value {
     let dir = TempDir::new("torture");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_famsd"));
     cmd.args(["torture", "--json", "--cycles", &cycles.to_string(), "--tracker", tracker, "--seed", &seed.to_string()])
@@ -22,7 +28,11 @@ fn torture_with(cycles: u64, tracker: &str, log: Option<&std::path::Path>, seed:
     let out = cmd.output().expect("run famsd torture");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("famsd torture printed no JSON ({e}): status {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "famsd torture printed no JSON ({e}): status {:?}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     eprintln!("torture {tracker} {}: {v}", log.map(|l| l.display().to_string()).unwrap_or("file log".into()));
     assert_eq!(v["cycles"], cycles, "{v}");

@@ -106,7 +106,11 @@ fn collections_built_in_another_process_are_usable_here() {
         assert_eq!((*n, &v[..]), (i, &i.to_le_bytes()[..]));
     }
     assert!(root.numbers.iter().enumerate().all(|(i, &x)| x == (i * i) as u64) && root.numbers.len() == 5000);
-    assert!(root.nested.iter().enumerate().all(|(i, v)| v.len() == i && v.iter().enumerate().all(|(j, &x)| x == 2 * j as u16)));
+    assert!(root
+        .nested
+        .iter()
+        .enumerate()
+        .all(|(i, v)| v.len() == i && v.iter().enumerate().all(|(j, &x)| x == 2 * j as u16)));
     assert_eq!(root.boxed[3], 33);
     assert!((0..1000u32).all(|i| root.fixed.get(&i) == Some(&!i)));
 

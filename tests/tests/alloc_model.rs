@@ -231,7 +231,9 @@ fn long_random_run_matches_the_model() {
             _ => 16_385 + rng.below(300_000) as usize,
         };
         ops.push(match r {
-            0..=44 => Op::Alloc { size, align_log2: [0, 3, 4, 4, 6, 12][rng.below(6) as usize], zeroed: rng.below(4) == 0 },
+            0..=44 => {
+                Op::Alloc { size, align_log2: [0, 3, 4, 4, 6, 12][rng.below(6) as usize], zeroed: rng.below(4) == 0 }
+            }
             45..=79 => Op::Free { pick: rng.next_u64() as usize },
             80..=89 => Op::Realloc { pick: rng.next_u64() as usize, size },
             90..=95 => Op::Write { pick: rng.next_u64() as usize, byte: rng.below(256) as u8 },

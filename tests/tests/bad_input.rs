@@ -18,10 +18,7 @@ fn open_default(path: &Path) -> Result<Heap, Error> {
 fn heap_with_log_records(dir: &TempDir, n: u64) -> PathBuf {
     let path = dir.join("h");
     format(&path, 1 << 20, Some(1 << 20));
-    run_child(
-        "child_writes_records",
-        &[("HEAP", path.display().to_string()), ("N", n.to_string())],
-    );
+    run_child("child_writes_records", &[("HEAP", path.display().to_string()), ("N", n.to_string())]);
     path
 }
 
@@ -47,7 +44,9 @@ fn record_offset(log: &Path, lsn: u64) -> u64 {
     let bytes = std::fs::read(log).unwrap();
     (8192..bytes.len())
         .step_by(4096)
-        .find(|&at| &bytes[at..at + 4] == b"FAMR" && u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()) == lsn)
+        .find(|&at| {
+            &bytes[at..at + 4] == b"FAMR" && u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()) == lsn
+        })
         .unwrap_or_else(|| panic!("no record LSN {lsn} in {}", log.display())) as u64
 }
 
@@ -251,7 +250,8 @@ fn random_garbage_in_the_log_never_panics_and_never_applies_foreign_bytes() {
 
 #[test]
 fn a_heap_or_log_on_tmpfs_is_refused() {
-    let Some(shm) = ["/dev/shm", "/run"].into_iter().map(std::path::Path::new).find(|p| fams::io::volatile_filesystem(p).is_some())
+    let Some(shm) =
+        ["/dev/shm", "/run"].into_iter().map(std::path::Path::new).find(|p| fams::io::volatile_filesystem(p).is_some())
     else {
         eprintln!("SKIPPED: no tmpfs mounted at /dev/shm or /run");
         return;

@@ -41,7 +41,10 @@ fn a_block_device_with_a_filesystem_is_refused_unless_forced() {
     let e = Heap::format(&f).err().unwrap();
     assert!(matches!(e, Error::BadLogDevice { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("ext4") && msg.contains("--force") && msg.contains(&dev.device.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("ext4") && msg.contains("--force") && msg.contains(&dev.device.display().to_string()),
+        "{msg}"
+    );
     assert!(!path.exists(), "a refused format creates nothing");
     f.force = true;
     Heap::format(&f).unwrap();

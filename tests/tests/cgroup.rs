@@ -41,7 +41,8 @@ struct Cgroup(PathBuf);
 
 impl Cgroup {
     fn write(&self, file: &str, value: &str) {
-        std::fs::write(self.0.join(file), value).unwrap_or_else(|e| panic!("writing {value} to {}/{file}: {e}", self.0.display()));
+        std::fs::write(self.0.join(file), value)
+            .unwrap_or_else(|e| panic!("writing {value} to {}/{file}: {e}", self.0.display()));
     }
     fn read(&self, file: &str) -> String {
         std::fs::read_to_string(self.0.join(file)).unwrap_or_default()
@@ -120,9 +121,20 @@ fn child(path: &Path) {
             let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
             let mem = cg.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).unwrap_or_default();
             let stat = std::fs::read_to_string(format!("{CGROUP_V1_MEMORY}{mem}/memory.stat")).unwrap_or_default();
-            let pick: Vec<&str> = stat.lines().filter(|l| ["cache ", "rss ", "mapped_file ", "dirty ", "writeback ", "inactive_file ", "active_file "].iter().any(|k| l.starts_with(k))).collect();
+            let pick: Vec<&str> = stat
+                .lines()
+                .filter(|l| {
+                    ["cache ", "rss ", "mapped_file ", "dirty ", "writeback ", "inactive_file ", "active_file "]
+                        .iter()
+                        .any(|k| l.starts_with(k))
+                })
+                .collect();
             let s = o.memory();
-            eprintln!("commit {commits}: private {} MiB resident {} MiB; {pick:?}", s.private_bytes >> 20, s.resident_bytes >> 20);
+            eprintln!(
+                "commit {commits}: private {} MiB resident {} MiB; {pick:?}",
+                s.private_bytes >> 20,
+                s.resident_bytes >> 20
+            );
         }
         if n < (COMMIT_BYTES / CHUNK_BYTES) as u64 {
             break;
@@ -130,7 +142,8 @@ fn child(path: &Path) {
     }
     let fill_s = started.elapsed().as_secs_f64();
     // Read everything back, releasing as we go.
-    let offsets: Vec<u64> = o.root::<Chunks>(|_| unreachable!("the root exists")).unwrap().offsets.iter().copied().collect();
+    let offsets: Vec<u64> =
+        o.root::<Chunks>(|_| unreachable!("the root exists")).unwrap().offsets.iter().copied().collect();
     for (c, off) in offsets.iter().enumerate() {
         for page in 0..pages_per_chunk {
             let at = *off as usize + page as usize * PAGE_SIZE;
@@ -202,7 +215,8 @@ fn heap_four_times_the_memory_limit_fits_with_release_committed() {
     let status = child.wait().unwrap();
     let max_usage: u64 = cg.read("memory.max_usage_in_bytes").trim().parse().unwrap_or(0);
     let failcnt = cg.read("memory.failcnt").trim().to_string();
-    let oom_kills = cg.read("memory.oom_control").lines().find(|l| l.starts_with("oom_kill ")).unwrap_or("oom_kill ?").to_string();
+    let oom_kills =
+        cg.read("memory.oom_control").lines().find(|l| l.starts_with("oom_kill ")).unwrap_or("oom_kill ?").to_string();
     drop(cg);
     eprintln!(
         "cgroup limit {} MiB: child {status:?}; cgroup peak usage {} MiB (heap file page cache included), failcnt {failcnt}, {oom_kills}",

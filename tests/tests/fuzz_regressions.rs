@@ -28,7 +28,10 @@ fn inputs() -> Vec<(String, Vec<u8>)> {
         .filter(|p| p.is_file())
         .collect();
     files.sort();
-    files.into_iter().map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect()
+    files
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
 }
 
 fn input(name: &str) -> Vec<u8> {

@@ -78,8 +78,18 @@ fn released_pages_leave_memory_and_later_writes_are_still_tracked() {
         let kept = h.release_committed().unwrap();
         assert!(kept >= 1);
         let after = h.memory();
-        assert!(after.private_bytes < before.private_bytes / 10, "{tracker:?}: private {} -> {}", before.private_bytes, after.private_bytes);
-        assert!(after.resident_bytes < before.resident_bytes / 10, "{tracker:?}: resident {} -> {}", before.resident_bytes, after.resident_bytes);
+        assert!(
+            after.private_bytes < before.private_bytes / 10,
+            "{tracker:?}: private {} -> {}",
+            before.private_bytes,
+            after.private_bytes
+        );
+        assert!(
+            after.resident_bytes < before.resident_bytes / 10,
+            "{tracker:?}: resident {} -> {}",
+            before.resident_bytes,
+            after.resident_bytes
+        );
         // Released pages read back their committed bytes; the dirty one kept its new byte.
         assert_eq!(h.bytes()[100 * PAGE_SIZE], 1);
         assert_eq!(h.bytes()[7 * PAGE_SIZE + 1], 77);
@@ -134,7 +144,8 @@ fn child_commits_then_crashes() {
     let commits: u64 = std::env::var("COMMITS").unwrap().parse().unwrap();
     // Checkpoint only when the log is full: a checkpoint is then always followed by the group
     // that needed the room, so the crash always leaves records to replay over a wrapped log.
-    let opts = HeapOptions { tracker: Some(tracker), checkpoint_threshold_bytes: Some(u64::MAX), ..HeapOptions::default() };
+    let opts =
+        HeapOptions { tracker: Some(tracker), checkpoint_threshold_bytes: Some(u64::MAX), ..HeapOptions::default() };
     let mut h = Heap::open(&path, &opts).unwrap();
     let mut rng = Rng::new(3);
     let mut last = None;
@@ -187,7 +198,10 @@ fn crash_recovery_over_a_wrapped_checkpointed_log() {
             ],
         );
         let field = |k: &str| -> u64 {
-            out.lines().find_map(|l| l.split_once(k).map(|(_, v)| v)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or_else(|| panic!("{k} missing in {out}"))
+            out.lines()
+                .find_map(|l| l.split_once(k).map(|(_, v)| v))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("{k} missing in {out}"))
         };
         assert!(field("checkpoints=") >= 3, "the log should have been checkpointed: {out}");
         let expected = field("image-crc=");

@@ -92,12 +92,7 @@ fn apply(state: &mut BTreeMap<String, String>, c: &Cmd) {
 
 fn kv(bin: &Path, heap: &Path, args: &[&str]) -> String {
     let out = Command::new(bin).arg("--heap").arg(heap).args(args).output().expect("run kv");
-    assert!(
-        out.status.success(),
-        "kv {args:?} failed: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "kv {args:?} failed: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
@@ -218,7 +213,8 @@ fn acknowledged_writes_survive_sigkill_and_nothing_is_half_done() {
             for c in &sent[..acked as usize] {
                 apply(&mut expected, c);
             }
-            let missing: Vec<_> = expected.iter().filter(|(k, v)| found.get(*k) != Some(v)).map(|(k, _)| k).take(5).collect();
+            let missing: Vec<_> =
+                expected.iter().filter(|(k, v)| found.get(*k) != Some(v)).map(|(k, _)| k).take(5).collect();
             panic!(
                 "kill {kill}: the store matches no prefix of the commands between the {acked} acknowledged and the {} sent; e.g. differing keys {missing:?}",
                 sent.len()

@@ -148,10 +148,7 @@ fn fixture() -> (TempDir, Fixture) {
         at += h.total_len as usize;
     }
     let end = at;
-    assert!(
-        RecordHeader::decode(&log[end..end + BLOCK], sb.heap_id, sb.epoch).is_err(),
-        "more records than commits"
-    );
+    assert!(RecordHeader::decode(&log[end..end + BLOCK], sb.heap_id, sb.epoch).is_err(), "more records than commits");
     assert!(recs.iter().any(|r| r.total > BLOCK), "no multi-block record: the model writes too little");
 
     // The model: the state after each commit.
@@ -243,7 +240,8 @@ fn damage_case(rng: &mut Rng, f: &Fixture, log: &mut [u8]) -> Vec<String> {
             }
             // Its padding (or, with none, its checksummed bytes).
             10..=12 => {
-                let (lo, hi) = if r.covered < r.total { (r.off + r.covered, r.off + r.total) } else { (r.off, r.off + r.covered) };
+                let (lo, hi) =
+                    if r.covered < r.total { (r.off + r.covered, r.off + r.total) } else { (r.off, r.off + r.covered) };
                 let (s, l) = span(rng, lo, hi);
                 done.push(damage(rng, log, s, l));
             }
@@ -290,7 +288,8 @@ fn recovery_replays_the_longest_valid_prefix_or_refuses_on_proven_corruption() {
     let started = std::time::Instant::now();
     let (_dir, f) = fixture();
     let seed = std::env::var("FAMS_PROP_SEED").ok().map(|s| s.parse().expect("FAMS_PROP_SEED")).unwrap_or(DEFAULT_SEED);
-    let cases = std::env::var("FAMS_PROP_CASES").ok().map(|s| s.parse().expect("FAMS_PROP_CASES")).unwrap_or(DEFAULT_CASES);
+    let cases =
+        std::env::var("FAMS_PROP_CASES").ok().map(|s| s.parse().expect("FAMS_PROP_CASES")).unwrap_or(DEFAULT_CASES);
     let n = COMMITS as usize;
     let mut tally = Tally::default();
     for case in 0..cases {
@@ -370,7 +369,10 @@ fn recovery_replays_the_longest_valid_prefix_or_refuses_on_proven_corruption() {
 /// After a successful recovery the log changed only in one superblock slot: the next sequence and
 /// epoch, with the tail at record j (where LSN j is expected next).
 fn check_new_superblock(f: &Fixture, log_in: &[u8], log_after: &[u8], j: usize, ctx: &str) {
-    assert!(log_after[AREA_START as usize..] == log_in[AREA_START as usize..], "{ctx}: recovery changed the record area");
+    assert!(
+        log_after[AREA_START as usize..] == log_in[AREA_START as usize..],
+        "{ctx}: recovery changed the record area"
+    );
     let sb = current_superblock(log_after);
     assert_eq!(sb.sequence, f.sb.sequence + 1, "{ctx}: {sb:?}");
     assert_eq!(sb.epoch, f.sb.epoch + 1, "{ctx}: {sb:?}");
@@ -378,5 +380,8 @@ fn check_new_superblock(f: &Fixture, log_in: &[u8], log_after: &[u8], j: usize, 
     let tail = if j <= f.recs.len() { f.recs[j - 1].off } else { f.end };
     assert_eq!(sb.tail_offset, tail as u64, "{ctx}: {sb:?}");
     let other = (sb.slot_offset() as usize + BLOCK) % (2 * BLOCK);
-    assert!(log_after[other..other + BLOCK] == log_in[other..other + BLOCK], "{ctx}: the other superblock slot changed");
+    assert!(
+        log_after[other..other + BLOCK] == log_in[other..other + BLOCK],
+        "{ctx}: the other superblock slot changed"
+    );
 }

@@ -124,7 +124,13 @@ impl<'h> HeapAlloc<'h> {
     ///
     /// # Safety
     /// As for [`HeapAlloc::dealloc`]; on success the old pointer must not be used any more.
-    pub unsafe fn realloc(&self, ptr: NonNull<u8>, old: Layout, new: Layout, zeroed: bool) -> Result<NonNull<u8>, ObjectError> {
+    pub unsafe fn realloc(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<u8>, ObjectError> {
         if old.size() == 0 {
             return self.try_alloc(new, zeroed);
         }
@@ -246,10 +252,14 @@ impl FixedState {
         // SAFETY: getrandom writes at most b.len() bytes into b.
         let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
         if n != b.len() as isize {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let t =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             b = (t ^ (std::process::id() as u128) << 64).to_le_bytes();
         }
-        FixedState { k0: u64::from_le_bytes(b[..8].try_into().unwrap()), k1: u64::from_le_bytes(b[8..].try_into().unwrap()) }
+        FixedState {
+            k0: u64::from_le_bytes(b[..8].try_into().unwrap()),
+            k1: u64::from_le_bytes(b[8..].try_into().unwrap()),
+        }
     }
 }
 
@@ -407,7 +417,8 @@ pub struct PHashMap<'h, K, V> {
 // SAFETY: the table is in the heap (the allocator is the heap's), always allocated there (see
 // the type's docs), the hasher state is two integers, and keys and values are persistent.
 unsafe impl<K: Persistent, V: Persistent> Persistent for PHashMap<'_, K, V> {
-    const FINGERPRINT: u64 = fingerprint_combine(fingerprint_combine(fingerprint(b"PHashMap"), K::FINGERPRINT), V::FINGERPRINT);
+    const FINGERPRINT: u64 =
+        fingerprint_combine(fingerprint_combine(fingerprint(b"PHashMap"), K::FINGERPRINT), V::FINGERPRINT);
 }
 
 impl<'h, K, V> Deref for PHashMap<'h, K, V> {

@@ -186,7 +186,10 @@ impl ObjectHeap {
         match raw.meta_state() {
             MetaState::Foreign(reason) => return Err(ObjectError::NotAnObjectHeap { path, reason }),
             MetaState::Fresh if !opts.create => {
-                return Err(ObjectError::NotAnObjectHeap { path, reason: "the heap is empty and ObjectOptions::create is false".into() })
+                return Err(ObjectError::NotAnObjectHeap {
+                    path,
+                    reason: "the heap is empty and ObjectOptions::create is false".into(),
+                })
             }
             MetaState::Fresh => {
                 raw.format(opts.schema_version.unwrap_or(0), expected_fp)?;
@@ -312,7 +315,10 @@ impl ObjectHeap {
     /// Get the main root, or create it with `init` (which receives the allocator, for the
     /// root's collections). The root's type is recorded; asking for another type is
     /// [`ObjectError::RootType`].
-    pub fn root<'h, T: Persistent + 'h>(&'h mut self, init: impl FnOnce(HeapAlloc<'h>) -> T) -> Result<&'h mut T, ObjectError> {
+    pub fn root<'h, T: Persistent + 'h>(
+        &'h mut self,
+        init: impl FnOnce(HeapAlloc<'h>) -> T,
+    ) -> Result<&'h mut T, ObjectError> {
         self.root_in(None, "", init).map(|(r, _)| r)
     }
 
@@ -351,7 +357,13 @@ impl ObjectHeap {
     pub fn named_roots(&self) -> Vec<RootInfo> {
         (0..NAMED_ROOTS_MAX)
             .filter_map(|i| self.raw.read_root(Some(i)))
-            .map(|e| RootInfo { name: e.name, offset: e.offset, size: e.size, align: e.align, fingerprint: e.fingerprint })
+            .map(|e| RootInfo {
+                name: e.name,
+                offset: e.offset,
+                size: e.size,
+                align: e.align,
+                fingerprint: e.fingerprint,
+            })
             .collect()
     }
 
@@ -428,7 +440,10 @@ impl ObjectHeap {
         if !inside {
             return Err(ObjectError::Corrupt {
                 path: self.heap.path().to_path_buf(),
-                problems: vec![format!("root {:?} points at {:#x} ({} bytes), outside the object region", e.name, e.offset, e.size)],
+                problems: vec![format!(
+                    "root {:?} points at {:#x} ({} bytes), outside the object region",
+                    e.name, e.offset, e.size
+                )],
             });
         }
         Ok(())

@@ -317,7 +317,10 @@ impl Raw {
     pub(crate) fn meta_sane(&self) -> Result<(), String> {
         let (rs, re, top) = (self.rd(M_REGION_START), self.rd(M_REGION_END), self.rd(M_TOP));
         if rs != OBJECT_META_BYTES || re != self.len || top < rs || top > re || top % 16 != 0 {
-            return Err(format!("block region {rs:#x}..{re:#x} with top {top:#x} does not fit a heap of {} bytes", self.len));
+            return Err(format!(
+                "block region {rs:#x}..{re:#x} with top {top:#x} does not fit a heap of {} bytes",
+                self.len
+            ));
         }
         if self.rd(SENTINEL_TAG + 8) != SENTINEL_CHECK {
             return Err("the sentinel tag before the first block is damaged".into());
@@ -546,7 +549,11 @@ impl Raw {
             self.take_from_free(fs, size, p, bytes, flags);
             return Ok(p);
         }
-        Err(ObjectError::Exhausted { requested_bytes: bytes - 16, align_bytes: align, top_bytes: self.region_end() - top })
+        Err(ObjectError::Exhausted {
+            requested_bytes: bytes - 16,
+            align_bytes: align,
+            top_bytes: self.region_end() - top,
+        })
     }
 
     fn take_from_free(&self, fs: u64, size: u64, p: u64, bytes: u64, flags: u64) {
@@ -719,7 +726,10 @@ impl Raw {
     pub(crate) fn free_small(&self, off: u64, class: usize) {
         let page = off & !(PAGE_BYTES - 1);
         let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
-        assert!(page >= self.region_start() && page < self.top(), "small object {off:#x} is outside the allocated region");
+        assert!(
+            page >= self.region_start() && page < self.top(),
+            "small object {off:#x} is outside the allocated region"
+        );
         let (magic, c, free) = self.slab_word(page);
         assert!(
             magic == SLAB_MAGIC && c == class && self.rd(page + SLAB_HDR + SH_CHECK) == page ^ SLAB_CHECK,
@@ -855,7 +865,10 @@ impl Raw {
         for (i, &(start, size, flags)) in blocks.iter().enumerate() {
             let free = flags & F_ALLOCATED == 0;
             if prev_next_free != free {
-                p.push(format!("block {start:#x}: the block before it says next-free={prev_next_free}, but it is {}", if free { "free" } else { "allocated" }));
+                p.push(format!(
+                    "block {start:#x}: the block before it says next-free={prev_next_free}, but it is {}",
+                    if free { "free" } else { "allocated" }
+                ));
             }
             if free {
                 if prev_free {
@@ -865,7 +878,10 @@ impl Raw {
                     p.push(format!("free block {start:#x} has flags {flags:#x}"));
                 }
                 if self.rd(start) != size {
-                    p.push(format!("free block {start:#x}: header {:#x} differs from its tag (size {size})", self.rd(start)));
+                    p.push(format!(
+                        "free block {start:#x}: header {:#x} differs from its tag (size {size})",
+                        self.rd(start)
+                    ));
                 }
                 if i + 1 == blocks.len() {
                     p.push(format!("free block {start:#x} lies right before the top (should have merged into it)"));
@@ -882,7 +898,10 @@ impl Raw {
                 }
                 r.slabs += 1;
                 let (magic, class, free) = self.slab_word(start);
-                if magic != SLAB_MAGIC || class >= CLASS_COUNT || self.rd(start + SLAB_HDR + SH_CHECK) != start ^ SLAB_CHECK {
+                if magic != SLAB_MAGIC
+                    || class >= CLASS_COUNT
+                    || self.rd(start + SLAB_HDR + SH_CHECK) != start ^ SLAB_CHECK
+                {
                     p.push(format!("slab {start:#x}: header damaged (magic {magic:#x}, class {class})"));
                     continue;
                 }
@@ -965,7 +984,9 @@ impl Raw {
                 match slabs.get(&cur) {
                     Some(&(c, free)) if c == class && free > 0 => {}
                     _ => {
-                        p.push(format!("partial list of class {class} holds {cur:#x}, not a partial slab of that class"));
+                        p.push(format!(
+                            "partial list of class {class} holds {cur:#x}, not a partial slab of that class"
+                        ));
                         break;
                     }
                 }
@@ -1009,7 +1030,10 @@ impl Raw {
                     .is_ok_and(|i| blocks[i].1 == block_bytes && blocks[i].2 & (F_ALLOCATED | F_SLAB) == F_ALLOCATED),
             };
             if !live {
-                p.push(format!("root {:?} points at {:#x}, which is not a live object of {} bytes", e.name, e.offset, e.size));
+                p.push(format!(
+                    "root {:?} points at {:#x}, which is not a live object of {} bytes",
+                    e.name, e.offset, e.size
+                ));
             }
         }
         (r, p)

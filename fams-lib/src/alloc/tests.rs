@@ -229,9 +229,8 @@ fn collections_survive_reopen_and_a_crash_keeps_only_the_commit() {
     let p = d.heap(16 << 20);
     {
         let mut o = open(&p, Some(3)).unwrap();
-        let root = o
-            .root(|a| Root { counter: 0, list: PVec::new_in(a), map: PHashMap::new_in(a), boxed: None })
-            .unwrap();
+        let root =
+            o.root(|a| Root { counter: 0, list: PVec::new_in(a), map: PHashMap::new_in(a), boxed: None }).unwrap();
         let a = *root.list.allocator();
         for i in 0..10_000u64 {
             root.list.push(i * 3);
@@ -417,7 +416,9 @@ fn small_allocations_dirty_one_page() {
     o.commit().unwrap();
     let pages = o.stats().pages_tracked - before;
     assert_eq!(pages, 1, "20 objects of 32 bytes in the same slab dirty the slab's page only");
-    assert!(ptrs.iter().all(|p| p.as_ptr() as usize / PAGE_BYTES as usize == first.as_ptr() as usize / PAGE_BYTES as usize));
+    assert!(ptrs
+        .iter()
+        .all(|p| p.as_ptr() as usize / PAGE_BYTES as usize == first.as_ptr() as usize / PAGE_BYTES as usize));
 }
 
 #[test]

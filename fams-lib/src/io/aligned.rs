@@ -64,8 +64,7 @@ impl AlignedBuf {
     }
 
     fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, LOG_ALIGN)
-            .unwrap_or_else(|_| panic!("AlignedBuf: length {len} is too large"))
+        Layout::from_size_align(len, LOG_ALIGN).unwrap_or_else(|_| panic!("AlignedBuf: length {len} is too large"))
     }
 }
 
@@ -106,8 +105,6 @@ impl Clone for AlignedBuf {
 
 impl fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AlignedBuf")
-            .field("len", &self.len)
-            .finish_non_exhaustive()
+        f.debug_struct("AlignedBuf").field("len", &self.len).finish_non_exhaustive()
     }
 }

@@ -57,9 +57,7 @@ pub(crate) fn errno_hint(errno: i32) -> &'static str {
             "; the kernel rejected the O_DIRECT request (alignment or flags): check the \
              device's logical block size and that the file system supports O_DIRECT"
         }
-        libc::EOPNOTSUPP => {
-            "; not supported by this kernel or device: try flush mode 'fdatasync' or io path 'sync'"
-        }
+        libc::EOPNOTSUPP => "; not supported by this kernel or device: try flush mode 'fdatasync' or io path 'sync'",
         libc::EROFS | libc::EACCES | libc::EPERM => {
             "; the log must be writable by this process (permissions, read-only mount or device)"
         }
@@ -72,42 +70,23 @@ pub(crate) fn errno_hint(errno: i32) -> &'static str {
 /// An `io::Error` for `errno`, naming the log path, the operation and a hint.
 pub(crate) fn errno_error(path: &Path, errno: i32, what: &str) -> io::Error {
     let os = io::Error::from_raw_os_error(errno);
-    io::Error::new(
-        os.kind(),
-        format!(
-            "fams log {}: {what} failed: {os}{}",
-            path.display(),
-            errno_hint(errno)
-        ),
-    )
+    io::Error::new(os.kind(), format!("fams log {}: {what} failed: {os}{}", path.display(), errno_hint(errno)))
 }
 
 /// Re-wrap an `io::Error` with the path and operation.
 pub(crate) fn annotate(path: &Path, e: io::Error, what: &str) -> io::Error {
     match e.raw_os_error() {
         Some(errno) => errno_error(path, errno, what),
-        None => io::Error::new(
-            e.kind(),
-            format!("fams log {}: {what} failed: {e}", path.display()),
-        ),
+        None => io::Error::new(e.kind(), format!("fams log {}: {what} failed: {e}", path.display())),
     }
 }
 
 pub(crate) fn invalid(path: &Path, msg: String) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("fams log {}: {msg}", path.display()),
-    )
+    io::Error::new(io::ErrorKind::InvalidInput, format!("fams log {}: {msg}", path.display()))
 }
 
 /// Check that `[offset, offset+len)` is aligned to LOG_ALIGN and inside a log of `size` bytes.
-pub(crate) fn check_range(
-    path: &Path,
-    size: u64,
-    offset: u64,
-    len: usize,
-    op: &str,
-) -> io::Result<()> {
+pub(crate) fn check_range(path: &Path, size: u64, offset: u64, len: usize, op: &str) -> io::Result<()> {
     if !log_aligned(offset) || !log_aligned(len as u64) {
         return Err(invalid(
             path,
@@ -120,11 +99,7 @@ pub(crate) fn check_range(
     }
     let end = offset.checked_add(len as u64);
     if !matches!(end, Some(end) if end <= size) {
-        let kind = if op == "read" {
-            io::ErrorKind::UnexpectedEof
-        } else {
-            io::ErrorKind::InvalidInput
-        };
+        let kind = if op == "read" { io::ErrorKind::UnexpectedEof } else { io::ErrorKind::InvalidInput };
         return Err(io::Error::new(
             kind,
             format!(
@@ -168,11 +143,7 @@ fn blk_size_bytes(file: &File, path: &Path) -> io::Result<u64> {
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live local.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
     if rc != 0 {
-        return Err(annotate(
-            path,
-            io::Error::last_os_error(),
-            "ioctl(BLKGETSIZE64)",
-        ));
+        return Err(annotate(path, io::Error::last_os_error(), "ioctl(BLKGETSIZE64)"));
     }
     Ok(size)
 }
@@ -180,19 +151,9 @@ fn blk_size_bytes(file: &File, path: &Path) -> io::Result<u64> {
 fn logical_block_size(file: &File, path: &Path) -> io::Result<u32> {
     let mut lbs: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
-    let rc = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            libc::BLKSSZGET,
-            &mut lbs as *mut libc::c_int,
-        )
-    };
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs as *mut libc::c_int) };
     if rc != 0 {
-        return Err(annotate(
-            path,
-            io::Error::last_os_error(),
-            "ioctl(BLKSSZGET)",
-        ));
+        return Err(annotate(path, io::Error::last_os_error(), "ioctl(BLKSSZGET)"));
     }
     u32::try_from(lbs)
         .ok()
@@ -209,15 +170,8 @@ fn dio_alignment(file: &File, path: &Path, kind: LogKind) -> io::Result<(u32, u3
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: the fd is open for the duration of the call; the empty C string with
     // AT_EMPTY_PATH makes statx describe the fd itself; `stx` is a valid, writable statx buffer.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
         if stx.stx_dio_offset_align == 0 {
             return Err(io::Error::new(
@@ -260,10 +214,7 @@ pub(crate) fn open_target(path: &Path) -> io::Result<Target> {
         }
     })?;
     let kind = kind_of(&meta).ok_or_else(|| {
-        invalid(
-            path,
-            "is neither a regular file nor a block device; a log must be one of them".into(),
-        )
+        invalid(path, "is neither a regular file nor a block device; a log must be one of them".into())
     })?;
     let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
     if kind == LogKind::BlockDevice {
@@ -283,34 +234,30 @@ pub(crate) fn open_target(path: &Path) -> io::Result<Target> {
         std::thread::sleep(std::time::Duration::from_millis(5));
         opened = open();
     }
-    let file = opened
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EINVAL) => io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "fams log {}: cannot open with O_DIRECT ({e}): the file system does not \
+    let file = opened.map_err(|e| match e.raw_os_error() {
+        Some(libc::EINVAL) => io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "fams log {}: cannot open with O_DIRECT ({e}): the file system does not \
                      support direct I/O; put the log on ext4, xfs or btrfs, or a block device",
-                    path.display()
-                ),
+                path.display()
             ),
-            Some(libc::EBUSY) => io::Error::new(
-                e.kind(),
-                format!(
-                    "fams log {}: the block device is in use ({e}): it is mounted, part of a \
+        ),
+        Some(libc::EBUSY) => io::Error::new(
+            e.kind(),
+            format!(
+                "fams log {}: the block device is in use ({e}): it is mounted, part of a \
                      RAID/LVM/swap setup, or already opened by another fams process; unmount \
                      it or choose another device",
-                    path.display()
-                ),
+                path.display()
             ),
-            _ => annotate(path, e, "open read-write with O_DIRECT"),
-        })?;
+        ),
+        _ => annotate(path, e, "open read-write with O_DIRECT"),
+    })?;
     // The path may have changed between stat and open: trust the open descriptor.
     let meta = file.metadata().map_err(|e| annotate(path, e, "fstat"))?;
     if kind_of(&meta) != Some(kind) {
-        return Err(invalid(
-            path,
-            "changed type while being opened; try again".into(),
-        ));
+        return Err(invalid(path, "changed type while being opened; try again".into()));
     }
     let (offset_align, mem_align) = dio_alignment(&file, path, kind)?;
     for (what, v) in [("offset", offset_align), ("memory", mem_align)] {
@@ -344,21 +291,12 @@ pub(crate) fn open_target(path: &Path) -> io::Result<Target> {
             let raw = blk_size_bytes(&file, path)?;
             let usable = raw & !(LOG_ALIGN as u64 - 1);
             if usable == 0 {
-                return Err(invalid(
-                    path,
-                    format!("block device is too small ({raw} bytes)"),
-                ));
+                return Err(invalid(path, format!("block device is too small ({raw} bytes)")));
             }
             usable
         }
     };
-    Ok(Target {
-        file,
-        path: path.to_path_buf(),
-        kind,
-        size_bytes,
-        mem_align,
-    })
+    Ok(Target { file, path: path.to_path_buf(), kind, size_bytes, mem_align })
 }
 
 fn kind_of(meta: &fs::Metadata) -> Option<LogKind> {
@@ -375,31 +313,25 @@ fn kind_of(meta: &fs::Metadata) -> Option<LogKind> {
 /// See [`super::create_log_file`].
 pub(crate) fn create_log_file(path: &Path, size_bytes: u64) -> io::Result<()> {
     if size_bytes == 0 || !log_aligned(size_bytes) {
-        return Err(invalid(
-            path,
-            format!("log size {size_bytes} is not a positive multiple of {LOG_ALIGN} bytes"),
-        ));
+        return Err(invalid(path, format!("log size {size_bytes} is not a positive multiple of {LOG_ALIGN} bytes")));
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "fams log {}: already exists; refusing to overwrite it (open it with \
+    let file =
+        OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_CLOEXEC).open(path).map_err(
+            |e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!(
+                            "fams log {}: already exists; refusing to overwrite it (open it with \
                          open_log, or remove it first to start a new log)",
-                        path.display()
-                    ),
-                )
-            } else {
-                annotate(path, e, "create log file")
-            }
-        })?;
+                            path.display()
+                        ),
+                    )
+                } else {
+                    annotate(path, e, "create log file")
+                }
+            },
+        )?;
     let result = fill_and_sync(&file, path, size_bytes);
     if result.is_err() {
         // Do not leave a half-made log behind: it would make the next attempt fail with
@@ -411,19 +343,15 @@ pub(crate) fn create_log_file(path: &Path, size_bytes: u64) -> io::Result<()> {
 }
 
 fn fill_and_sync(file: &File, path: &Path, size_bytes: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(size_bytes)
-        .map_err(|_| invalid(path, format!("log size {size_bytes} is too large")))?;
+    let len =
+        libc::off_t::try_from(size_bytes).map_err(|_| invalid(path, format!("log size {size_bytes} is too large")))?;
     // SAFETY: plain syscall on an open fd; no pointers.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
     if rc != 0 {
         let e = io::Error::last_os_error();
         // Without fallocate support the zero-fill below still allocates every block.
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(annotate(
-                path,
-                e,
-                &format!("fallocate of {size_bytes} bytes"),
-            ));
+            return Err(annotate(path, e, &format!("fallocate of {size_bytes} bytes")));
         }
     }
     // Write real zeros: fallocate leaves *unwritten* extents, and an O_DIRECT+RWF_DSYNC write
@@ -434,12 +362,10 @@ fn fill_and_sync(file: &File, path: &Path, size_bytes: u64) -> io::Result<()> {
     let mut off = 0u64;
     while off < size_bytes {
         let n = (size_bytes - off).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], off)
-            .map_err(|e| annotate(path, e, &format!("zero-fill at offset {off}")))?;
+        file.write_all_at(&zeros[..n], off).map_err(|e| annotate(path, e, &format!("zero-fill at offset {off}")))?;
         off += n as u64;
     }
-    file.sync_all()
-        .map_err(|e| annotate(path, e, "fsync of the new log file"))?;
+    file.sync_all().map_err(|e| annotate(path, e, "fsync of the new log file"))?;
     // The zeros need not stay in the page cache: the log is accessed with O_DIRECT. Advisory only.
     // SAFETY: plain syscall on an open fd; no pointers.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
@@ -447,13 +373,9 @@ fn fill_and_sync(file: &File, path: &Path, size_bytes: u64) -> io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(parent).and_then(|d| d.sync_all()).map_err(|e| {
-        annotate(
-            path,
-            e,
-            &format!("fsync of the parent directory {}", parent.display()),
-        )
-    })?;
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| annotate(path, e, &format!("fsync of the parent directory {}", parent.display())))?;
     Ok(())
 }
 
@@ -555,8 +477,7 @@ pub(crate) fn detect_signature(head: &[u8]) -> Option<&'static str> {
     if is(3, b"NTFS    ") {
         return Some("ntfs");
     }
-    if is(510, &[0x55, 0xAA]) && (is(82, b"FAT32   ") || is(54, b"FAT16   ") || is(54, b"FAT12   "))
-    {
+    if is(510, &[0x55, 0xAA]) && (is(82, b"FAT32   ") || is(54, b"FAT16   ") || is(54, b"FAT12   ")) {
         return Some("vfat");
     }
     if is(512, b"EFI PART") {

@@ -88,9 +88,7 @@ impl FromStr for IoPath {
         match s.to_ascii_lowercase().as_str() {
             "uring" | "io_uring" | "io-uring" => Ok(IoPath::Uring),
             "sync" => Ok(IoPath::Sync),
-            _ => Err(format!(
-                "unknown io path {s:?}: expected \"io_uring\" (or \"uring\") or \"sync\""
-            )),
+            _ => Err(format!("unknown io path {s:?}: expected \"io_uring\" (or \"uring\") or \"sync\"")),
         }
     }
 }
@@ -127,9 +125,7 @@ impl FromStr for FlushMode {
         match s.to_ascii_lowercase().as_str() {
             "dsync" | "rwf_dsync" => Ok(FlushMode::Dsync),
             "fdatasync" => Ok(FlushMode::Fdatasync),
-            _ => Err(format!(
-                "unknown flush mode {s:?}: expected \"dsync\" or \"fdatasync\""
-            )),
+            _ => Err(format!("unknown flush mode {s:?}: expected \"dsync\" or \"fdatasync\"")),
         }
     }
 }
@@ -326,10 +322,7 @@ pub fn zero_range_durable(dev: &mut dyn LogDevice, offset: u64, len: u64) -> io:
     const PER_CALL: u64 = 8;
     let zeros = AlignedBuf::zeroed(len.min(CHUNK) as usize);
     let end = offset.checked_add(len).ok_or_else(|| {
-        device::invalid(
-            dev.path(),
-            format!("zero range at offset {offset} of {len} bytes overflows"),
-        )
+        device::invalid(dev.path(), format!("zero range at offset {offset} of {len} bytes overflows"))
     })?;
     let mut pos = offset;
     while pos < end {
@@ -355,12 +348,7 @@ trait Backend: Send {
         pieces: &[(u64, &[u8])],
         stats: &mut IoStats,
     ) -> io::Result<()>;
-    fn read(
-        &mut self,
-        target: &Target,
-        pieces: &mut [(u64, &mut [u8])],
-        stats: &mut IoStats,
-    ) -> io::Result<()>;
+    fn read(&mut self, target: &Target, pieces: &mut [(u64, &mut [u8])], stats: &mut IoStats) -> io::Result<()>;
 }
 
 /// The real log device: an opened target plus an I/O backend.
@@ -374,13 +362,7 @@ struct Log<B> {
 
 impl<B: Backend> Log<B> {
     fn new(target: Target, flush: FlushMode, backend: B, fallback: Option<String>) -> Log<B> {
-        Log {
-            target,
-            flush,
-            stats: IoStats::default(),
-            backend,
-            fallback,
-        }
+        Log { target, flush, stats: IoStats::default(), backend, fallback }
     }
 
     fn mem_aligned(&self, p: *const u8) -> bool {
@@ -437,18 +419,11 @@ impl<B: Backend> LogDevice for Log<B> {
         if pieces.is_empty() {
             return Ok(());
         }
-        self.backend
-            .write_durable(&self.target, self.flush, &pieces, &mut self.stats)
+        self.backend.write_durable(&self.target, self.flush, &pieces, &mut self.stats)
     }
 
     fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        device::check_range(
-            &self.target.path,
-            self.target.size_bytes,
-            offset,
-            buf.len(),
-            "read",
-        )?;
+        device::check_range(&self.target.path, self.target.size_bytes, offset, buf.len(), "read")?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -458,8 +433,7 @@ impl<B: Backend> LogDevice for Log<B> {
                 .enumerate()
                 .map(|(i, chunk)| (offset + (i * MAX_IO_BYTES) as u64, chunk))
                 .collect();
-            self.backend
-                .read(&self.target, &mut pieces, &mut self.stats)
+            self.backend.read(&self.target, &mut pieces, &mut self.stats)
         } else {
             let mut bounce = AlignedBuf::zeroed(buf.len());
             self.read_exact_at(offset, &mut bounce)?;

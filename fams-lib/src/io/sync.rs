@@ -13,9 +13,7 @@ use super::{Backend, FlushMode, IoPath, IoStats};
 pub(crate) struct SyncIo;
 
 fn last_errno() -> i32 {
-    io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
 impl Backend for SyncIo {
@@ -34,30 +32,20 @@ impl Backend for SyncIo {
             let what = || {
                 format!(
                     "{} of {} bytes at offset {offset}",
-                    if dsync {
-                        "pwritev2(RWF_DSYNC)"
-                    } else {
-                        "pwrite"
-                    },
+                    if dsync { "pwritev2(RWF_DSYNC)" } else { "pwrite" },
                     data.len()
                 )
             };
-            let off = libc::off_t::try_from(offset)
-                .map_err(|_| errno_error(&t.path, libc::EOVERFLOW, &what()))?;
+            let off = libc::off_t::try_from(offset).map_err(|_| errno_error(&t.path, libc::EOVERFLOW, &what()))?;
             let n = loop {
                 let n = if dsync {
-                    let iov = libc::iovec {
-                        iov_base: data.as_ptr() as *mut libc::c_void,
-                        iov_len: data.len(),
-                    };
+                    let iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
                     // SAFETY: `iov` describes `data`, which is borrowed (alive, not mutated) for
                     // the whole call; the kernel only reads it. One iovec, count 1.
                     unsafe { libc::pwritev2(fd, &iov, 1, off, libc::RWF_DSYNC) }
                 } else {
                     // SAFETY: `data` is a live borrowed slice of `data.len()` readable bytes.
-                    unsafe {
-                        libc::pwrite(fd, data.as_ptr() as *const libc::c_void, data.len(), off)
-                    }
+                    unsafe { libc::pwrite(fd, data.as_ptr() as *const libc::c_void, data.len(), off) }
                 };
                 if n < 0 {
                     let errno = last_errno();
@@ -101,30 +89,19 @@ impl Backend for SyncIo {
         Ok(())
     }
 
-    fn read(
-        &mut self,
-        t: &Target,
-        pieces: &mut [(u64, &mut [u8])],
-        stats: &mut IoStats,
-    ) -> io::Result<()> {
+    fn read(&mut self, t: &Target, pieces: &mut [(u64, &mut [u8])], stats: &mut IoStats) -> io::Result<()> {
         let fd = t.file.as_raw_fd();
         for (offset, buf) in pieces.iter_mut() {
             let (offset, len) = (*offset, buf.len());
             let what = format!("pread of {len} bytes at offset {offset}");
-            let off = libc::off_t::try_from(offset)
-                .map_err(|_| errno_error(&t.path, libc::EOVERFLOW, &what))?;
+            let off = libc::off_t::try_from(offset).map_err(|_| errno_error(&t.path, libc::EOVERFLOW, &what))?;
             let mut done = 0usize;
             while done < len {
                 let rest = &mut buf[done..];
                 // SAFETY: `rest` is a live, exclusively borrowed slice of `rest.len()` writable
                 // bytes for the duration of the call.
                 let n = unsafe {
-                    libc::pread(
-                        fd,
-                        rest.as_mut_ptr() as *mut libc::c_void,
-                        rest.len(),
-                        off + done as libc::off_t,
-                    )
+                    libc::pread(fd, rest.as_mut_ptr() as *mut libc::c_void, rest.len(), off + done as libc::off_t)
                 };
                 if n < 0 {
                     let errno = last_errno();

@@ -19,20 +19,11 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new(tag: &str) -> TempDir {
         static N: AtomicU32 = AtomicU32::new(0);
-        let base = if Path::new("/var/tmp").is_dir() {
-            PathBuf::from("/var/tmp")
-        } else {
-            std::env::temp_dir()
-        };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = base.join(format!(
-            "fams-io-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let base = if Path::new("/var/tmp").is_dir() { PathBuf::from("/var/tmp") } else { std::env::temp_dir() };
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let dir =
+            base.join(format!("fams-io-{tag}-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         TempDir(dir)
     }
@@ -48,10 +39,7 @@ impl Drop for TempDir {
 }
 
 fn opts(io_path: IoPath, flush_mode: FlushMode) -> LogOpenOptions {
-    LogOpenOptions {
-        io_path: Some(io_path),
-        flush_mode: Some(flush_mode),
-    }
+    LogOpenOptions { io_path: Some(io_path), flush_mode: Some(flush_mode) }
 }
 
 /// An aligned buffer of `len` bytes filled with a pattern derived from `seed`.
@@ -71,11 +59,7 @@ fn is_root() -> bool {
 fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(
-            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-                .iter()
-                .map(PathBuf::from),
-        )
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -140,23 +124,17 @@ fn exercise(dev: &mut dyn LogDevice, io_path: IoPath, mode: FlushMode) {
     let b = pattern(3 * 4096, 2);
     // Like a wrap-around of the circular log: one segment at the end, one at the start.
     let (off_a, off_b) = (size - 4096, 8192);
-    dev.write_durable(&[(off_a, &a[..]), (off_b, &b[..])])
-        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    dev.write_durable(&[(off_a, &a[..]), (off_b, &b[..])]).unwrap_or_else(|e| panic!("{ctx}: {e}"));
     let mut ra = AlignedBuf::zeroed(4096);
     let mut rb = AlignedBuf::zeroed(3 * 4096);
-    dev.read_exact_at(off_a, &mut ra)
-        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    dev.read_exact_at(off_b, &mut rb)
-        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    dev.read_exact_at(off_a, &mut ra).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    dev.read_exact_at(off_b, &mut rb).unwrap_or_else(|e| panic!("{ctx}: {e}"));
     assert!(ra[..] == a[..], "{ctx}: segment a differs");
     assert!(rb[..] == b[..], "{ctx}: segment b differs");
     // Bytes around the segments are still zero.
     let mut z = AlignedBuf::zeroed(8192);
     dev.read_exact_at(0, &mut z).unwrap();
-    assert!(
-        z.iter().all(|&x| x == 0),
-        "{ctx}: bytes before segment b changed"
-    );
+    assert!(z.iter().all(|&x| x == 0), "{ctx}: bytes before segment b changed");
 
     let s = dev.stats();
     assert_eq!(s.writes, 2, "{ctx}: {s:?}");
@@ -165,26 +143,17 @@ fn exercise(dev: &mut dyn LogDevice, io_path: IoPath, mode: FlushMode) {
         FlushMode::Dsync => assert_eq!((s.dsync_writes, s.fdatasyncs), (2, 0), "{ctx}: {s:?}"),
         FlushMode::Fdatasync => assert_eq!((s.dsync_writes, s.fdatasyncs), (0, 1), "{ctx}: {s:?}"),
     }
-    assert_eq!(
-        (s.reads, s.bytes_read),
-        (3, 4 * 4096 + 8192),
-        "{ctx}: {s:?}"
-    );
+    assert_eq!((s.reads, s.bytes_read), (3, 4 * 4096 + 8192), "{ctx}: {s:?}");
 
     // Misuse: errors, not panics, and no I/O.
     let e = dev.write_durable(&[(100, &a[..])]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{ctx}: {e}");
-    assert!(
-        e.to_string().contains(&dev.path().display().to_string()),
-        "{ctx}: error must name the path: {e}"
-    );
+    assert!(e.to_string().contains(&dev.path().display().to_string()), "{ctx}: error must name the path: {e}");
     let e = dev.write_durable(&[(4096, &a[..100])]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{ctx}: {e}");
     let e = dev.write_durable(&[(size, &a[..])]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{ctx}: {e}");
-    let e = dev
-        .write_durable(&[(0, &b[..]), (8192, &a[..])])
-        .unwrap_err();
+    let e = dev.write_durable(&[(0, &b[..]), (8192, &a[..])]).unwrap_err();
     assert!(e.to_string().contains("overlap"), "{ctx}: {e}");
     let e = dev.read_exact_at(size - 4096, &mut rb).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{ctx}: {e}");
@@ -202,24 +171,16 @@ fn exercise(dev: &mut dyn LogDevice, io_path: IoPath, mode: FlushMode) {
     // Misaligned caller memory is bounced through an aligned buffer.
     let mut raw = vec![0u8; 2 * 4096 + 1];
     raw[1..4097].copy_from_slice(&a);
-    dev.write_durable(&[(65536, &raw[1..4097])])
-        .unwrap_or_else(|e| panic!("{ctx}: unaligned memory: {e}"));
+    dev.write_durable(&[(65536, &raw[1..4097])]).unwrap_or_else(|e| panic!("{ctx}: unaligned memory: {e}"));
     let mut back = vec![0u8; 4096 + 3];
-    dev.read_exact_at(65536, &mut back[3..])
-        .unwrap_or_else(|e| panic!("{ctx}: unaligned memory: {e}"));
+    dev.read_exact_at(65536, &mut back[3..]).unwrap_or_else(|e| panic!("{ctx}: unaligned memory: {e}"));
     assert!(back[3..] == a[..], "{ctx}: unaligned round trip");
 
     // zero_range_durable wipes exactly the range.
     zero_range_durable(dev, off_b, 4096).unwrap();
     dev.read_exact_at(off_b, &mut rb).unwrap();
-    assert!(
-        rb[..4096].iter().all(|&x| x == 0),
-        "{ctx}: range not zeroed"
-    );
-    assert!(
-        rb[4096..] == b[4096..],
-        "{ctx}: zeroing went past the range"
-    );
+    assert!(rb[..4096].iter().all(|&x| x == 0), "{ctx}: range not zeroed");
+    assert!(rb[4096..] == b[4096..], "{ctx}: zeroing went past the range");
     assert!(zero_range_durable(dev, 4096, 100).is_err());
     assert!(zero_range_durable(dev, size, 4096).is_err());
 }
@@ -234,10 +195,7 @@ fn file_round_trip_every_path_and_mode() {
             create_log_file(&path, size).unwrap();
             let content = fs::read(&path).unwrap();
             assert_eq!(content.len() as u64, size);
-            assert!(
-                content.iter().all(|&x| x == 0),
-                "new log file is not all zeros"
-            );
+            assert!(content.iter().all(|&x| x == 0), "new log file is not all zeros");
 
             let mut dev = open_log(&path, &opts(io_path, mode)).unwrap();
             assert_eq!(dev.io_path(), io_path);
@@ -272,11 +230,8 @@ fn many_segments_are_batched() {
     for io_path in PATHS {
         for mode in MODES {
             let mut dev = open_log(&path, &opts(io_path, mode)).unwrap();
-            let segs: Vec<(u64, &[u8])> = bufs
-                .iter()
-                .enumerate()
-                .map(|(i, b)| ((2 * i as u64) * 4096, &b[..]))
-                .collect();
+            let segs: Vec<(u64, &[u8])> =
+                bufs.iter().enumerate().map(|(i, b)| ((2 * i as u64) * 4096, &b[..])).collect();
             dev.write_durable(&segs).unwrap();
             for (off, data) in &segs {
                 let mut r = AlignedBuf::zeroed(4096);
@@ -291,10 +246,7 @@ fn many_segments_are_batched() {
                 (IoPath::Sync, FlushMode::Fdatasync) => 1,
             };
             assert_eq!(s.fdatasyncs, expect_syncs, "{io_path} {mode}: {s:?}");
-            assert_eq!(
-                s.dsync_writes,
-                if mode == FlushMode::Dsync { 100 } else { 0 }
-            );
+            assert_eq!(s.dsync_writes, if mode == FlushMode::Dsync { 100 } else { 0 });
         }
     }
 }
@@ -323,19 +275,10 @@ fn failed_request_is_reported_not_its_cancellations() {
             let e = r.unwrap_err();
             let msg = e.to_string();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{io_path} {mode}: {msg}");
-            assert!(
-                msg.contains("at offset 1") && msg.contains(&path.display().to_string()),
-                "{msg}"
-            );
-            assert_eq!(
-                stats.fdatasyncs, 0,
-                "{io_path} {mode}: no sync may be counted: {stats:?}"
-            );
+            assert!(msg.contains("at offset 1") && msg.contains(&path.display().to_string()), "{msg}");
+            assert_eq!(stats.fdatasyncs, 0, "{io_path} {mode}: no sync may be counted: {stats:?}");
             if mode == FlushMode::Fdatasync {
-                assert_eq!(
-                    stats.writes, 0,
-                    "{io_path} {mode}: chain must stop: {stats:?}"
-                );
+                assert_eq!(stats.writes, 0, "{io_path} {mode}: chain must stop: {stats:?}");
             }
         }
     }
@@ -345,9 +288,7 @@ fn failed_request_is_reported_not_its_cancellations() {
 fn open_and_create_refuse_bad_targets() {
     let dir = TempDir::new("bad");
     let missing = dir.join("missing");
-    let e = open_log(&missing, &LogOpenOptions::default())
-        .err()
-        .unwrap();
+    let e = open_log(&missing, &LogOpenOptions::default()).err().unwrap();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(e.to_string().contains("missing"), "{e}");
 
@@ -385,9 +326,7 @@ fn automatic_choice_is_consistent() {
     match dev.io_path() {
         IoPath::Uring => assert_eq!(dev.fallback_reason(), None),
         IoPath::Sync => {
-            let why = dev
-                .fallback_reason()
-                .expect("a fallback to sync must say why");
+            let why = dev.fallback_reason().expect("a fallback to sync must say why");
             eprintln!("note: io_uring unavailable here, automatic choice is sync: {why}");
         }
     }
@@ -414,54 +353,22 @@ const AUDIT_ARCH: Option<u32> = None;
 fn block_io_uring_setup_for_this_thread(arch: u32) {
     const PR_SET_NO_NEW_PRIVS: libc::c_int = 38;
     const PR_SET_SECCOMP: libc::c_int = 22;
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
+    let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
     let mut filter = [
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 4), // seccomp_data.arch
         jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, arch, 0, 3),
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0), // seccomp_data.nr
-        jump(
-            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-            libc::SYS_io_uring_setup as u32,
-            0,
-            1,
-        ),
-        stmt(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        ),
+        jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, libc::SYS_io_uring_setup as u32, 0, 1),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
         stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
     ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_mut_ptr(),
-    };
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    assert_eq!(
-        rc,
-        0,
-        "PR_SET_NO_NEW_PRIVS: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error());
     // SAFETY: `prog` points to `filter`, both alive for the call; the kernel copies the program.
-    let rc = unsafe {
-        libc::prctl(
-            PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &prog as *const libc::sock_fprog,
-        )
-    };
+    let rc = unsafe { libc::prctl(PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) };
     assert_eq!(rc, 0, "PR_SET_SECCOMP: {}", std::io::Error::last_os_error());
 }
 
@@ -475,17 +382,9 @@ fn automatic_choice_falls_back_to_sync_when_io_uring_is_blocked() {
     let path = dir.join("log");
     create_log_file(&path, 64 * 1024).unwrap();
     // Run `seccomp_child` in a fresh process so the filter cannot leak into other tests.
-    let module = module_path!()
-        .split_once("::")
-        .map_or(module_path!(), |(_, rest)| rest);
+    let module = module_path!().split_once("::").map_or(module_path!(), |(_, rest)| rest);
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            &format!("{module}::seccomp_child"),
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([&format!("{module}::seccomp_child"), "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(SECCOMP_ENV, &path)
         .output()
         .unwrap();
@@ -507,10 +406,7 @@ fn seccomp_child() {
     };
     let path = PathBuf::from(path);
     block_io_uring_setup_for_this_thread(arch);
-    assert!(
-        io_uring::IoUring::new(8).is_err(),
-        "the filter did not block io_uring_setup"
-    );
+    assert!(io_uring::IoUring::new(8).is_err(), "the filter did not block io_uring_setup");
 
     let mut dev = open_log(&path, &LogOpenOptions::default()).unwrap();
     assert_eq!(dev.io_path(), IoPath::Sync);
@@ -523,16 +419,10 @@ fn seccomp_child() {
     assert!(r[..] == a[..]);
     drop(dev);
 
-    let e = open_log(&path, &opts(IoPath::Uring, FlushMode::Dsync))
-        .err()
-        .expect("explicit io_uring must fail");
+    let e = open_log(&path, &opts(IoPath::Uring, FlushMode::Dsync)).err().expect("explicit io_uring must fail");
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     let dev = open_log(&path, &opts(IoPath::Sync, FlushMode::Fdatasync)).unwrap();
-    assert_eq!(
-        dev.fallback_reason(),
-        None,
-        "an explicit sync choice is not a fallback"
-    );
+    assert_eq!(dev.fallback_reason(), None, "an explicit sync choice is not a fallback");
     println!("SECCOMP_CHILD_OK ({why})");
 }
 
@@ -551,26 +441,14 @@ fn signatures_are_recognised() {
         detect_signature(&h)
     };
     assert_eq!(with(&[(1080, &[0x53, 0xEF])]), Some("ext2"));
-    assert_eq!(
-        with(&[(1080, &[0x53, 0xEF]), (1024 + 0x5C, &[4, 0, 0, 0])]),
-        Some("ext3")
-    );
-    assert_eq!(
-        with(&[(1080, &[0x53, 0xEF]), (1024 + 0x60, &[0x40, 0, 0, 0])]),
-        Some("ext4")
-    );
+    assert_eq!(with(&[(1080, &[0x53, 0xEF]), (1024 + 0x5C, &[4, 0, 0, 0])]), Some("ext3"));
+    assert_eq!(with(&[(1080, &[0x53, 0xEF]), (1024 + 0x60, &[0x40, 0, 0, 0])]), Some("ext4"));
     assert_eq!(with(&[(0, b"XFSB")]), Some("xfs"));
     assert_eq!(with(&[(65600, b"_BHRfS_M")]), Some("btrfs"));
     assert_eq!(with(&[(4086, b"SWAPSPACE2")]), Some("swap"));
     assert_eq!(with(&[(0, b"LUKS\xba\xbe")]), Some("crypto_LUKS"));
-    assert_eq!(
-        with(&[(512, b"EFI PART"), (510, &[0x55, 0xAA])]),
-        Some("gpt partition table")
-    );
-    assert_eq!(
-        with(&[(510, &[0x55, 0xAA]), (446 + 4, &[0x83])]),
-        Some("dos partition table")
-    );
+    assert_eq!(with(&[(512, b"EFI PART"), (510, &[0x55, 0xAA])]), Some("gpt partition table"));
+    assert_eq!(with(&[(510, &[0x55, 0xAA]), (446 + 4, &[0x83])]), Some("dos partition table"));
     // A boot signature with an empty partition table is not a partition table.
     assert_eq!(with(&[(510, &[0x55, 0xAA])]), None);
     // Truncated head: signatures beyond it are simply not found.
@@ -584,17 +462,8 @@ struct LoopDev(PathBuf);
 
 impl LoopDev {
     fn attach(file: &Path, extra: &[&str]) -> LoopDev {
-        let out = Command::new("losetup")
-            .args(extra)
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("losetup").args(extra).args(["-f", "--show"]).arg(file).output().expect("run losetup");
+        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
         let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
         LoopDev(PathBuf::from(dev))
@@ -603,11 +472,7 @@ impl LoopDev {
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let ok = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status()
-            .map(|s| s.success());
+        let ok = Command::new("losetup").arg("-d").arg(&self.0).status().map(|s| s.success());
         if ok.ok() != Some(true) {
             eprintln!("warning: could not detach {}", self.0.display());
         }
@@ -640,14 +505,9 @@ fn loop_device_round_trip_and_info() {
     let lo = LoopDev::attach(&backing, &[]);
     let dev_path = lo.0.clone();
 
-    let info = block_device_info(&dev_path)
-        .unwrap()
-        .expect("a loop device is a block device");
+    let info = block_device_info(&dev_path).unwrap().expect("a loop device is a block device");
     assert_eq!(info.size_bytes, size);
-    assert!(
-        info.logical_block_bytes.is_power_of_two() && info.logical_block_bytes <= 4096,
-        "{info:?}"
-    );
+    assert!(info.logical_block_bytes.is_power_of_two() && info.logical_block_bytes <= 4096, "{info:?}");
     assert_eq!(info.filesystem, None, "{info:?}");
 
     for io_path in PATHS {
@@ -657,30 +517,20 @@ fn loop_device_round_trip_and_info() {
             assert_eq!(dev.size_bytes(), size);
             assert_eq!(dev.io_path(), io_path);
             // O_EXCL: a second opener is refused while the first holds the device.
-            let e = open_log(&dev_path, &opts(io_path, mode))
-                .err()
-                .expect("second open must fail");
-            assert_eq!(
-                e.kind(),
-                std::io::Error::from_raw_os_error(libc::EBUSY).kind(),
-                "{e}"
-            );
+            let e = open_log(&dev_path, &opts(io_path, mode)).err().expect("second open must fail");
+            assert_eq!(e.kind(), std::io::Error::from_raw_os_error(libc::EBUSY).kind(), "{e}");
             assert!(e.to_string().contains("in use"), "{e}");
             exercise(dev.as_mut(), io_path, mode);
             zero_range_durable(dev.as_mut(), 0, size).unwrap();
             let mut r = AlignedBuf::zeroed(size as usize);
             dev.read_exact_at(0, &mut r).unwrap();
-            assert!(
-                r.iter().all(|&x| x == 0),
-                "zero_range_durable over the whole device"
-            );
+            assert!(r.iter().all(|&x| x == 0), "zero_range_durable over the whole device");
         }
     }
     // What went to the device reached the backing file.
     {
         let mut dev = open_log(&dev_path, &opts(IoPath::Uring, FlushMode::Dsync)).unwrap();
-        dev.write_durable(&[(4096, &pattern(4096, 77)[..])])
-            .unwrap();
+        dev.write_durable(&[(4096, &pattern(4096, 77)[..])]).unwrap();
     }
     let content = fs::read(&backing).unwrap();
     assert!(content[4096..8192] == pattern(4096, 77)[..]);
@@ -688,16 +538,8 @@ fn loop_device_round_trip_and_info() {
     match find_tool("mkfs.ext4") {
         None => eprintln!("mkfs.ext4 not installed: skipped the ext4 signature check"),
         Some(mkfs) => {
-            let out = Command::new(mkfs)
-                .args(["-q", "-F"])
-                .arg(&dev_path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "mkfs.ext4: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = Command::new(mkfs).args(["-q", "-F"]).arg(&dev_path).output().unwrap();
+            assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
             let info = block_device_info(&dev_path).unwrap().unwrap();
             assert_eq!(info.filesystem.as_deref(), Some("ext4"), "{info:?}");
         }
@@ -725,10 +567,7 @@ fn time_writes(dev: &mut dyn LogDevice, next: &mut u64, iterations: usize, out: 
 fn report(label: &str, path: &Path) {
     const ROUNDS: usize = 10;
     const PER_ROUND: usize = 200;
-    let combos: Vec<(IoPath, FlushMode)> = PATHS
-        .iter()
-        .flat_map(|&p| MODES.iter().map(move |&m| (p, m)))
-        .collect();
+    let combos: Vec<(IoPath, FlushMode)> = PATHS.iter().flat_map(|&p| MODES.iter().map(move |&m| (p, m))).collect();
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS * PER_ROUND); combos.len()];
     let mut next = 0u64;
     for _ in 0..ROUNDS {
@@ -761,18 +600,12 @@ fn latency_of_one_page_write_durable() {
     create_log_file(&file, 64 << 20).unwrap();
     println!("write_durable of one 4096-byte segment: 2000 per combination, 10 interleaved rounds");
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "load average at start: {} (CPU contention inflates these numbers)",
-        load.trim()
-    );
+    println!("load average at start: {} (CPU contention inflates these numbers)", load.trim());
     report("file /var/tmp", &file);
     match loop_devices_usable() {
         Err(why) => println!("loop device: skipped ({why})"),
         Ok(()) => {
-            for (label, extra) in [
-                ("loop (buffered)", &[][..]),
-                ("loop (direct-io=on)", &["--direct-io=on"][..]),
-            ] {
+            for (label, extra) in [("loop (buffered)", &[][..]), ("loop (direct-io=on)", &["--direct-io=on"][..])] {
                 let backing = dir.join(&format!("backing-{}", extra.len()));
                 create_log_file(&backing, 64 << 20).unwrap();
                 let lo = LoopDev::attach(&backing, extra);

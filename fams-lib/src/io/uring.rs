@@ -53,9 +53,7 @@ impl UringIo {
             (opcode::Nop::CODE, "NOP"),
         ] {
             if !probe.is_supported(code) {
-                return Err(format!(
-                    "this kernel's io_uring does not support IORING_OP_{name}"
-                ));
+                return Err(format!("this kernel's io_uring does not support IORING_OP_{name}"));
             }
         }
         let mut io = UringIo { ring, broken: None };
@@ -98,9 +96,7 @@ impl UringIo {
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => {}
                     // Out of kernel resources, or completions backed up: reap, pause, retry.
-                    Some(libc::EAGAIN) | Some(libc::EBUSY) => {
-                        std::thread::sleep(Duration::from_micros(50))
-                    }
+                    Some(libc::EAGAIN) | Some(libc::EBUSY) => std::thread::sleep(Duration::from_micros(50)),
                     _ => return Err(self.fail(e, n, done)),
                 },
             }
@@ -112,10 +108,7 @@ impl UringIo {
                 }
             }
         }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or(-libc::EIO))
-            .collect())
+        Ok(results.into_iter().map(|r| r.unwrap_or(-libc::EIO)).collect())
     }
 
     /// An unrecoverable io_uring_enter error. Entries the kernel has not consumed stay in the
@@ -153,11 +146,7 @@ impl Backend for UringIo {
     ) -> io::Result<()> {
         let fd = types::Fd(t.file.as_raw_fd());
         let dsync = flush == FlushMode::Dsync;
-        let per_batch = if dsync {
-            RING_ENTRIES as usize
-        } else {
-            RING_ENTRIES as usize - 1
-        };
+        let per_batch = if dsync { RING_ENTRIES as usize } else { RING_ENTRIES as usize - 1 };
         for batch in pieces.chunks(per_batch) {
             let mut entries = Vec::with_capacity(batch.len() + 1);
             for (i, &(offset, data)) in batch.iter().enumerate() {
@@ -172,15 +161,13 @@ impl Backend for UringIo {
                 entries.push(e);
             }
             if !dsync {
-                let sync = opcode::Fsync::new(fd)
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
+                let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
                 entries.push(sync.user_data(batch.len() as u64));
             }
             // SAFETY: every `data` slice is borrowed from the caller for this whole call (only
             // read by the kernel), and `execute` returns only after all completions.
-            let results = unsafe { self.execute(&entries) }
-                .map_err(|e| annotate(&t.path, e, "io_uring write submission"))?;
+            let results =
+                unsafe { self.execute(&entries) }.map_err(|e| annotate(&t.path, e, "io_uring write submission"))?;
 
             let mut error: Option<io::Error> = None;
             let mut cancelled: Option<io::Error> = None;
@@ -222,16 +209,10 @@ impl Backend for UringIo {
                 if r == 0 {
                     stats.fdatasyncs += 1;
                 } else if r == -libc::ECANCELED {
-                    cancelled.get_or_insert_with(|| {
-                        errno_error(&t.path, libc::ECANCELED, "io_uring linked fdatasync")
-                    });
+                    cancelled.get_or_insert_with(|| errno_error(&t.path, libc::ECANCELED, "io_uring linked fdatasync"));
                 } else {
                     error.get_or_insert_with(|| {
-                        errno_error(
-                            &t.path,
-                            if r < 0 { -r } else { libc::EIO },
-                            "io_uring linked fdatasync",
-                        )
+                        errno_error(&t.path, if r < 0 { -r } else { libc::EIO }, "io_uring linked fdatasync")
                     });
                 }
             }
@@ -243,12 +224,7 @@ impl Backend for UringIo {
         Ok(())
     }
 
-    fn read(
-        &mut self,
-        t: &Target,
-        pieces: &mut [(u64, &mut [u8])],
-        stats: &mut IoStats,
-    ) -> io::Result<()> {
+    fn read(&mut self, t: &Target, pieces: &mut [(u64, &mut [u8])], stats: &mut IoStats) -> io::Result<()> {
         let fd = types::Fd(t.file.as_raw_fd());
         for batch in pieces.chunks_mut(RING_ENTRIES as usize) {
             let entries: Vec<squeue::Entry> = batch
@@ -263,8 +239,8 @@ impl Backend for UringIo {
                 .collect();
             // SAFETY: every buffer is exclusively borrowed from the caller for this whole call
             // and not touched until `execute` returns, which is after all completions.
-            let results = unsafe { self.execute(&entries) }
-                .map_err(|e| annotate(&t.path, e, "io_uring read submission"))?;
+            let results =
+                unsafe { self.execute(&entries) }.map_err(|e| annotate(&t.path, e, "io_uring read submission"))?;
             for (i, (offset, buf)) in batch.iter().enumerate() {
                 let what = format!("io_uring read of {} bytes at offset {offset}", buf.len());
                 let r = results[i];

@@ -177,11 +177,7 @@ pub fn uffd_available() -> Result<(), String> {
 ///
 /// The caller keeps the mapping alive (not unmapped, not remapped) for as long as the tracker
 /// lives, and drops the tracker before unmapping.
-pub fn arm(
-    kind: Option<TrackerKind>,
-    base: *mut u8,
-    len: usize,
-) -> io::Result<Box<dyn DirtyTracker>> {
+pub fn arm(kind: Option<TrackerKind>, base: *mut u8, len: usize) -> io::Result<Box<dyn DirtyTracker>> {
     let addr = base as usize;
     if base.is_null() || addr & (PAGE_SIZE - 1) != 0 || len & (PAGE_SIZE - 1) != 0 || len == 0 {
         return Err(io::Error::new(
@@ -264,12 +260,8 @@ mod tests {
                 std::process::id(),
                 SEQ.fetch_add(1, Ordering::Relaxed)
             ));
-            let mut f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .expect("create temp file");
+            let mut f =
+                OpenOptions::new().read(true).write(true).create_new(true).open(&path).expect("create temp file");
             let mut buf = vec![0u8; PAGE_SIZE];
             for p in 0..pages {
                 buf.fill(fill(p));
@@ -315,11 +307,7 @@ mod tests {
             // SAFETY: drops the private copy of one page of our own mapping; the next access
             // faults the file's page in again.
             let r = unsafe {
-                libc::madvise(
-                    self.base.add(page * PAGE_SIZE) as *mut libc::c_void,
-                    PAGE_SIZE,
-                    libc::MADV_DONTNEED,
-                )
+                libc::madvise(self.base.add(page * PAGE_SIZE) as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED)
             };
             assert_eq!(r, 0, "madvise(DONTNEED): {}", io::Error::last_os_error());
         }
@@ -351,8 +339,7 @@ mod tests {
     }
 
     /// Every kind, in the order the multi-kind tests use.
-    const KINDS: [TrackerKind; 3] =
-        [TrackerKind::Mprotect, TrackerKind::Uffd, TrackerKind::Regions];
+    const KINDS: [TrackerKind; 3] = [TrackerKind::Mprotect, TrackerKind::Uffd, TrackerKind::Regions];
 
     #[test]
     fn uffd_probe_does_not_fail_on_wrong_answers() {
@@ -622,9 +609,7 @@ mod tests {
         // A single store straddling a region boundary opens both regions.
         let buf = [3u8; 64];
         // SAFETY: 64 bytes across the boundary of regions 2 and 3, inside our mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), m.base.add(3 * RP * PAGE_SIZE - 32), 64)
-        };
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), m.base.add(3 * RP * PAGE_SIZE - 32), 64) };
         assert_eq!(collect(&mut t), vec![3 * RP - 1, 3 * RP]);
     }
 
@@ -639,14 +624,7 @@ mod tests {
         let pread = |page: usize| {
             // SAFETY: reading 100 bytes into `page` of our live mapping; when the page is
             // read-only the kernel refuses and no memory is touched.
-            unsafe {
-                libc::pread(
-                    f.as_raw_fd(),
-                    m.base.add(page * PAGE_SIZE) as *mut libc::c_void,
-                    100,
-                    0,
-                )
-            }
+            unsafe { libc::pread(f.as_raw_fd(), m.base.add(page * PAGE_SIZE) as *mut libc::c_void, 100, 0) }
         };
         // Closed region: like the mprotect tracker, the kernel's write fails.
         assert_eq!(pread(RP + 5), -1);
@@ -668,9 +646,7 @@ mod tests {
         let mut t = arm(Some(TrackerKind::Uffd), m.base, m.len).expect("arm");
         let f = std::fs::File::open(&m.path).unwrap();
         // SAFETY: reading 100 bytes into page 5 of our live RW mapping.
-        let n = unsafe {
-            libc::pread(f.as_raw_fd(), m.base.add(5 * PAGE_SIZE) as *mut libc::c_void, 100, 0)
-        };
+        let n = unsafe { libc::pread(f.as_raw_fd(), m.base.add(5 * PAGE_SIZE) as *mut libc::c_void, 100, 0) };
         assert_eq!(n, 100, "pread into tracked memory: {}", io::Error::last_os_error());
         assert_eq!(collect(&mut t), vec![5]);
     }
@@ -683,9 +659,7 @@ mod tests {
         let f = std::fs::File::open(&m.path).unwrap();
         // SAFETY: reading into page 5 of our live mapping (currently PROT_READ: the kernel
         // refuses to write there and fails the call; no memory is touched).
-        let n = unsafe {
-            libc::pread(f.as_raw_fd(), m.base.add(5 * PAGE_SIZE) as *mut libc::c_void, 100, 0)
-        };
+        let n = unsafe { libc::pread(f.as_raw_fd(), m.base.add(5 * PAGE_SIZE) as *mut libc::c_void, 100, 0) };
         assert_eq!(n, -1);
         assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
         assert_eq!(collect(&mut t), Vec::<usize>::new());
@@ -756,8 +730,7 @@ mod tests {
                     let m = TestMap::new(128);
                     let mut t = arm(Some(kind), m.base, m.len).expect("arm");
                     for round in 0..50usize {
-                        let want: Vec<usize> =
-                            (0..128).filter(|p| (p + round + i) % 7 == 0).collect();
+                        let want: Vec<usize> = (0..128).filter(|p| (p + round + i) % 7 == 0).collect();
                         for &p in &want {
                             m.write(p, round as u8);
                         }
@@ -1077,11 +1050,9 @@ mod tests {
         //    `pair` alternates between 2 pages in 2 regions, `round4` cycles through 4 pages in
         //    4 regions (each region idle for 3 collects between its writes, so with
         //    CLOSE_AFTER_IDLE_COLLECTS = 2 it is closed and reopened every time).
-        for (name, set) in [
-            ("hot", vec![12345usize]),
-            ("pair", vec![12345, 50000]),
-            ("round4", vec![12345, 50000, 100000, 200000]),
-        ] {
+        for (name, set) in
+            [("hot", vec![12345usize]), ("pair", vec![12345, 50000]), ("round4", vec![12345, 50000, 100000, 200000])]
+        {
             for kind in [TrackerKind::Uffd, TrackerKind::Regions, TrackerKind::Mprotect] {
                 if !usable(kind) {
                     continue;
@@ -1124,12 +1095,7 @@ mod tests {
                 std::process::id(),
                 SEQ.fetch_add(1, Ordering::Relaxed)
             ));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .unwrap();
+            let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
             let len = pages * PAGE_SIZE;
             f.set_len(len as u64).unwrap();
             // SAFETY: as in `new`.

@@ -34,8 +34,7 @@ pub(super) struct MprotectTracker {
 
 impl MprotectTracker {
     pub(super) fn arm(base: usize, len: usize) -> io::Result<MprotectTracker> {
-        let pages =
-            SegvRange::publish(TrackerKind::Mprotect, base, len, PAGE_SIZE.trailing_zeros())?;
+        let pages = SegvRange::publish(TrackerKind::Mprotect, base, len, PAGE_SIZE.trailing_zeros())?;
         // From here on, dropping `t` withdraws the range and frees the bitmap.
         let t = MprotectTracker { pages, base, len };
         // Removes write access from the caller's mapping [base, base+len); any write to it now
@@ -166,8 +165,7 @@ mod tests {
             assert_eq!(v, vec![0], "tracker {i} ({})", t.kind().name());
         }
         held.remove(5);
-        let t = MprotectTracker::arm(a + MAX_TRACKERS * PAGE_SIZE, PAGE_SIZE)
-            .expect("a freed slot is reusable");
+        let t = MprotectTracker::arm(a + MAX_TRACKERS * PAGE_SIZE, PAGE_SIZE).expect("a freed slot is reusable");
         assert_eq!(t.pages.slot(), 5);
     }
 

@@ -108,19 +108,12 @@ impl RegionsTracker {
     fn arm_with(base: usize, len: usize, shift: u32) -> io::Result<RegionsTracker> {
         let gates = SegvRange::publish(TrackerKind::Regions, base, len, shift)?;
         // Registers the whole range and write-protects every page: all pages start clean.
-        let pages = UffdTracker::arm(base, len)
-            .map_err(|e| io::Error::new(e.kind(), format!("regions dirty tracker: {e}")))?;
+        let pages =
+            UffdTracker::arm(base, len).map_err(|e| io::Error::new(e.kind(), format!("regions dirty tracker: {e}")))?;
         let nregions = gates.units();
         // From here on, dropping `t` unregisters the range, restores PROT_READ|PROT_WRITE and
         // frees the slot.
-        let t = RegionsTracker {
-            pages,
-            gates,
-            shift,
-            idle: vec![0; nregions],
-            open: Vec::new(),
-            closing: Vec::new(),
-        };
+        let t = RegionsTracker { pages, gates, shift, idle: vec![0; nregions], open: Vec::new(), closing: Vec::new() };
         // Close every region: any write to the range now faults into the handler, which finds
         // this published range and opens the region.
         t.gates.protect_all()?;
@@ -207,9 +200,7 @@ impl DirtyTracker for RegionsTracker {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{
-        anon, in_child, is_writable, max_map_count, run_child as run_child_in,
-    };
+    use super::super::test_util::{anon, in_child, is_writable, max_map_count, run_child as run_child_in};
     use super::*;
     use std::ptr;
 
@@ -237,9 +228,7 @@ mod tests {
     }
 
     fn open_regions(t: &RegionsTracker) -> Vec<usize> {
-        (0..t.gates.units())
-            .filter(|&r| t.gates.words()[r / 64].load(SeqCst) & (1 << (r % 64)) != 0)
-            .collect()
+        (0..t.gates.units()).filter(|&r| t.gates.words()[r / 64].load(SeqCst) & (1 << (r % 64)) != 0).collect()
     }
 
     /// Regions of 4 pages: bits, protection and idle closing follow the writes exactly.
@@ -303,9 +292,7 @@ mod tests {
         }
         let a = anon(8);
         let t = RegionsTracker::arm(a, 8 * PAGE_SIZE).unwrap();
-        let e = super::super::mprotect::MprotectTracker::arm(a + 4 * PAGE_SIZE, PAGE_SIZE)
-            .err()
-            .expect("overlap");
+        let e = super::super::mprotect::MprotectTracker::arm(a + 4 * PAGE_SIZE, PAGE_SIZE).err().expect("overlap");
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
         let e = RegionsTracker::arm(a, PAGE_SIZE).err().expect("overlap");
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
@@ -333,8 +320,7 @@ mod tests {
         let max = max_map_count();
         let pages = max + 1000;
         let a = anon(pages);
-        let mut t = RegionsTracker::arm_with(a, pages * PAGE_SIZE, PAGE_SIZE.trailing_zeros())
-            .unwrap();
+        let mut t = RegionsTracker::arm_with(a, pages * PAGE_SIZE, PAGE_SIZE.trailing_zeros()).unwrap();
         let want: Vec<usize> = (0..pages).step_by(2).collect();
         for &p in &want {
             write(a, p);

@@ -211,11 +211,7 @@ unsafe fn handle_fault(info: *mut libc::siginfo_t) -> bool {
         // SAFETY: mprotect of one unit inside the tracked range, which is mapped while it is
         // tracked; it only widens access to what the mapping was created with (RW).
         let mut ok = unsafe {
-            libc::mprotect(
-                (base + start) as *mut libc::c_void,
-                end - start,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
+            libc::mprotect((base + start) as *mut libc::c_void, end - start, libc::PROT_READ | libc::PROT_WRITE)
         } == 0;
         if !ok {
             // Most likely ENOMEM: splitting the VMA would exceed vm.max_map_count. Set every bit
@@ -224,9 +220,7 @@ unsafe fn handle_fault(info: *mut libc::siginfo_t) -> bool {
             // SAFETY: same bitmap as above, `len.div_ceil(1 << shift)` bits long.
             unsafe { set_all(bits, len.div_ceil(1 << shift)) };
             // SAFETY: mprotect of exactly the tracked range, back to the mapping's own RW.
-            ok = unsafe {
-                libc::mprotect(base as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE)
-            } == 0;
+            ok = unsafe { libc::mprotect(base as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE) } == 0;
         }
         slot.readers.fetch_sub(1, SeqCst);
         // If even that failed, let the fault be fatal rather than loop on it forever.
@@ -310,16 +304,8 @@ impl SegvRange {
     /// bytes, all bits clear. Changes no protection: the caller then makes units read-only.
     /// `kind` names the tracker in error messages. Fails with `AlreadyExists` if the range
     /// overlaps a published one, and when [`MAX_TRACKERS`] ranges are already published.
-    pub(super) fn publish(
-        kind: TrackerKind,
-        base: usize,
-        len: usize,
-        shift: u32,
-    ) -> io::Result<SegvRange> {
-        assert!(
-            (PAGE_SIZE.trailing_zeros()..usize::BITS - 1).contains(&shift),
-            "unit must be at least a page"
-        );
+    pub(super) fn publish(kind: TrackerKind, base: usize, len: usize, shift: u32) -> io::Result<SegvRange> {
+        assert!((PAGE_SIZE.trailing_zeros()..usize::BITS - 1).contains(&shift), "unit must be at least a page");
         install_handler(kind)?;
         let who = kind.name();
         let nwords = len.div_ceil(1 << shift).div_ceil(64);
@@ -438,13 +424,7 @@ impl Drop for SegvRange {
     fn drop(&mut self) {
         // SAFETY: gives the caller's mapping its original PROT_READ|PROT_WRITE back; harmless if
         // the range is already gone (fails with ENOMEM and changes nothing).
-        unsafe {
-            libc::mprotect(
-                self.base as *mut libc::c_void,
-                self.len,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
+        unsafe { libc::mprotect(self.base as *mut libc::c_void, self.len, libc::PROT_READ | libc::PROT_WRITE) };
         let s = &SLOTS[self.slot];
         let guard = TABLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         s.len.store(0, SeqCst); // withdraw: handlers arriving from now on skip the slot
@@ -459,9 +439,7 @@ impl Drop for SegvRange {
         drop(guard);
         // SAFETY: `bits` came from Box::into_raw of `nwords` atomics in `publish`; the slot no
         // longer refers to it and no handler is using it (readers == 0 after len = 0).
-        drop(unsafe {
-            Box::from_raw(ptr::slice_from_raw_parts_mut(self.bits as *mut AtomicU64, self.nwords))
-        });
+        drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(self.bits as *mut AtomicU64, self.nwords)) });
     }
 }
 

@@ -79,8 +79,5 @@ pub(super) fn is_writable(addr: usize) -> bool {
 
 /// `vm.max_map_count`: how many VMAs a process may have (65530 if it cannot be read).
 pub(super) fn max_map_count() -> usize {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(65530)
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }

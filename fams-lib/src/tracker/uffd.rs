@@ -127,10 +127,7 @@ const _: () = {
     assert!(UFFDIO_API == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x3F, size_of::<UffdioApi>()));
     assert!(UFFDIO_REGISTER == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x00, size_of::<UffdioRegister>()));
     assert!(UFFDIO_UNREGISTER == ioc(IOC_READ, 0xAA, 0x01, size_of::<UffdioRange>()));
-    assert!(
-        UFFDIO_WRITEPROTECT
-            == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, size_of::<UffdioWriteprotect>())
-    );
+    assert!(UFFDIO_WRITEPROTECT == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, size_of::<UffdioWriteprotect>()));
     assert!(PAGEMAP_SCAN == ioc(IOC_READ | IOC_WRITE, b'f' as u32, 16, size_of::<PmScanArg>()));
 };
 
@@ -167,12 +164,7 @@ unsafe fn ioctl_retry<T>(fd: libc::c_int, req: u32, arg: *mut T) -> Result<libc:
 fn new_uffd() -> io::Result<OwnedFd> {
     // SAFETY: userfaultfd(2) takes one int of flags and returns a new fd or -1; no memory is
     // passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_userfaultfd,
-            libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY) };
     if r < 0 {
         let e = io::Error::last_os_error();
         let hint = match e.raw_os_error() {
@@ -181,10 +173,7 @@ fn new_uffd() -> io::Result<OwnedFd> {
             Some(libc::EINVAL) => " (UFFD_USER_MODE_ONLY needs Linux >= 5.11)",
             _ => "",
         };
-        return Err(io::Error::new(
-            e.kind(),
-            format!("userfaultfd: the userfaultfd(2) system call failed: {e}{hint}"),
-        ));
+        return Err(io::Error::new(e.kind(), format!("userfaultfd: the userfaultfd(2) system call failed: {e}{hint}")));
     }
     // SAFETY: `r` is a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(r as libc::c_int) })
@@ -269,19 +258,11 @@ impl UffdTracker {
             };
             return Err(io::Error::new(
                 e.kind(),
-                format!(
-                    "userfaultfd: UFFDIO_REGISTER (mode WP) of {base:#x}+{len:#x} failed: {e}{hint}"
-                ),
+                format!("userfaultfd: UFFDIO_REGISTER (mode WP) of {base:#x}+{len:#x} failed: {e}{hint}"),
             ));
         }
         // From here on, dropping `t` unregisters the range.
-        let t = UffdTracker {
-            base,
-            len,
-            uffd,
-            pagemap,
-            regions: vec![PageRegion::default(); regions.max(1)],
-        };
+        let t = UffdTracker { base, len, uffd, pagemap, regions: vec![PageRegion::default(); regions.max(1)] };
         if reg.ioctls & (1 << _UFFDIO_WRITEPROTECT) == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -313,12 +294,7 @@ impl UffdTracker {
     /// Report (appending to `out`, ascending, as page indices relative to the tracked base) and
     /// write-protect again the written pages of `[start, end)`, a page-aligned part of the
     /// tracked range. Used by the `regions` tracker to scan only its open regions.
-    pub(super) fn scan_range(
-        &mut self,
-        start: usize,
-        end: usize,
-        out: &mut Vec<usize>,
-    ) -> io::Result<()> {
+    pub(super) fn scan_range(&mut self, start: usize, end: usize, out: &mut Vec<usize>) -> io::Result<()> {
         debug_assert!(self.base <= start && start <= end && end <= self.base + self.len);
         debug_assert!((start | end) & (PAGE_SIZE - 1) == 0);
         let end = end as u64;
@@ -354,10 +330,7 @@ impl UffdTracker {
                 };
                 return Err(io::Error::new(
                     e.kind(),
-                    format!(
-                        "PAGEMAP_SCAN of {:#x}..{end:#x} failed: {e}{hint}",
-                        start
-                    ),
+                    format!("PAGEMAP_SCAN of {:#x}..{end:#x} failed: {e}{hint}", start),
                 ));
             }
             let n = n as usize;
@@ -510,8 +483,7 @@ mod tests {
         assert_ne!(p, libc::MAP_FAILED);
         let base = p as usize;
         let mut t = UffdTracker::arm_with(base, len, 1).unwrap();
-        let want: Vec<usize> =
-            (0..PAGES).filter(|i| i % 3 != 1).collect(); // runs of 2 pages, gaps of 1
+        let want: Vec<usize> = (0..PAGES).filter(|i| i % 3 != 1).collect(); // runs of 2 pages, gaps of 1
         for &i in &want {
             // SAFETY: inside our live RW mapping.
             unsafe { std::ptr::write_volatile((base + i * PAGE_SIZE) as *mut u8, 1) };

@@ -135,8 +135,10 @@ fn main() {
                 }
             }
         }
-        let summary: Vec<String> =
-            records.iter().map(|(at, h)| format!("LSN {} group {} at {at} len {}", h.lsn, h.group_first_lsn, h.total_len)).collect();
+        let summary: Vec<String> = records
+            .iter()
+            .map(|(at, h)| format!("LSN {} group {} at {at} len {}", h.lsn, h.group_first_lsn, h.total_len))
+            .collect();
         eprintln!("{}: {sb:?}\n  {}", m.name, summary.join("\n  "));
 
         // Area shape: the record area, trailing zero blocks trimmed.

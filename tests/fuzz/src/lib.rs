@@ -283,7 +283,11 @@ fn writable_ranges(log: &[u8], sb: &Superblock, heap_size: u64) -> Vec<(u64, u64
                 let payload = &log[at + RECORD_HEADER_BYTES..body];
                 if crc32c(payload) == h.payload_crc {
                     if let Ok(entries) = log_format::decode_entries(payload, h.entry_count, heap_size) {
-                        out.extend(entries.iter().map(|e| (HEADER_BYTES + e.offset, HEADER_BYTES + e.offset + e.data.len() as u64)));
+                        out.extend(
+                            entries
+                                .iter()
+                                .map(|e| (HEADER_BYTES + e.offset, HEADER_BYTES + e.offset + e.data.len() as u64)),
+                        );
                     }
                 }
             }
@@ -292,7 +296,6 @@ fn writable_ranges(log: &[u8], sb: &Superblock, heap_size: u64) -> Vec<(u64, u64
     }
     out
 }
-
 
 /// Recovery on a log built from the input (see [`build`]) and a valid heap file.
 pub fn recover_from_bytes(data: &[u8]) {
@@ -319,7 +322,11 @@ pub fn check_recovery(b: Built) {
     let log = &log[..log_len];
     match res {
         Ok(report) => {
-            assert_eq!(heap_after[..HEADER_BYTES as usize], heap[..HEADER_BYTES as usize], "recovery changed the heap header");
+            assert_eq!(
+                heap_after[..HEADER_BYTES as usize],
+                heap[..HEADER_BYTES as usize],
+                "recovery changed the heap header"
+            );
             let sb = current_superblock(log).expect("recovery succeeded without a valid superblock");
             let heap_size = FUZZ_HEAP_PAGES * BLOCK as u64;
             let ranges = writable_ranges(log, &sb, heap_size);
