@@ -1,0 +1,124 @@
+//! Dirty tracking, per tracker: the cost of the first write to a page after a commit (the fault
+//! the tracker takes, including the private copy of the page), and the commit-time `collect`
+//! with one dirty page as the resident heap grows from 64 MiB to 4 GiB. The mapping is what the
+//! heap uses: MAP_PRIVATE of a file on the benchmark directory's file system.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use fams::tracker::{self, TrackerKind, PAGE_SIZE};
+use fams_bench::Target;
+use std::os::unix::io::AsRawFd;
+use std::time::{Duration, Instant};
+
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+    _file: std::fs::File,
+}
+
+impl Mapping {
+    fn new(t: &Target, len: usize) -> Mapping {
+        let path = t.dir.join("tracker-bench.map");
+        let _ = std::fs::remove_file(&path);
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).open(&path).expect("map file");
+        file.set_len(len as u64).expect("size map file");
+        let _ = std::fs::remove_file(&path);
+        // SAFETY: a fresh private mapping of a file we own, unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
+        };
+        assert_ne!(base, libc::MAP_FAILED, "mmap");
+        // SAFETY: advice on our own mapping, as the heap does.
+        unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) };
+        let m = Mapping { base: base.cast(), len, _file: file };
+        // Make every page resident (a private copy), as a heap in use would be.
+        for p in 0..len / PAGE_SIZE {
+            m.write(p, 1);
+        }
+        m
+    }
+
+    fn write(&self, page: usize, v: u8) {
+        assert!(page < self.len / PAGE_SIZE);
+        // SAFETY: the byte lies inside the mapping.
+        unsafe { self.base.add(page * PAGE_SIZE + 8).write_volatile(v) };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in `new`; the tracker was dropped before.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+fn kinds() -> Vec<TrackerKind> {
+    match tracker::uffd_available() {
+        Ok(()) => vec![TrackerKind::Uffd, TrackerKind::Regions, TrackerKind::Mprotect],
+        Err(why) => {
+            eprintln!("uffd and regions trackers not benchmarked: {why}");
+            vec![TrackerKind::Mprotect]
+        }
+    }
+}
+
+fn trackers(c: &mut Criterion) {
+    let t = Target::from_env();
+    let mut g = c.benchmark_group("tracker");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    for kind in kinds() {
+        // First write to a page after a commit: write N distinct pages, time only the writes.
+        let m = Mapping::new(&t, 64 << 20);
+        let mut trk = tracker::arm(Some(kind), m.base, m.len).expect("arm");
+        let mut out = Vec::new();
+        let pages = m.len / PAGE_SIZE;
+        let mut next = 0usize;
+        g.bench_function(format!("first-write/{}", kind.name()), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut done = 0u64;
+                while done < iters {
+                    let batch = (iters - done).min(1024);
+                    out.clear();
+                    trk.collect(&mut out).expect("collect");
+                    let start = Instant::now();
+                    for _ in 0..batch {
+                        m.write(next % pages, (done % 251) as u8);
+                        next += 7;
+                    }
+                    total += start.elapsed();
+                    done += batch;
+                }
+                total
+            })
+        });
+        drop(trk);
+        drop(m);
+
+        // Commit-time collect with one dirty page, vs resident heap size.
+        for mib in [64usize, 256, 1024, 4096] {
+            let m = Mapping::new(&t, mib << 20);
+            let mut trk = tracker::arm(Some(kind), m.base, m.len).expect("arm");
+            let mut out = Vec::new();
+            trk.collect(&mut out).expect("collect");
+            g.bench_function(format!("collect-1-dirty/{}/{mib}MiB", kind.name()), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for i in 0..iters {
+                        m.write((i as usize * 13) % 64, i as u8);
+                        out.clear();
+                        let start = Instant::now();
+                        trk.collect(&mut out).expect("collect");
+                        total += start.elapsed();
+                        assert_eq!(out.len(), 1);
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+    let _ = std::fs::remove_dir_all(&t.dir);
+}
+
+criterion_group!(benches, trackers);
+criterion_main!(benches);
