@@ -34,21 +34,36 @@ fn commits(c: &mut Criterion) {
                         per_iter(&r.samples, iters)
                     })
                 });
-                g.bench_function(format!("floor-dsync/{pages}p/{}", if whole { "whole" } else { "1byte" }), |b| {
-                    b.iter_custom(|iters| {
-                        let s = floor_write_flush(&t, (log_bytes as usize).max(4096), iters as usize, FlushMode::Dsync)
+                g.bench_function(
+                    format!("floor-dsync/for-{}/{pages}p/{}", tracker.name(), if whole { "whole" } else { "1byte" }),
+                    |b| {
+                        b.iter_custom(|iters| {
+                            let s =
+                                floor_write_flush(&t, (log_bytes as usize).max(4096), iters as usize, FlushMode::Dsync)
+                                    .expect("floor");
+                            per_iter(&s, iters)
+                        })
+                    },
+                );
+                g.bench_function(
+                    format!(
+                        "floor-fdatasync/for-{}/{pages}p/{}",
+                        tracker.name(),
+                        if whole { "whole" } else { "1byte" }
+                    ),
+                    |b| {
+                        b.iter_custom(|iters| {
+                            let s = floor_write_flush(
+                                &t,
+                                (log_bytes as usize).max(4096),
+                                iters as usize,
+                                FlushMode::Fdatasync,
+                            )
                             .expect("floor");
-                        per_iter(&s, iters)
-                    })
-                });
-                g.bench_function(format!("floor-fdatasync/{pages}p/{}", if whole { "whole" } else { "1byte" }), |b| {
-                    b.iter_custom(|iters| {
-                        let s =
-                            floor_write_flush(&t, (log_bytes as usize).max(4096), iters as usize, FlushMode::Fdatasync)
-                                .expect("floor");
-                        per_iter(&s, iters)
-                    })
-                });
+                            per_iter(&s, iters)
+                        })
+                    },
+                );
             }
         }
     }

@@ -24,7 +24,14 @@ impl Mapping {
         let _ = std::fs::remove_file(&path);
         // SAFETY: a fresh private mapping of a file we own, unmapped in Drop.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
         };
         assert_ne!(base, libc::MAP_FAILED, "mmap");
         // SAFETY: advice on our own mapping, as the heap does.
