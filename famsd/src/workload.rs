@@ -4,26 +4,8 @@
 //! that depend only on (seed, k), plus `k` itself stored in the heap's first 8 bytes. So the heap
 //! after commit `c` is a pure function of (seed, c), and a checker can rebuild it in memory.
 
-/// Small, fast, seedable PRNG (splitmix64); good enough to choose pages and bytes.
-#[derive(Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, n).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
+/// Small, fast, seedable PRNG (splitmix64), the simulator's: good enough to choose pages and bytes.
+pub use fams::sim::SimRng as Rng;
 
 pub const PAGE: usize = 4096;
 
