@@ -22,6 +22,10 @@ use std::time::Instant;
 /// logging whole pages saves); their in-flight pages are logged whole by the next commit.
 const SHADOW_PAGES_PER_COMMIT_MAX: usize = 64;
 
+/// How long `open` waits for a heap lock that another process (or a just-forked child still
+/// holding our closed descriptor) holds.
+const LOCK_RETRY_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Default log size for a log file.
 pub const LOG_SIZE_DEFAULT: u64 = 64 << 20;
 /// Where default base addresses are picked: well above where Linux places ordinary mappings'
@@ -714,16 +718,25 @@ pub(crate) fn open_locked(path: &Path) -> Result<File> {
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| Error::io(path, "opening the heap file", e))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    // A lock belongs to the open file description, and a process that forks (to exec a helper)
+    // while a heap is open briefly shares that description, so the lock can outlive our close()
+    // by the moment the child takes to exec. Retry for a short while before calling the heap taken.
+    let deadline = Instant::now() + LOCK_RETRY_MAX;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::io(path, "locking the heap file", e));
+        }
+        if Instant::now() >= deadline {
             return Err(Error::Locked { path: path.into(), holder: lock_holder(&file) });
         }
-        return Err(Error::io(path, "locking the heap file", e));
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    Ok(file)
 }
 
 pub(crate) fn open_log_of(
