@@ -210,8 +210,31 @@ fn parse_addr(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("`{s}` is not an address (e.g. 0x300000000000)"))
 }
 
-fn default_torture_dir() -> PathBuf {
-    PathBuf::from(format!("/var/tmp/famsd-torture-{}", std::process::id()))
+/// The working directory of a run: the one the user named, or a fresh one under /var/tmp (not
+/// /tmp: O_DIRECT does not work on tmpfs) that is removed when the run ends, whatever the outcome.
+struct WorkDir {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl WorkDir {
+    fn new(named: Option<PathBuf>, purpose: &str) -> WorkDir {
+        match named {
+            Some(path) => WorkDir { path, temporary: false },
+            None => WorkDir {
+                path: PathBuf::from(format!("/var/tmp/famsd-{purpose}-{}", std::process::id())),
+                temporary: true,
+            },
+        }
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -339,14 +362,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench { dir, log, quick, json, svg, save_json, force } => {
-            let made_dir = dir.is_none();
-            let dir = dir.unwrap_or_else(|| PathBuf::from(format!("/var/tmp/famsd-bench-{}", std::process::id())));
-            let cfg = famsd::bench::BenchConfig { dir: dir.clone(), log_device: log, quick, force, progress: true };
-            let report = famsd::bench::run(&cfg);
-            if made_dir {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-            let report = report?;
+            let dir = WorkDir::new(dir, "bench");
+            let cfg =
+                famsd::bench::BenchConfig { dir: dir.path.clone(), log_device: log, quick, force, progress: true };
+            let report = famsd::bench::run(&cfg)?;
             if json {
                 print_json(&report.to_json(&cfg));
             } else {
@@ -365,23 +384,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Demo { dir } => demo::run(&dir).map(|_| ExitCode::SUCCESS),
         Cmd::Torture { power_loss: true, states, sync_only, tracker, dir, seed, json, .. } => {
-            let made_dir = dir.is_none();
-            let dir = dir.unwrap_or_else(default_torture_dir);
+            let dir = WorkDir::new(dir, "torture");
             let cfg = famsd::power_loss::PowerLossConfig {
                 states,
                 seed,
-                dir: dir.clone(),
+                dir: dir.path.clone(),
                 tracker,
                 heap_size_bytes: 256 << 10,
                 log_size_bytes: 640 << 10,
                 sync_only,
                 progress: !json,
             };
-            let report = famsd::power_loss::run(&cfg);
-            if made_dir {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-            let report = report?;
+            let report = famsd::power_loss::run(&cfg)?;
             if json {
                 print_json(&report.to_json());
             } else {
@@ -409,12 +423,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             json,
             ..
         } => {
-            let made_dir = dir.is_none();
-            let dir = dir.unwrap_or_else(default_torture_dir);
+            let dir = WorkDir::new(dir, "torture");
             let log_size = if log.as_ref().is_some_and(|l| is_block_device(l)) { None } else { Some(log_size) };
             let cfg = torture::TortureConfig {
                 cycles,
-                dir: dir.clone(),
+                dir: dir.path.clone(),
                 force,
                 heap_size_bytes: heap_size,
                 choice: torture::HeapChoice { tracker, io_path, flush_mode, log },
@@ -423,11 +436,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 kill_after_ms_max,
                 progress: !json,
             };
-            let report = torture::run(&cfg);
-            if made_dir {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-            let report = report?;
+            let report = torture::run(&cfg)?;
             if json {
                 print_json(&report.to_json());
             } else {

@@ -258,12 +258,35 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
 /// pages; the parent kills it.
 pub fn child(heap_path: &Path, seed: u64, run_seed: u64, choice: &HeapChoice) -> Result<(), String> {
     let mut heap = Heap::open(heap_path, &choice.options()).map_err(|e| e.to_string())?;
-    let mut k = commit_number(heap.bytes());
     let mut out = std::io::stdout().lock();
-    let say = |out: &mut std::io::StdoutLock<'_>, line: String| -> Result<(), String> {
+    let mut say = |line: String| -> Result<(), String> {
         out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"))
     };
-    say(&mut out, format!("ready {k}\n"))?;
+    say(format!("ready {}\n", commit_number(heap.bytes())))?;
+    commit_forever(&mut heap, seed, run_seed, CommitterMode::default(), &mut say)
+}
+
+/// How [`commit_forever`] commits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitterMode {
+    /// Also make some commits with the synchronous `commit()` (a quarter, when none is in flight).
+    pub sync_commits: bool,
+    /// Break the promise on purpose: say "ack k" as soon as commit k is handed to the log writer,
+    /// before it is durable (to show a crash test catches it).
+    pub ack_before_durable: bool,
+}
+
+/// The workload's committing loop, shared by the crash tests' children: from the heap's current
+/// commit on, apply mutation k and commit it, keeping up to a random depth in flight, and call
+/// `say("ack k\n")` once commit k is durable. Returns only on an error.
+pub fn commit_forever(
+    heap: &mut Heap,
+    seed: u64,
+    run_seed: u64,
+    mode: CommitterMode,
+    say: &mut dyn FnMut(String) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut k = commit_number(heap.bytes());
     let mut rng = Rng::new(run_seed);
     let mut in_flight: VecDeque<(u64, fams::Ticket)> = VecDeque::new();
     loop {
@@ -274,7 +297,15 @@ pub fn child(heap_path: &Path, seed: u64, run_seed: u64, choice: &HeapChoice) ->
         for _ in 0..1 + rng.below(8) {
             k += 1;
             mutate(heap.bytes_mut(), seed, k);
+            if mode.sync_commits && rng.below(4) == 0 && in_flight.is_empty() {
+                heap.commit().map_err(|e| e.to_string())?;
+                say(format!("ack {k}\n"))?;
+                continue;
+            }
             let t = heap.commit_async().map_err(|e| e.to_string())?;
+            if mode.ack_before_durable {
+                say(format!("ack {k}\n"))?; // the deliberate bug
+            }
             in_flight.push_back((k, t));
             while let Some(&(kk, t)) = in_flight.front() {
                 if in_flight.len() > depth {
@@ -282,7 +313,9 @@ pub fn child(heap_path: &Path, seed: u64, run_seed: u64, choice: &HeapChoice) ->
                 } else if !heap.is_durable(t).map_err(|e| e.to_string())? {
                     break;
                 }
-                say(&mut out, format!("ack {kk}\n"))?;
+                if !mode.ack_before_durable {
+                    say(format!("ack {kk}\n"))?;
+                }
                 in_flight.pop_front();
             }
         }

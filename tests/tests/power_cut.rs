@@ -28,8 +28,8 @@
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use fams_tests::fuse_disk::{umount_retrying, CutReport, DiskCounters, DiskSpec, FuseDisk};
 use fams_tests::*;
-use famsd::workload::{commit_number, mutate, Model};
-use std::collections::VecDeque;
+use famsd::torture::{commit_forever, CommitterMode};
+use famsd::workload::{commit_number, Model};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -930,47 +930,12 @@ fn child_main() -> Result<(), String> {
     };
     let ack_early = std::env::var_os("FAMS_PC_ACK_BEFORE_DURABLE").is_some();
     let mut heap = Heap::open(&heap_path, &opts).map_err(|e| e.to_string())?;
-    let mut k = commit_number(heap.bytes());
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| -> Result<(), String> {
         out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"))
     };
     // On a line of its own: libtest has printed "test power_cut_child ... " without a newline.
-    say(format!("\nready {k}\n"))?;
-    let mut rng = Rng::new(run_seed);
-    let mut in_flight: VecDeque<(u64, fams::Ticket)> = VecDeque::new();
-    loop {
-        let depth = match rng.below(3) {
-            0 => 1,
-            _ => 1 + rng.below(6) as usize,
-        };
-        for _ in 0..1 + rng.below(8) {
-            k += 1;
-            mutate(heap.bytes_mut(), seed, k);
-            if rng.below(4) == 0 && in_flight.is_empty() {
-                heap.commit().map_err(|e| e.to_string())?;
-                say(format!("ack {k}\n"))?;
-                continue;
-            }
-            let t = heap.commit_async().map_err(|e| e.to_string())?;
-            if ack_early {
-                say(format!("ack {k}\n"))?; // the deliberate bug
-            }
-            in_flight.push_back((k, t));
-            while let Some(&(kk, t)) = in_flight.front() {
-                if in_flight.len() > depth {
-                    heap.wait(t).map_err(|e| e.to_string())?;
-                } else if !heap.is_durable(t).map_err(|e| e.to_string())? {
-                    break;
-                }
-                if !ack_early {
-                    say(format!("ack {kk}\n"))?;
-                }
-                in_flight.pop_front();
-            }
-        }
-        if rng.below(16) == 0 {
-            heap.release_committed().map_err(|e| e.to_string())?;
-        }
-    }
+    say(format!("\nready {}\n", commit_number(heap.bytes())))?;
+    let mode = CommitterMode { sync_commits: true, ack_before_durable: ack_early };
+    commit_forever(&mut heap, seed, run_seed, mode, &mut say)
 }
