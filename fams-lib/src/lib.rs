@@ -22,6 +22,7 @@
 //! ```
 
 pub mod alloc;
+pub mod apps;
 pub mod commit;
 pub mod error;
 pub mod heap;
@@ -34,6 +35,8 @@ pub mod sim;
 pub mod stats;
 pub mod storage;
 pub mod tracker;
+pub mod transport;
+pub mod turns;
 
 pub use alloc::{ObjectError, ObjectHeap, ObjectOptions, Persistent};
 pub use commit::Ticket;

@@ -2,7 +2,9 @@
 //! torture run, the power-loss explorer, the benchmark and the demo.
 
 pub mod bench;
+pub mod cluster;
 pub mod demo;
+pub mod node;
 pub mod power_loss;
 pub mod torture;
 pub mod workload;

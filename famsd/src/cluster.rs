@@ -1,0 +1,319 @@
+//! A bank cluster of real node processes on loopback, killed with SIGKILL and restarted at
+//! random while it runs, then checked: the total is conserved, every transfer was applied
+//! exactly once and in order, and the run finished (liveness). Used by `famsd demo`,
+//! `famsd node cluster` and the CI tests.
+
+use crate::node::bank_report;
+use crate::workload::Rng;
+use fams::apps::bank::{self, BankReport};
+use std::io::BufRead;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Faults the nodes inject into their own outgoing datagrams (the socket seam).
+#[derive(Clone, Copy, Debug)]
+pub struct Faults {
+    pub loss: f64,
+    pub duplicate: f64,
+    pub reorder: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub famsd: PathBuf,
+    pub dir: PathBuf,
+    pub nodes: usize,
+    pub transfers_per_node: u64,
+    pub interval_ms: u64,
+    /// Kill every node at least this many times (if the run lasts long enough; see the report).
+    pub kills_per_node: u64,
+    /// Pause between kills, in milliseconds (uniform in the range).
+    pub kill_gap_ms: (u64, u64),
+    /// How long a killed node stays down, in milliseconds (uniform in the range).
+    pub down_ms: (u64, u64),
+    pub seed: u64,
+    pub faults: Option<Faults>,
+    pub key: Option<String>,
+    /// Give up (a liveness failure) after this long.
+    pub timeout: Duration,
+    pub tracker: Option<String>,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterReport {
+    pub nodes: usize,
+    pub transfers: u64,
+    pub kills: Vec<u64>,
+    pub elapsed: Duration,
+    pub finished: bool,
+    pub reports: Vec<BankReport>,
+    pub problems: Vec<String>,
+    /// After each restart: from spawning the process to its `Restarted` turn being durable and
+    /// printed, in milliseconds.
+    pub restart_to_turn_ms: Vec<f64>,
+}
+
+impl ClusterReport {
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut r = self.restart_to_turn_ms.clone();
+        r.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| if r.is_empty() { 0.0 } else { r[((r.len() - 1) as f64 * p).round() as usize] };
+        serde_json::json!({
+            "nodes": self.nodes, "transfers": self.transfers, "kills": self.kills.iter().sum::<u64>(),
+            "kills_per_node": self.kills, "elapsed_s": self.elapsed.as_secs_f64(), "finished": self.finished,
+            "total": self.reports.iter().map(|r| r.total()).sum::<u64>(),
+            "expected_total": self.nodes as u64 * bank::ACCOUNTS as u64 * bank::INITIAL_BALANCE,
+            "transfers_applied": self.reports.iter().map(|r| r.transfers_applied).sum::<u64>(),
+            "violations": self.problems.len(), "problems": self.problems,
+            "restart_to_turn_ms": { "count": r.len(), "p50": pct(0.5), "p99": pct(0.99), "max": r.last().copied().unwrap_or(0.0) },
+        })
+    }
+}
+
+/// Free UDP ports on 127.0.0.1 (bound and released; another program could take one meanwhile,
+/// which would show as a bind error).
+pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let sockets: Vec<UdpSocket> =
+        (0..n).map(|_| UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("finding a free UDP port: {e}"))).collect::<Result<_, _>>()?;
+    Ok(sockets.iter().map(|s| s.local_addr().expect("bound").port()).collect())
+}
+
+enum Line {
+    Out(usize, u64, String),
+    Closed(usize, u64),
+}
+
+struct NodeProc {
+    child: Option<Child>,
+    generation: u64,
+    spawned: Instant,
+    waiting_restart_line: bool,
+    applied: u64,
+    sent_all: bool,
+}
+
+fn spawn(cfg: &ClusterConfig, i: usize, addrs: &[SocketAddr], generation: u64, tx: &mpsc::Sender<Line>) -> Result<Child, String> {
+    let mut cmd = Command::new(&cfg.famsd);
+    cmd.arg("node").arg("bank");
+    cmd.arg("--heap").arg(cfg.dir.join(format!("node{}.heap", i + 1)));
+    cmd.arg("--id").arg((i + 1).to_string()).arg("--listen").arg(addrs[i].to_string());
+    for (j, a) in addrs.iter().enumerate() {
+        if j != i {
+            cmd.arg("--peer").arg(format!("{}={a}", j + 1));
+        }
+    }
+    cmd.arg("--transfers").arg(cfg.transfers_per_node.to_string());
+    cmd.arg("--interval-ms").arg(cfg.interval_ms.to_string()).arg("--verbose").arg("--size").arg("32M");
+    if let Some(k) = &cfg.key {
+        cmd.arg("--key").arg(k);
+    }
+    if let Some(t) = &cfg.tracker {
+        cmd.arg("--tracker").arg(t);
+    }
+    if let Some(f) = cfg.faults {
+        let seed = cfg.seed ^ (generation << 8) ^ i as u64;
+        cmd.arg("--faults").arg(format!("{},{},{},{seed}", f.loss, f.duplicate, f.reorder));
+    }
+    cmd.env("FAMS_LOG", "warn");
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", cfg.famsd.display()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let tx = tx.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(Line::Out(i, generation, line)).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Line::Closed(i, generation));
+    });
+    Ok(child)
+}
+
+fn kill(child: &mut Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+}
+
+/// Run the cluster; see the module docs. The heaps stay in `cfg.dir`.
+pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
+    std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
+    for i in 0..cfg.nodes {
+        for suffix in ["heap", "heap.log"] {
+            let _ = std::fs::remove_file(cfg.dir.join(format!("node{}.{suffix}", i + 1)));
+        }
+    }
+    let ports = free_ports(cfg.nodes)?;
+    let addrs: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
+    let (tx, rx) = mpsc::channel();
+    let mut rng = Rng::new(cfg.seed);
+    let started = Instant::now();
+    let mut procs = Vec::new();
+    for i in 0..cfg.nodes {
+        let child = spawn(cfg, i, &addrs, 0, &tx)?;
+        procs.push(NodeProc { child: Some(child), generation: 0, spawned: Instant::now(), waiting_restart_line: false, applied: 0, sent_all: false });
+    }
+    let range = |rng: &mut Rng, (lo, hi): (u64, u64)| Duration::from_millis(lo + rng.below(hi.saturating_sub(lo) + 1));
+    let mut kills = vec![0u64; cfg.nodes];
+    let mut next_kill = Instant::now() + range(&mut rng, cfg.kill_gap_ms);
+    let mut down: Vec<Option<Instant>> = vec![None; cfg.nodes];
+    let mut restart_ms = Vec::new();
+    let total_transfers = cfg.nodes as u64 * cfg.transfers_per_node;
+    let mut last_progress = Instant::now();
+    let finished = loop {
+        let now = Instant::now();
+        while let Ok(msg) = rx.try_recv() {
+            let Line::Out(i, generation, line) = msg else { continue };
+            let p = &mut procs[i];
+            if generation != p.generation {
+                continue;
+            }
+            if p.waiting_restart_line && line.contains("restarted") {
+                p.waiting_restart_line = false;
+                restart_ms.push(p.spawned.elapsed().as_secs_f64() * 1e3);
+            }
+            if let Some(n) = line.rsplit_once("applied ").and_then(|(_, n)| n.trim().parse::<u64>().ok()) {
+                p.applied = p.applied.max(n);
+            }
+            if line.contains(&format!("sent {}", cfg.transfers_per_node)) {
+                p.sent_all = true;
+            }
+        }
+        let applied: u64 = procs.iter().map(|p| p.applied).sum();
+        let kills_done = kills.iter().all(|&k| k >= cfg.kills_per_node);
+        let all_up = down.iter().all(|d| d.is_none());
+        if applied >= total_transfers && procs.iter().all(|p| p.sent_all) && all_up {
+            break true;
+        }
+        if now.duration_since(started) > cfg.timeout {
+            break false;
+        }
+        if cfg.progress && now.duration_since(last_progress) > Duration::from_secs(1) {
+            last_progress = now;
+            eprintln!(
+                "  {:>5.1} s: {applied}/{total_transfers} transfers applied, {} kills",
+                started.elapsed().as_secs_f64(),
+                kills.iter().sum::<u64>()
+            );
+        }
+        // Restart nodes whose downtime is over.
+        for i in 0..cfg.nodes {
+            if down[i].is_some_and(|t| now >= t) {
+                down[i] = None;
+                let p = &mut procs[i];
+                p.generation += 1;
+                p.child = Some(spawn(cfg, i, &addrs, p.generation, &tx)?);
+                p.spawned = Instant::now();
+                p.waiting_restart_line = true;
+            }
+        }
+        // Kill a node now and then, while the transfers are still going.
+        if !kills_done && now >= next_kill && applied < total_transfers {
+            let candidates: Vec<usize> = (0..cfg.nodes).filter(|&i| down[i].is_none()).collect();
+            if !candidates.is_empty() {
+                // Prefer nodes killed least so far.
+                let least = candidates.iter().map(|&i| kills[i]).min().expect("not empty");
+                let least: Vec<usize> = candidates.into_iter().filter(|&i| kills[i] == least).collect();
+                let i = least[rng.below(least.len() as u64) as usize];
+                if let Some(mut child) = procs[i].child.take() {
+                    kill(&mut child, libc::SIGKILL);
+                    let _ = child.wait();
+                }
+                kills[i] += 1;
+                down[i] = Some(now + range(&mut rng, cfg.down_ms));
+            }
+            next_kill = now + range(&mut rng, cfg.kill_gap_ms);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = started.elapsed();
+    // Stop every node cleanly (SIGTERM), then read their heaps.
+    for p in procs.iter_mut() {
+        if let Some(child) = p.child.as_mut() {
+            kill(child, libc::SIGTERM);
+        }
+    }
+    for p in procs.iter_mut() {
+        if let Some(mut child) = p.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    kill(&mut child, libc::SIGKILL);
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    let mut reports = Vec::new();
+    let mut problems = Vec::new();
+    for i in 0..cfg.nodes {
+        match bank_report(&heap_path(&cfg.dir, i))? {
+            Some(r) => reports.push(r),
+            None => problems.push(format!("node {} never completed its Start turn", i + 1)),
+        }
+    }
+    problems.extend(bank::check_cluster(&reports));
+    if !finished {
+        let applied: u64 = reports.iter().map(|r| r.transfers_applied).sum();
+        problems.push(format!(
+            "liveness: after {:.0} s only {applied} of {total_transfers} transfers were applied",
+            cfg.timeout.as_secs_f64()
+        ));
+    }
+    Ok(ClusterReport {
+        nodes: cfg.nodes,
+        transfers: total_transfers,
+        kills,
+        elapsed,
+        finished,
+        reports,
+        problems,
+        restart_to_turn_ms: restart_ms,
+    })
+}
+
+pub fn heap_path(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("node{}.heap", i + 1))
+}
+
+/// The human-readable outcome of a cluster run.
+pub fn print_summary(r: &ClusterReport) {
+    let total: u64 = r.reports.iter().map(|b| b.total()).sum();
+    let applied: u64 = r.reports.iter().map(|b| b.transfers_applied).sum();
+    let mut restart = r.restart_to_turn_ms.clone();
+    restart.sort_by(|a, b| a.total_cmp(b));
+    let p50 = restart.get(restart.len() / 2).copied().unwrap_or(0.0);
+    println!(
+        "  {} nodes, {} transfers applied of {} in {:.1} s; {} SIGKILLs {:?}; restart to next turn p50 {p50:.1} ms",
+        r.nodes,
+        applied,
+        r.transfers,
+        r.elapsed.as_secs_f64(),
+        r.kills.iter().sum::<u64>(),
+        r.kills,
+    );
+    for b in &r.reports {
+        println!("    node {}: accounts {:?} (sum {}), {} restarts", b.node, b.accounts, b.total(), b.restarts);
+    }
+    println!(
+        "  total over all nodes {total} (expected {})",
+        r.nodes as u64 * bank::ACCOUNTS as u64 * bank::INITIAL_BALANCE
+    );
+    if r.problems.is_empty() {
+        println!("  verified: total conserved, every transfer applied exactly once and in order, run finished");
+    } else {
+        for p in &r.problems {
+            println!("  VIOLATION: {p}");
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The turn system on real processes and real UDP sockets on loopback: a bank cluster whose
+//! nodes are SIGKILLed and restarted mid-run, with and without a seeded fault layer at each
+//! node's socket (loss, duplication, reordering). At the end the total must be conserved, every
+//! transfer applied exactly once and in per-pair order, and the run must have finished.
+
+use fams_tests::TempDir;
+use std::process::Command;
+
+fn cluster(extra: &[&str]) -> serde_json::Value {
+    let dir = TempDir::new("cluster");
+    let out = Command::new(env!("CARGO_BIN_EXE_famsd"))
+        .args(["node", "cluster", "--json", "--dir"])
+        .arg(dir.join("run"))
+        .args(extra)
+        .output()
+        .expect("run famsd node cluster");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("no JSON ({e}): {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+    });
+    eprintln!("cluster {extra:?}: {v}");
+    assert_eq!(v["violations"], 0, "{v}");
+    assert_eq!(v["finished"], true, "{v}");
+    assert_eq!(v["total"], v["expected_total"], "{v}");
+    assert_eq!(v["transfers_applied"], v["transfers"], "{v}");
+    v
+}
+
+#[test]
+fn bank_survives_sigkills_of_every_node() {
+    let v = cluster(&["--nodes", "3", "--transfers", "400", "--interval-ms", "12", "--kills-per-node", "5", "--seed", "3"]);
+    assert!(v["transfers"].as_u64().unwrap() >= 1000, "{v}");
+    for k in v["kills_per_node"].as_array().unwrap() {
+        assert!(k.as_u64().unwrap() >= 5, "every node must be killed at least 5 times: {v}");
+    }
+}
+
+#[test]
+fn bank_survives_loss_duplication_reordering_and_kills() {
+    let v = cluster(&[
+        "--nodes", "3", "--transfers", "200", "--interval-ms", "5", "--kills-per-node", "2",
+        "--faults", "0.3,0.1,0.1,9", "--seed", "5",
+    ]);
+    assert!(v["kills"].as_u64().unwrap() >= 6, "{v}");
+}
+
+#[test]
+fn bank_with_a_shared_key() {
+    let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    cluster(&["--nodes", "3", "--transfers", "100", "--kills-per-node", "1", "--key", key, "--seed", "8"]);
+}
+
+/// Ping-pong between two node processes; returns the initiator's stdout and both nodes' stats.
+fn pingpong(window: u64, round_trips: u64) -> (String, serde_json::Value, serde_json::Value) {
+    let dir = TempDir::new("pingpong");
+    let ports = famsd::cluster::free_ports(2).expect("ports");
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let node = |id: usize, extra: &[String]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_famsd"));
+        cmd.args(["node", "pingpong", "--id", &id.to_string(), "--listen", &addr(id - 1)])
+            .arg("--heap")
+            .arg(dir.join(&format!("n{id}.heap")))
+            .arg("--peer")
+            .arg(format!("{}={}", 3 - id, addr(2 - id)))
+            .arg("--stats-json")
+            .arg(dir.join(&format!("n{id}.json")))
+            .args(extra)
+            .env("FAMS_LOG", "warn");
+        cmd
+    };
+    let mut responder = node(2, &[]).stdout(std::process::Stdio::null()).spawn().expect("responder");
+    let initiator = node(
+        1,
+        &["--initiator-of".into(), "2".into(), "--round-trips".into(), round_trips.to_string(), "--window".into(), window.to_string()],
+    )
+    .output()
+    .expect("initiator");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(responder.id() as i32, libc::SIGTERM) };
+    let _ = responder.wait();
+    assert!(initiator.status.success(), "initiator failed: {}", String::from_utf8_lossy(&initiator.stderr));
+    let read = |id: usize| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(&format!("n{id}.json"))).expect("stats file")).expect("json")
+    };
+    (String::from_utf8_lossy(&initiator.stdout).into_owned(), read(1), read(2))
+}
+
+#[test]
+fn pipelined_turns_overlap_and_share_device_writes() {
+    let (out, initiator, responder) = pingpong(64, 3000);
+    eprintln!("{out}\ninitiator {initiator}\nresponder {responder}");
+    assert!(out.contains("\"round_trips\":3000"), "{out}");
+    for s in [&initiator, &responder] {
+        let turns = s["turns"].as_u64().unwrap();
+        let pipelined = s["turns_pipelined"].as_u64().unwrap();
+        assert!(turns >= 3000, "{s}");
+        // Most turns start while an earlier one is still on its way to the disk.
+        assert!(pipelined * 2 > turns, "few pipelined turns: {s}");
+        assert!(s["turns_per_device_write"].as_f64().unwrap() > 2.0, "turns do not share device writes: {s}");
+    }
+}
+
+#[test]
+fn strict_pingpong_completes() {
+    let (out, initiator, _) = pingpong(1, 300);
+    eprintln!("{out}\n{initiator}");
+    assert!(out.contains("\"round_trips\":300"), "{out}");
+}
