@@ -36,9 +36,9 @@ pub mod storage;
 pub mod tracker;
 
 pub use alloc::{ObjectError, ObjectHeap, ObjectOptions, Persistent};
-pub use commit::Ticket;
+pub use commit::{DurabilityHandle, Ticket};
 pub use error::{Error, Result};
-pub use heap::{FormatOptions, Heap, HeapOptions};
+pub use heap::{FormatOptions, Heap, HeapOptions, InFlight, RollbackReport};
 pub use heap_file::{HeapHeader, HeapId, PAGE_SIZE};
 pub use io::{FlushMode, IoPath, LogKind};
 pub use recovery::RecoveryReport;
