@@ -131,6 +131,11 @@ pub(crate) struct Shared {
     /// Tests: make the next `commit_group` panic, wherever it runs.
     #[cfg(test)]
     pub panic_next_group: std::sync::atomic::AtomicBool,
+    /// Tests: `commit_group` waits (before writing anything) while this is set, so commits stay
+    /// in flight for as long as a test needs; shutdown, or a rollback that must wait for a
+    /// write-back, lifts it.
+    #[cfg(test)]
+    pub hold_groups: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -161,6 +166,8 @@ impl Shared {
             durability_fd,
             #[cfg(test)]
             panic_next_group: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            hold_groups: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -474,8 +481,14 @@ impl LogWriter {
 
     fn commit_group(&mut self, mut group: Vec<QueuedRecord>) -> Result<(), String> {
         #[cfg(test)]
-        if self.shared.panic_next_group.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            panic!("injected panic in commit_group (test)");
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            while self.shared.hold_groups.load(SeqCst) && !self.shared.lock().shutdown {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if self.shared.panic_next_group.swap(false, SeqCst) {
+                panic!("injected panic in commit_group (test)");
+            }
         }
         let first_lsn = group[0].lsn;
         let last_lsn = group[group.len() - 1].lsn;
