@@ -1338,7 +1338,12 @@ mod tests {
             let r = h.rollback().unwrap();
             assert_eq!(
                 r,
-                RollbackReport { pages_dirty: 10, pages_restored: 10, pages_from_shadow: 5, waited_for_write_back: false },
+                RollbackReport {
+                    pages_dirty: 10,
+                    pages_restored: 10,
+                    pages_from_shadow: 5,
+                    waited_for_write_back: false
+                },
                 "{tracker:?}"
             );
             assert_pages(&h, 0..5, 2, "in flight: the commit_async'd image, not the heap file's");
