@@ -7,6 +7,14 @@
 //!    a page whose previous commit is still on its way to the heap file is logged whole, because
 //!    its committed image is not in the heap file yet;
 //! 3. the payload gets the next LSN and is queued; the caller gets a [`Ticket`] and goes on.
+//!    (Under an in-flight bound, `HeapOptions::in_flight_commits_max` / `_bytes_max`, the caller
+//!    first waits while the commits captured but not yet durable reach it: back-pressure, so a
+//!    caller faster than the device cannot queue unbounded memory.)
+//!
+//! Undoing instead of committing (`Heap::rollback`) uses step 1 too: the pages written since
+//! the last capture are put back to their last captured image — the heap file's page, or for a
+//! commit still in flight its shadow copy (or, without one, the page once written back) — and
+//! nothing is queued.
 //!
 //! On the writer thread (this file's [`LogWriter`]):
 //! 4. everything queued is taken as one group, sealed (checksums) and laid out in the circular

@@ -84,6 +84,8 @@ fn durability_fd_fires_once_a_commit_is_durable_and_stays_quiet_after_a_poll() {
 
 #[test]
 fn a_durability_handle_waits_for_a_ticket_on_another_thread() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<fams::DurabilityHandle>();
     let dir = TempDir::new("ev-handle");
     let path = heap_at(&dir, 1 << 20);
     let mut h = Heap::open(&path, &HeapOptions::default()).unwrap();
