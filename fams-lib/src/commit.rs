@@ -7,6 +7,14 @@
 //!    a page whose previous commit is still on its way to the heap file is logged whole, because
 //!    its committed image is not in the heap file yet;
 //! 3. the payload gets the next LSN and is queued; the caller gets a [`Ticket`] and goes on.
+//!    (Under an in-flight bound, `HeapOptions::in_flight_commits_max` / `_bytes_max`, the caller
+//!    first waits while the commits captured but not yet durable reach it: back-pressure, so a
+//!    caller faster than the device cannot queue unbounded memory.)
+//!
+//! Undoing instead of committing (`Heap::rollback`) uses step 1 too: the pages written since
+//! the last capture are put back to their last captured image — the heap file's page, or for a
+//! commit still in flight its shadow copy (or, without one, the page once written back) — and
+//! nothing is queued.
 //!
 //! On the writer thread (this file's [`LogWriter`]):
 //! 4. everything queued is taken as one group, sealed (checksums) and laid out in the circular
@@ -18,6 +26,25 @@
 //!
 //! Only one group is in flight at a time: that is what lets recovery tell a torn write (damage
 //! inside the last group) from corruption (damage followed by a later group).
+//!
+//! # Learning that commits are durable
+//!
+//! Whoever advances the durable LSN (the writer thread, or a caller's thread draining the queue
+//! in a synchronous `commit`) wakes the `progress` condition variable — for threads that block in
+//! `wait` — and adds 1 to an `eventfd` — for event loops, which cannot block: they watch the fd
+//! with `poll`/`epoll` next to their sockets ([`crate::Heap::durability_fd`]). The fd is an edge
+//! counter, not a level: readable means "something changed since you last drained me", so after
+//! it fires call `poll_durable` (which drains it) and then check your tickets against the
+//! returned durable ticket. The same fd fires when the heap fails, so a loop never waits forever.
+//!
+//! # Failure
+//!
+//! The first failure (a device error, a failed tracker, a panic while writing) is recorded in
+//! `WriterState::failed`, once, with both wake-ups above; from then on every waiter returns
+//! [`Error::Poisoned`] and nothing more is written. A panic on the writer thread or in a
+//! caller's drain is caught and recorded the same way: a half-written group must neither reach
+//! the heap file nor leave a waiter blocked forever. The process can drop the heap and reopen
+//! it: recovery brings back the last durable commit.
 
 use crate::error::Error;
 use crate::heap_file::{HEADER_BYTES, PAGE_SIZE};
@@ -25,7 +52,8 @@ use crate::io::{AlignedBuf, LogDevice};
 use crate::log_format::{self, RecordHeader, Superblock, RECORD_HEADER_BYTES};
 use crate::recovery::write_superblock;
 use crate::storage::HeapStore;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -82,7 +110,11 @@ pub struct WriterStats {
 
 pub(crate) struct WriterState {
     pub queue: Vec<QueuedRecord>,
+    /// Payload bytes of the queued records.
     pub queued_bytes: u64,
+    /// Payload bytes (as captured) of the group being written: taken from the queue, not yet
+    /// durable.
+    pub writing_bytes: u64,
     /// Every LSN up to this one is durable in the log.
     pub durable_lsn: u64,
     /// Every LSN up to this one is also in the heap file.
@@ -101,14 +133,34 @@ pub(crate) struct Shared {
     pub work: Condvar,
     /// Signalled when durable_lsn / applied_lsn / failed change.
     pub progress: Condvar,
+    /// Counts durable-LSN advances and failures, for event loops (see the module docs).
+    /// Nonblocking, so neither the writer nor `poll_durable` can ever block on it.
+    durability_fd: OwnedFd,
+    /// Tests: make the next `commit_group` panic, wherever it runs.
+    #[cfg(test)]
+    pub panic_next_group: std::sync::atomic::AtomicBool,
+    /// Tests: `commit_group` waits (before writing anything) while this is set, so commits stay
+    /// in flight for as long as a test needs; shutdown, or a rollback that must wait for a
+    /// write-back, lifts it.
+    #[cfg(test)]
+    pub hold_groups: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
-    pub fn new(last_lsn: u64) -> Shared {
-        Shared {
+    pub fn new(last_lsn: u64) -> std::io::Result<Shared> {
+        // SAFETY: eventfd has no memory arguments; on success it returns a new descriptor that
+        // nothing else owns, which OwnedFd takes over below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor owned by nobody else (see above).
+        let durability_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Shared {
             state: Mutex::new(WriterState {
                 queue: Vec::new(),
                 queued_bytes: 0,
+                writing_bytes: 0,
                 durable_lsn: last_lsn,
                 applied_lsn: last_lsn,
                 failed: None,
@@ -119,13 +171,163 @@ impl Shared {
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
-        }
+            durability_fd,
+            #[cfg(test)]
+            panic_next_group: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            hold_groups: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, WriterState> {
         // A panic on the writer thread while holding the lock is a bug; the data under it
         // (counters, a queue) stays meaningful, so go on rather than cascade the panic.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wake everyone who learns about durability: blocked waiters and event loops. Call after
+    /// changing `durable_lsn` or `failed`, with the state lock released (the order matters for
+    /// `poll_durable`: the fd is drained first and the state read after, so an advance is never
+    /// missed — at worst it is reported twice).
+    pub fn announce(&self) {
+        self.progress.notify_all();
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to our own eventfd. It is nonblocking;
+        // the only possible failure, EAGAIN when the counter would overflow 2^64 - 2, cannot
+        // happen before a reader drains it (and would mean it is readable anyway).
+        unsafe { libc::write(self.durability_fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    /// Record the first failure (later ones keep the first reason: it is the cause) and wake
+    /// everyone, so no waiter stays blocked on a heap that will make no more progress.
+    pub fn fail(&self, reason: String) {
+        {
+            let mut st = self.lock();
+            st.failed.get_or_insert(reason);
+            st.queue.clear();
+            st.queued_bytes = 0;
+            st.writing_bytes = 0;
+        }
+        self.announce();
+    }
+
+    pub fn durability_fd(&self) -> BorrowedFd<'_> {
+        self.durability_fd.as_fd()
+    }
+
+    /// Reset the eventfd's counter: read until it would block. Never blocks.
+    fn drain_fd(&self) {
+        let mut buf = [0u8; 8];
+        loop {
+            // SAFETY: reads at most 8 bytes into a live local buffer of 8 bytes from our own
+            // nonblocking eventfd.
+            let n = unsafe { libc::read(self.durability_fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n == buf.len() as isize {
+                continue; // a non-semaphore eventfd is now 0; the next read says EAGAIN
+            }
+            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return; // EAGAIN: drained
+        }
+    }
+
+    pub fn poll_durable(&self, log_path: &Path) -> crate::Result<Ticket> {
+        self.drain_fd();
+        let st = self.lock();
+        match &st.failed {
+            Some(reason) => Err(poisoned(log_path, reason)),
+            None => Ok(Ticket { lsn: st.durable_lsn }),
+        }
+    }
+
+    pub fn durable(&self) -> Ticket {
+        Ticket { lsn: self.lock().durable_lsn }
+    }
+
+    pub fn is_durable(&self, ticket: Ticket, log_path: &Path) -> crate::Result<bool> {
+        let st = self.lock();
+        if st.durable_lsn >= ticket.lsn {
+            return Ok(true);
+        }
+        match &st.failed {
+            Some(reason) => Err(poisoned(log_path, reason)),
+            None => Ok(false),
+        }
+    }
+
+    pub fn wait(&self, ticket: Ticket, log_path: &Path) -> crate::Result<()> {
+        let mut st = self.lock();
+        loop {
+            if st.durable_lsn >= ticket.lsn {
+                return Ok(());
+            }
+            if let Some(reason) = &st.failed {
+                return Err(poisoned(log_path, reason));
+            }
+            st = self.progress.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A thread-safe handle on a heap's durability, for code that does not own the heap: another
+/// thread waiting for a ticket, or an event loop watching [`DurabilityHandle::fd`] while the
+/// heap itself is used elsewhere. It outlives the heap harmlessly: once the heap is closed,
+/// tickets it issued are durable (a clean close drains the queue) or the handle reports the
+/// failure.
+#[derive(Clone)]
+pub struct DurabilityHandle {
+    shared: Arc<Shared>,
+    /// For error messages: the failures reported are the log's.
+    log_path: Arc<Path>,
+}
+
+impl std::fmt::Debug for DurabilityHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurabilityHandle").field("log_path", &self.log_path).finish_non_exhaustive()
+    }
+}
+
+impl DurabilityHandle {
+    pub(crate) fn new(shared: Arc<Shared>, log_path: &Path) -> DurabilityHandle {
+        DurabilityHandle { shared, log_path: log_path.into() }
+    }
+
+    /// The newest durable commit.
+    pub fn durable(&self) -> Ticket {
+        self.shared.durable()
+    }
+
+    /// Is the ticket's commit durable yet? Never blocks. Err if the heap failed first.
+    pub fn is_durable(&self, ticket: Ticket) -> crate::Result<bool> {
+        self.shared.is_durable(ticket, &self.log_path)
+    }
+
+    /// Block until the ticket's commit is durable, or the heap fails.
+    pub fn wait(&self, ticket: Ticket) -> crate::Result<()> {
+        self.shared.wait(ticket, &self.log_path)
+    }
+
+    /// See [`crate::Heap::durability_fd`]. All handles of a heap share one fd (and one counter:
+    /// whoever calls `poll_durable` drains it for all), so give each event loop its own heap.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.shared.durability_fd()
+    }
+
+    /// See [`crate::Heap::poll_durable`].
+    pub fn poll_durable(&self) -> crate::Result<Ticket> {
+        self.shared.poll_durable(&self.log_path)
+    }
+}
+
+/// What a caught panic says, for the failure reason.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
     }
 }
 
@@ -143,23 +345,31 @@ pub(crate) fn lock_core(core: &WriterCore) -> MutexGuard<'_, LogWriter> {
 }
 
 /// The log-writer thread: sleeps until records are queued (by `commit_async`), drains them,
-/// and takes the final checkpoint at shutdown.
+/// and takes the final checkpoint at shutdown. A panic anywhere in it (a bug) fails the heap
+/// instead of leaving waiters blocked on a thread that is gone.
 pub(crate) fn run_writer_thread(core: WriterCore, shared: Arc<Shared>) {
-    loop {
-        {
-            let mut st = shared.lock();
-            while st.queue.is_empty() && !st.shutdown {
-                st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+    let body = std::panic::AssertUnwindSafe(|| {
+        loop {
+            {
+                let mut st = shared.lock();
+                while st.queue.is_empty() && !st.shutdown {
+                    st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                if st.queue.is_empty() {
+                    break;
+                }
             }
-            if st.queue.is_empty() {
-                break;
+            if lock_core(&core).drain().is_err() {
+                return;
             }
         }
-        if lock_core(&core).drain().is_err() {
-            return;
-        }
+        lock_core(&core).finish();
+    });
+    // Unwind safety: after a panic the writer's state is not trusted again — `failed` is set,
+    // and `drain` and `finish` refuse to write anything once it is.
+    if let Err(payload) = std::panic::catch_unwind(body) {
+        shared.fail(format!("the log writer thread panicked: {}", panic_message(payload.as_ref())));
     }
-    lock_core(&core).finish();
 }
 
 /// Groups with at most this much payload are written back to the heap file before they are
@@ -216,13 +426,17 @@ impl LogWriter {
             bytes += r.total_len_max();
             take += 1;
         }
-        st.queued_bytes -= st.queue[..take].iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        let taken = st.queue[..take].iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        st.queued_bytes -= taken;
+        st.writing_bytes = taken;
         st.queue.drain(..take).collect()
     }
 
     /// Write every queued record, group by group, on the calling thread. Whoever holds the
     /// writer (the log-writer thread, or a synchronous `commit()` that found it idle) drains the
-    /// queue in LSN order. Err once the writer has failed.
+    /// queue in LSN order. Err once the writer has failed — including by a panic while writing a
+    /// group, which is caught here so that it fails the heap (and wakes every waiter) instead of
+    /// unwinding into a caller's `commit`.
     pub fn drain(&mut self) -> Result<(), ()> {
         loop {
             let group = {
@@ -235,22 +449,35 @@ impl LogWriter {
                 }
                 self.take_group(&mut st)
             };
-            if let Err(reason) = self.commit_group(group) {
-                let mut st = self.shared.lock();
-                st.failed = Some(reason);
-                st.queue.clear();
-                drop(st);
-                self.shared.progress.notify_all();
+            // Unwind safety: a panic leaves this writer's fields (head, used bytes) possibly
+            // half updated; `fail` below makes sure they are never used to write again.
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_group(group)))
+                .unwrap_or_else(|payload| {
+                    Err(format!(
+                        "{}: the log writer panicked while writing a group: {}",
+                        self.log_path.display(),
+                        panic_message(payload.as_ref())
+                    ))
+                });
+            if let Err(reason) = written {
+                self.shared.fail(reason);
                 return Err(());
             }
         }
     }
 
-    /// Clean shutdown: leave a short log so the next open is quick (unless abandoning).
+    /// Clean shutdown: leave a short log so the next open is quick (unless abandoning). Not after
+    /// a failure: the heap file may then hold part of a group whose write-back failed, and a
+    /// checkpoint would make that torn state the base of recovery; without one, recovery replays
+    /// the log over it.
     fn finish(&mut self) {
-        if self.used_bytes > 0 && !self.shared.lock().abandon {
+        let skip = {
+            let st = self.shared.lock();
+            st.abandon || st.failed.is_some()
+        };
+        if self.used_bytes > 0 && !skip {
             if let Err(reason) = self.checkpoint() {
-                self.shared.lock().failed = Some(reason);
+                self.shared.fail(reason);
             }
         }
         self.publish_io_stats();
@@ -261,6 +488,16 @@ impl LogWriter {
     }
 
     fn commit_group(&mut self, mut group: Vec<QueuedRecord>) -> Result<(), String> {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            while self.shared.hold_groups.load(SeqCst) && !self.shared.lock().shutdown {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if self.shared.panic_next_group.swap(false, SeqCst) {
+                panic!("injected panic in commit_group (test)");
+            }
+        }
         let first_lsn = group[0].lsn;
         let last_lsn = group[group.len() - 1].lsn;
         // Room for the group at its largest, plus what a wrap can skip (less than one record).
@@ -352,6 +589,7 @@ impl LogWriter {
         {
             let mut st = self.shared.lock();
             st.durable_lsn = last_lsn;
+            st.writing_bytes = 0;
             if write_back_first {
                 st.applied_lsn = last_lsn;
             }
@@ -361,7 +599,7 @@ impl LogWriter {
             st.stats.device_write_ns += write_ns;
             st.io = self.dev.stats();
         }
-        self.shared.progress.notify_all();
+        self.shared.announce();
         if !write_back_first {
             self.write_back(group)?;
             self.shared.lock().applied_lsn = last_lsn;

@@ -1,6 +1,17 @@
-//! The persistent heap: format, open (lock, recover, map, arm the tracker), commit, release.
+//! The persistent heap: format, open (lock, recover, map, arm the tracker), commit, roll back,
+//! release.
+//!
+//! # What an event loop uses
+//!
+//! A turn-based program commits with [`Heap::commit_async`] and must not block until the commit
+//! is durable; it watches [`Heap::durability_fd`] next to its sockets and calls
+//! [`Heap::poll_durable`] when it fires. A turn that fails half way is undone with
+//! [`Heap::rollback`], which puts every page written since the last capture back to its last
+//! captured image. [`Heap::in_flight`] and [`Heap::would_block`] tell it how far the log writer
+//! lags, and [`HeapOptions::in_flight_commits_max`] / [`HeapOptions::in_flight_bytes_max`] bound
+//! that lag (memory held by queued records) by making `commit_async` wait.
 
-use crate::commit::{self, LogWriter, PayloadBuilder, QueuedRecord, Shared, Ticket};
+use crate::commit::{self, DurabilityHandle, LogWriter, PayloadBuilder, QueuedRecord, Shared, Ticket, WriterState};
 use crate::error::{Error, Result};
 use crate::heap_file::{self, HeapHeader, HeapId, HEADER_BYTES, LOG_PATH_MAX, PAGE_SIZE};
 use crate::io::{self, FlushMode, IoPath, LogKind, LogOpenOptions};
@@ -11,6 +22,7 @@ use crate::storage::{HeapStore, RealStorage, Storage};
 use crate::tracker::{self, DirtyTracker, TrackerKind};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -78,6 +90,35 @@ pub struct HeapOptions {
     pub checkpoint_threshold_bytes: Option<u64>,
     /// On media corruption, replay up to the damage and drop the rest instead of refusing.
     pub salvage: bool,
+    /// At most this many commits captured but not yet durable: beyond it, `commit_async` (and
+    /// `commit`) wait for the log writer first. Default: unbounded. See [`Heap::set_in_flight_limit`].
+    pub in_flight_commits_max: Option<u64>,
+    /// At most this many payload bytes captured but not yet durable (as above). Default: unbounded.
+    pub in_flight_bytes_max: Option<u64>,
+}
+
+/// Commits captured but not yet durable: queued for the log writer, or in the group it is
+/// writing. Each holds its record's payload in memory until it is durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub commits: u64,
+    /// Record payload bytes (entry headers and changed bytes) of those commits.
+    pub bytes: u64,
+}
+
+/// What [`Heap::rollback`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RollbackReport {
+    /// Pages written since the last capture (what the tracker reported, plus pages a refused
+    /// commit left behind).
+    pub pages_dirty: usize,
+    /// Of those, pages whose bytes differed from their last captured image and were put back.
+    pub pages_restored: usize,
+    /// Pages restored from the copy of a commit still on its way to the heap file.
+    pub pages_from_shadow: usize,
+    /// Whether rollback had to wait for an earlier commit's write-back to the heap file (a page
+    /// in flight with no shadow copy: its last captured image was only in a queued record).
+    pub waited_for_write_back: bool,
 }
 
 /// A mapped, locked, recovered persistent heap.
@@ -108,6 +149,8 @@ pub struct Heap {
     capacity_bytes: u64,
     /// The LSN the next record gets.
     next_lsn: u64,
+    in_flight_commits_max: Option<u64>,
+    in_flight_bytes_max: Option<u64>,
     /// For each page logged recently, the LSN of the last record holding it; a page is "in
     /// flight" while that record is not yet in the heap file.
     page_last_lsn: HashMap<usize, u64>,
@@ -177,6 +220,7 @@ impl Heap {
 
     /// Make everything written so far durable, all or nothing; returns once it is.
     pub fn commit(&mut self) -> Result<Ticket> {
+        self.wait_for_room()?;
         let t = self.capture()?;
         // When the log writer is idle, write the record on this thread: no hand-off to the
         // writer thread and back, so two thread wake-ups fewer per commit. Otherwise the writer
@@ -195,8 +239,16 @@ impl Heap {
     /// at once. The commit is durable when [`Heap::wait`] returns Ok or [`Heap::is_durable`]
     /// says so. Commits become durable in order; several in flight are grouped into one write.
     /// Writes made after this call belong to the next commit.
+    ///
+    /// Blocks only under an in-flight limit ([`HeapOptions::in_flight_commits_max`],
+    /// [`HeapOptions::in_flight_bytes_max`], [`Heap::set_in_flight_limit`]): while the commits
+    /// already in flight reach either bound, it first waits until the log writer has made enough
+    /// of them durable. So with a limit of `n` commits, at most `n` are ever in flight; the bytes
+    /// bound is checked before capturing, so the commit being made may take the total past it by
+    /// its own size. An event loop asks [`Heap::would_block`] first.
     #[must_use = "the ticket is how you learn the commit is durable"]
     pub fn commit_async(&mut self) -> Result<Ticket> {
+        self.wait_for_room()?;
         let t = self.capture()?;
         self.shared.work.notify_one();
         Ok(t)
@@ -320,35 +372,203 @@ impl Heap {
         Ok(st.applied_lsn)
     }
 
-    /// Block until the ticket's commit is durable.
+    /// Block until the ticket's commit is durable. Err (poisoned) if the log writer fails first,
+    /// whatever the cause — an I/O error, a failed tracker, even a panic on the writer thread.
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
-        let mut st = self.shared.lock();
-        loop {
-            if st.durable_lsn >= ticket.lsn {
-                return Ok(());
-            }
-            if let Some(reason) = &st.failed {
-                return Err(commit::poisoned(&self.log_path, reason));
-            }
-            st = self.shared.progress.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
+        self.shared.wait(ticket, &self.log_path)
     }
 
     /// Is the ticket's commit durable yet? Never blocks.
     pub fn is_durable(&self, ticket: Ticket) -> Result<bool> {
-        let st = self.shared.lock();
-        if st.durable_lsn >= ticket.lsn {
-            return Ok(true);
-        }
-        match &st.failed {
-            Some(reason) => Err(commit::poisoned(&self.log_path, reason)),
-            None => Ok(false),
-        }
+        self.shared.is_durable(ticket, &self.log_path)
     }
 
     /// The newest durable commit.
     pub fn durable(&self) -> Ticket {
-        Ticket { lsn: self.shared.lock().durable_lsn }
+        self.shared.durable()
+    }
+
+    /// A descriptor that becomes readable when the durable LSN has advanced, or the heap has
+    /// failed, since the last [`Heap::poll_durable`] — for `poll`/`epoll` in an event loop.
+    ///
+    /// It is an *edge counter* (an `eventfd`), not a level: it says "something changed", not
+    /// "ticket t is durable". Readable → call `poll_durable` (which drains it, so it stays
+    /// unreadable until the next advance) → compare your tickets with the ticket it returns
+    /// (tickets are ordered: every ticket `<=` it is durable). Do not read it yourself, and do
+    /// not assume one readiness per commit: several commits may become durable behind one
+    /// wake-up, and a wake-up may find nothing new (an advance already seen). With level-triggered
+    /// polling, an undrained fd keeps firing; with edge-triggered epoll, drain it on every wake-up
+    /// or you may miss later ones. The fd is `O_NONBLOCK` and close-on-exec, and lives as long as
+    /// the heap (and any [`DurabilityHandle`]).
+    pub fn durability_fd(&self) -> BorrowedFd<'_> {
+        self.shared.durability_fd()
+    }
+
+    /// Never blocks: reset [`Heap::durability_fd`] and return the newest durable commit, or the
+    /// poisoned error if the log writer has failed (after which no more commits become durable).
+    pub fn poll_durable(&self) -> Result<Ticket> {
+        self.shared.poll_durable(&self.log_path)
+    }
+
+    /// A `Clone + Send + Sync` handle on this heap's durability, for other threads (the heap
+    /// itself is not `Send`): wait for tickets, poll, or watch the fd.
+    pub fn durability_handle(&self) -> DurabilityHandle {
+        DurabilityHandle::new(self.shared.clone(), &self.log_path)
+    }
+
+    /// Commits captured but not yet durable, and their payload bytes. Zero once the heap has
+    /// failed: nothing more is on its way.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight_of(&self.shared.lock())
+    }
+
+    fn in_flight_of(&self, st: &WriterState) -> InFlight {
+        if st.failed.is_some() {
+            return InFlight::default();
+        }
+        InFlight {
+            commits: (self.next_lsn - 1).saturating_sub(st.durable_lsn),
+            bytes: st.queued_bytes + st.writing_bytes,
+        }
+    }
+
+    /// Bound the commits in flight (see [`Heap::commit_async`]); `None` means unbounded. A bound
+    /// of 0 behaves as 1: a commit never waits when nothing is in flight.
+    pub fn set_in_flight_limit(&mut self, commits: Option<u64>, bytes: Option<u64>) {
+        self.in_flight_commits_max = commits;
+        self.in_flight_bytes_max = bytes;
+    }
+
+    /// Would `commit_async` wait for the log writer now (an in-flight bound is reached)? Never
+    /// blocks. An event loop that gets `true` waits for [`Heap::durability_fd`] instead, and
+    /// meanwhile does work that needs no commit.
+    pub fn would_block(&self) -> bool {
+        let st = self.shared.lock();
+        st.failed.is_none() && self.over_limit(&st)
+    }
+
+    fn over_limit(&self, st: &WriterState) -> bool {
+        let f = self.in_flight_of(st);
+        f.commits > 0
+            && (self.in_flight_commits_max.is_some_and(|m| f.commits >= m)
+                || self.in_flight_bytes_max.is_some_and(|m| f.bytes >= m))
+    }
+
+    /// Wait while the in-flight bounds are reached (see [`Heap::commit_async`]).
+    fn wait_for_room(&self) -> Result<()> {
+        if self.in_flight_commits_max.is_none() && self.in_flight_bytes_max.is_none() {
+            return Ok(());
+        }
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(reason) = &st.failed {
+                return Err(commit::poisoned(&self.log_path, reason));
+            }
+            if !self.over_limit(&st) {
+                return Ok(());
+            }
+            self.shared.work.notify_one();
+            st = self.shared.progress.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Wait until every record up to `lsn` is in the heap file; returns the applied LSN.
+    fn wait_applied(&self, lsn: u64) -> Result<u64> {
+        #[cfg(test)]
+        self.shared.hold_groups.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut st = self.shared.lock();
+        loop {
+            if st.applied_lsn >= lsn {
+                return Ok(st.applied_lsn);
+            }
+            if let Some(reason) = &st.failed {
+                return Err(commit::poisoned(&self.log_path, reason));
+            }
+            self.shared.work.notify_one();
+            st = self.shared.progress.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Undo every write made since the last capture (the last `commit` or `commit_async`, or
+    /// open): each page written since then gets back its last captured image. The next commit
+    /// logs nothing for those pages. This is how a turn that fails half way (an error, a caught
+    /// panic) leaves no trace.
+    ///
+    /// The last captured image of a page is in one of three places:
+    /// - the heap file, when every record holding the page has been written back to it;
+    /// - the heap's shadow copy, when the page's last record is still on its way (kept for small
+    ///   commits, to diff against);
+    /// - only in that queued record, for a page of a large commit still in flight: rollback then
+    ///   waits until the record is durable and written back (the log writer's next step anyway),
+    ///   and reads the heap file. Only then can it block.
+    ///
+    /// Bytes are copied back (not `MADV_DONTNEED`, which would revert to the heap file's image:
+    /// wrong for pages in flight), so this works under every tracker and keeps the pages resident.
+    /// Errors: the poisoned error if the heap has failed (tracking failed: the dirty pages cannot
+    /// be known, so the writes cannot be undone — drop the heap and reopen it), or reading the heap
+    /// file failed.
+    pub fn rollback(&mut self) -> Result<RollbackReport> {
+        self.check_writer()?;
+        let mut dirty = std::mem::take(&mut self.dirty_scratch);
+        dirty.clear();
+        self.collect_dirty(&mut dirty)?;
+        if !self.carried_pages.is_empty() {
+            dirty.append(&mut self.carried_pages);
+            dirty.sort_unstable();
+            dirty.dedup();
+        }
+        let mut report = RollbackReport { pages_dirty: dirty.len(), ..RollbackReport::default() };
+        let restored = self.restore_pages(&dirty, &mut report);
+        if let Err(e) = restored {
+            // Not undone: keep them for the next commit (or rollback), as a refused commit does.
+            self.carried_pages = dirty.clone();
+            self.dirty_scratch = dirty;
+            return Err(e);
+        }
+        // The restoring writes dirtied the pages again; they now hold their last captured image,
+        // which the next commit would find unchanged, so forget them instead of diffing them.
+        // (Nothing else can have written since the first collect: we hold &mut self.)
+        let mut again = Vec::new();
+        self.collect_dirty(&mut again)?;
+        self.stats.rollbacks += 1;
+        self.stats.pages_rolled_back += report.pages_restored as u64;
+        self.dirty_scratch = dirty;
+        Ok(report)
+    }
+
+    /// Put each of `dirty` back to its last captured image.
+    fn restore_pages(&mut self, dirty: &[usize], report: &mut RollbackReport) -> Result<()> {
+        let mut applied_lsn = self.shared.lock().applied_lsn;
+        for &page in dirty {
+            debug_assert!(page * PAGE_SIZE < self.size);
+            let offset = (page * PAGE_SIZE) as u64;
+            let last_lsn = self.page_last_lsn.get(&page).copied().unwrap_or(0);
+            if last_lsn > applied_lsn && !self.shadow_pages.contains_key(&page) {
+                // The image is only in a record on its way: let it reach the heap file.
+                report.waited_for_write_back = true;
+                applied_lsn = self.wait_applied(last_lsn)?;
+            }
+            let shadow = if last_lsn > applied_lsn { self.shadow_pages.get(&page) } else { None };
+            let image: &[u8] = match shadow {
+                Some(shadow) => &shadow[..],
+                None => {
+                    self.store.read_exact_at(&mut self.page_scratch, HEADER_BYTES + offset).map_err(|e| {
+                        Error::io(&self.path, "reading the committed image of a page to roll it back", e)
+                    })?;
+                    &self.page_scratch
+                }
+            };
+            // SAFETY: page < size / PAGE_SIZE, so the page lies inside our mapping; &mut self
+            // means no reference into the heap is alive, and `image` is outside the mapping
+            // (a shadow box or the scratch buffer), so the two slices do not overlap.
+            let current = unsafe { std::slice::from_raw_parts_mut(self.base.add(page * PAGE_SIZE), PAGE_SIZE) };
+            if current != image {
+                current.copy_from_slice(image);
+                report.pages_restored += 1;
+                report.pages_from_shadow += usize::from(shadow.is_some());
+            }
+        }
+        Ok(())
     }
 
     /// Give back the memory of every page whose content equals its committed image in the heap
@@ -368,7 +588,10 @@ impl Heap {
         let applied_lsn = {
             let mut st = self.shared.lock();
             let durable = st.durable_lsn;
-            while st.applied_lsn < durable && st.failed.is_none() {
+            while st.applied_lsn < durable {
+                if let Some(reason) = &st.failed {
+                    return Err(commit::poisoned(&self.log_path, reason));
+                }
                 st = self.shared.progress.wait(st).unwrap_or_else(|p| p.into_inner());
             }
             st.applied_lsn
@@ -443,7 +666,7 @@ impl Heap {
     fn collect_dirty(&mut self, dirty: &mut Vec<usize>) -> Result<()> {
         if let Err(e) = self.tracker.collect(dirty) {
             let reason = format!("dirty-page tracking failed ({e}); writes since the last commit cannot be captured");
-            self.shared.lock().failed.get_or_insert(reason);
+            self.shared.fail(reason);
             return Err(Error::Tracker(e));
         }
         Ok(())
@@ -466,6 +689,17 @@ impl Drop for Heap {
         }
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        // The writer drains the queue before it leaves, or fails the heap. Should a ticket still
+        // be pending anyway, fail it: a DurabilityHandle may outlive the heap, and its waiters
+        // must not wait for a writer that is gone.
+        let issued = self.next_lsn - 1;
+        let pending = {
+            let st = self.shared.lock();
+            st.failed.is_none() && st.durable_lsn < issued
+        };
+        if pending {
+            self.shared.fail(format!("the heap was closed before commit {issued} was durable"));
         }
         // SAFETY: the tracker is dropped exactly once, here, and never used afterwards.
         unsafe { std::mem::ManuallyDrop::drop(&mut self.tracker) };
@@ -848,7 +1082,13 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
     let report = recovered.report;
     let capacity_bytes = recovered.superblock.capacity_bytes();
     let last_lsn = report.next_lsn - 1;
-    let shared = Arc::new(Shared::new(last_lsn));
+    let shared = match Shared::new(last_lsn) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            unmap();
+            return Err(Error::io(path, "creating the durability eventfd", e));
+        }
+    };
     let (log_kind, io_path, flush_mode) = (dev.kind(), dev.io_path(), dev.flush_mode());
     let io_fallback = dev.fallback_reason().map(str::to_string);
     let writer = LogWriter {
@@ -891,6 +1131,8 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
         io_fallback,
         capacity_bytes,
         next_lsn: report.next_lsn,
+        in_flight_commits_max: opts.in_flight_commits_max,
+        in_flight_bytes_max: opts.in_flight_bytes_max,
         page_last_lsn: HashMap::new(),
         shadow_pages: HashMap::new(),
         carried_pages: Vec::new(),
@@ -899,4 +1141,239 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
         stats: Stats::default(),
         recovery: report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! What needs the commit path's test hooks (`Shared::panic_next_group`, `hold_groups`): a
+    //! panicking log writer, and commits held in flight for as long as a test needs.
+
+    use super::*;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, SeqCst);
+            let p = PathBuf::from(format!("/var/tmp/fams-heap-unit-{}-{tag}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        fn heap(&self) -> PathBuf {
+            let p = self.0.join("h");
+            let mut f = FormatOptions::new(&p, 4 << 20);
+            f.log_size_bytes = Some(8 << 20);
+            Heap::format(&f).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn trackers() -> Vec<TrackerKind> {
+        match tracker::uffd_available() {
+            Ok(()) => vec![TrackerKind::Uffd, TrackerKind::Mprotect, TrackerKind::Regions],
+            Err(why) => {
+                eprintln!("uffd and regions trackers not tested here: {why}");
+                vec![TrackerKind::Mprotect]
+            }
+        }
+    }
+
+    fn open_with(path: &Path, tracker: Option<TrackerKind>) -> Heap {
+        Heap::open(path, &HeapOptions { tracker, ..HeapOptions::default() }).unwrap()
+    }
+
+    /// Run `f` on its own thread and return its result; fail the test if it takes more than 10 s
+    /// (a hang is the bug these tests look for, and must not hang the test run).
+    fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(v) => v,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still blocked after 10 s"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+        }
+    }
+
+    fn readable(fd: BorrowedFd<'_>) -> bool {
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd on the stack; a zero timeout never blocks.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 1 && p.revents & libc::POLLIN != 0
+    }
+
+    fn fill(h: &mut Heap, pages: std::ops::Range<usize>, byte: u8) {
+        h.bytes_mut()[pages.start * PAGE_SIZE..pages.end * PAGE_SIZE].fill(byte);
+    }
+
+    fn assert_pages(h: &Heap, pages: std::ops::Range<usize>, byte: u8, what: &str) {
+        for p in pages {
+            let page = &h.bytes()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+            assert!(page.iter().all(|&b| b == byte), "{what}: page {p} is not all {byte:#x}");
+        }
+    }
+
+    #[test]
+    fn a_panic_on_the_writer_thread_fails_every_waiter() {
+        let dir = Dir::new("writer-panic");
+        let path = dir.heap();
+        let mut h = open_with(&path, None);
+        h.bytes_mut()[100] = 1;
+        let t0 = h.commit().unwrap();
+        let handle = h.durability_handle();
+        h.poll_durable().unwrap();
+        h.shared.panic_next_group.store(true, SeqCst);
+        h.bytes_mut()[PAGE_SIZE] = 2;
+        // commit_async never writes on the caller's thread: the writer thread takes it, and panics.
+        let t1 = h.commit_async().unwrap();
+        let waiter = handle.clone();
+        match within_10s("waiting for a commit whose writer panicked", move || waiter.wait(t1)) {
+            Err(Error::Poisoned { reason, .. }) => assert!(reason.contains("panicked"), "{reason}"),
+            other => panic!("wait returned {other:?}"),
+        }
+        assert!(readable(h.durability_fd()), "the failure must wake event loops too");
+        assert!(matches!(h.poll_durable(), Err(Error::Poisoned { .. })));
+        assert!(matches!(h.wait(t1), Err(Error::Poisoned { .. })));
+        assert!(matches!(h.is_durable(t1), Err(Error::Poisoned { .. })));
+        assert!(h.is_durable(t0).unwrap(), "what was durable stays durable");
+        assert_eq!(h.in_flight(), InFlight::default());
+        h.bytes_mut()[2 * PAGE_SIZE] = 3;
+        assert!(matches!(h.commit(), Err(Error::Poisoned { .. })));
+        assert!(matches!(h.commit_async(), Err(Error::Poisoned { .. })));
+        assert!(matches!(h.rollback(), Err(Error::Poisoned { .. })));
+        assert!(matches!(h.release_committed(), Err(Error::Poisoned { .. })));
+        drop(h);
+        assert!(matches!(handle.wait(t1), Err(Error::Poisoned { .. })), "a handle outliving the heap");
+        let h = open_with(&path, None);
+        assert_eq!(h.bytes()[100], 1);
+        assert_eq!(h.bytes()[PAGE_SIZE], 0, "the group the writer panicked on never reached the disk");
+    }
+
+    #[test]
+    fn a_panic_while_a_commit_drains_the_queue_is_an_error_not_an_unwind() {
+        let dir = Dir::new("drain-panic");
+        let path = dir.heap();
+        let p = path.clone();
+        let (first, second) = within_10s("a commit whose group panics", move || {
+            let mut h = open_with(&p, None);
+            h.bytes_mut()[0] = 1;
+            h.commit().unwrap();
+            h.shared.panic_next_group.store(true, SeqCst);
+            h.bytes_mut()[0] = 2;
+            // The writer is idle, so this commit most likely writes its group on this thread;
+            // either way it must come back as an error.
+            let first = h.commit().map_err(|e| e.to_string());
+            h.bytes_mut()[0] = 3;
+            let second = h.commit().map_err(|e| e.to_string());
+            (first, second)
+        });
+        let e = first.expect_err("a commit whose group panicked");
+        assert!(e.contains("panicked"), "{e}");
+        assert!(second.is_err());
+        let h = open_with(&path, None);
+        assert_eq!(h.bytes()[0], 1);
+    }
+
+    #[test]
+    fn commits_held_in_flight_are_counted_and_bound_commit_async() {
+        let dir = Dir::new("in-flight");
+        let path = dir.heap();
+        let mut h = open_with(&path, None);
+        assert_eq!(h.in_flight(), InFlight::default());
+        h.shared.hold_groups.store(true, SeqCst);
+        let payload_before = h.stats().payload_bytes;
+        let mut tickets = Vec::new();
+        for i in 0..3 {
+            h.bytes_mut()[i * 3 * PAGE_SIZE + 8] = 7;
+            tickets.push(h.commit_async().unwrap());
+        }
+        let f = h.in_flight();
+        assert_eq!(f.commits, 3);
+        assert_eq!(f.bytes, h.stats().payload_bytes - payload_before);
+        assert!(f.bytes > 0);
+        assert!(!h.would_block(), "unbounded by default");
+        h.set_in_flight_limit(Some(3), None);
+        assert!(h.would_block());
+        h.set_in_flight_limit(Some(4), None);
+        assert!(!h.would_block());
+        h.set_in_flight_limit(None, Some(f.bytes));
+        assert!(h.would_block());
+        h.set_in_flight_limit(None, Some(f.bytes + 1));
+        assert!(!h.would_block());
+        h.set_in_flight_limit(None, None);
+        assert!(!readable(h.durability_fd()), "nothing became durable");
+        assert!(!h.is_durable(tickets[0]).unwrap());
+        h.shared.hold_groups.store(false, SeqCst);
+        h.wait(tickets[2]).unwrap();
+        assert_eq!(h.in_flight(), InFlight::default());
+        assert!(h.poll_durable().unwrap() >= tickets[2]);
+    }
+
+    #[test]
+    fn rollback_restores_in_flight_pages_from_shadows_or_after_their_write_back() {
+        for tracker in trackers() {
+            let dir = Dir::new("rollback-in-flight");
+            let path = dir.heap();
+            let mut h = open_with(&path, Some(tracker));
+            fill(&mut h, 0..10, 1);
+            h.commit().unwrap();
+
+            // A small commit held in flight: its pages keep shadow copies.
+            h.shared.hold_groups.store(true, SeqCst);
+            fill(&mut h, 0..5, 2);
+            let t = h.commit_async().unwrap();
+            fill(&mut h, 0..10, 3);
+            let r = h.rollback().unwrap();
+            assert_eq!(
+                r,
+                RollbackReport {
+                    pages_dirty: 10,
+                    pages_restored: 10,
+                    pages_from_shadow: 5,
+                    waited_for_write_back: false
+                },
+                "{tracker:?}"
+            );
+            assert_pages(&h, 0..5, 2, "in flight: the commit_async'd image, not the heap file's");
+            assert_pages(&h, 5..10, 1, "committed and written back");
+            assert!(!h.is_durable(t).unwrap(), "still held in flight");
+            h.shared.hold_groups.store(false, SeqCst);
+            h.wait(t).unwrap();
+
+            // A large commit (no shadows) held in flight: rollback waits for its write-back.
+            h.shared.hold_groups.store(true, SeqCst);
+            fill(&mut h, 0..100, 4);
+            let t2 = h.commit_async().unwrap();
+            fill(&mut h, 0..120, 5);
+            let r = h.rollback().unwrap();
+            assert!(r.waited_for_write_back, "{tracker:?}: {r:?}");
+            assert_eq!((r.pages_dirty, r.pages_restored, r.pages_from_shadow), (120, 120, 0), "{tracker:?}");
+            assert!(h.is_durable(t2).unwrap());
+            assert_pages(&h, 0..100, 4, "large commit in flight");
+            assert_pages(&h, 100..120, 0, "never committed");
+
+            let before = h.stats();
+            h.commit().unwrap();
+            let after = h.stats();
+            assert_eq!(after.empty_commits, before.empty_commits + 1, "{tracker:?}: rolled-back pages were logged");
+            assert_eq!(after.rollbacks, 2);
+            assert_eq!(after.pages_rolled_back, 130);
+            drop(h);
+            let h = open_with(&path, Some(tracker));
+            assert_pages(&h, 0..100, 4, "after reopening");
+            assert_pages(&h, 100..120, 0, "after reopening");
+        }
+    }
 }

@@ -39,9 +39,9 @@ pub mod transport;
 pub mod turns;
 
 pub use alloc::{ObjectError, ObjectHeap, ObjectOptions, Persistent};
-pub use commit::Ticket;
+pub use commit::{DurabilityHandle, Ticket};
 pub use error::{Error, Result};
-pub use heap::{FormatOptions, Heap, HeapOptions};
+pub use heap::{FormatOptions, Heap, HeapOptions, InFlight, RollbackReport};
 pub use heap_file::{HeapHeader, HeapId, PAGE_SIZE};
 pub use io::{FlushMode, IoPath, LogKind};
 pub use recovery::RecoveryReport;

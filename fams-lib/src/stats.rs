@@ -29,6 +29,9 @@ pub struct Stats {
     /// Part of `capture_ns` spent waiting for the previous commit's write-back to the heap file.
     pub write_back_wait_ns: u64,
     pub releases: u64,
+    /// Calls to `rollback`, and the pages they put back.
+    pub rollbacks: u64,
+    pub pages_rolled_back: u64,
     /// Device writes of records (each may hold several commits).
     pub groups: u64,
     pub log_bytes_written: u64,

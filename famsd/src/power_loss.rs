@@ -11,10 +11,14 @@
 //! 2. **Random**: a long chain of states; each runs a random mix of synchronous commits, grouped
 //!    async bursts and page releases until the power is cut at a random operation.
 //!
+//! Both phases also run failed turns ([`failed_turn`]): scribbles rolled back, some over commits
+//! still in flight. A rolled-back byte that reached the log or the heap file would make a
+//! recovered heap differ from every committed state.
+//!
 //! Everything is derived from the seed. The order of operations is exact for synchronous commits;
 //! grouped async commits depend on thread timing, so `--sync-only` makes a replay bit-exact.
 
-use crate::workload::{commit_number, mutate, Model};
+use crate::workload::{commit_number, failed_turn, mutate, Model};
 use fams::sim::{SimMachine, SimRng, SimStorage};
 use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
 use std::path::{Path, PathBuf};
@@ -47,6 +51,8 @@ pub struct PowerLossReport {
     pub garbage_sectors: u64,
     pub records_replayed: u64,
     pub checkpoints: u64,
+    /// Failed turns rolled back (and checked to leave the heap as it was).
+    pub rollbacks: u64,
     pub final_commit: u64,
 }
 
@@ -67,6 +73,7 @@ impl PowerLossReport {
             "garbage_sectors": self.garbage_sectors,
             "records_replayed": self.records_replayed,
             "checkpoints": self.checkpoints,
+            "rollbacks": self.rollbacks,
             "final_commit": self.final_commit,
         })
     }
@@ -195,6 +202,9 @@ impl<'a> Explorer<'a> {
                     Ok(_) => self.ack(k),
                     Err(_) => break,
                 }
+                if rng.below(4) == 0 && !self.failed_turn(heap, rng) {
+                    break;
+                }
             } else {
                 let mut tickets = Vec::new();
                 for _ in 0..1 + rng.below(6) {
@@ -204,6 +214,10 @@ impl<'a> Explorer<'a> {
                     match heap.commit_async() {
                         Ok(t) => tickets.push((k, t)),
                         Err(_) => break,
+                    }
+                    // Rolled back over the commit still in flight.
+                    if rng.below(3) == 0 && !self.failed_turn(heap, rng) {
+                        break;
                     }
                 }
                 if let Some(&(_, last)) = tickets.last() {
@@ -222,6 +236,22 @@ impl<'a> Explorer<'a> {
         let s = heap.stats();
         self.report.checkpoints += s.checkpoints;
         k
+    }
+
+    /// A failed turn, rolled back. False when the heap refused (the power is gone, or the heap
+    /// failed): the workload stops, as it does when a commit fails.
+    fn failed_turn(&mut self, heap: &mut Heap, rng: &mut SimRng) -> bool {
+        match failed_turn(heap, rng) {
+            Ok(None) => {
+                self.report.rollbacks += 1;
+                true
+            }
+            Ok(Some(what)) => {
+                self.violation(self.report.states, what);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn ack(&mut self, k: u64) {

@@ -3,7 +3,7 @@
 //! the heap and checks it equals exactly the state after some commit `c`, with `c` at or after
 //! the last commit the child reported durable.
 
-use crate::workload::{commit_number, mutate, Model, Rng};
+use crate::workload::{commit_number, failed_turn, mutate, Model, Rng};
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -278,7 +278,9 @@ pub struct CommitterMode {
 
 /// The workload's committing loop, shared by the crash tests' children: from the heap's current
 /// commit on, apply mutation k and commit it, keeping up to a random depth in flight, and call
-/// `say("ack k\n")` once commit k is durable. Returns only on an error.
+/// `say("ack k\n")` once commit k is durable. Between commits, now and then, a failed turn is
+/// rolled back ([`failed_turn`]). Returns only on an error (including a rollback that did not
+/// restore the heap).
 pub fn commit_forever(
     heap: &mut Heap,
     seed: u64,
@@ -307,6 +309,11 @@ pub fn commit_forever(
                 say(format!("ack {k}\n"))?; // the deliberate bug
             }
             in_flight.push_back((k, t));
+            if rng.below(8) == 0 {
+                if let Some(what) = failed_turn(heap, &mut rng).map_err(|e| e.to_string())? {
+                    return Err(what);
+                }
+            }
             while let Some(&(kk, t)) = in_flight.front() {
                 if in_flight.len() > depth {
                     heap.wait(t).map_err(|e| e.to_string())?;

@@ -3,6 +3,11 @@
 //! Commit number `k` (k = 1, 2, …) applies mutation `k`: a few writes at places and with bytes
 //! that depend only on (seed, k), plus `k` itself stored in the heap's first 8 bytes. So the heap
 //! after commit `c` is a pure function of (seed, c), and a checker can rebuild it in memory.
+//!
+//! Between commits, [`failed_turn`] scribbles over the heap and rolls back: a checker that finds
+//! the heap equal to a committed state has also shown that no rolled-back byte reached the disk.
+
+use fams::Heap;
 
 /// Small, fast, seedable PRNG (splitmix64), the simulator's: good enough to choose pages and bytes.
 pub use fams::sim::SimRng as Rng;
@@ -36,6 +41,48 @@ pub fn mutate(heap: &mut [u8], seed: u64, k: u64) {
         }
     }
     heap[..8].copy_from_slice(&k.to_le_bytes());
+}
+
+/// What a rolled-back turn writes: text no mutation writes, so that a heap showing it (in a
+/// hexdump, or at the byte a checker reports) points straight at rollback.
+pub const ROLLED_BACK: &[u8] = b"<rolled back: never durable>";
+
+/// A turn that fails: scribble [`ROLLED_BACK`] over a few pages (a few bytes of some, the whole
+/// of others; now and then over half the heap), then [`Heap::rollback`]. Returns a description
+/// of the first page that then differs from what it held before, if one does: the scribbles
+/// must vanish at once (and, as whoever verifies recoveries checks, never reach the disk). Uses
+/// only `rng` for its choices, so a seeded workload replays exactly.
+pub fn failed_turn(heap: &mut Heap, rng: &mut Rng) -> fams::Result<Option<String>> {
+    let pages = (heap.len() / PAGE) as u64;
+    let count = match rng.below(8) {
+        0 => pages / 2 + rng.below(pages / 2),
+        _ => 1 + rng.below(4),
+    };
+    let mut chosen: Vec<usize> = (0..count).map(|_| rng.below(pages) as usize).collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    let before: Vec<Vec<u8>> = chosen.iter().map(|&p| heap.bytes()[p * PAGE..(p + 1) * PAGE].to_vec()).collect();
+    for &p in &chosen {
+        let (off, len) = match rng.below(2) {
+            0 => (0, PAGE),
+            _ => {
+                let len = 1 + rng.below(64) as usize;
+                (rng.below((PAGE - len) as u64) as usize, len)
+            }
+        };
+        let page = &mut heap.bytes_mut()[p * PAGE..(p + 1) * PAGE];
+        for (i, b) in page[off..off + len].iter_mut().enumerate() {
+            *b = ROLLED_BACK[(off + i) % ROLLED_BACK.len()];
+        }
+    }
+    heap.rollback()?;
+    for (&p, before) in chosen.iter().zip(&before) {
+        let now = &heap.bytes()[p * PAGE..(p + 1) * PAGE];
+        if let Some(at) = now.iter().zip(before).position(|(a, b)| a != b) {
+            return Ok(Some(format!("rollback left page {p} changed (first at byte {at} of the page)")));
+        }
+    }
+    Ok(None)
 }
 
 /// The commit number recorded in a heap image.

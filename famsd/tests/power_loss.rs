@@ -36,6 +36,7 @@ fn ten_thousand_simulated_power_cuts_without_a_violation() {
         "checkpoints",
         "records_replayed",
         "recovered_unacknowledged",
+        "rollbacks",
     ] {
         assert!(v[key].as_u64().unwrap() > 0, "{key} is zero: {v}");
     }

@@ -60,8 +60,8 @@
 //!   allocator's own API ([`HeapAlloc::try_alloc`], [`ObjectHeap::alloc`]) returns
 //!   [`ObjectError::Exhausted`].
 //! - If the allocator panics part way through an operation (an assertion caught by
-//!   `catch_unwind`), the heap is marked poisoned and refuses to commit; reopening it recovers
-//!   the last commit.
+//!   `catch_unwind`), the heap is marked poisoned and refuses to commit;
+//!   [`ObjectHeap::rollback`] (or reopening) recovers the last commit and lifts that.
 
 pub mod collections;
 pub mod persistent;
@@ -76,9 +76,10 @@ pub use raw::{
     SIZE_CLASSES_BYTES, SMALL_OBJECT_BYTES_MAX,
 };
 
-use crate::{Heap, Stats, Ticket};
+use crate::{DurabilityHandle, Heap, InFlight, RollbackReport, Stats, Ticket};
 use raw::{MetaState, Raw, RootEntry};
 use std::alloc::Layout;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::ptr::NonNull;
 
@@ -118,7 +119,7 @@ pub enum ObjectError {
     #[error("{path}: the object heap's metadata is damaged: {}", problems.join("; "))]
     Corrupt { path: PathBuf, problems: Vec<String> },
 
-    #[error("{path}: the allocator panicked part way through an operation; commits are refused. Drop the heap and reopen it to recover the last commit")]
+    #[error("{path}: the allocator panicked part way through an operation; commits are refused. Roll back (ObjectHeap::rollback), or drop the heap and reopen it, to recover the last commit")]
     Poisoned { path: PathBuf },
 
     #[error("invalid argument: {0}")]
@@ -263,6 +264,74 @@ impl ObjectHeap {
     /// See [`Heap::wait`].
     pub fn wait(&self, ticket: Ticket) -> Result<(), ObjectError> {
         Ok(self.heap.wait(ticket)?)
+    }
+
+    /// See [`Heap::is_durable`].
+    pub fn is_durable(&self, ticket: Ticket) -> Result<bool, ObjectError> {
+        Ok(self.heap.is_durable(ticket)?)
+    }
+
+    /// See [`Heap::durable`].
+    pub fn durable(&self) -> Ticket {
+        self.heap.durable()
+    }
+
+    /// See [`Heap::durability_fd`].
+    pub fn durability_fd(&self) -> BorrowedFd<'_> {
+        self.heap.durability_fd()
+    }
+
+    /// See [`Heap::poll_durable`].
+    pub fn poll_durable(&self) -> Result<Ticket, ObjectError> {
+        Ok(self.heap.poll_durable()?)
+    }
+
+    /// See [`Heap::durability_handle`].
+    pub fn durability_handle(&self) -> DurabilityHandle {
+        self.heap.durability_handle()
+    }
+
+    /// See [`Heap::in_flight`].
+    pub fn in_flight(&self) -> InFlight {
+        self.heap.in_flight()
+    }
+
+    /// See [`Heap::set_in_flight_limit`].
+    pub fn set_in_flight_limit(&mut self, commits: Option<u64>, bytes: Option<u64>) {
+        self.heap.set_in_flight_limit(commits, bytes)
+    }
+
+    /// See [`Heap::would_block`].
+    pub fn would_block(&self) -> bool {
+        self.heap.would_block()
+    }
+
+    /// Undo everything written since the last `commit`/`commit_async` — objects, collections
+    /// and the allocator's metadata together (see [`Heap::rollback`]): allocations made since
+    /// then are gone, frees are undone, roots are back. This is also the recovery from an
+    /// allocator panic: the half-updated metadata is replaced by the last captured one, so the
+    /// poisoned flag is lifted.
+    ///
+    /// No value referring into the heap can be alive across the call (they all borrow the
+    /// `ObjectHeap`), so nothing can observe the undone objects. The allocator keeps no state
+    /// outside the heap ([`HeapAlloc`] is the base address; the rest is read from the metadata
+    /// block on every call), so once the bytes are back the allocator is too; the metadata
+    /// block's sanity is checked again before the poison is lifted.
+    pub fn rollback(&mut self) -> Result<RollbackReport, ObjectError> {
+        let report = self.heap.rollback()?;
+        let path = self.heap.path().to_path_buf();
+        match self.raw.meta_state() {
+            MetaState::Ours => {}
+            MetaState::Fresh | MetaState::Foreign(_) => {
+                return Err(ObjectError::Corrupt {
+                    path,
+                    problems: vec!["after a rollback the metadata block is not the object layer's".into()],
+                })
+            }
+        }
+        self.raw.meta_sane().map_err(|p| ObjectError::Corrupt { path, problems: vec![p] })?;
+        collections::clear_poison(self.raw.base());
+        Ok(report)
     }
 
     /// See [`Heap::release_committed`].
