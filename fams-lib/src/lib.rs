@@ -34,6 +34,7 @@ pub mod sim;
 pub mod stats;
 pub mod storage;
 pub mod tracker;
+pub mod transport;
 
 pub use alloc::{ObjectError, ObjectHeap, ObjectOptions, Persistent};
 pub use commit::Ticket;
