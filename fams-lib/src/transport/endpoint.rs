@@ -144,6 +144,14 @@ impl EndpointConfig {
         if self.peers_max == 0 || self.peers_max > PEERS_MAX_LIMIT {
             return bad("peers_max must be in 1..=PEERS_MAX_LIMIT");
         }
+        // The selective ack of our largest message must fit in one of our datagrams.
+        let trailer = wire::trailer_bytes(self.key.is_some());
+        let payload = (self.datagram_bytes_max - DATA_HEADER_BYTES - trailer) as u64;
+        let fragments = wire::fragment_count_for(self.message_bytes_max as u64, payload);
+        if fragments.div_ceil(8) > (self.datagram_bytes_max - ACK_HEADER_BYTES - trailer) as u64 {
+            return bad("message_bytes_max too large for datagram_bytes_max: the selective-ack bitmap of the largest \
+                        message would not fit in one datagram (4 MiB messages need datagrams of at least 801 bytes)");
+        }
         Ok(())
     }
 }
@@ -470,8 +478,9 @@ struct Peer {
     ack_to_send: u64,
     /// An ACK must go out (ack advanced, duplicate seen, HELLO received) unless data carries it.
     ack_needed: bool,
-    /// Messages whose selective ack must go out.
-    sack_pending: BTreeSet<u64>,
+    /// Messages whose selective ack must go out, with their fragment count (a message delivered
+    /// meanwhile is acked as held whole).
+    sack_pending: BTreeMap<u64, u32>,
     /// Messages ≥ next_deliver being received or waiting to be pulled.
     incoming: BTreeMap<u64, Incoming>,
     incoming_bytes: u64,
@@ -506,7 +515,7 @@ impl Peer {
             next_deliver: restore.next_expected,
             ack_to_send: restore.next_expected - 1,
             ack_needed: false,
-            sack_pending: BTreeSet::new(),
+            sack_pending: BTreeMap::new(),
             incoming: BTreeMap::new(),
             incoming_bytes: 0,
             acked_by_peer: restore.acked_by_peer,
@@ -645,7 +654,10 @@ impl Endpoint {
         let auth = Auth::new(config.key.as_ref());
         let trailer = auth.trailer_bytes();
         let payload_bytes_max = config.datagram_bytes_max - DATA_HEADER_BYTES - trailer;
-        let sack_bitmap_bytes_max = config.datagram_bytes_max - ACK_HEADER_BYTES - trailer;
+        // A peer with smaller datagrams may cut a message into more fragments than we would:
+        // its selective ack may then exceed our datagram size (up to the UDP limit) rather than
+        // be cut short, which would leave the fragments beyond the cut unacknowledged.
+        let sack_bitmap_bytes_max = UDP_PAYLOAD_BYTES_MAX - ACK_HEADER_BYTES - trailer;
         Ok(Endpoint {
             config,
             auth,
@@ -837,7 +849,6 @@ impl Endpoint {
             debug_assert_eq!(seq, p.next_deliver);
             p.incoming_bytes -= msg.message_len as u64;
             p.next_deliver += 1;
-            p.sack_pending.remove(&seq);
             self.stats.messages_delivered += 1;
             self.sync(id);
             return Some(Message { peer: id, seq, bytes: msg.bytes });
@@ -1177,9 +1188,14 @@ fn on_fragment(
 ) -> FragmentOutcome {
     let seq = frag.seq;
     if seq < p.next_deliver {
-        // Delivered already (maybe consumed and acked, and the ack was lost): re-ack.
+        // Delivered already (maybe consumed and acked, and the ack was lost): re-ack, and say
+        // that we hold it whole, so that the sender stops resending its fragments while the
+        // consuming turn is not durable yet.
         stats.duplicates_dropped += 1;
         p.ack_needed = true;
+        if frag.frag_count > 1 && seq > p.ack_to_send {
+            p.sack_pending.insert(seq, frag.frag_count);
+        }
         return FragmentOutcome::Duplicate;
     }
     if !p.incoming.contains_key(&seq) {
@@ -1202,7 +1218,8 @@ fn on_fragment(
                 }
             }
         }
-        if seq > p.next_deliver {
+        // Out of order: the previous message is neither delivered nor (partly) buffered.
+        if seq > p.next_deliver && !p.incoming.contains_key(&(seq - 1)) {
             stats.out_of_order_buffered += 1;
         }
         p.incoming.insert(
@@ -1227,7 +1244,7 @@ fn on_fragment(
         stats.duplicates_dropped += 1;
         // The sender resent it: tell it what we hold (and where the ack stands).
         if m.frag_count > 1 {
-            p.sack_pending.insert(seq);
+            p.sack_pending.insert(seq, m.frag_count);
         }
         p.ack_needed = true;
         return FragmentOutcome::Duplicate;
@@ -1240,7 +1257,7 @@ fn on_fragment(
     m.unreported += 1;
     if m.frag_count > 1 && (m.complete() || m.unreported >= SACK_EVERY_FRAGMENTS || frag.frag_index == m.frag_count - 1)
     {
-        p.sack_pending.insert(seq);
+        p.sack_pending.insert(seq, m.frag_count);
     }
     FragmentOutcome::New
 }
@@ -1264,11 +1281,20 @@ fn build_transmit(
         wire::encode_with(&Datagram::Hello { header }, auth, &mut out);
         return Some(Transmit { dest: p.addr, bytes: out });
     }
-    while let Some(seq) = p.sack_pending.pop_first() {
-        let Some(m) = p.incoming.get_mut(&seq) else { continue };
-        m.unreported = 0;
-        let cover = (m.frag_count as usize).min(sack_bitmap_bytes_max * 8);
-        let bitmap = &m.held[..cover.div_ceil(8)];
+    while let Some((seq, frag_count)) = p.sack_pending.pop_first() {
+        let full;
+        let (cover, bitmap) = if let Some(m) = p.incoming.get_mut(&seq) {
+            m.unreported = 0;
+            let cover = (m.frag_count as usize).min(sack_bitmap_bytes_max * 8);
+            (cover, &m.held[..cover.div_ceil(8)])
+        } else if seq < p.next_deliver {
+            // Delivered: held whole.
+            let cover = (frag_count as usize).min(sack_bitmap_bytes_max * 8);
+            full = full_bitmap(cover);
+            (cover, &full[..])
+        } else {
+            continue; // Evicted meanwhile.
+        };
         let sack = Sack { seq, frag_count: cover as u32, bitmap };
         wire::encode_with(&Datagram::Ack { header, sack: Some(sack) }, auth, &mut out);
         p.ack_needed = false;
@@ -1339,6 +1365,15 @@ fn build_transmit(
         return Some(Transmit { dest: p.addr, bytes: out });
     }
     None
+}
+
+/// A bitmap with bits `0..count` set (padding bits clear).
+fn full_bitmap(count: usize) -> Vec<u8> {
+    let mut v = vec![0xff; count.div_ceil(8)];
+    if count % 8 != 0 {
+        *v.last_mut().expect("count > 0") = (1u8 << (count % 8)) - 1;
+    }
+    v
 }
 
 fn encode_fragment(m: &Outgoing, frag: u32, header: Header, auth: &Auth, out: &mut Vec<u8>) {
