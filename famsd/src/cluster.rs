@@ -84,7 +84,7 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
 
 enum Line {
     Out(usize, u64, String),
-    Closed(usize, u64),
+    Closed,
 }
 
 struct NodeProc {
@@ -130,7 +130,7 @@ fn spawn(cfg: &ClusterConfig, i: usize, addrs: &[SocketAddr], generation: u64, t
                 return;
             }
         }
-        let _ = tx.send(Line::Closed(i, generation));
+        let _ = tx.send(Line::Closed);
     });
     Ok(child)
 }

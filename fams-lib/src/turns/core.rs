@@ -470,7 +470,7 @@ impl<A: App> NodeCore<A> {
                 self.endpoint.send_durable(now, peer, seq, bytes)?;
             }
             if let Some((peer, seq)) = turn.consumed {
-                self.endpoint.consumed_durable(now, peer, seq);
+                self.endpoint.consumed_durable(now, peer, seq)?;
             }
             if !turn.stdout.is_empty() {
                 self.stdout_ready.push_back(turn.stdout);
