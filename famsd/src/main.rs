@@ -50,7 +50,15 @@ famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw p
         #[arg(long)]
         json: bool,
     },
-    /// Show a heap's identity, sizes, log superblock and what recovery would replay (read-only).
+    /// Show a heap's identity, sizes, log superblock and what recovery would replay; for the heap
+    /// of a turn node also its identity, peers, sequence numbers, outbox and counters.
+    #[command(long_about = "Show a heap's identity, sizes, log superblock and what recovery would replay \
+(read from the files without opening the heap).\n\n\
+For the heap of a turn node (`famsd node …`) also: node id, incarnation, turns, and per peer the sequence \
+numbers (next to send, acknowledged by the peer, consumed from it) and the unacknowledged outbox. While the \
+node runs, its heap is locked and these come from the status file it rewrites every second \
+(<heap>.status.json, with the transport's counters: retransmissions, duplicates dropped, rejected datagrams); \
+when it is stopped, the heap is opened to read them — which, like any open, first replays its log.")]
     Inspect {
         #[arg(long)]
         heap: PathBuf,
@@ -458,7 +466,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                          "area_bytes": sb.capacity_bytes(), "checkpoints": sb.checkpoints },
                 "pending": pending,
             });
+            let node = node_section(&heap, i.locked);
             if json {
+                let mut v = v;
+                v["node"] = node;
                 print_json(&v);
             } else {
                 println!("heap      {} (id {})", i.heap_path.display(), i.header.heap_id);
@@ -488,6 +499,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     }
                     Err(e) => println!("pending   cannot replay: {e}"),
                 }
+                print_node_section(&node);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -613,6 +625,77 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             torture::child(&heap, seed, run_seed, &torture::HeapChoice { tracker, io_path, flush_mode, log })?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The turn-node part of `famsd inspect`: the running node's status file, or the stopped node's
+/// heap. `null` when the heap is not a node's.
+fn node_section(heap: &std::path::Path, locked: bool) -> serde_json::Value {
+    let status = famsd::node::status_path(heap);
+    if locked {
+        return match std::fs::read_to_string(&status).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+            Some(mut v) => {
+                v["source"] = serde_json::json!(format!("running node's status file {}", status.display()));
+                v
+            }
+            None => serde_json::json!({ "source": "the heap is open in another process and has no status file" }),
+        };
+    }
+    match famsd::node::turn_state(heap) {
+        Ok(Some(s)) => {
+            let mut v = famsd::node::snapshot_json(&s);
+            v["source"] = serde_json::json!("the heap (node stopped)");
+            v
+        }
+        Ok(None) => serde_json::Value::Null,
+        Err(e) => serde_json::json!({ "source": "the heap", "error": e }),
+    }
+}
+
+fn print_node_section(node: &serde_json::Value) {
+    if node.is_null() {
+        return;
+    }
+    println!("node      from {}", node["source"].as_str().unwrap_or("?"));
+    if let Some(e) = node.get("error") {
+        println!("          cannot read the turn state: {e}");
+        return;
+    }
+    if node.get("stats").is_some() {
+        let s = &node["stats"];
+        let t = &s["transport"];
+        println!(
+            "          node {} (pid {}), {} turns ({} failed, {} pipelined), {:.1} turns per device write",
+            node["node"], node["pid"], s["turns"], s["turns_failed"], s["turns_pipelined"],
+            s["turns_per_device_write"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "          datagrams sent {} received {}; fragments retransmitted {}; duplicates dropped {}; rejected: malformed {} checksum {} MAC {} wrong receiver {} address mismatch {}",
+            t["datagrams_sent"], t["datagrams_received"], t["fragments_retransmitted"], t["duplicates_dropped"],
+            t["rejected_malformed"], t["rejected_checksum"], t["rejected_mac"], t["wrong_receiver"], t["address_mismatch"]
+        );
+        for p in node["peers"].as_array().into_iter().flatten() {
+            println!(
+                "          peer {} at {}: next expected {}, acked by peer {}, queued up to {}, {} unacknowledged ({} bytes), srtt {} µs",
+                p["peer"], p["addr"].as_str().unwrap_or("-"), p["next_expected"], p["acked_by_peer"], p["highest_queued_seq"],
+                p["unacked_messages"], p["unacked_bytes"], p["srtt_us"]
+            );
+        }
+        return;
+    }
+    println!(
+        "          node {}, incarnation {}, {} turns ({} failed), {} messages sent, {} consumed",
+        node["node"], node["incarnation"], node["turns"], node["turns_failed"], node["messages_sent"], node["messages_consumed"]
+    );
+    if let Some(f) = node["last_failure"].as_str().filter(|f| !f.is_empty()) {
+        println!("          last failed turn: {f}");
+    }
+    for p in node["peers"].as_array().into_iter().flatten() {
+        println!(
+            "          peer {} at {}{}: next seq to send {}, acked by peer {}, consumed from it {}, {} unacknowledged ({} bytes)",
+            p["peer"], p["addr"].as_str().unwrap_or("-"), if p["retired"] == true { " (retired)" } else { "" }, p["next_send_seq"],
+            p["acked_by_peer"], p["consumed"], p["unacked_messages"], p["unacked_bytes"]
+        );
     }
 }
 

@@ -3,7 +3,7 @@
 
 use fams::apps::bank::{self, BankApp, BankReport};
 use fams::apps::pingpong::PingPongApp;
-use fams::transport::NodeId;
+use fams::transport::{NodeId, PeerView};
 use fams::turns::{self, App, NodeConfig, NodeSnapshot, NodeStats, RunOptions};
 use fams::{FormatOptions, Heap, HeapOptions, ObjectHeap, ObjectOptions, TrackerKind};
 use std::net::SocketAddr;
@@ -95,7 +95,20 @@ pub fn run_app<A: App>(args: &NodeArgs, app: A) -> Result<NodeStats, String> {
     let stop = stop_on_signals();
     let heap = open_or_format(&args.heap, args.size_bytes, args.tracker)?;
     let options = RunOptions { listen: args.listen, stdin: args.stdin, linger: Duration::from_secs(2), faults: args.faults };
-    let stats = turns::run(heap, config(args), app, &options, stop).map_err(|e| e.to_string())?;
+    let status_path = status_path(&args.heap);
+    let mut write_status = |stats: &NodeStats, peers: &[(NodeId, PeerView)]| {
+        let v = serde_json::json!({
+            "node": args.id, "pid": std::process::id(), "listen": args.listen.to_string(),
+            "written_unix_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "stats": stats_json(stats), "peers": peer_views_json(peers),
+        });
+        // Written whole then renamed, so a reader never sees half a file.
+        let tmp = status_path.with_extension("status.json.tmp");
+        if std::fs::write(&tmp, serde_json::to_string_pretty(&v).expect("json") + "\n").is_ok() {
+            let _ = std::fs::rename(&tmp, &status_path);
+        }
+    };
+    let stats = turns::run_with_status(heap, config(args), app, &options, stop, &mut write_status).map_err(|e| e.to_string())?;
     if let Some(path) = &args.stats_json {
         let text = serde_json::to_string_pretty(&stats_json(&stats)).expect("json");
         std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
@@ -103,8 +116,52 @@ pub fn run_app<A: App>(args: &NodeArgs, app: A) -> Result<NodeStats, String> {
     Ok(stats)
 }
 
+/// Where a running node writes its status (counters and peers) every second: beside the heap.
+pub fn status_path(heap: &Path) -> PathBuf {
+    let mut name = heap.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".status.json");
+    heap.with_file_name(name)
+}
+
+fn peer_views_json(peers: &[(NodeId, PeerView)]) -> serde_json::Value {
+    peers
+        .iter()
+        .map(|(id, p)| {
+            serde_json::json!({
+                "peer": id.0, "addr": p.addr.to_string(), "incarnation_seen": p.incarnation_seen,
+                "next_expected": p.next_expected, "ack_to_send": p.ack_to_send, "acked_by_peer": p.acked_by_peer,
+                "highest_queued_seq": p.highest_queued_seq, "unacked_messages": p.unacked_messages,
+                "unacked_bytes": p.unacked_bytes, "in_flight_fragments": p.in_flight_fragments,
+                "buffered_messages": p.buffered_messages,
+                "srtt_us": p.srtt.map(|d| d.as_micros() as u64), "rto_us": p.rto.as_micros() as u64,
+            })
+        })
+        .collect()
+}
+
+fn transport_json(t: &fams::transport::TransportStats) -> serde_json::Value {
+    let malformed: serde_json::Map<String, serde_json::Value> =
+        t.malformed.by_reason().iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+    serde_json::json!({
+        "datagrams_sent": t.datagrams_sent, "datagrams_received": t.datagrams_received,
+        "bytes_sent": t.bytes_sent, "bytes_received": t.bytes_received, "messages_delivered": t.messages_delivered,
+        "fragments_sent": t.fragments_sent, "fragments_retransmitted": t.fragments_retransmitted,
+        "messages_retransmitted": t.messages_retransmitted, "duplicates_dropped": t.duplicates_dropped,
+        "acks_sent": t.acks_sent, "out_of_order_buffered": t.out_of_order_buffered,
+        "buffer_full_dropped": t.buffer_full_dropped, "rejected_malformed": t.rejected_malformed,
+        "malformed": malformed, "rejected_checksum": t.rejected_checksum, "rejected_mac": t.rejected_mac,
+        "rejected_auth_mode": t.rejected_auth_mode, "wrong_receiver": t.wrong_receiver,
+        "unknown_peer": t.unknown_peer, "address_mismatch": t.address_mismatch,
+        "stale_incarnation": t.stale_incarnation, "timeouts": t.timeouts,
+        "hellos_sent": t.hellos_sent, "hellos_received": t.hellos_received, "peer_restarts": t.peer_restarts,
+    })
+}
+
 pub fn stats_json(s: &NodeStats) -> serde_json::Value {
     serde_json::json!({
+        "transport": transport_json(&s.transport),
+        "faults_injected": { "dropped": s.faults_injected.dropped, "duplicated": s.faults_injected.duplicated,
+                             "delayed": s.faults_injected.delayed },
         "turns": s.turns, "turns_failed": s.turns_failed, "turns_pipelined": s.turns_pipelined,
         "turns_in_flight_peak": s.turns_in_flight_peak, "turns_durable": s.turns_durable,
         "messages_sent": s.messages_sent, "messages_consumed": s.messages_consumed,
@@ -135,7 +192,12 @@ pub fn bank_report(path: &Path) -> Result<Option<BankReport>, String> {
 
 /// The turn state held by a (stopped) node's heap; `None` if it never ran as a node.
 pub fn turn_state(path: &Path) -> Result<Option<NodeSnapshot>, String> {
-    let mut objects = open_objects(path)?;
+    let heap = Heap::open(path, &HeapOptions::default()).map_err(|e| e.to_string())?;
+    let mut objects = match ObjectHeap::open(heap, &ObjectOptions { schema_version: None, create: false }) {
+        Ok(o) => o,
+        Err(fams::ObjectError::NotAnObjectHeap { .. }) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
     turns::state::snapshot(&mut objects).map_err(|e| format!("{}: {e}", path.display()))
 }
 

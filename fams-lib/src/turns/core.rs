@@ -116,6 +116,10 @@ pub struct NodeStats {
     pub device_writes: u64,
     pub stdout_bytes: u64,
     pub peers_restarted: u64,
+    /// The transport's counters (datagrams, retransmissions, duplicates, rejections…).
+    pub transport: crate::transport::TransportStats,
+    /// Faults the driver injected into outgoing datagrams (fault runs only).
+    pub faults_injected: super::faults::FaultCounters,
 }
 
 impl NodeStats {
@@ -335,7 +339,13 @@ impl<A: App> NodeCore<A> {
     pub fn stats(&self) -> NodeStats {
         let mut s = self.stats.clone();
         s.device_writes = self.objects.stats().groups - self.groups_at_open;
+        s.transport = self.endpoint.stats().clone();
         s
+    }
+
+    /// Every peer's volatile protocol state (addresses, sequence numbers, RTT, buffers).
+    pub fn peer_views(&self) -> Vec<(NodeId, crate::transport::PeerView)> {
+        self.endpoint.peers().into_iter().filter_map(|p| Some((p, self.endpoint.peer_view(p)?))).collect()
     }
 
     /// The durable turn state (a copy, without message bodies). Reads the heap.

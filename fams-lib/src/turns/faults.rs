@@ -36,11 +36,20 @@ impl FaultConfig {
     }
 }
 
+/// What the fault layer did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounters {
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub delayed: u64,
+}
+
 /// Datagrams held back, and the generator deciding each datagram's fate.
 pub(crate) struct FaultLayer {
     config: FaultConfig,
     rng: SimRng,
     held: Vec<(Instant, Transmit)>,
+    pub counters: FaultCounters,
 }
 
 /// Held datagrams at most (a bound on memory; beyond it datagrams are sent at once).
@@ -48,7 +57,7 @@ const HELD_DATAGRAMS_MAX: usize = 4096;
 
 impl FaultLayer {
     pub fn new(config: FaultConfig) -> FaultLayer {
-        FaultLayer { config, rng: SimRng::new(config.seed), held: Vec::new() }
+        FaultLayer { config, rng: SimRng::new(config.seed), held: Vec::new(), counters: FaultCounters::default() }
     }
 
     fn chance(&mut self, p: f64) -> bool {
@@ -58,12 +67,19 @@ impl FaultLayer {
     /// What to send now in place of `t` (nothing, it, it twice); may hold it for later.
     pub fn outgoing(&mut self, now: Instant, t: Transmit, out: &mut Vec<Transmit>) {
         if self.chance(self.config.loss) {
+            self.counters.dropped += 1;
             return;
         }
-        let copies = if self.chance(self.config.duplicate) { 2 } else { 1 };
+        let copies = if self.chance(self.config.duplicate) {
+            self.counters.duplicated += 1;
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             if self.held.len() < HELD_DATAGRAMS_MAX && self.chance(self.config.reorder) {
                 let delay_us = self.rng.below(self.config.delay_max.as_micros() as u64 + 1);
+                self.counters.delayed += 1;
                 self.held.push((now + Duration::from_micros(delay_us), t.clone()));
             } else {
                 out.push(t.clone());

@@ -63,6 +63,6 @@ pub mod state;
 
 pub use app::{App, Input, Turn, TurnError, TurnHeap, TurnLimits};
 pub use core::{NodeConfig, NodeCore, NodeError, NodeStats};
-pub use faults::FaultConfig;
-pub use node::{run, RunOptions};
+pub use faults::{FaultConfig, FaultCounters};
+pub use node::{run, run_with_status, RunOptions};
 pub use state::{NodeSnapshot, PeerSnapshot};

@@ -9,7 +9,7 @@
 use super::app::App;
 use super::core::{NodeConfig, NodeCore, NodeError, NodeStats};
 use super::faults::{FaultConfig, FaultLayer};
-use crate::transport::Transmit;
+use crate::transport::{NodeId, PeerView, Transmit};
 use crate::Heap;
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
@@ -32,6 +32,8 @@ const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 const DATAGRAMS_PER_WAKEUP_MAX: usize = 1024;
 /// Turns per loop iteration before the socket is serviced again.
 const TURNS_PER_ITERATION_MAX: usize = 256;
+/// How often [`run_with_status`] reports.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The loop wakes at least this often (to see the stop flag).
 const IDLE_WAKEUP: Duration = Duration::from_millis(50);
 
@@ -56,6 +58,19 @@ pub fn run<A: App>(
     app: A,
     options: &RunOptions,
     stop: &AtomicBool,
+) -> Result<NodeStats, NodeError> {
+    run_with_status(heap, config, app, options, stop, &mut |_, _| {})
+}
+
+/// [`run`], calling `status` with the node's counters and its peers' protocol state about
+/// every [`STATUS_INTERVAL`] and once more when it stops (for status files and monitoring).
+pub fn run_with_status<A: App>(
+    heap: Heap,
+    config: NodeConfig,
+    app: A,
+    options: &RunOptions,
+    stop: &AtomicBool,
+    status: &mut dyn FnMut(&NodeStats, &[(NodeId, PeerView)]),
 ) -> Result<NodeStats, NodeError> {
     let io = |what: &str| {
         let what = what.to_string();
@@ -99,6 +114,14 @@ pub fn run<A: App>(
     let mut scratch = Vec::new();
     let mut stdout = std::io::stdout();
     let mut stopping_since: Option<Instant> = None;
+    let mut last_status = Instant::now();
+    let stats_now = |core: &NodeCore<A>, faults: &Option<FaultLayer>| {
+        let mut s = core.stats();
+        if let Some(f) = faults {
+            s.faults_injected = f.counters;
+        }
+        s
+    };
     loop {
         let now = Instant::now();
         let deadline = match (core.poll_timeout(), faults.as_ref().and_then(|f| f.next_deadline())) {
@@ -152,6 +175,10 @@ pub fn run<A: App>(
         }
         stdout.flush().map_err(io("writing stdout"))?;
 
+        if now.duration_since(last_status) >= STATUS_INTERVAL {
+            last_status = now;
+            status(&stats_now(&core, &faults), &core.peer_views());
+        }
         if stop.load(Ordering::Relaxed) || core.stop_requested() {
             let since = *stopping_since.get_or_insert(now);
             core.flush(now)?;
@@ -168,7 +195,8 @@ pub fn run<A: App>(
     while let Some(bytes) = core.poll_stdout() {
         stdout.write_all(&bytes).map_err(io("writing stdout"))?;
     }
-    let stats = core.stats();
+    let stats = stats_now(&core, &faults);
+    status(&stats, &core.peer_views());
     tracing::info!(node = %core.node(), turns = stats.turns, "node stopped");
     core.close(now)?;
     Ok(stats)
