@@ -55,6 +55,8 @@ pub struct ClusterReport {
     /// After each restart: from spawning the process to its `Restarted` turn being durable and
     /// printed, in milliseconds.
     pub restart_to_turn_ms: Vec<f64>,
+    /// Sums over the nodes' last runs (the counters of killed runs die with them).
+    pub last_run_counters: serde_json::Value,
 }
 
 impl ClusterReport {
@@ -69,6 +71,7 @@ impl ClusterReport {
             "expected_total": self.nodes as u64 * bank::ACCOUNTS as u64 * bank::INITIAL_BALANCE,
             "transfers_applied": self.reports.iter().map(|r| r.transfers_applied).sum::<u64>(),
             "violations": self.problems.len(), "problems": self.problems,
+            "last_run_counters": self.last_run_counters,
             "restart_to_turn_ms": { "count": r.len(), "p50": pct(0.5), "p99": pct(0.99), "max": r.last().copied().unwrap_or(0.0) },
         })
     }
@@ -108,6 +111,7 @@ fn spawn(cfg: &ClusterConfig, i: usize, addrs: &[SocketAddr], generation: u64, t
     }
     cmd.arg("--transfers").arg(cfg.transfers_per_node.to_string());
     cmd.arg("--interval-ms").arg(cfg.interval_ms.to_string()).arg("--verbose").arg("--size").arg("32M");
+    cmd.arg("--stats-json").arg(stats_path(&cfg.dir, i));
     if let Some(k) = &cfg.key {
         cmd.arg("--key").arg(k);
     }
@@ -263,6 +267,24 @@ pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
         }
     }
     problems.extend(bank::check_cluster(&reports));
+    let mut sums = serde_json::Map::new();
+    for i in 0..cfg.nodes {
+        let Ok(text) = std::fs::read_to_string(stats_path(&cfg.dir, i)) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+        for (key, value) in [
+            ("faults_dropped", &v["faults_injected"]["dropped"]),
+            ("faults_duplicated", &v["faults_injected"]["duplicated"]),
+            ("faults_delayed", &v["faults_injected"]["delayed"]),
+            ("fragments_retransmitted", &v["transport"]["fragments_retransmitted"]),
+            ("duplicates_dropped", &v["transport"]["duplicates_dropped"]),
+            ("out_of_order_buffered", &v["transport"]["out_of_order_buffered"]),
+            ("turns_pipelined", &v["turns_pipelined"]),
+            ("turns", &v["turns"]),
+        ] {
+            let sum = sums.get(key).and_then(|s| s.as_u64()).unwrap_or(0) + value.as_u64().unwrap_or(0);
+            sums.insert(key.to_string(), serde_json::json!(sum));
+        }
+    }
     if !finished {
         let applied: u64 = reports.iter().map(|r| r.transfers_applied).sum();
         problems.push(format!(
@@ -279,7 +301,13 @@ pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
         reports,
         problems,
         restart_to_turn_ms: restart_ms,
+        last_run_counters: serde_json::Value::Object(sums),
     })
+}
+
+/// The counters a node writes when it stops (the last run of each node only).
+fn stats_path(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("node{}.stats.json", i + 1))
 }
 
 pub fn heap_path(dir: &Path, i: usize) -> PathBuf {

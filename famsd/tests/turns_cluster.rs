@@ -42,6 +42,11 @@ fn bank_survives_loss_duplication_reordering_and_kills() {
         "--faults", "0.3,0.1,0.1,9", "--seed", "5",
     ]);
     assert!(v["kills"].as_u64().unwrap() >= 6, "{v}");
+    // The faults really happened (counted in the nodes' last runs).
+    let c = &v["last_run_counters"];
+    for key in ["faults_dropped", "faults_duplicated", "faults_delayed", "fragments_retransmitted", "duplicates_dropped"] {
+        assert!(c[key].as_u64().unwrap_or(0) > 0, "{key} is 0: {v}");
+    }
 }
 
 #[test]
