@@ -111,3 +111,82 @@ fn strict_pingpong_completes() {
     eprintln!("{out}\n{initiator}");
     assert!(out.contains("\"round_trips\":300"), "{out}");
 }
+
+/// Two network namespaces joined by a veth pair at MTU 1,500 (made and removed by the test).
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn new() -> Option<Netns> {
+        if !fams_tests::is_root() {
+            assert!(std::env::var_os("FAMS_REQUIRE_ROOT_TESTS").is_none(), "this run requires the root-only tests");
+            eprintln!("SKIPPED: network namespaces need root");
+            return None;
+        }
+        let tag = std::process::id() % 100_000;
+        let names = [format!("famsa{tag}"), format!("famsb{tag}")];
+        let ns = Netns { names };
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let (a, b) = (&ns.names[0], &ns.names[1]);
+        let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
+        ip(&["netns", "add", a]);
+        ip(&["netns", "add", b]);
+        ip(&["link", "add", &va, "mtu", "1500", "type", "veth", "peer", "name", &vb, "mtu", "1500"]);
+        ip(&["link", "set", &va, "netns", a]);
+        ip(&["link", "set", &vb, "netns", b]);
+        for (n, v, addr) in [(a, &va, "10.201.77.1/24"), (b, &vb, "10.201.77.2/24")] {
+            ip(&["-n", n, "addr", "add", addr, "dev", v]);
+            ip(&["-n", n, "link", "set", v, "up"]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        Some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+#[test]
+fn one_mib_messages_cross_a_1500_byte_mtu_between_namespaces() {
+    let Some(ns) = Netns::new() else { return };
+    let dir = TempDir::new("netns");
+    let node = |i: usize, extra: &[&str]| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.names[i], env!("CARGO_BIN_EXE_famsd"), "node", "pingpong"])
+            .args(["--id", &(i + 1).to_string(), "--listen", &format!("10.201.77.{}:7000", i + 1)])
+            .args(["--peer", &format!("{}=10.201.77.{}:7000", 2 - i, 2 - i)])
+            .arg("--heap")
+            .arg(dir.join(&format!("n{}.heap", i + 1)))
+            .arg("--stats-json")
+            .arg(dir.join(&format!("n{}.json", i + 1)))
+            .args(["--size", "128M"])
+            .args(extra)
+            .env("FAMS_LOG", "warn");
+        cmd
+    };
+    let mut responder = node(1, &[]).stdout(std::process::Stdio::null()).spawn().expect("responder");
+    let out = node(0, &["--initiator-of", "2", "--round-trips", "12", "--window", "2", "--message-bytes", "1048576"])
+        .output()
+        .expect("initiator");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(responder.id() as i32, libc::SIGTERM) };
+    let _ = responder.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("\"round_trips\":12"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("n1.json")).expect("stats")).expect("json");
+    eprintln!("{stdout}{stats}");
+    // 12 messages of 1 MiB each way, in datagrams that fit the 1,500-byte MTU.
+    let t = &stats["transport"];
+    assert!(t["fragments_sent"].as_u64().unwrap() >= 12 * (1 << 20) / 1400, "{stats}");
+    assert!(t["bytes_received"].as_u64().unwrap() >= 12 << 20, "{stats}");
+}
