@@ -3,4 +3,5 @@
 //! and the benchmarks all run these same handlers.
 
 pub mod bank;
+pub mod chat;
 pub mod pingpong;
