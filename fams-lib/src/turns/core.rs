@@ -439,9 +439,14 @@ impl<A: App> NodeCore<A> {
         self.release_durable(now)
     }
 
-    /// Close the node: wait for durability, then close the heap with a checkpoint.
+    /// Close the node: wait for durability, record what was acknowledged and printed (so a
+    /// clean restart re-sends and re-prints nothing), then close the heap with a checkpoint.
+    /// Call it after the driver has written everything [`NodeCore::poll_stdout`] returned.
     pub fn close(mut self, now: Instant) -> Result<(), NodeError> {
         self.flush(now)?;
+        self.handle_events();
+        self.record_housekeeping()?;
+        self.objects.commit()?;
         drop(self.objects);
         Ok(())
     }
