@@ -10,7 +10,11 @@
 //! - [`recovery`]: the recovery path;
 //! - [`log_format`] and [`heap_file`]: the on-disk formats, documented where they are encoded;
 //! - [`tracker`]: dirty-page tracking (userfaultfd WP-async + PAGEMAP_SCAN, or mprotect);
-//! - [`io`]: the log device (io_uring or plain syscalls, O_DIRECT, RWF_DSYNC / fdatasync).
+//! - [`io`]: the log device (io_uring or plain syscalls, O_DIRECT, RWF_DSYNC / fdatasync);
+//! - [`alloc`]: objects, roots and collections in the heap;
+//! - [`turns`]: the turn manager (Ken's model: a handler per input, pipelined output commit);
+//! - [`transport`]: the reliable, exactly-once, FIFO protocol between nodes (sans-IO);
+//! - [`apps`]: reference turn applications (a bank, ping-pong, a chat room).
 //!
 //! ```no_run
 //! use fams::{FormatOptions, Heap, HeapOptions};
