@@ -50,6 +50,15 @@ fn bank_survives_loss_duplication_reordering_and_kills() {
 }
 
 #[test]
+fn bank_survives_sigkills_under_the_other_trackers() {
+    for tracker in fams_tests::trackers().iter().filter(|t| **t != fams::TrackerKind::Uffd) {
+        let name = tracker.name();
+        let v = cluster(&["--nodes", "3", "--transfers", "150", "--interval-ms", "8", "--kills-per-node", "2", "--tracker", name]);
+        assert!(v["kills"].as_u64().unwrap() >= 6, "{name}: {v}");
+    }
+}
+
+#[test]
 fn bank_with_a_shared_key() {
     let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
     cluster(&["--nodes", "3", "--transfers", "100", "--kills-per-node", "1", "--key", key, "--seed", "8"]);

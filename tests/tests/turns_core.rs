@@ -228,3 +228,51 @@ fn alarm_and_stdin_are_inputs_and_a_clean_restart_reprints_nothing() {
     let (out, _) = run_until(&mut a, &mut b, &mut now, |a, _| a.stats().turns >= 1 && a.turns_in_flight() == 0);
     assert_eq!(String::from_utf8(out).unwrap(), "restarted\n");
 }
+
+/// Sends each stdin line to every peer it knows.
+struct Fanout;
+impl App for Fanout {
+    fn turn(&mut self, t: &mut Turn<'_>, input: Input<'_>) -> Result<(), TurnError> {
+        if let Input::Stdin(line) = input {
+            for p in t.peers() {
+                t.send(p, line)?;
+            }
+            t.println("sent")?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_dead_peer_fills_the_outbox_and_stops_input_until_it_is_retired() {
+    let dir = TempDir::new("turns-retire");
+    let now = Instant::now();
+    let path = dir.join("n1.heap");
+    fams_tests::format(&path, 8 << 20, Some(4 << 20));
+    let heap = fams::Heap::open(&path, &fams::HeapOptions::default()).expect("open");
+    let mut config = NodeConfig::new(NodeId(1));
+    config.peers.push((NodeId(2), addr(2))); // never answers
+    config.limits.outbox_messages_max = 8;
+    config.limits.sends_per_turn_max = 2;
+    let mut a = NodeCore::open(heap, config, Fanout, now, SystemTime::now()).expect("node");
+    for i in 0..20 {
+        assert!(a.push_stdin(format!("line {i}").into_bytes()));
+    }
+    for _ in 0..50 {
+        a.step(now, 64).expect("step");
+        a.flush(now).expect("flush");
+    }
+    // Input stops once the outbox to the silent peer is past outbox_messages_max - sends_per_turn_max.
+    let stalled = a.stats().stdin_lines;
+    assert_eq!(stalled, 7, "{:?}", a.stats());
+    assert_eq!(a.snapshot().unwrap().peers[0].unacked_messages, 7);
+    a.retire_peer(NodeId(2)).expect("retire");
+    for _ in 0..50 {
+        a.step(now, 64).expect("step");
+        a.flush(now).expect("flush");
+    }
+    assert_eq!(a.stats().stdin_lines, 20, "input resumes after the retirement");
+    let snap = a.snapshot().unwrap();
+    assert!(snap.peers[0].retired && snap.peers[0].unacked_messages == 0, "{snap:?}");
+    a.close(now).expect("close");
+}
