@@ -23,6 +23,7 @@ use crate::tracker::{self, DirtyTracker, TrackerKind};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -829,6 +830,19 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
 
     refuse_volatile("heap", heap_path)?;
     refuse_volatile("log", &log_actual)?;
+    if heap_path.exists() {
+        return Err(Error::io(
+            heap_path,
+            "creating the heap file (it already exists; remove it or pick another path)",
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        ));
+    }
+    // Format builds both files under staging names and renames them into place, the heap last:
+    // a heap file exists only once it and its log are complete and durable. A format killed
+    // part way leaves staging files (and perhaps its renamed log) behind: clear them.
+    let heap_staging = staging_path(heap_path);
+    let log_staging = staging_path(&log_actual);
+    clear_interrupted_format(&heap_staging, &log_staging, &log_actual);
     // Check the log target before creating anything.
     let block = if log_actual.exists() {
         io::block_device_info(&log_actual).map_err(|e| Error::io(&log_actual, "inspecting the log device", e))?
@@ -879,14 +893,13 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         created_unix: now_unix(),
         log_path: log_recorded,
     };
-    let file = OpenOptions::new().read(true).write(true).create_new(true).open(heap_path).map_err(|e| {
-        let what = if e.kind() == std::io::ErrorKind::AlreadyExists {
-            "creating the heap file (it already exists; remove it or pick another path)"
-        } else {
-            "creating the heap file"
-        };
-        Error::io(heap_path, what, e)
-    })?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&heap_staging)
+        .map_err(|e| Error::io(&heap_staging, "creating the heap file under its staging name", e))?;
+    let mut log_renamed = false;
     let result = (|| {
         file.write_all_at(&header.encode(), 0).map_err(|e| Error::io(heap_path, "writing the heap header", e))?;
         file.set_len(HEADER_BYTES + size).map_err(|e| Error::io(heap_path, "sizing the heap file", e))?;
@@ -902,27 +915,79 @@ fn format(opts: &FormatOptions) -> Result<HeapHeader> {
             }
         }
         file.sync_all().map_err(|e| Error::io(heap_path, "fsync", e))?;
+        // A log file is made under its staging name too; a block device is written in place
+        // (it has no name to stage, and a half-formatted device holds no valid superblock).
+        let log_target = if block.is_none() { &log_staging } else { &log_actual };
         if block.is_none() {
-            io::create_log_file(&log_actual, log_size)
+            io::create_log_file(log_target, log_size)
                 .map_err(|e| Error::io(&log_actual, "creating the log file", e))?;
         }
-        let mut dev = io::open_log(&log_actual, &LogOpenOptions::default())
+        let mut dev = io::open_log(log_target, &LogOpenOptions::default())
             .map_err(|e| Error::io(&log_actual, "opening the log", e))?;
         // Zero both slots first so an old superblock on a reused device cannot win.
         io::zero_range_durable(dev.as_mut(), 0, 2 * PAGE_SIZE as u64)
             .map_err(|e| Error::io(&log_actual, "clearing the superblocks", e))?;
         recovery::write_superblock(dev.as_mut(), &Superblock::new(header.heap_id, log_size))
             .map_err(|e| Error::io(&log_actual, "writing the first superblock", e))?;
+        drop(dev);
+        if block.is_none() {
+            rename_no_replace(&log_staging, &log_actual)?;
+            log_renamed = true;
+            sync_parent_dir(&log_actual)?;
+        }
+        rename_no_replace(&heap_staging, heap_path)?;
         sync_parent_dir(heap_path)
     })();
     if let Err(e) = result {
-        let _ = std::fs::remove_file(heap_path);
-        if block.is_none() {
+        let _ = std::fs::remove_file(&heap_staging);
+        let _ = std::fs::remove_file(&log_staging);
+        if log_renamed {
             let _ = std::fs::remove_file(&log_actual);
         }
         return Err(e);
     }
     Ok(header)
+}
+
+/// `dir/.NAME.formatting`: where format builds `dir/NAME` before renaming it into place.
+fn staging_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.formatting"))
+}
+
+/// Remove what a killed format left: its staging files, and the log it had already renamed into
+/// place — recognised as its own by the heap id in the log's superblock, which equals the one
+/// in the staging heap file's header. A log of any other heap is left alone.
+fn clear_interrupted_format(heap_staging: &Path, log_staging: &Path, log_actual: &Path) {
+    let _ = std::fs::remove_file(log_staging);
+    let Ok(file) = File::open(heap_staging) else { return };
+    let staged_id = crate::heap_file::read_header(&file, heap_staging).ok().map(|h| h.heap_id);
+    drop(file);
+    if let (Some(id), true) = (staged_id, log_actual.is_file()) {
+        let ours = io::open_log(log_actual, &LogOpenOptions::default())
+            .ok()
+            .and_then(|mut dev| recovery::read_superblock(dev.as_mut(), log_actual).ok())
+            .is_some_and(|sb| sb.heap_id == id);
+        if ours {
+            let _ = std::fs::remove_file(log_actual);
+        }
+    }
+    let _ = std::fs::remove_file(heap_staging);
+}
+
+/// rename(2) that fails instead of replacing an existing file (renameat2 RENAME_NOREPLACE).
+fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidArgument(format!("{} contains a NUL byte", p.display())))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; renameat2 only reads them.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc != 0 {
+        return Err(Error::io(to, "renaming the finished file into place", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Who holds a flock on `file`, from /proc/locks (best effort, for the error message).

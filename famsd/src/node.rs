@@ -158,11 +158,19 @@ fn transport_json(t: &fams::transport::TransportStats) -> serde_json::Value {
 }
 
 pub fn stats_json(s: &NodeStats) -> serde_json::Value {
+    let h = &s.heap;
+    let per_commit = |v: u64| v as f64 / h.commits.max(1) as f64;
     serde_json::json!({
+        "heap": { "tracker": h.tracker, "io_path": h.io_path, "flush_mode": h.flush_mode, "commits": h.commits,
+                  "pages_per_commit": per_commit(h.pages_tracked), "record_bytes_per_commit": per_commit(h.record_bytes),
+                  "capture_us_per_commit": per_commit(h.capture_ns) / 1e3, "collect_us_per_commit": per_commit(h.collect_ns) / 1e3,
+                  "device_write_us_per_group": h.device_write_ns as f64 / 1e3 / h.groups.max(1) as f64,
+                  "groups": h.groups, "checkpoints": h.checkpoints,
+                  "recovery_ms": h.recovery.duration.as_secs_f64() * 1e3, "records_replayed": h.recovery.records_replayed },
         "transport": transport_json(&s.transport),
         "faults_injected": { "dropped": s.faults_injected.dropped, "duplicated": s.faults_injected.duplicated,
                              "delayed": s.faults_injected.delayed },
-        "turns": s.turns, "turns_failed": s.turns_failed, "turns_pipelined": s.turns_pipelined,
+        "turns": s.turns, "turns_failed": s.turns_failed, "turns_pipelined": s.turns_pipelined, "turns_synchronous": s.turns_synchronous,
         "turns_in_flight_peak": s.turns_in_flight_peak, "turns_durable": s.turns_durable,
         "messages_sent": s.messages_sent, "messages_consumed": s.messages_consumed,
         "stdin_lines": s.stdin_lines, "alarms": s.alarms, "housekeeping_commits": s.housekeeping_commits,

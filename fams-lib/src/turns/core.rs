@@ -35,6 +35,10 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
+/// How long a node stays idle before it commits acknowledgements on their own (freeing the
+/// acknowledged outbox entries in its heap).
+pub const HOUSEKEEPING_IDLE: Duration = Duration::from_millis(100);
+
 /// Errors that stop a node.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -102,6 +106,8 @@ pub struct NodeStats {
     pub turns_failed: u64,
     /// Turns started while an earlier turn was not yet durable.
     pub turns_pipelined: u64,
+    /// Turns committed synchronously (nothing in flight, no input waiting).
+    pub turns_synchronous: u64,
     /// Most turns in flight at once.
     pub turns_in_flight_peak: u64,
     pub turns_durable: u64,
@@ -118,6 +124,8 @@ pub struct NodeStats {
     pub peers_restarted: u64,
     /// The transport's counters (datagrams, retransmissions, duplicates, rejections…).
     pub transport: crate::transport::TransportStats,
+    /// The heap's counters (commits, pages per commit, where the commit time goes, recovery).
+    pub heap: crate::Stats,
     /// Faults the driver injected into outgoing datagrams (fault runs only).
     pub faults_injected: super::faults::FaultCounters,
 }
@@ -180,6 +188,12 @@ pub struct NodeCore<A: App> {
     stop_requested: bool,
     /// Messages from peers and stdin lines alternate, so neither starves the other.
     prefer_stdin: bool,
+    /// A message pulled from the transport ahead of its turn (to know whether input waits).
+    lookahead: Option<transport::Message>,
+    /// The time of the current step.
+    last_now: Instant,
+    /// When the last turn (or housekeeping commit) was committed.
+    last_turn_at: Instant,
 }
 
 impl<A: App> NodeCore<A> {
@@ -314,6 +328,9 @@ impl<A: App> NodeCore<A> {
             stats: NodeStats::default(),
             stop_requested: false,
             prefer_stdin: false,
+            lookahead: None,
+            last_now: now,
+            last_turn_at: now,
             config,
         };
         tracing::info!(node = %node, incarnation, heap = %core.path.display(), "node opened");
@@ -340,6 +357,7 @@ impl<A: App> NodeCore<A> {
         let mut s = self.stats.clone();
         s.device_writes = self.objects.stats().groups - self.groups_at_open;
         s.transport = self.endpoint.stats().clone();
+        s.heap = self.objects.stats();
         s
     }
 
@@ -384,22 +402,21 @@ impl<A: App> NodeCore<A> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let transport = self.endpoint.poll_timeout();
         let alarm = (self.alarm_unix_ns != 0).then(|| self.instant_of_unix_ns(self.alarm_unix_ns));
-        match (transport, alarm) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let housekeeping = self.acks_unrecorded.then_some(self.last_turn_at + HOUSEKEEPING_IDLE);
+        [transport, alarm, housekeeping].into_iter().flatten().min()
     }
 
     /// Do everything that is due at `now`: timers, released outputs, turns (up to
     /// `turns_max`). Returns the number of turns run.
     pub fn step(&mut self, now: Instant, turns_max: usize) -> Result<usize, NodeError> {
+        self.last_now = now;
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
         self.release_durable(now)?;
         self.handle_events();
         let ran = self.run_turns(now, turns_max)?;
-        if ran == 0 && self.pending.is_empty() && self.acks_unrecorded && self.nothing_to_do(now) {
+        if ran == 0 && self.housekeeping_due(now) && self.nothing_to_do(now) {
             self.housekeeping(now)?;
         }
         // Turns are committed asynchronously; what became durable meanwhile goes out now.
@@ -463,6 +480,13 @@ impl<A: App> NodeCore<A> {
     fn instant_of_unix_ns(&self, ns: u64) -> Instant {
         let wall0 = self.wall0.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         self.inst0 + Duration::from_nanos(ns.saturating_sub(wall0))
+    }
+
+    /// Acknowledged outbox entries wait in the heap and the node has been idle a while: the
+    /// next turn would free them for free, so a commit of its own is worth it only when no turn
+    /// comes for [`HOUSEKEEPING_IDLE`].
+    fn housekeeping_due(&self, now: Instant) -> bool {
+        self.acks_unrecorded && self.pending.is_empty() && now >= self.last_turn_at + HOUSEKEEPING_IDLE
     }
 
     fn nothing_to_do(&self, now: Instant) -> bool {
@@ -562,7 +586,7 @@ impl<A: App> NodeCore<A> {
             }
             let source = if self.prefer_stdin && !self.stdin.is_empty() {
                 Source::Stdin(self.stdin.pop_front().expect("not empty"))
-            } else if let Some(m) = self.endpoint.poll_message() {
+            } else if let Some(m) = self.lookahead.take().or_else(|| self.endpoint.poll_message()) {
                 Source::Message(m.peer, m.seq, m.bytes)
             } else if let Some(line) = self.stdin.pop_front() {
                 Source::Stdin(line)
@@ -690,6 +714,14 @@ impl<A: App> NodeCore<A> {
         self.commit_turn(source, Vec::new(), Vec::new())
     }
 
+    /// Is another input waiting for a turn? (Pulls one message ahead from the transport.)
+    fn input_waiting(&mut self, now: Instant) -> bool {
+        if self.lookahead.is_none() {
+            self.lookahead = self.endpoint.poll_message();
+        }
+        self.lookahead.is_some() || !self.first.is_empty() || !self.stdin.is_empty() || self.alarm_due(now)
+    }
+
     fn commit_turn(&mut self, source: &Source, sends: Vec<(NodeId, u64, Vec<u8>)>, stdout: Vec<u8>) -> Result<(), NodeError> {
         let consumed = match source {
             Source::Message(peer, seq, _) => {
@@ -699,8 +731,19 @@ impl<A: App> NodeCore<A> {
             }
             _ => None,
         };
-        let ticket = self.objects.commit_async()?;
+        // Nothing in flight and no other input waiting: nothing could run while this turn's
+        // record is written, so write it on this thread (the heap does so when its log writer
+        // is idle) — no hand-off to the writer thread and back, the shortest turn latency.
+        // Otherwise pipeline: the next turn runs while this one is written.
+        let ticket = if self.pending.is_empty() && !self.input_waiting(self.last_now) {
+            self.stats.turns_synchronous += 1;
+            self.objects.commit()?
+        } else {
+            self.objects.commit_async()?
+        };
+        self.housekeeping_committed();
         self.stats.turns += 1;
+        self.last_turn_at = self.last_now;
         self.pending.push_back(PendingTurn { ticket, sends, consumed, stdout });
         self.stats.turns_in_flight_peak = self.stats.turns_in_flight_peak.max(self.pending.len() as u64);
         Ok(())
@@ -757,7 +800,8 @@ impl<A: App> NodeCore<A> {
     }
 
     /// Record in the heap what happened outside turns: acknowledgements (freeing outbox
-    /// entries), stdout bytes written, addresses learned. Part of the next commit.
+    /// entries), stdout bytes written, addresses learned. Part of the next commit. Idempotent:
+    /// after a rollback it is simply done again (the flags are cleared once a commit holds it).
     fn record_housekeeping(&mut self) -> Result<(), ObjectError> {
         let (st, alloc) = state::node_state(&mut self.objects)?;
         if self.acks_unrecorded {
@@ -770,7 +814,6 @@ impl<A: App> NodeCore<A> {
                     }
                 }
             }
-            self.acks_unrecorded = false;
         }
         let written = self.stdout_emitted.saturating_sub(st.stdout_base) as usize;
         if written > 0 {
@@ -778,18 +821,26 @@ impl<A: App> NodeCore<A> {
             st.stdout_pending.drain(..k);
             st.stdout_base += k as u64;
         }
-        for (peer, addr) in self.addr_updates.drain() {
+        for (&peer, &addr) in &self.addr_updates {
             let p = st.peer_or_insert(alloc, peer, Some(addr))?;
             p.addr = StoredAddr::from_socket_addr(addr);
         }
         Ok(())
     }
 
+    /// A commit now holds the housekeeping recorded before it.
+    fn housekeeping_committed(&mut self) {
+        self.acks_unrecorded = false;
+        self.addr_updates.clear();
+    }
+
     /// No input is waiting but acknowledged outbox entries are still in the heap: free them
     /// in a commit of their own, so an idle node's outbox empties.
-    fn housekeeping(&mut self, _now: Instant) -> Result<(), NodeError> {
+    fn housekeeping(&mut self, now: Instant) -> Result<(), NodeError> {
         self.record_housekeeping()?;
         let ticket = self.objects.commit_async()?;
+        self.housekeeping_committed();
+        self.last_turn_at = now;
         self.stats.housekeeping_commits += 1;
         self.pending.push_back(PendingTurn { ticket, sends: Vec::new(), consumed: None, stdout: Vec::new() });
         Ok(())
