@@ -70,6 +70,11 @@ impl RttEstimator {
         self.srtt
     }
 
+    /// The round-trip variation (zero before the first sample).
+    pub fn rttvar(&self) -> Duration {
+        self.rttvar
+    }
+
     /// The timeout without backoff.
     pub fn base_rto(&self) -> Duration {
         let rto = match self.srtt {
