@@ -11,6 +11,8 @@
 //! - [`log_format`] and [`heap_file`]: the on-disk formats, documented where they are encoded;
 //! - [`tracker`]: dirty-page tracking (userfaultfd WP-async + PAGEMAP_SCAN, or mprotect);
 //! - [`io`]: the log device (io_uring or plain syscalls, O_DIRECT, RWF_DSYNC / fdatasync).
+//! - [`transport`]: the reliable, exactly-once, FIFO message protocol between nodes (a sans-IO
+//!   state machine; its datagram format in [`transport::wire`]).
 //!
 //! ```no_run
 //! use fams::{FormatOptions, Heap, HeapOptions};

@@ -845,7 +845,8 @@ impl Endpoint {
     /// Tells every known peer that this node restarted (a HELLO each): they resend what we have
     /// not acknowledged at once instead of waiting for their timers.
     pub fn announce_restart(&mut self, _now: Instant) {
-        let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        // In id order: the endpoint's outputs depend only on its inputs (simulations replay).
+        let ids = self.peers();
         for id in ids {
             self.peers.get_mut(&id).expect("listed").hello_pending = true;
             self.sync(id);
@@ -1290,9 +1291,7 @@ fn on_fragment(
     if m.holds(frag.frag_index) {
         stats.duplicates_dropped += 1;
         // The sender resent it: tell it what we hold (and where the ack stands).
-        if m.frag_count > 1 {
-            p.sack_pending.insert(seq, m.frag_count);
-        }
+        p.sack_pending.insert(seq, m.frag_count);
         p.ack_needed = true;
         return FragmentOutcome::Duplicate;
     }
@@ -1432,7 +1431,7 @@ fn build_transmit(
 /// A bitmap with bits `0..count` set (padding bits clear).
 fn full_bitmap(count: usize) -> Vec<u8> {
     let mut v = vec![0xff; count.div_ceil(8)];
-    if count % 8 != 0 {
+    if count & 7 != 0 {
         *v.last_mut().expect("count > 0") = (1u8 << (count % 8)) - 1;
     }
     v

@@ -565,7 +565,7 @@ mod props {
                 let n = out.len();
                 out[at as usize % n] ^= x;
             }
-            if cut as usize % 4 == 0 {
+            if cut & 3 == 0 {
                 let n = out.len();
                 out.truncate(cut as usize % n);
             }
