@@ -1285,6 +1285,13 @@ fn on_fragment(
     }
     let m = p.incoming.get_mut(&seq).expect("present");
     if m.message_len != frag.message_len || m.frag_count != frag.frag_count {
+        if m.complete() && m.message_len == frag.message_len {
+            // The sender restarted with another datagram size and resends a message we hold
+            // whole: the same durable bytes, cut differently. A duplicate.
+            stats.duplicates_dropped += 1;
+            p.ack_needed = true;
+            return FragmentOutcome::Duplicate;
+        }
         stats.inconsistent_fragment += 1;
         return FragmentOutcome::Dropped;
     }
