@@ -1693,3 +1693,38 @@ fn the_same_inputs_give_the_same_outputs() {
     };
     assert_eq!(run(), run());
 }
+
+/// Not a check: how fast the endpoints move small messages through the in-test network (run with
+/// `cargo test --release -p fams transport::tests::throughput -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn throughput_of_small_messages() {
+    const N: u64 = 200_000;
+    let mut w = pair(15, NetProfile::perfect(), config(1), config(2));
+    let (a, b) = (w.id(0), w.id(1));
+    let payload = vec![7u8; 100];
+    let started = std::time::Instant::now();
+    let mut next = 1u64;
+    loop {
+        let now = w.now;
+        while next <= N && w.nodes[0].ep.peer_view(b).unwrap().unacked_messages < 1_000 {
+            w.nodes[0].ep.send_durable(now, b, next, payload.clone()).unwrap();
+            next += 1;
+        }
+        w.pump();
+        w.nodes[1].received.clear();
+        if w.nodes[0].ep.peer_view(b).unwrap().acked_by_peer == N {
+            break;
+        }
+        assert!(w.advance());
+    }
+    let wall = started.elapsed();
+    let s = w.nodes[0].ep.stats();
+    eprintln!(
+        "{N} messages of 100 B {a}→{b}: {:.2} s wall, {:.0} messages/s; {} datagrams sent by the sender, {} by the receiver",
+        wall.as_secs_f64(),
+        N as f64 / wall.as_secs_f64(),
+        s.datagrams_sent,
+        w.nodes[1].ep.stats().datagrams_sent
+    );
+}
