@@ -1728,3 +1728,137 @@ fn throughput_of_small_messages() {
         w.nodes[1].ep.stats().datagrams_sent
     );
 }
+
+mod adversarial {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One input to an endpoint: a well-formed datagram with hostile field values, or an action.
+    #[derive(Debug, Clone)]
+    enum Input {
+        Data { seq: u64, len: u32, count_choice: u32, index_choice: u32, incarnation: u64, ack: u64, other_addr: bool },
+        Ack { ack: u64, sack: Option<(u64, u32, u8)>, incarnation: u64 },
+        Hello { incarnation: u64 },
+        Timeout { advance_ms: u64 },
+        Pull { consume: bool },
+        Send { len: u16 },
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            (1u64..24, 0u32..6000, any::<u32>(), any::<u32>(), 0u64..4, 0u64..40, any::<bool>()).prop_map(
+                |(seq, len, count_choice, index_choice, incarnation, ack, other_addr)| Input::Data {
+                    seq,
+                    len,
+                    count_choice,
+                    index_choice,
+                    incarnation,
+                    ack,
+                    other_addr
+                }
+            ),
+            (0u64..40, proptest::option::of((0u64..30, 1u32..12, any::<u8>())), 0u64..4)
+                .prop_map(|(ack, sack, incarnation)| Input::Ack { ack, sack, incarnation }),
+            (0u64..4).prop_map(|incarnation| Input::Hello { incarnation }),
+            (0u64..3000).prop_map(|advance_ms| Input::Timeout { advance_ms }),
+            any::<bool>().prop_map(|consume| Input::Pull { consume }),
+            (0u16..5000).prop_map(|len| Input::Send { len }),
+        ]
+    }
+
+    fn run(inputs: Vec<Input>, key: Option<Key>) {
+        let mut cfg = config(2);
+        cfg.key = key;
+        cfg.reorder_messages_max = 6;
+        cfg.window_messages = 4;
+        cfg.window_fragments = 5;
+        let mut ep = Endpoint::new(cfg, Instant::now()).unwrap();
+        ep.add_peer(NodeId(1), addr(1), PeerRestore::NEW).unwrap();
+        let mut now = Instant::now();
+        let mut next_send = 1u64;
+        let mut delivered = 0u64;
+        let mut buf = Vec::new();
+        let header = |incarnation, ack| Header { sender: NodeId(1), receiver: NodeId(2), incarnation, ack };
+        for input in inputs {
+            let mut from = addr(1);
+            match input {
+                Input::Data { seq, len, count_choice, index_choice, incarnation, ack, other_addr } => {
+                    let count = wire::fragment_count_for(len as u64, 400 + (count_choice as u64 % 3000));
+                    let index = index_choice as u64 % count;
+                    let payload = vec![seq as u8; wire::fragment_range(len as u64, count, index).len()];
+                    let fragment = Fragment {
+                        seq,
+                        message_len: len,
+                        frag_index: index as u32,
+                        frag_count: count as u32,
+                        payload: &payload,
+                    };
+                    wire::encode(
+                        &Datagram::Data { header: header(incarnation, ack), fragment },
+                        key.as_ref(),
+                        &mut buf,
+                    );
+                    if other_addr {
+                        from = addr(77);
+                    }
+                }
+                Input::Ack { ack, sack, incarnation } => {
+                    let bitmap;
+                    let sack = match sack {
+                        Some((seq, frag_count, bits)) if seq > 0 => {
+                            let mut b = vec![bits; (frag_count as usize).div_ceil(8)];
+                            if frag_count % 8 != 0 {
+                                let last = b.len() - 1;
+                                b[last] &= (1u8 << (frag_count % 8)) - 1;
+                            }
+                            bitmap = b;
+                            Some(Sack { seq, frag_count, bitmap: &bitmap })
+                        }
+                        _ => None,
+                    };
+                    wire::encode(&Datagram::Ack { header: header(incarnation, ack), sack }, key.as_ref(), &mut buf);
+                }
+                Input::Hello { incarnation } => {
+                    wire::encode(&Datagram::Hello { header: header(incarnation, 0) }, key.as_ref(), &mut buf);
+                }
+                Input::Timeout { advance_ms } => {
+                    now += Duration::from_millis(advance_ms);
+                    ep.handle_timeout(now);
+                    continue;
+                }
+                Input::Pull { consume } => {
+                    while let Some(m) = ep.poll_message() {
+                        assert_eq!(m.seq, delivered + 1, "in order, once");
+                        delivered = m.seq;
+                    }
+                    if consume && delivered > 0 {
+                        ep.consumed_durable(now, NodeId(1), delivered).unwrap();
+                    }
+                    while ep.poll_event().is_some() {}
+                    continue;
+                }
+                Input::Send { len } => {
+                    ep.send_durable(now, NodeId(1), next_send, vec![1u8; len as usize]).unwrap();
+                    next_send += 1;
+                    continue;
+                }
+            }
+            ep.handle_datagram(now, from, &buf);
+            while let Some(t) = ep.poll_transmit(now) {
+                assert!(wire::decode(&t.bytes, key.as_ref()).is_ok());
+                let v = ep.peer_view(NodeId(1)).unwrap();
+                assert!(v.transmitted_messages <= 4);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn hostile_but_well_formed_datagrams_never_break_the_endpoint(
+            inputs in proptest::collection::vec(input(), 1..120), keyed in any::<bool>()) {
+            run(inputs, keyed.then_some([5u8; 32]));
+        }
+    }
+}
