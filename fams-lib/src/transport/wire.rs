@@ -258,6 +258,8 @@ pub fn fragment_stride(message_len: u64, frag_count: u64) -> Option<u64> {
 }
 
 /// The byte range of fragment `index` in a message with a valid layout (see [`fragment_stride`]).
+///
+/// Panics on an invalid layout or index: call it only on what [`decode`] returned or a sender built.
 pub fn fragment_range(message_len: u64, frag_count: u64, index: u64) -> std::ops::Range<usize> {
     let stride = fragment_stride(message_len, frag_count).expect("fragment_range of an invalid layout");
     debug_assert!(index < frag_count);
