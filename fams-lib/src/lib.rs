@@ -13,7 +13,8 @@
 //! - [`io`]: the log device (io_uring or plain syscalls, O_DIRECT, RWF_DSYNC / fdatasync);
 //! - [`alloc`]: objects, roots and collections in the heap;
 //! - [`turns`]: the turn manager (Ken's model: a handler per input, pipelined output commit);
-//! - [`transport`]: the reliable, exactly-once, FIFO protocol between nodes (sans-IO);
+//! - [`transport`]: the reliable, exactly-once, FIFO message protocol between nodes (a sans-IO
+//!   state machine; its datagram format in [`transport::wire`]);
 //! - [`apps`]: reference turn applications (a bank, ping-pong, a chat room).
 //!
 //! ```no_run

@@ -58,6 +58,9 @@ pub const SACK_EVERY_FRAGMENTS: u32 = 32;
 /// Bound on acks queued for addresses other than a peer's known one (see "replay" in the module
 /// docs); more are dropped.
 pub const ONE_OFF_TRANSMITS_MAX: usize = 64;
+/// A fragment not held by the peer while it holds this many fragments sent after it is resent
+/// at once (TCP's duplicate-ack threshold, counted in selectively acked fragments).
+pub const FAST_RETRANSMIT_AFTER: usize = 3;
 
 /// The endpoint's configuration. [`EndpointConfig::new`] gives the defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -297,8 +300,6 @@ pub struct TransportStats {
     pub out_of_order_buffered: u64,
     /// Fragments of new messages dropped because the peer's reorder buffer was full.
     pub buffer_full_dropped: u64,
-    /// Buffered messages evicted to make room for a lower seq (they will be resent).
-    pub buffer_evicted_messages: u64,
     /// Datagrams rejected as malformed (sum of `malformed`).
     pub rejected_malformed: u64,
     pub malformed: MalformedStats,
@@ -323,8 +324,10 @@ pub struct TransportStats {
     pub sack_reneged_fragments: u64,
     /// Acks beyond the highest seq ever queued to that peer (clamped).
     pub ack_beyond_sent: u64,
-    /// Retransmission timeouts that resent something.
+    /// Retransmission timeouts.
     pub timeouts: u64,
+    /// Fragments declared lost from selective acks and resent without waiting for the timer.
+    pub fast_retransmits: u64,
     pub hellos_sent: u64,
     pub hellos_received: u64,
     pub peer_restarts: u64,
@@ -399,14 +402,16 @@ pub struct PeerView {
 /// Per-fragment sending state.
 #[derive(Clone, Copy, Debug)]
 struct FragState {
-    /// When it was first sent in this endpoint's life.
-    first_sent: Option<Instant>,
+    /// When it was last sent.
+    last_sent: Option<Instant>,
     /// How many times it was sent.
     sends: u32,
     /// The peer said (selectively) that it holds it.
     sacked: bool,
     /// Marked to be resent.
     resend: bool,
+    /// The peer-wide transmission counter at its latest send (orders sends made at one instant).
+    tx_order: u64,
 }
 
 /// One unacknowledged message (the volatile copy of a heap outbox entry).
@@ -431,6 +436,8 @@ struct Outgoing {
     /// A probe was sent since the last selective ack of it: the next selective ack is believed
     /// even where it takes fragments back.
     probed: bool,
+    /// Every fragment below this index is selectively acked.
+    first_unsacked: u32,
 }
 
 impl Outgoing {
@@ -501,6 +508,10 @@ struct Peer {
     timer: Option<Instant>,
     timer_registered: Option<Instant>,
     hello_pending: bool,
+    /// Counts fragment sends to this peer (see `FragState::tx_order`).
+    tx_counter: u64,
+    /// The highest transmission orders of fragments the peer selectively acked, ascending.
+    newest_sacked: [u64; FAST_RETRANSMIT_AFTER],
 
     in_transmit_queue: bool,
     in_deliver_queue: bool,
@@ -531,6 +542,8 @@ impl Peer {
             timer: None,
             timer_registered: None,
             hello_pending: false,
+            tx_counter: 0,
+            newest_sacked: [0; FAST_RETRANSMIT_AFTER],
             in_transmit_queue: false,
             in_deliver_queue: false,
         }
@@ -587,6 +600,7 @@ impl Peer {
             msg.next_new = 0;
             msg.in_flight = 0;
             msg.probed = false;
+            msg.first_unsacked = 0;
             msg.resend = 0;
             msg.resend_cursor = 0;
             for f in msg.frags.iter_mut() {
@@ -599,6 +613,7 @@ impl Peer {
         self.transmitted_bytes = 0;
         self.in_flight_fragments = 0;
         self.resend_pending = 0;
+        self.newest_sacked = [0; FAST_RETRANSMIT_AFTER];
     }
 
     /// The timer after progress or a send: armed while something transmitted is unacked.
@@ -789,7 +804,7 @@ impl Endpoint {
         let frag_count = wire::fragment_count_for(bytes.len() as u64, self.payload_bytes_max as u64);
         // ≤ MESSAGE_BYTES_MAX / 432 fragments.
         let frag_count = u32::try_from(frag_count).expect("fragment count fits u32");
-        let fresh = FragState { first_sent: None, sends: 0, sacked: false, resend: false };
+        let fresh = FragState { last_sent: None, sends: 0, sacked: false, resend: false, tx_order: 0 };
         p.unacked_bytes += bytes.len() as u64;
         p.outbox.push_back(Outgoing {
             seq,
@@ -803,6 +818,7 @@ impl Endpoint {
             retransmitted: false,
             last_first_send: None,
             probed: false,
+            first_unsacked: 0,
         });
         p.highest_queued = seq;
         self.sync(peer);
@@ -829,7 +845,8 @@ impl Endpoint {
     /// Tells every known peer that this node restarted (a HELLO each): they resend what we have
     /// not acknowledged at once instead of waiting for their timers.
     pub fn announce_restart(&mut self, _now: Instant) {
-        let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        // In id order: the endpoint's outputs depend only on its inputs (simulations replay).
+        let ids = self.peers();
         for id in ids {
             self.peers.get_mut(&id).expect("listed").hello_pending = true;
             self.sync(id);
@@ -866,9 +883,9 @@ impl Endpoint {
     }
 
     /// Fires every retransmission timer due at `now`: the unacked fragments the peer does not
-    /// hold are marked to be resent (oldest first, at most a fragment window), and of each
-    /// message it holds whole (by its selective acks), the first fragment as a probe that draws a
-    /// fresh ack.
+    /// hold (by its selective acks) are marked to be resent, oldest first, at most a fragment
+    /// window; when it holds them all, the first fragment of the oldest message is resent as a
+    /// probe that draws a fresh ack.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(&(t, id)) = self.timers.first() {
             if t > now {
@@ -883,25 +900,13 @@ impl Endpoint {
                 p.rtt.back_off();
                 let budget = self.config.window_fragments as u64;
                 let mut marked = p.resend_pending;
-                for index in 0..p.outbox.len() {
+                'messages: for index in 0..p.outbox.len() {
                     if !p.outbox[index].transmitted() {
                         break;
                     }
-                    let sent = p.outbox[index].next_new;
-                    let unsacked = p.outbox[index].in_flight;
-                    if unsacked == 0 && sent == p.outbox[index].frag_count {
-                        // The peer holds every fragment sent: it has not consumed the message
-                        // durably yet, or its ack was lost, or it dropped the message after
-                        // saying it held it. Resend the first fragment as a probe: it draws a
-                        // re-ack, or a selective ack that may take fragments back.
-                        p.outbox[index].probed = true;
-                        p.mark_resend(index, 0);
-                        marked += 1;
-                        continue;
-                    }
-                    for frag in 0..sent {
+                    for frag in 0..p.outbox[index].next_new {
                         if marked >= budget {
-                            break;
+                            break 'messages;
                         }
                         let f = p.outbox[index].frags[frag as usize];
                         if !f.sacked && !f.resend {
@@ -909,6 +914,15 @@ impl Endpoint {
                             marked += 1;
                         }
                     }
+                }
+                if p.resend_pending == 0 {
+                    // The peer holds every fragment sent: it has not consumed the messages
+                    // durably yet, or its ack was lost, or it dropped a message after saying it
+                    // held it (it was retired and added again). Resend the first fragment of the
+                    // oldest as a probe: it draws a re-ack, or a selective ack that takes
+                    // fragments back.
+                    p.outbox[0].probed = true;
+                    p.mark_resend(0, 0);
                 }
                 p.timer = Some(now + p.rtt.rto());
             }
@@ -1145,7 +1159,11 @@ fn on_sack(p: &mut Peer, sack: &Sack<'_>, now: Instant, stats: &mut TransportSta
             }
             progress = true;
             if f.sends == 1 {
-                newest_single_send = newest_single_send.max(f.first_sent);
+                newest_single_send = newest_single_send.max(f.last_sent);
+            }
+            if f.tx_order > p.newest_sacked[0] {
+                p.newest_sacked[0] = f.tx_order;
+                p.newest_sacked.sort_unstable();
             }
         } else if !held && f.sacked && msg.probed {
             // The peer no longer holds it (it evicted the message to make room for a lower seq):
@@ -1155,8 +1173,12 @@ fn on_sack(p: &mut Peer, sack: &Sack<'_>, now: Instant, stats: &mut TransportSta
             f.sacked = false;
             msg.in_flight += 1;
             p.in_flight_fragments += 1;
+            msg.first_unsacked = msg.first_unsacked.min(i);
             stats.sack_reneged_fragments += 1;
         }
+    }
+    while msg.first_unsacked < msg.next_new && msg.frags[msg.first_unsacked as usize].sacked {
+        msg.first_unsacked += 1;
     }
     msg.probed = false;
     if progress {
@@ -1166,7 +1188,43 @@ fn on_sack(p: &mut Peer, sack: &Sack<'_>, now: Instant, stats: &mut TransportSta
         p.rtt.reset_backoff();
         p.rearm(now);
     }
+    detect_losses(p, now, stats);
     progress
+}
+
+/// Loss detection without waiting for the timer (after RFC 6675 and RACK, RFC 8985), on every
+/// selective ack: a fragment the peer does not hold, though it holds at least
+/// [`FAST_RETRANSMIT_AFTER`] fragments sent after it (of any message), and that was sent longer
+/// ago than a round trip plus a reordering allowance (2 RTTVAR), was lost: it is marked to be
+/// resent now. Resent, it gets a new transmission order and time, so it is not declared lost
+/// again before as many of its successors arrive after it and another round trip passed. The
+/// allowance keeps reordering in the network from passing for loss; the timer remains the
+/// backstop (a lost last fragment has no successors).
+fn detect_losses(p: &mut Peer, now: Instant, stats: &mut TransportStats) {
+    let Some(srtt) = p.rtt.srtt() else { return };
+    let overdue = srtt + p.rtt.rttvar() * 2;
+    // Held fragments of messages acked since still count: what was sent before them and is not
+    // held is just as overdue.
+    let threshold = p.newest_sacked[0];
+    if threshold == 0 {
+        return;
+    }
+    for index in 0..p.outbox.len() {
+        if !p.outbox[index].transmitted() {
+            break;
+        }
+        if p.outbox[index].in_flight == 0 {
+            continue;
+        }
+        for frag in p.outbox[index].first_unsacked..p.outbox[index].next_new {
+            let f = p.outbox[index].frags[frag as usize];
+            let overdue = f.last_sent.is_some_and(|t| now.saturating_duration_since(t) >= overdue);
+            if !f.sacked && !f.resend && f.tx_order < threshold && overdue {
+                stats.fast_retransmits += 1;
+                p.mark_resend(index, frag);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1200,23 +1258,13 @@ fn on_fragment(
     }
     if !p.incoming.contains_key(&seq) {
         let need = frag.message_len as u64;
-        // Make room by evicting higher seqs: the lowest ones are the ones that let delivery
-        // progress (and the message at next_deliver is always admitted this way).
-        while p.incoming.len() >= config.reorder_messages_max as usize
-            || p.incoming_bytes + need > config.reorder_bytes_max
-        {
-            match p.incoming.last_key_value() {
-                Some((&last, _)) if last > seq => {
-                    let evicted = p.incoming.remove(&last).expect("present");
-                    p.incoming_bytes -= evicted.message_len as u64;
-                    p.sack_pending.remove(&last);
-                    stats.buffer_evicted_messages += 1;
-                }
-                _ => {
-                    stats.buffer_full_dropped += 1;
-                    return FragmentOutcome::Dropped;
-                }
-            }
+        // The message that lets delivery progress is always admitted, beyond the bounds if
+        // need be (by one message): never evicting what we hold keeps every selective ack true.
+        let full = p.incoming.len() >= config.reorder_messages_max as usize
+            || p.incoming_bytes + need > config.reorder_bytes_max;
+        if full && seq != p.next_deliver {
+            stats.buffer_full_dropped += 1;
+            return FragmentOutcome::Dropped;
         }
         // Out of order: the previous message is neither delivered nor (partly) buffered.
         if seq > p.next_deliver && !p.incoming.contains_key(&(seq - 1)) {
@@ -1237,15 +1285,20 @@ fn on_fragment(
     }
     let m = p.incoming.get_mut(&seq).expect("present");
     if m.message_len != frag.message_len || m.frag_count != frag.frag_count {
+        if m.complete() && m.message_len == frag.message_len {
+            // The sender restarted with another datagram size and resends a message we hold
+            // whole: the same durable bytes, cut differently. A duplicate.
+            stats.duplicates_dropped += 1;
+            p.ack_needed = true;
+            return FragmentOutcome::Duplicate;
+        }
         stats.inconsistent_fragment += 1;
         return FragmentOutcome::Dropped;
     }
     if m.holds(frag.frag_index) {
         stats.duplicates_dropped += 1;
         // The sender resent it: tell it what we hold (and where the ack stands).
-        if m.frag_count > 1 {
-            p.sack_pending.insert(seq, m.frag_count);
-        }
+        p.sack_pending.insert(seq, m.frag_count);
         p.ack_needed = true;
         return FragmentOutcome::Duplicate;
     }
@@ -1255,9 +1308,19 @@ fn on_fragment(
     m.held[(frag.frag_index / 8) as usize] |= 1 << (frag.frag_index % 8);
     m.held_count += 1;
     m.unreported += 1;
-    if m.frag_count > 1 && (m.complete() || m.unreported >= SACK_EVERY_FRAGMENTS || frag.frag_index == m.frag_count - 1)
-    {
-        p.sack_pending.insert(seq, m.frag_count);
+    let complete = m.complete();
+    let frag_count = m.frag_count;
+    let sack = if frag_count > 1 {
+        complete || m.unreported >= SACK_EVERY_FRAGMENTS || frag.frag_index == frag_count - 1
+    } else {
+        // A whole message that cannot be delivered yet because an earlier one is missing: say
+        // we hold it, so that a timeout resends only the missing one.
+        // (Counted over the buffer, which is bounded, never over the seq range, which is not.)
+        let held_before = p.incoming.range(p.next_deliver..seq).filter(|(_, m)| m.complete()).count() as u64;
+        held_before != seq - p.next_deliver
+    };
+    if sack {
+        p.sack_pending.insert(seq, frag_count);
     }
     FragmentOutcome::New
 }
@@ -1309,6 +1372,9 @@ fn build_transmit(
         let f = &mut m.frags[frag as usize];
         f.resend = false;
         f.sends = f.sends.saturating_add(1);
+        f.last_sent = Some(now);
+        p.tx_counter += 1;
+        f.tx_order = p.tx_counter;
         m.resend -= 1;
         m.resend_cursor = frag + 1;
         p.resend_pending -= 1;
@@ -1345,7 +1411,9 @@ fn build_transmit(
             }
         }
         f.sends = f.sends.saturating_add(1);
-        f.first_sent.get_or_insert(now);
+        f.last_sent = Some(now);
+        p.tx_counter += 1;
+        f.tx_order = p.tx_counter;
         if m.next_new == m.frag_count {
             m.last_first_send = Some(now);
             p.send_cursor += 1;
@@ -1370,7 +1438,7 @@ fn build_transmit(
 /// A bitmap with bits `0..count` set (padding bits clear).
 fn full_bitmap(count: usize) -> Vec<u8> {
     let mut v = vec![0xff; count.div_ceil(8)];
-    if count % 8 != 0 {
+    if count & 7 != 0 {
         *v.last_mut().expect("count > 0") = (1u8 << (count % 8)) - 1;
     }
     v

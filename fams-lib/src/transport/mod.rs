@@ -44,20 +44,27 @@
 //! The datagram format is in [`wire`]. A message longer than one datagram's payload is cut into
 //! fragments of equal size (the last one shorter). The receiver reassembles them in a volatile
 //! buffer and tells the sender which fragments it holds with selective acks (SACK: a bitmap for
-//! one message per ACK datagram), after every [`SACK_EVERY_FRAGMENTS`] new fragments, on the last
-//! fragment, on completion and on a duplicate fragment. The sender then resends only what is
-//! missing. Selective acks are volatile knowledge: when the receiver restarts (a higher
-//! incarnation), the sender forgets them and sends every unacked message again from its first
-//! fragment.
+//! one message per ACK datagram): after every [`SACK_EVERY_FRAGMENTS`] new fragments, on the
+//! last fragment, on completion, and on a duplicate fragment (even of a message already
+//! delivered: the duplicate carries the fragment count, so the receiver can say "held whole"
+//! without remembering anything). A whole message that arrives while an earlier one is missing
+//! is selectively acked too (as one fragment of one), so that a lost message costs one
+//! retransmission, not the window behind it. The sender resends only what is missing.
+//! Selective acks are volatile knowledge: when the receiver restarts (a higher incarnation), the
+//! sender forgets them and sends every unacked message again from its first fragment. The
+//! configuration makes sure the bitmap of the largest message fits in one datagram (4 MiB
+//! messages need datagrams of at least 801 bytes, keyed).
 //!
 //! Three windows per peer bound what is sent ahead of acks: `window_messages` transmitted
-//! unacked messages, `window_bytes` of them, and `window_fragments` fragments sent but neither
-//! acked nor selectively acked (which paces a large message by the receiver's SACKs). The
-//! receiver bounds its buffer per peer by `reorder_messages_max` and `reorder_bytes_max`,
-//! counting in-order messages not yet pulled, so a turn manager that stops pulling stops the
-//! sender too (its windows fill, its retransmissions are dropped). When the buffer is full and a
-//! lower seq arrives, the highest buffered message is evicted for it, so the message that lets
-//! delivery progress always gets in.
+//! unacked messages, `window_bytes` of them (one message always goes, however large), and
+//! `window_fragments` fragments sent but neither acked nor selectively acked (which paces a
+//! large message by the receiver's selective acks). The receiver bounds its buffer per peer by
+//! `reorder_messages_max` and `reorder_bytes_max`, counting in-order messages not yet pulled, so
+//! a turn manager that stops pulling stops the sender too (its windows fill, its retransmissions
+//! are dropped). Past the bounds, arriving data is dropped — except the message that lets
+//! delivery progress (the next seq to deliver), which is always admitted, so the bounds may be
+//! exceeded by that one message. Nothing held is ever evicted, so a selective ack stays true
+//! for the receiver's whole life.
 //!
 //! ## Retransmission
 //!
@@ -66,12 +73,19 @@
 //! exactly once (Karn). A round trip measured from an ack includes the peer's commit, which is
 //! what the timer must wait for. On expiry the unacked fragments the peer does not hold are
 //! resent, oldest first, at most a fragment window, and the timeout doubles (up to `rto_max`);
-//! of a message the peer holds whole (it has not consumed it durably yet, or its ack was lost),
-//! only the first fragment is resent, as a probe that draws a re-ack. Any progress resets the
-//! backoff. A selective ack is knowledge the peer may take back (it evicts a buffered message to
-//! make room for a lower seq): the answer to a probe is believed even where it says fewer
-//! fragments are held; any other selective ack only adds (an older one overtaken in the network
-//! must not undo a newer one).
+//! if the peer holds everything sent (it has not consumed it durably yet, or its ack was lost),
+//! the first fragment of the oldest message is resent as a probe that draws a re-ack. Any
+//! progress resets the backoff.
+//!
+//! Most losses are repaired before the timer fires: a fragment the peer does not hold while it
+//! holds [`FAST_RETRANSMIT_AFTER`](endpoint::FAST_RETRANSMIT_AFTER) fragments sent after it,
+//! and sent more than a round trip plus a reordering allowance ago, is resent at once (selective
+//! acks after RFC 6675, the time test after RACK, RFC 8985).
+//!
+//! A selective ack is never taken back by a live receiver, but a peer that was retired and added
+//! again (`remove_peer`, `add_peer`) without restarting has forgotten what it held; the answer to
+//! a probe is therefore believed even where it says fewer fragments are held. Any other
+//! selective ack only adds: an older one overtaken in the network must not undo a newer one.
 //!
 //! ## Restarts and incarnations
 //!
@@ -108,18 +122,27 @@
 //! ## Limits
 //!
 //! Messages ≤ [`MESSAGE_BYTES_MAX`] (4 MiB, `message_bytes_max` may lower it); `peers_max` peers
-//! (default 1,024); per peer, the windows above on the sending side and the reorder bounds on the
-//! receiving side, so the receiving memory is at most `peers_max × reorder_bytes_max` plus one
-//! message each being pulled; selective acks of one message per ACK datagram. The event queue is
-//! not bounded: drain [`Endpoint::poll_event`] in every turn of the event loop.
+//! (default 1,024); per peer, the windows above on the sending side (the endpoint keeps every
+//! unacked message given to it: the turn manager's outbox bounds that) and the reorder bounds on
+//! the receiving side, so the receiving memory is at most `peers_max × (reorder_bytes_max +
+//! message_bytes_max)`; selective acks of one message per ACK datagram. The event queue is not
+//! bounded: drain [`Endpoint::poll_event`] in every turn of the event loop.
+//!
+//! ## Using it
+//!
+//! At open: [`Endpoint::new`] with the incarnation just bumped in the heap; `add_peer` for every
+//! peer the heap knows, with its [`PeerRestore`]; `send_durable` for every message of the heap
+//! outbox, in seq order (before handling any datagram, so that an ack from the peer finds them);
+//! `announce_restart`. Then loop: feed datagrams (`handle_datagram`) and expiries
+//! (`handle_timeout`, at `poll_timeout`); pull messages (`poll_message`) into turns; when turns
+//! are durable, `consumed_durable` for what they consumed and `send_durable` for what they sent;
+//! react to events (`poll_event`: free acked messages from the heap outbox, …); send everything
+//! `poll_transmit` yields. The endpoint is deterministic: the same inputs give the same outputs.
 
 pub mod auth;
 pub mod endpoint;
 pub mod rto;
 pub mod wire;
-
-#[cfg(test)]
-mod tests;
 
 pub use auth::Key;
 pub use endpoint::{
@@ -137,3 +160,6 @@ impl std::fmt::Display for NodeId {
         write!(f, "{}", self.0)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -58,7 +58,7 @@ impl RttEstimator {
                 self.rttvar = rtt / 2;
             }
             Some(srtt) => {
-                let delta = if srtt > rtt { srtt - rtt } else { rtt - srtt };
+                let delta = srtt.abs_diff(rtt);
                 self.rttvar = (self.rttvar * 3 + delta) / 4;
                 self.srtt = Some((srtt * 7 + rtt) / 8);
             }
@@ -68,6 +68,11 @@ impl RttEstimator {
     /// The smoothed round-trip time, once there was a sample.
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
+    }
+
+    /// The round-trip variation (zero before the first sample).
+    pub fn rttvar(&self) -> Duration {
+        self.rttvar
     }
 
     /// The timeout without backoff.

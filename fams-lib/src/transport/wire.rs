@@ -55,10 +55,13 @@
 //!   fragment). The sender chooses `frag_count = ceil(message_len / payload_max)`, which always
 //!   satisfies this.
 //! - **Selective ack of one message per ACK**: the receiver reports which fragments of a
-//!   partly received (or just completed) message it holds, so the sender resends only the
-//!   missing ones. The bitmap covers fragments `0..sack_frag_count`, which is the message's
-//!   whole fragment count unless the bitmap would not fit in one datagram (only with very small
-//!   datagrams and very large messages); then it covers a prefix and the rest is simply unknown.
+//!   partly received (or completed, or delivered) message it holds, so the sender resends only
+//!   the missing ones. The bitmap covers fragments `0..sack_frag_count`, the message's whole
+//!   fragment count: an endpoint's configuration is refused when the bitmap of its largest
+//!   message would not fit in one of its datagrams. (A receiver facing a peer with smaller
+//!   datagrams, hence more fragments, sends the bitmap whole in a larger datagram, up to the UDP
+//!   limit; only a message cut into more than ~520,000 fragments — which no valid sender
+//!   configuration produces — would have its bitmap cut to a prefix, the rest unknown.)
 //! - **Trailer last and over everything**, so it is computed in one pass when sealing, and the
 //!   header flag says which trailer to expect. Reserved bytes and unused flag bits must be zero
 //!   so that a later version can give them meaning.
@@ -255,6 +258,8 @@ pub fn fragment_stride(message_len: u64, frag_count: u64) -> Option<u64> {
 }
 
 /// The byte range of fragment `index` in a message with a valid layout (see [`fragment_stride`]).
+///
+/// Panics on an invalid layout or index: call it only on what [`decode`] returned or a sender built.
 pub fn fragment_range(message_len: u64, frag_count: u64, index: u64) -> std::ops::Range<usize> {
     let stride = fragment_stride(message_len, frag_count).expect("fragment_range of an invalid layout");
     debug_assert!(index < frag_count);
