@@ -17,8 +17,10 @@ use std::time::Duration;
 fn main() {
     let extra = "[--transfers N] [--interval-ms MS]";
     let args = node_args::parse("bank", extra);
-    let transfers = args.get("transfers").map(|v| v.parse().unwrap_or_else(|_| node_args::usage("bank", extra))).unwrap_or(1000);
-    let interval_ms = args.get("interval-ms").map(|v| v.parse().unwrap_or_else(|_| node_args::usage("bank", extra))).unwrap_or(5);
+    let transfers =
+        args.get("transfers").map(|v| v.parse().unwrap_or_else(|_| node_args::usage("bank", extra))).unwrap_or(1000);
+    let interval_ms =
+        args.get("interval-ms").map(|v| v.parse().unwrap_or_else(|_| node_args::usage("bank", extra))).unwrap_or(5);
     node_args::stop_on_signals();
     let result = args.open().map_err(|e| e.to_string()).and_then(|(heap, config)| {
         let app = BankApp { transfers, interval: Duration::from_millis(interval_ms), verbose: false };

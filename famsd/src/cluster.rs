@@ -80,8 +80,9 @@ impl ClusterReport {
 /// Free UDP ports on 127.0.0.1 (bound and released; another program could take one meanwhile,
 /// which would show as a bind error).
 pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let sockets: Vec<UdpSocket> =
-        (0..n).map(|_| UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("finding a free UDP port: {e}"))).collect::<Result<_, _>>()?;
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("finding a free UDP port: {e}")))
+        .collect::<Result<_, _>>()?;
     Ok(sockets.iter().map(|s| s.local_addr().expect("bound").port()).collect())
 }
 
@@ -99,7 +100,13 @@ struct NodeProc {
     sent_all: bool,
 }
 
-fn spawn(cfg: &ClusterConfig, i: usize, addrs: &[SocketAddr], generation: u64, tx: &mpsc::Sender<Line>) -> Result<Child, String> {
+fn spawn(
+    cfg: &ClusterConfig,
+    i: usize,
+    addrs: &[SocketAddr],
+    generation: u64,
+    tx: &mpsc::Sender<Line>,
+) -> Result<Child, String> {
     let mut cmd = Command::new(&cfg.famsd);
     cmd.arg("node").arg("bank");
     cmd.arg("--heap").arg(cfg.dir.join(format!("node{}.heap", i + 1)));
@@ -160,7 +167,14 @@ pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
     let mut procs = Vec::new();
     for i in 0..cfg.nodes {
         let child = spawn(cfg, i, &addrs, 0, &tx)?;
-        procs.push(NodeProc { child: Some(child), generation: 0, spawned: Instant::now(), waiting_restart_line: false, applied: 0, sent_all: false });
+        procs.push(NodeProc {
+            child: Some(child),
+            generation: 0,
+            spawned: Instant::now(),
+            waiting_restart_line: false,
+            applied: 0,
+            sent_all: false,
+        });
     }
     let range = |rng: &mut Rng, (lo, hi): (u64, u64)| Duration::from_millis(lo + rng.below(hi.saturating_sub(lo) + 1));
     let mut kills = vec![0u64; cfg.nodes];

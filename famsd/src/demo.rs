@@ -151,7 +151,11 @@ fn bank_cluster(dir: &Path) -> Result<(), String> {
     };
     let report = crate::cluster::run_bank_cluster(&cfg)?;
     crate::cluster::print_summary(&report);
-    println!("  the nodes' heaps are in {} (`famsd node report --heap {}`)", cfg.dir.display(), crate::cluster::heap_path(&cfg.dir, 0).display());
+    println!(
+        "  the nodes' heaps are in {} (`famsd node report --heap {}`)",
+        cfg.dir.display(),
+        crate::cluster::heap_path(&cfg.dir, 0).display()
+    );
     if report.problems.is_empty() {
         Ok(())
     } else {

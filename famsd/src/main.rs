@@ -633,7 +633,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
 fn node_section(heap: &std::path::Path, locked: bool) -> serde_json::Value {
     let status = famsd::node::status_path(heap);
     if locked {
-        return match std::fs::read_to_string(&status).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+        return match std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        {
             Some(mut v) => {
                 v["source"] = serde_json::json!(format!("running node's status file {}", status.display()));
                 v
@@ -666,7 +669,11 @@ fn print_node_section(node: &serde_json::Value) {
         let t = &s["transport"];
         println!(
             "          node {} (pid {}), {} turns ({} failed, {} pipelined), {:.1} turns per device write",
-            node["node"], node["pid"], s["turns"], s["turns_failed"], s["turns_pipelined"],
+            node["node"],
+            node["pid"],
+            s["turns"],
+            s["turns_failed"],
+            s["turns_pipelined"],
             s["turns_per_device_write"].as_f64().unwrap_or(0.0)
         );
         println!(
@@ -685,7 +692,12 @@ fn print_node_section(node: &serde_json::Value) {
     }
     println!(
         "          node {}, incarnation {}, {} turns ({} failed), {} messages sent, {} consumed",
-        node["node"], node["incarnation"], node["turns"], node["turns_failed"], node["messages_sent"], node["messages_consumed"]
+        node["node"],
+        node["incarnation"],
+        node["turns"],
+        node["turns_failed"],
+        node["messages_sent"],
+        node["messages_consumed"]
     );
     if let Some(f) = node["last_failure"].as_str().filter(|f| !f.is_empty()) {
         println!("          last failed turn: {f}");
@@ -789,7 +801,10 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
         }
         NodeCmd::Report { heap, json } => {
             let Some(r) = famsd::node::bank_report(&heap)? else {
-                return Err(format!("{}: this heap holds no bank (its node never completed a Start turn)", heap.display()));
+                return Err(format!(
+                    "{}: this heap holds no bank (its node never completed a Start turn)",
+                    heap.display()
+                ));
             };
             if json {
                 println!("{}", r.to_json());
@@ -797,7 +812,12 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
                 println!("node {}: accounts {:?}, total {}", r.node, r.accounts, r.total());
                 println!(
                     "transfers: {} of {} sent, {} applied; {} out of order; {} malformed; {} restarts",
-                    r.transfers_sent, r.transfers_planned, r.transfers_applied, r.fifo_violations, r.bad_messages, r.restarts
+                    r.transfers_sent,
+                    r.transfers_planned,
+                    r.transfers_applied,
+                    r.fifo_violations,
+                    r.bad_messages,
+                    r.restarts
                 );
                 for (peer, (count, amount)) in &r.sent {
                     println!("  sent to {peer}: {count} transfers, {amount} in all");

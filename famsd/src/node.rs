@@ -35,7 +35,8 @@ pub struct NodeArgs {
 pub fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr), String> {
     let (id, addr) = s.split_once('=').ok_or_else(|| format!("`{s}`: a peer is ID=ADDRESS, e.g. 2=127.0.0.1:7002"))?;
     let id: u64 = id.trim().parse().map_err(|_| format!("`{s}`: the peer id must be a number"))?;
-    let addr: SocketAddr = addr.trim().parse().map_err(|_| format!("`{s}`: `{addr}` is not an address like 127.0.0.1:7002"))?;
+    let addr: SocketAddr =
+        addr.trim().parse().map_err(|_| format!("`{s}`: `{addr}` is not an address like 127.0.0.1:7002"))?;
     Ok((NodeId(id), addr))
 }
 
@@ -94,7 +95,8 @@ fn config(args: &NodeArgs) -> NodeConfig {
 pub fn run_app<A: App>(args: &NodeArgs, app: A) -> Result<NodeStats, String> {
     let stop = stop_on_signals();
     let heap = open_or_format(&args.heap, args.size_bytes, args.tracker)?;
-    let options = RunOptions { listen: args.listen, stdin: args.stdin, linger: Duration::from_secs(2), faults: args.faults };
+    let options =
+        RunOptions { listen: args.listen, stdin: args.stdin, linger: Duration::from_secs(2), faults: args.faults };
     let status_path = status_path(&args.heap);
     let mut write_status = |stats: &NodeStats, peers: &[(NodeId, PeerView)]| {
         let v = serde_json::json!({
@@ -108,7 +110,8 @@ pub fn run_app<A: App>(args: &NodeArgs, app: A) -> Result<NodeStats, String> {
             let _ = std::fs::rename(&tmp, &status_path);
         }
     };
-    let stats = turns::run_with_status(heap, config(args), app, &options, stop, &mut write_status).map_err(|e| e.to_string())?;
+    let stats = turns::run_with_status(heap, config(args), app, &options, stop, &mut write_status)
+        .map_err(|e| e.to_string())?;
     if let Some(path) = &args.stats_json {
         let text = serde_json::to_string_pretty(&stats_json(&stats)).expect("json");
         std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;

@@ -44,7 +44,11 @@ fn a_format_killed_at_any_moment_leaves_no_heap_or_a_whole_one() {
             interrupted += 1;
             // Formatting again must succeed: nothing left behind may be in the way.
             let out = format_cmd(&dir).stderr(std::process::Stdio::piped()).output().unwrap();
-            assert!(out.status.success(), "kill {i}: format after an interrupted format: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "kill {i}: format after an interrupted format: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             fams::Heap::open(&heap, &fams::HeapOptions::default()).expect("open the new heap");
         }
         clean(&dir);

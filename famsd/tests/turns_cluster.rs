@@ -28,7 +28,8 @@ fn cluster(extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn bank_survives_sigkills_of_every_node() {
-    let v = cluster(&["--nodes", "3", "--transfers", "400", "--interval-ms", "12", "--kills-per-node", "5", "--seed", "3"]);
+    let v =
+        cluster(&["--nodes", "3", "--transfers", "400", "--interval-ms", "12", "--kills-per-node", "5", "--seed", "3"]);
     assert!(v["transfers"].as_u64().unwrap() >= 1000, "{v}");
     for k in v["kills_per_node"].as_array().unwrap() {
         assert!(k.as_u64().unwrap() >= 5, "every node must be killed at least 5 times: {v}");
@@ -38,13 +39,25 @@ fn bank_survives_sigkills_of_every_node() {
 #[test]
 fn bank_survives_loss_duplication_reordering_and_kills() {
     let v = cluster(&[
-        "--nodes", "3", "--transfers", "200", "--interval-ms", "5", "--kills-per-node", "2",
-        "--faults", "0.3,0.1,0.1,9", "--seed", "5",
+        "--nodes",
+        "3",
+        "--transfers",
+        "200",
+        "--interval-ms",
+        "5",
+        "--kills-per-node",
+        "2",
+        "--faults",
+        "0.3,0.1,0.1,9",
+        "--seed",
+        "5",
     ]);
     assert!(v["kills"].as_u64().unwrap() >= 6, "{v}");
     // The faults really happened (counted in the nodes' last runs).
     let c = &v["last_run_counters"];
-    for key in ["faults_dropped", "faults_duplicated", "faults_delayed", "fragments_retransmitted", "duplicates_dropped"] {
+    for key in
+        ["faults_dropped", "faults_duplicated", "faults_delayed", "fragments_retransmitted", "duplicates_dropped"]
+    {
         assert!(c[key].as_u64().unwrap_or(0) > 0, "{key} is 0: {v}");
     }
 }
@@ -53,7 +66,18 @@ fn bank_survives_loss_duplication_reordering_and_kills() {
 fn bank_survives_sigkills_under_the_other_trackers() {
     for tracker in fams_tests::trackers().iter().filter(|t| **t != fams::TrackerKind::Uffd) {
         let name = tracker.name();
-        let v = cluster(&["--nodes", "3", "--transfers", "150", "--interval-ms", "8", "--kills-per-node", "2", "--tracker", name]);
+        let v = cluster(&[
+            "--nodes",
+            "3",
+            "--transfers",
+            "150",
+            "--interval-ms",
+            "8",
+            "--kills-per-node",
+            "2",
+            "--tracker",
+            name,
+        ]);
         assert!(v["kills"].as_u64().unwrap() >= 6, "{name}: {v}");
     }
 }
@@ -85,7 +109,14 @@ fn pingpong(window: u64, round_trips: u64) -> (String, serde_json::Value, serde_
     let mut responder = node(2, &[]).stdout(std::process::Stdio::null()).spawn().expect("responder");
     let initiator = node(
         1,
-        &["--initiator-of".into(), "2".into(), "--round-trips".into(), round_trips.to_string(), "--window".into(), window.to_string()],
+        &[
+            "--initiator-of".into(),
+            "2".into(),
+            "--round-trips".into(),
+            round_trips.to_string(),
+            "--window".into(),
+            window.to_string(),
+        ],
     )
     .output()
     .expect("initiator");
@@ -94,7 +125,8 @@ fn pingpong(window: u64, round_trips: u64) -> (String, serde_json::Value, serde_
     let _ = responder.wait();
     assert!(initiator.status.success(), "initiator failed: {}", String::from_utf8_lossy(&initiator.stderr));
     let read = |id: usize| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(dir.join(&format!("n{id}.json"))).expect("stats file")).expect("json")
+        serde_json::from_str(&std::fs::read_to_string(dir.join(&format!("n{id}.json"))).expect("stats file"))
+            .expect("json")
     };
     (String::from_utf8_lossy(&initiator.stdout).into_owned(), read(1), read(2))
 }
@@ -190,7 +222,11 @@ fn one_mib_messages_cross_a_1500_byte_mtu_between_namespaces() {
     unsafe { libc::kill(responder.id() as i32, libc::SIGTERM) };
     let _ = responder.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("\"round_trips\":12"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("\"round_trips\":12"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("n1.json")).expect("stats")).expect("json");
     eprintln!("{stdout}{stats}");

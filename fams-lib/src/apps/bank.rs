@@ -88,7 +88,10 @@ impl App for BankApp {
             Input::Restarted => {
                 let (bank, _) = t.heap.root_with_alloc(|_| unreachable_root())?;
                 bank.restarts += 1;
-                let line = format!("node {node}: restarted ({} sent, {} applied)", bank.transfers_sent, bank.transfers_applied);
+                let line = format!(
+                    "node {node}: restarted ({} sent, {} applied)",
+                    bank.transfers_sent, bank.transfers_applied
+                );
                 t.println(&line)?;
             }
             Input::Alarm => {
@@ -205,8 +208,7 @@ impl BankReport {
 
     pub fn to_json(&self) -> String {
         let sent: Vec<String> = self.sent.iter().map(|(p, (c, a))| format!("\"{p}\":[{c},{a}]")).collect();
-        let applied: Vec<String> =
-            self.applied.iter().map(|(p, (c, a, l))| format!("\"{p}\":[{c},{a},{l}]")).collect();
+        let applied: Vec<String> = self.applied.iter().map(|(p, (c, a, l))| format!("\"{p}\":[{c},{a},{l}]")).collect();
         format!(
             "{{\"node\":{},\"accounts\":{:?},\"total\":{},\"transfers_planned\":{},\"transfers_sent\":{},\
 \"transfers_applied\":{},\"fifo_violations\":{},\"bad_messages\":{},\"restarts\":{},\"sent\":{{{}}},\"applied\":{{{}}}}}",

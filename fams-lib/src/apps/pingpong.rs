@@ -61,7 +61,14 @@ impl App for PingPongApp {
         let (root, _) = t.heap.root_with_alloc(|a| {
             let mut v = PVec::new_in(a);
             v.resize(pages * PAGE_SIZE, 0u8);
-            PingPong { pings_sent: 0, pongs_received: 0, pings_answered: 0, started_unix_ns: 0, finished_unix_ns: 0, pages: v }
+            PingPong {
+                pings_sent: 0,
+                pongs_received: 0,
+                pings_answered: 0,
+                started_unix_ns: 0,
+                finished_unix_ns: 0,
+                pages: v,
+            }
         })?;
         let counter = root.pings_sent + root.pongs_received + root.pings_answered;
         for page in 0..pages.min(root.pages.len() / PAGE_SIZE) {

@@ -167,7 +167,9 @@ impl<'a> TurnHeap<'a> {
 
 fn reserved(name: &str) -> Result<(), ObjectError> {
     if name.starts_with("fams.") {
-        return Err(ObjectError::InvalidArgument(format!("root names starting with \"fams.\" are reserved ({name:?})")));
+        return Err(ObjectError::InvalidArgument(format!(
+            "root names starting with \"fams.\" are reserved ({name:?})"
+        )));
     }
     Ok(())
 }

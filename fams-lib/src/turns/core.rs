@@ -722,7 +722,12 @@ impl<A: App> NodeCore<A> {
         self.lookahead.is_some() || !self.first.is_empty() || !self.stdin.is_empty() || self.alarm_due(now)
     }
 
-    fn commit_turn(&mut self, source: &Source, sends: Vec<(NodeId, u64, Vec<u8>)>, stdout: Vec<u8>) -> Result<(), NodeError> {
+    fn commit_turn(
+        &mut self,
+        source: &Source,
+        sends: Vec<(NodeId, u64, Vec<u8>)>,
+        stdout: Vec<u8>,
+    ) -> Result<(), NodeError> {
         let consumed = match source {
             Source::Message(peer, seq, _) => {
                 self.consumed.insert(*peer, *seq);

@@ -21,7 +21,9 @@ impl FaultConfig {
     /// "LOSS,DUP,REORDER,SEED", e.g. "0.3,0.1,0.1,7".
     pub fn parse(s: &str) -> Result<FaultConfig, String> {
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
-        let bad = || format!("`{s}`: faults are LOSS,DUPLICATE,REORDER,SEED with probabilities in [0, 1), e.g. 0.3,0.1,0.1,7");
+        let bad = || {
+            format!("`{s}`: faults are LOSS,DUPLICATE,REORDER,SEED with probabilities in [0, 1), e.g. 0.3,0.1,0.1,7")
+        };
         if parts.len() != 4 {
             return Err(bad());
         }
