@@ -69,7 +69,7 @@ impl App for BankApp {
         let planned = self.transfers;
         match input {
             Input::Start => {
-                let bank = t.heap.root_with_alloc(|a| Bank {
+                t.heap.root_with_alloc(|a| Bank {
                     accounts: [INITIAL_BALANCE; ACCOUNTS],
                     transfers_planned: planned,
                     transfers_sent: 0,
@@ -81,7 +81,6 @@ impl App for BankApp {
                     sent: PHashMap::new_in(a),
                     applied: PHashMap::new_in(a),
                 })?;
-                drop(bank);
                 t.println(&format!("node {node}: bank open, {planned} transfers to make"))?;
                 t.set_alarm(Duration::ZERO);
             }

@@ -62,6 +62,9 @@ pub fn run<A: App>(
     run_with_status(heap, config, app, options, stop, &mut |_, _| {})
 }
 
+/// Receives the node's counters and its peers' protocol state.
+pub type StatusFn<'a> = dyn FnMut(&NodeStats, &[(NodeId, PeerView)]) + 'a;
+
 /// [`run`], calling `status` with the node's counters and its peers' protocol state about
 /// every [`STATUS_INTERVAL`] and once more when it stops (for status files and monitoring).
 pub fn run_with_status<A: App>(
@@ -70,7 +73,7 @@ pub fn run_with_status<A: App>(
     app: A,
     options: &RunOptions,
     stop: &AtomicBool,
-    status: &mut dyn FnMut(&NodeStats, &[(NodeId, PeerView)]),
+    status: &mut StatusFn<'_>,
 ) -> Result<NodeStats, NodeError> {
     let io = |what: &str| {
         let what = what.to_string();
