@@ -632,6 +632,32 @@ impl Heap {
         drop(self);
     }
 
+    /// Close the heap: write what is queued, take the final checkpoint, unmap. Unlike dropping
+    /// it, reports a failure — a commit that never became durable, a failed final checkpoint
+    /// (nothing committed is lost then: the next open replays the log).
+    pub fn close(mut self) -> Result<()> {
+        self.stop_writer();
+        let failed = self.shared.lock().failed.clone();
+        let log_path = self.log_path.clone();
+        drop(self);
+        match failed {
+            Some(reason) => Err(commit::poisoned(&log_path, &reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Ask the log writer to drain the queue, checkpoint and leave; wait for it.
+    fn stop_writer(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            st.shutdown = true;
+            self.shared.work.notify_all();
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+
     /// Resident and private memory of the heap's mapping (reads /proc/self/smaps).
     pub fn memory(&self) -> crate::stats::Memory {
         let (resident_bytes, private_bytes) = resident_bytes(self.base, self.size);
@@ -683,14 +709,7 @@ impl Heap {
 
 impl Drop for Heap {
     fn drop(&mut self) {
-        {
-            let mut st = self.shared.lock();
-            st.shutdown = true;
-            self.shared.work.notify_all();
-        }
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
+        self.stop_writer();
         // The writer drains the queue before it leaves, or fails the heap. Should a ticket still
         // be pending anyway, fail it: a DurabilityHandle may outlive the heap, and its waiters
         // must not wait for a writer that is gone.
@@ -1319,11 +1338,12 @@ mod tests {
         assert!(matches!(h.commit_async(), Err(Error::Poisoned { .. })));
         assert!(matches!(h.rollback(), Err(Error::Poisoned { .. })));
         assert!(matches!(h.release_committed(), Err(Error::Poisoned { .. })));
-        drop(h);
+        assert!(matches!(h.close(), Err(Error::Poisoned { .. })), "close reports the failure");
         assert!(matches!(handle.wait(t1), Err(Error::Poisoned { .. })), "a handle outliving the heap");
         let h = open_with(&path, None);
         assert_eq!(h.bytes()[100], 1);
         assert_eq!(h.bytes()[PAGE_SIZE], 0, "the group the writer panicked on never reached the disk");
+        h.close().expect("a healthy heap closes without error");
     }
 
     #[test]

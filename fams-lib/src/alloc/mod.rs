@@ -236,6 +236,12 @@ impl ObjectHeap {
         self.heap
     }
 
+    /// Close the heap, reporting a failed final checkpoint (see [`Heap::close`]). Uncommitted
+    /// changes are lost.
+    pub fn close(self) -> Result<(), ObjectError> {
+        Ok(self.heap.close()?)
+    }
+
     /// Close as a crash would (see [`Heap::abandon`]): uncommitted changes are lost.
     pub fn abandon(self) {
         self.heap.abandon()

@@ -464,7 +464,7 @@ impl<A: App> NodeCore<A> {
         self.handle_events();
         self.record_housekeeping()?;
         self.objects.commit()?;
-        drop(self.objects);
+        self.objects.close()?;
         Ok(())
     }
 
