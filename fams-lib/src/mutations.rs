@@ -19,7 +19,7 @@ static FROM_ENV: Once = Once::new();
 fn init() {
     FROM_ENV.call_once(|| {
         if let Ok(name) = std::env::var("FAMS_MUTATION") {
-            set(&name).unwrap_or_else(|e| panic!("FAMS_MUTATION: {e}"));
+            switch(&name).unwrap_or_else(|e| panic!("FAMS_MUTATION: {e}"));
         }
     });
 }
@@ -28,6 +28,10 @@ fn init() {
 /// `"none"`.
 pub fn set(name: &str) -> Result<(), String> {
     init();
+    switch(name)
+}
+
+fn switch(name: &str) -> Result<(), String> {
     match name {
         "" | "none" => TRANSMIT_BEFORE_DURABLE_ON.store(false, Ordering::SeqCst),
         TRANSMIT_BEFORE_DURABLE => TRANSMIT_BEFORE_DURABLE_ON.store(true, Ordering::SeqCst),

@@ -8,7 +8,8 @@
 //!
 //! - every DATA seq A sent to B is below the recovered `next_send_seq` for B;
 //! - every cumulative ack A sent to B is at most the recovered `consumed` for B;
-//! - every `reply N` line A printed has N at most the recovered reply counter;
+//! - every `reply N` line A printed has N at most the recovered reply counter (and lines come in
+//!   order, at least once: never a gap);
 //! - the recovered heap is consistent: the counter equals `consumed` equals replies sent.
 //!
 //! A runs [`NodeCore`] on a heap on a [`SimMachine`](fams::sim::SimMachine) (volatile write caches
@@ -317,6 +318,10 @@ fn record_stdout(bytes: &[u8], em: &mut Emitted, report: &mut Report, at: &str) 
         let text = String::from_utf8_lossy(&line[..end]);
         match text.strip_prefix("reply ").and_then(|n| n.parse::<u64>().ok()) {
             Some(n) => {
+                // Lines leave in turn order, at least once: never past the next one.
+                if n > em.reply_max + 1 {
+                    report.violation(format!("{at}: A printed `reply {n}` after `reply {}`", em.reply_max));
+                }
                 em.reply_max = em.reply_max.max(n);
                 em.replies_printed.insert(n);
             }
