@@ -347,8 +347,8 @@ enum CutPlan {
     AtOp { after: u64, ops: u64 },
 }
 
-/// One run: fresh heaps, B streams its requests, A's power is cut `cuts` times, then the run
-/// goes on to completion.
+/// One run: fresh heaps, B streams its requests, A's power is cut up to three times (a cut
+/// planned past the end of the run does not happen), then the run goes on to completion.
 fn run_once(m: &Machines, seed: u64, run: u64, report: &mut Report) {
     let mut rng = SimRng::new(seed ^ run.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     m.a.reset().expect("reset A's machine");
@@ -416,7 +416,7 @@ fn run_once(m: &Machines, seed: u64, run: u64, report: &mut Report) {
             }
             core.abandon();
             report.cuts += 1;
-            cuts_left -= 1;
+            cuts_left = cuts_left.saturating_sub(1);
             if in_flight > 0 {
                 report.cuts_with_turns_in_flight += 1;
             }
