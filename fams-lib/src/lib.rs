@@ -35,6 +35,8 @@ pub mod heap_file;
 pub mod inspect;
 pub mod io;
 pub mod log_format;
+#[cfg(feature = "mutations")]
+pub mod mutations;
 pub mod recovery;
 pub mod sim;
 pub mod stats;

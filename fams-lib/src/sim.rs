@@ -389,6 +389,59 @@ impl Storage for SimStorage {
     }
 }
 
+/// A heap formatted onto a simulated machine: the real heap file its mapping needs, and the
+/// machine holding both disks, which start as the freshly formatted images. The power-loss
+/// explorer and the turn manager's crash tests build on it: open, cut the power, [`reboot`],
+/// open again (recovering whatever survived), or [`reset`] to start over.
+///
+/// [`reboot`]: SimHeap::reboot
+/// [`reset`]: SimHeap::reset
+pub struct SimHeap {
+    pub heap_path: PathBuf,
+    pub machine: SimMachine,
+    formatted: (Vec<u8>, Vec<u8>),
+}
+
+impl SimHeap {
+    /// Format a heap of `heap_size_bytes` at `heap_path` with a log of `log_size_bytes` beside it
+    /// (`<heap>.log`, replacing any files there), and put both images on a new machine whose
+    /// cut outcomes are seeded with `seed`. From then on the machine holds the log; the real log
+    /// file is only what formatting left.
+    pub fn format(heap_path: &Path, heap_size_bytes: u64, log_size_bytes: u64, seed: u64) -> crate::Result<SimHeap> {
+        let mut log_path = heap_path.as_os_str().to_owned();
+        log_path.push(".log");
+        let log_path = PathBuf::from(log_path);
+        let _ = std::fs::remove_file(heap_path);
+        let _ = std::fs::remove_file(&log_path);
+        let mut f = crate::FormatOptions::new(heap_path, heap_size_bytes);
+        f.log_path = Some(log_path.clone());
+        f.log_size_bytes = Some(log_size_bytes);
+        crate::Heap::format(&f)?;
+        let read = |p: &Path| std::fs::read(p).map_err(|e| crate::Error::io(p, "reading the formatted image", e));
+        let (log_image, heap_image) = (read(&log_path)?, read(heap_path)?);
+        let machine = SimMachine::new(log_image.clone(), heap_image.clone(), seed);
+        Ok(SimHeap { heap_path: heap_path.to_path_buf(), machine, formatted: (log_image, heap_image) })
+    }
+
+    /// Open the heap on the machine: [`crate::Heap::open_on`] over a [`SimStorage`].
+    pub fn open(&self, opts: &crate::HeapOptions) -> crate::Result<crate::Heap> {
+        let mut storage = SimStorage { machine: self.machine.clone() };
+        crate::Heap::open_on(&self.heap_path, opts, &mut storage)
+    }
+
+    /// Power back on after a cut (cutting it first if it is still on): see [`SimMachine::reboot`].
+    /// Drop (or abandon) the heap opened before first.
+    pub fn reboot(&self) -> std::io::Result<()> {
+        self.machine.reboot(&self.heap_path)
+    }
+
+    /// Back to the freshly formatted images, powered on.
+    pub fn reset(&self) -> std::io::Result<()> {
+        let (log_image, heap_image) = self.formatted.clone();
+        self.machine.restore(log_image, heap_image, &self.heap_path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,9 +19,9 @@
 //! grouped async commits depend on thread timing, so `--sync-only` makes a replay bit-exact.
 
 use crate::workload::{commit_number, failed_turn, mutate, Model};
-use fams::sim::{SimMachine, SimRng, SimStorage};
-use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
-use std::path::{Path, PathBuf};
+use fams::sim::{SimHeap, SimRng};
+use fams::{Heap, HeapOptions, TrackerKind};
+use std::path::PathBuf;
 
 pub struct PowerLossConfig {
     pub states: u64,
@@ -81,8 +81,8 @@ impl PowerLossReport {
 
 struct Explorer<'a> {
     cfg: &'a PowerLossConfig,
-    heap_path: PathBuf,
-    machine: SimMachine,
+    /// The heap file and the simulated machine under it.
+    sim: SimHeap,
     model: Model,
     /// Highest commit acknowledged durable so far.
     acked: u64,
@@ -100,8 +100,7 @@ impl<'a> Explorer<'a> {
     }
 
     fn open(&self) -> fams::Result<Heap> {
-        let mut storage = SimStorage { machine: self.machine.clone() };
-        Heap::open_on(&self.heap_path, &self.options(), &mut storage)
+        self.sim.open(&self.options())
     }
 
     fn violation(&mut self, state: u64, what: String) {
@@ -112,7 +111,7 @@ impl<'a> Explorer<'a> {
     }
 
     fn note_cut(&mut self) {
-        if let Some(o) = self.machine.take_last_cut() {
+        if let Some(o) = self.sim.machine.take_last_cut() {
             self.report.writes_kept += o.writes_kept;
             self.report.writes_dropped += o.writes_dropped;
             self.report.writes_torn += o.writes_torn;
@@ -124,20 +123,20 @@ impl<'a> Explorer<'a> {
     /// Returns the recovered heap, or None if it could not be opened (a violation).
     fn recover_and_verify(&mut self, state: u64, issued: u64, cut_recovery_at: Option<u64>) -> Option<Heap> {
         self.note_cut();
-        self.machine.reboot(&self.heap_path).expect("rewriting the real heap file");
+        self.sim.reboot().expect("rewriting the real heap file");
         if let Some(n) = cut_recovery_at {
-            self.machine.cut_power_at(Some(n));
+            self.sim.machine.cut_power_at(Some(n));
             match self.open() {
                 Ok(h) => {
                     // Recovery needed fewer operations than that: the cut would land in the next
                     // workload instead; cancel it and use this open.
-                    self.machine.cut_power_at(None);
+                    self.sim.machine.cut_power_at(None);
                     return self.verify(state, issued, h);
                 }
-                Err(_) if !self.machine.powered() => {
+                Err(_) if !self.sim.machine.powered() => {
                     self.report.cuts_during_recovery += 1;
                     self.note_cut();
-                    self.machine.reboot(&self.heap_path).expect("rewriting the real heap file");
+                    self.sim.reboot().expect("rewriting the real heap file");
                 }
                 Err(e) => {
                     self.violation(state, format!("recovery failed without a power cut: {e}"));
@@ -193,7 +192,7 @@ impl<'a> Explorer<'a> {
     fn run_workload(&mut self, heap: &mut Heap, rng: &mut SimRng, max_commits: u64, sync_only: bool) -> u64 {
         let mut k = commit_number(heap.bytes());
         let mut done = 0;
-        while done < max_commits && self.machine.powered() {
+        while done < max_commits && self.sim.machine.powered() {
             if sync_only || rng.below(2) == 0 {
                 k += 1;
                 done += 1;
@@ -265,19 +264,12 @@ impl<'a> Explorer<'a> {
 pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
     std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
     let heap_path = cfg.dir.join("power-loss.heap");
-    let log_path = cfg.dir.join("power-loss.heap.log");
-    let _ = std::fs::remove_file(&heap_path);
-    let _ = std::fs::remove_file(&log_path);
-    let mut f = FormatOptions::new(&heap_path, cfg.heap_size_bytes);
-    f.log_size_bytes = Some(cfg.log_size_bytes);
-    Heap::format(&f).map_err(|e| e.to_string())?;
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let machine = SimMachine::new(read(&log_path)?, read(&heap_path)?, cfg.seed);
+    let sim = SimHeap::format(&heap_path, cfg.heap_size_bytes, cfg.log_size_bytes, cfg.seed)
+        .map_err(|e| format!("formatting {}: {e}", heap_path.display()))?;
     let heap_bytes = cfg.heap_size_bytes.div_ceil(4096) as usize * 4096;
     let mut x = Explorer {
         cfg,
-        heap_path,
-        machine,
+        sim,
         model: Model::new(heap_bytes, cfg.seed),
         acked: 0,
         report: PowerLossReport { seed: cfg.seed, ..Default::default() },
@@ -291,21 +283,21 @@ pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
     const OUTCOMES_PER_POINT: u64 = 3;
     x.run_workload(&mut heap, &mut rng, 12, true);
     drop(heap);
-    let (log0, heap0) = x.machine.images();
+    let (log0, heap0) = x.sim.machine.images();
     // The snapshot's committed state, as recovery sees it (and checked like any other).
-    x.machine.restore(log0.clone(), heap0.clone(), &x.heap_path).map_err(|e| e.to_string())?;
+    x.sim.machine.restore(log0.clone(), heap0.clone(), &x.sim.heap_path).map_err(|e| e.to_string())?;
     let prefix_issued = x.acked;
     let Some(h) = x.recover_and_verify(0, prefix_issued, None) else { return Ok(x.report) };
     let at0 = commit_number(h.bytes());
     drop(h);
     let (model0, acked0) = (x.model.image.clone(), x.acked);
     // Count the operations of the workload with the power on.
-    x.machine.restore(log0.clone(), heap0.clone(), &x.heap_path).map_err(|e| e.to_string())?;
+    x.sim.machine.restore(log0.clone(), heap0.clone(), &x.sim.heap_path).map_err(|e| e.to_string())?;
     let mut h = x.open().map_err(|e| e.to_string())?;
-    let ops_before = x.machine.ops();
+    let ops_before = x.sim.machine.ops();
     let mut probe_rng = SimRng::new(1);
     x.run_workload(&mut h, &mut probe_rng, EXHAUSTIVE_COMMITS, true);
-    let ops_total = x.machine.ops() - ops_before;
+    let ops_total = x.sim.machine.ops() - ops_before;
     drop(h);
     let points = ops_total.min(cfg.states / OUTCOMES_PER_POINT / 2);
     'points: for point in 1..=points {
@@ -313,12 +305,12 @@ pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
             if x.report.states >= cfg.states / 2 {
                 break 'points;
             }
-            x.machine.restore(log0.clone(), heap0.clone(), &x.heap_path).map_err(|e| e.to_string())?;
+            x.sim.machine.restore(log0.clone(), heap0.clone(), &x.sim.heap_path).map_err(|e| e.to_string())?;
             x.model.image.copy_from_slice(&model0);
             x.model.at = at0;
             x.acked = acked0.max(at0);
             let Some(mut h) = x.recover_and_verify(x.report.states, at0, None) else { continue };
-            x.machine.cut_power_at(Some(point));
+            x.sim.machine.cut_power_at(Some(point));
             let mut wl_rng = SimRng::new(1);
             let issued = x.run_workload(&mut h, &mut wl_rng, EXHAUSTIVE_COMMITS, true);
             drop(h);
@@ -330,7 +322,7 @@ pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
     }
 
     // Phase 2, random: one long chain from the exhaustive phase's starting state.
-    x.machine.restore(log0, heap0, &x.heap_path).map_err(|e| e.to_string())?;
+    x.sim.machine.restore(log0, heap0, &x.sim.heap_path).map_err(|e| e.to_string())?;
     x.model.image.copy_from_slice(&model0);
     x.model.at = at0;
     x.acked = acked0.max(at0);
@@ -338,7 +330,7 @@ pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
     let mut state = x.report.states;
     while x.report.states < cfg.states {
         state += 1;
-        x.machine.cut_power_at(Some(1 + rng.below(60)));
+        x.sim.machine.cut_power_at(Some(1 + rng.below(60)));
         let issued = x.run_workload(&mut heap, &mut rng, 200, cfg.sync_only);
         drop(heap);
         let cut_recovery = (rng.below(4) == 0).then(|| 1 + rng.below(8));

@@ -503,7 +503,8 @@ impl<A: App> NodeCore<A> {
             return Ok(());
         }
         let durable = self.objects.poll_durable()?;
-        while self.pending.front().is_some_and(|t| t.ticket <= durable) {
+        let early = mutation_transmit_before_durable();
+        while self.pending.front().is_some_and(|t| early || t.ticket <= durable) {
             let turn = self.pending.pop_front().expect("checked above");
             for (peer, seq, bytes) in turn.sends {
                 self.endpoint.send_durable(now, peer, seq, bytes)?;
@@ -894,6 +895,15 @@ impl Source {
     fn kind(&self) -> &'static str {
         self.input().kind()
     }
+}
+
+/// Negative control (cargo feature `mutations`, see [`crate::mutations`]): release every
+/// pending turn's outputs without waiting for durability. Always false in a product build.
+fn mutation_transmit_before_durable() -> bool {
+    #[cfg(feature = "mutations")]
+    return crate::mutations::transmit_before_durable();
+    #[cfg(not(feature = "mutations"))]
+    false
 }
 
 /// A handler's result, with a panic turned into its message.
