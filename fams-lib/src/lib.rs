@@ -35,7 +35,6 @@ pub mod heap_file;
 pub mod inspect;
 pub mod io;
 pub mod log_format;
-#[cfg(feature = "mutations")]
 pub mod mutations;
 pub mod recovery;
 pub mod sim;

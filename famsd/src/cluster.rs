@@ -41,6 +41,8 @@ pub struct ClusterConfig {
     pub timeout: Duration,
     pub tracker: Option<String>,
     pub progress: bool,
+    /// A deliberate bug for every node (a build with the `mutations` feature): a negative control.
+    pub mutation: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -130,6 +132,9 @@ fn spawn(
         cmd.arg("--faults").arg(format!("{},{},{},{seed}", f.loss, f.duplicate, f.reorder));
     }
     cmd.env("FAMS_LOG", "warn");
+    if let Some(m) = &cfg.mutation {
+        cmd.env("FAMS_MUTATION", m);
+    }
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
     let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", cfg.famsd.display()))?;
     let stdout = child.stdout.take().expect("piped");

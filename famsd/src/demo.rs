@@ -148,6 +148,7 @@ fn bank_cluster(dir: &Path) -> Result<(), String> {
         timeout: std::time::Duration::from_secs(90),
         tracker: None,
         progress: false,
+        mutation: None,
     };
     let report = crate::cluster::run_bank_cluster(&cfg)?;
     crate::cluster::print_summary(&report);

@@ -320,6 +320,10 @@ famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates,
         /// Give up after this many seconds (a liveness failure).
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
+        /// Run every node with this deliberate bug (a negative control; needs a build with
+        /// `--features mutations`). `--mutation list` lists them.
+        #[arg(long)]
+        mutation: Option<String>,
         /// Working directory (default: a new one under /var/tmp, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -754,7 +758,17 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
             timeout_s,
             dir,
             json,
+            mutation,
         } => {
+            if mutation.as_deref() == Some("list") {
+                for (_, name, what) in fams::mutations::ALL {
+                    println!("{name:<26} {what}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(m) = &mutation {
+                fams::mutations::set(m)?;
+            }
             let faults = match faults {
                 Some(f) => {
                     let c = fams::turns::FaultConfig::parse(&f)?;
@@ -778,6 +792,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
                 timeout: std::time::Duration::from_secs(timeout_s),
                 tracker,
                 progress: !json,
+                mutation,
             };
             let report = famsd::cluster::run_bank_cluster(&cfg)?;
             if json {

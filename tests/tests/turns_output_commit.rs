@@ -687,7 +687,7 @@ fn transmit_before_durable_is_caught() {
         }
     }
     let _serial = MUTATION_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    fams::mutations::set(fams::mutations::TRANSMIT_BEFORE_DURABLE).expect("switch the mutation on");
+    fams::mutations::set("transmit-before-durable").expect("switch the mutation on");
     let _off = Off;
     let cfg = Config::from_env(60);
     let started = Instant::now();

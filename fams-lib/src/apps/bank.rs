@@ -41,7 +41,7 @@ crate::persistent! {
         pub transfers_planned: u64,
         pub transfers_sent: u64,
         pub transfers_applied: u64,
-        /// Seed of the transfer choices (transfer k uses seed ^ k).
+        /// Seed of the transfer choices (transfer k uses seed ^ k ^ the turn's clock).
         pub rng: u64,
         pub fifo_violations: u64,
         pub bad_messages: u64,
@@ -94,6 +94,7 @@ impl App for BankApp {
                 t.println(&line)?;
             }
             Input::Alarm => {
+                let now_ns = t.now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
                 let peers = t.peers();
                 if peers.is_empty() {
                     return Err(TurnError::new("no peers to transfer to"));
@@ -102,7 +103,9 @@ impl App for BankApp {
                 if bank.transfers_sent >= bank.transfers_planned {
                     return Ok(());
                 }
-                let r = crate::sim::SimRng::new(bank.rng ^ bank.transfers_sent).next_u64();
+                // The clock makes a re-executed turn differ from the original: a turn that leaked its
+                // message and was then lost would show as a mismatch, not be masked by replay.
+                let r = crate::sim::SimRng::new(bank.rng ^ bank.transfers_sent ^ now_ns).next_u64();
                 let to = peers[(r % peers.len() as u64) as usize];
                 let from_account = ((r >> 8) % ACCOUNTS as u64) as u32;
                 let to_account = ((r >> 16) % ACCOUNTS as u64) as u32;

@@ -27,6 +27,7 @@
 use super::app::{AlarmChange, App, Input, Turn, TurnError, TurnHeap, TurnLimits};
 use super::state::{self, NodeSnapshot, OutMessage, StoredAddr};
 use crate::alloc::{ObjectError, ObjectHeap, ObjectOptions, PVec};
+use crate::mutations::{self, Mutation};
 use crate::transport::{self, Endpoint, EndpointConfig, Event, NodeId, PeerRestore, Transmit, TransportError};
 use crate::{Heap, Ticket};
 use std::collections::{HashMap, VecDeque};
@@ -232,6 +233,7 @@ impl<A: App> NodeCore<A> {
         }
         let incarnation;
         let mut restore = Vec::new();
+        let mut retired = Vec::new();
         let mut outbox = Vec::new();
         let mut stdout_pending = Vec::new();
         let stdout_base;
@@ -257,10 +259,11 @@ impl<A: App> NodeCore<A> {
                 p.addr = StoredAddr::from_socket_addr(addr);
             }
             for (&id, p) in st.peers.iter() {
-                let Some(addr) = p.addr.to_socket_addr() else { continue };
                 if p.retired {
+                    retired.push(NodeId(id));
                     continue;
                 }
+                let Some(addr) = p.addr.to_socket_addr() else { continue };
                 restore.push((
                     NodeId(id),
                     addr,
@@ -316,7 +319,7 @@ impl<A: App> NodeCore<A> {
             consumed,
             acks_unrecorded: false,
             addr_updates: HashMap::new(),
-            retired: Vec::new(),
+            retired,
             stdout_emitted: stdout_base,
             stdout_ready,
             stdin: VecDeque::new(),
@@ -503,7 +506,7 @@ impl<A: App> NodeCore<A> {
             return Ok(());
         }
         let durable = self.objects.poll_durable()?;
-        let early = mutation_transmit_before_durable();
+        let early = mutations::is_on(Mutation::TransmitBeforeDurable);
         while self.pending.front().is_some_and(|t| early || t.ticket <= durable) {
             let turn = self.pending.pop_front().expect("checked above");
             for (peer, seq, bytes) in turn.sends {
@@ -729,7 +732,7 @@ impl<A: App> NodeCore<A> {
         sends: Vec<(NodeId, u64, Vec<u8>)>,
         stdout: Vec<u8>,
     ) -> Result<(), NodeError> {
-        let consumed = match source {
+        let mut consumed = match source {
             Source::Message(peer, seq, _) => {
                 self.consumed.insert(*peer, *seq);
                 self.stats.messages_consumed += 1;
@@ -737,6 +740,11 @@ impl<A: App> NodeCore<A> {
             }
             _ => None,
         };
+        if let (true, Some((peer, seq))) = (mutations::is_on(Mutation::AckBeforeDurable), consumed) {
+            // Negative control only: acknowledge before the turn is durable.
+            self.endpoint.consumed_durable(self.last_now, peer, seq)?;
+            consumed = None;
+        }
         // Nothing in flight and no other input waiting: nothing could run while this turn's
         // record is written, so write it on this thread (the heap does so when its log writer
         // is idle) — no hand-off to the writer thread and back, the shortest turn latency.
@@ -895,15 +903,6 @@ impl Source {
     fn kind(&self) -> &'static str {
         self.input().kind()
     }
-}
-
-/// Negative control (cargo feature `mutations`, see [`crate::mutations`]): release every
-/// pending turn's outputs without waiting for durability. Always false in a product build.
-fn mutation_transmit_before_durable() -> bool {
-    #[cfg(feature = "mutations")]
-    return crate::mutations::transmit_before_durable();
-    #[cfg(not(feature = "mutations"))]
-    false
 }
 
 /// A handler's result, with a panic turned into its message.
