@@ -190,7 +190,12 @@ impl Shared {
     /// `poll_durable`: the fd is drained first and the state read after, so an advance is never
     /// missed — at worst it is reported twice).
     pub fn announce(&self) {
+        self.signal_fd();
         self.progress.notify_all();
+    }
+
+    /// Make the durability descriptor readable.
+    fn signal_fd(&self) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live local buffer to our own eventfd. It is nonblocking;
         // the only possible failure, EAGAIN when the counter would overflow 2^64 - 2, cannot
@@ -207,8 +212,11 @@ impl Shared {
             st.queue.clear();
             st.queued_bytes = 0;
             st.writing_bytes = 0;
+            // Signalled under the lock: whoever sees the failure also finds the descriptor
+            // readable (a waiter may wake before the notification below).
+            self.signal_fd();
         }
-        self.announce();
+        self.progress.notify_all();
     }
 
     pub fn durability_fd(&self) -> BorrowedFd<'_> {

@@ -144,6 +144,8 @@ impl NodeStats {
 /// A committed turn whose outputs wait for its ticket.
 struct PendingTurn {
     ticket: Ticket,
+    /// A turn (not a housekeeping or retirement commit).
+    is_turn: bool,
     sends: Vec<(NodeId, u64, Vec<u8>)>,
     consumed: Option<(NodeId, u64)>,
     stdout: Vec<u8>,
@@ -518,7 +520,7 @@ impl<A: App> NodeCore<A> {
             if !turn.stdout.is_empty() {
                 self.stdout_ready.push_back(turn.stdout);
             }
-            self.stats.turns_durable += 1;
+            self.stats.turns_durable += turn.is_turn as u64;
         }
         Ok(())
     }
@@ -758,7 +760,7 @@ impl<A: App> NodeCore<A> {
         self.housekeeping_committed();
         self.stats.turns += 1;
         self.last_turn_at = self.last_now;
-        self.pending.push_back(PendingTurn { ticket, sends, consumed, stdout });
+        self.pending.push_back(PendingTurn { ticket, is_turn: true, sends, consumed, stdout });
         self.stats.turns_in_flight_peak = self.stats.turns_in_flight_peak.max(self.pending.len() as u64);
         Ok(())
     }
@@ -856,7 +858,7 @@ impl<A: App> NodeCore<A> {
         self.housekeeping_committed();
         self.last_turn_at = now;
         self.stats.housekeeping_commits += 1;
-        self.pending.push_back(PendingTurn { ticket, sends: Vec::new(), consumed: None, stdout: Vec::new() });
+        self.pending.push_back(PendingTurn { ticket, is_turn: false, sends: Vec::new(), consumed: None, stdout: Vec::new() });
         Ok(())
     }
 
@@ -875,7 +877,7 @@ impl<A: App> NodeCore<A> {
         self.unacked.remove(&peer);
         self.next_seq.remove(&peer);
         let ticket = self.objects.commit_async()?;
-        self.pending.push_back(PendingTurn { ticket, sends: Vec::new(), consumed: None, stdout: Vec::new() });
+        self.pending.push_back(PendingTurn { ticket, is_turn: false, sends: Vec::new(), consumed: None, stdout: Vec::new() });
         Ok(())
     }
 }
