@@ -82,12 +82,19 @@ when it is stopped, the heap is opened to read them — which, like any open, fi
     },
     /// Measure commit latency and recovery on this machine's device, next to the device floor
     /// (an O_DIRECT write + flush of the same bytes) and the baselines (SQLite WAL, LMDB, Ken-style
-    /// checkpoint files, plain msync), all in one run.
+    /// checkpoint files, plain msync), all in one run. With --turns: turn latency, throughput and
+    /// restart time of two node processes, next to their floors and a Ken-style ping-pong.
     #[command(
         after_help = "Examples:\n  famsd bench --quick\n  famsd bench --dir /mnt/nvme/bench --json > result.json\n  \
-famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents"
+famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents\n  \
+famsd bench --turns --quick                     # ping-pong turns vs 2 × commit floor + UDP round trip"
     )]
     Bench {
+        /// Benchmark turns instead of the heap: two `famsd node pingpong` processes on 127.0.0.1
+        /// (window 1 and 64), the heap's commit_async rate, a Ken-style ping-pong and
+        /// SIGKILL → restart → next turn; each next to its floor or baseline of the same run.
+        #[arg(long, conflicts_with_all = ["log", "svg", "force"])]
+        turns: bool,
         /// Directory on the device under test (heap files, file logs, baselines).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -532,7 +539,28 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { dir, log, quick, json, svg, save_json, force } => {
+        Cmd::Bench { turns: true, dir, quick, json, save_json, .. } => {
+            let dir = WorkDir::new(dir, "bench");
+            let cfg = famsd::turn_bench::TurnBenchConfig {
+                famsd: std::env::current_exe().map_err(|e| format!("finding famsd itself: {e}"))?,
+                dir: dir.path.clone(),
+                quick,
+                progress: true,
+            };
+            let report = famsd::turn_bench::run(&cfg)?;
+            if json {
+                print_json(&report.to_json(&cfg));
+            } else {
+                report.print_table();
+            }
+            if let Some(path) = save_json {
+                let text = serde_json::to_string_pretty(&report.to_json(&cfg)).expect("json");
+                std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { dir, log, quick, json, svg, save_json, force, .. } => {
             let dir = WorkDir::new(dir, "bench");
             let cfg =
                 famsd::bench::BenchConfig { dir: dir.path.clone(), log_device: log, quick, force, progress: true };
@@ -633,7 +661,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
 fn node_section(heap: &std::path::Path, locked: bool) -> serde_json::Value {
     let status = famsd::node::status_path(heap);
     if locked {
-        return match std::fs::read_to_string(&status).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+        return match std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        {
             Some(mut v) => {
                 v["source"] = serde_json::json!(format!("running node's status file {}", status.display()));
                 v
@@ -666,7 +697,11 @@ fn print_node_section(node: &serde_json::Value) {
         let t = &s["transport"];
         println!(
             "          node {} (pid {}), {} turns ({} failed, {} pipelined), {:.1} turns per device write",
-            node["node"], node["pid"], s["turns"], s["turns_failed"], s["turns_pipelined"],
+            node["node"],
+            node["pid"],
+            s["turns"],
+            s["turns_failed"],
+            s["turns_pipelined"],
             s["turns_per_device_write"].as_f64().unwrap_or(0.0)
         );
         println!(
@@ -685,7 +720,12 @@ fn print_node_section(node: &serde_json::Value) {
     }
     println!(
         "          node {}, incarnation {}, {} turns ({} failed), {} messages sent, {} consumed",
-        node["node"], node["incarnation"], node["turns"], node["turns_failed"], node["messages_sent"], node["messages_consumed"]
+        node["node"],
+        node["incarnation"],
+        node["turns"],
+        node["turns_failed"],
+        node["messages_sent"],
+        node["messages_consumed"]
     );
     if let Some(f) = node["last_failure"].as_str().filter(|f| !f.is_empty()) {
         println!("          last failed turn: {f}");
@@ -789,7 +829,10 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
         }
         NodeCmd::Report { heap, json } => {
             let Some(r) = famsd::node::bank_report(&heap)? else {
-                return Err(format!("{}: this heap holds no bank (its node never completed a Start turn)", heap.display()));
+                return Err(format!(
+                    "{}: this heap holds no bank (its node never completed a Start turn)",
+                    heap.display()
+                ));
             };
             if json {
                 println!("{}", r.to_json());
@@ -797,7 +840,12 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
                 println!("node {}: accounts {:?}, total {}", r.node, r.accounts, r.total());
                 println!(
                     "transfers: {} of {} sent, {} applied; {} out of order; {} malformed; {} restarts",
-                    r.transfers_sent, r.transfers_planned, r.transfers_applied, r.fifo_violations, r.bad_messages, r.restarts
+                    r.transfers_sent,
+                    r.transfers_planned,
+                    r.transfers_applied,
+                    r.fifo_violations,
+                    r.bad_messages,
+                    r.restarts
                 );
                 for (peer, (count, amount)) in &r.sent {
                     println!("  sent to {peer}: {count} transfers, {amount} in all");

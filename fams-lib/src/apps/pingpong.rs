@@ -7,6 +7,9 @@
 //!
 //! Each turn writes its counter into `touch_pages` distinct heap pages (the dirty set a turn
 //! commits besides the turn manager's own state).
+//!
+//! Either side prints `{"restarted":true}` in its `Restarted` turn (the first turn after a
+//! recovery), so a driver can see when a restarted node has completed a durable turn.
 
 use crate::alloc::PVec;
 use crate::transport::NodeId;
@@ -61,7 +64,14 @@ impl App for PingPongApp {
         let (root, _) = t.heap.root_with_alloc(|a| {
             let mut v = PVec::new_in(a);
             v.resize(pages * PAGE_SIZE, 0u8);
-            PingPong { pings_sent: 0, pongs_received: 0, pings_answered: 0, started_unix_ns: 0, finished_unix_ns: 0, pages: v }
+            PingPong {
+                pings_sent: 0,
+                pongs_received: 0,
+                pings_answered: 0,
+                started_unix_ns: 0,
+                finished_unix_ns: 0,
+                pages: v,
+            }
         })?;
         let counter = root.pings_sent + root.pongs_received + root.pings_answered;
         for page in 0..pages.min(root.pages.len() / PAGE_SIZE) {
@@ -116,7 +126,10 @@ impl App for PingPongApp {
                     }
                 }
             }
-            Input::Restarted | Input::Alarm | Input::Stdin(_) => {}
+            // Printed only once this turn is durable: a restarted node's first turn is done
+            // (`famsd bench --turns` times SIGKILL → restart → this line).
+            Input::Restarted => t.println("{\"restarted\":true}")?,
+            Input::Alarm | Input::Stdin(_) => {}
         }
         Ok(())
     }
