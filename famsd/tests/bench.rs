@@ -62,6 +62,8 @@ fn quick_turn_bench_reports_every_row_next_to_its_floor() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(v["mode"], "turns");
+    assert_eq!(v["rounds"], 2, "--quick measures every row in two rounds");
     let positive = |row: &serde_json::Value, keys: &[&str]| {
         for k in keys {
             let x = row[*k].as_f64().unwrap_or_else(|| panic!("{k} missing in {row}"));
@@ -78,6 +80,7 @@ fn quick_turn_bench_reports_every_row_next_to_its_floor() {
         assert_eq!(r["window"], 1);
         assert_eq!(r["round_trips"], 300);
         positive(r, &["round_trips_per_s", "us_per_round_trip", "floor_us_per_round_trip", "ratio_to_floor"]);
+        assert_eq!(r["ratio_to_floor_rounds"].as_array().map(|a| a.len()), Some(2), "{r}");
     }
     let w = &v["pingpong_windowed"];
     assert_eq!(w["window"], 64);
