@@ -307,9 +307,14 @@ pub fn udp_round_trip(iters: usize) -> std::io::Result<Samples> {
 // ---------------------------------------------------------------------------------------------
 // Node processes
 
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on the pid of our own child, which we have not yet waited for; no memory
-    // is involved.
+/// Send `sig` to our child unless it has already been reaped (then its pid may belong to
+/// another process by now).
+fn signal(child: &mut Child, sig: libc::c_int) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped (a child that exits
+    // meanwhile stays a zombie holding its pid until we wait for it); no memory is involved.
     unsafe { libc::kill(child.id() as libc::pid_t, sig) };
 }
 
@@ -444,11 +449,16 @@ pub fn pingpong(
         .spawn()
         .map_err(|e| format!("starting famsd: {e}"))?;
     wait_bound(&mut responder, pair.addrs[1].port(), &pair.file(2, "err"), "the responder")?;
-    let mut initiator = pair
-        .command(&cfg.famsd, 1, pages, &initiator_args(round_trips, window))?
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting famsd: {e}"))?;
+    let spawned = pair
+        .command(&cfg.famsd, 1, pages, &initiator_args(round_trips, window))
+        .and_then(|mut c| c.stdout(Stdio::piped()).spawn().map_err(|e| format!("starting famsd: {e}")));
+    let mut initiator = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = stop(&mut responder, "the responder");
+            return Err(e);
+        }
+    };
     let mut out = String::new();
     let stdout = initiator.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
@@ -528,19 +538,25 @@ pub fn restarts(cfg: &TurnBenchConfig, count: usize) -> Result<RestartRun, Strin
     };
     let mut responder = spawn_responder(0)?;
     wait_bound(&mut responder, pair.addrs[1].port(), &pair.file(2, "err"), "the responder")?;
-    let mut initiator = pair
-        .command(&cfg.famsd, 1, 1, &initiator_args(1 << 40, WINDOW))?
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting famsd: {e}"))?;
+    let spawned = pair
+        .command(&cfg.famsd, 1, 1, &initiator_args(1 << 40, WINDOW))
+        .and_then(|mut c| c.stdout(Stdio::null()).spawn().map_err(|e| format!("starting famsd: {e}")));
+    let mut initiator = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = stop(&mut responder, "the responder");
+            return Err(e);
+        }
+    };
     let mut run = RestartRun { window: WINDOW, ..RestartRun::default() };
     let result = (|| -> Result<(), String> {
+        wait_bound(&mut initiator, pair.addrs[0].port(), &pair.file(1, "err"), "the initiator")?;
         std::thread::sleep(Duration::from_millis(500));
         for generation in 1..=count as u64 {
             if let Some(status) = initiator.try_wait().map_err(|e| e.to_string())? {
                 return Err(format!("the initiator exited ({status}):\n{}", tail(&pair.file(1, "err"))));
             }
-            signal(&responder, libc::SIGKILL);
+            signal(&mut responder, libc::SIGKILL);
             let _ = responder.wait();
             let spawned = Instant::now();
             responder = spawn_responder(generation)?;
@@ -573,7 +589,7 @@ pub fn restarts(cfg: &TurnBenchConfig, count: usize) -> Result<RestartRun, Strin
     })();
     // A last SIGKILL of the responder mid-run, then the initiator stops (it lingers for acks
     // that do not come, then writes its counters).
-    signal(&responder, libc::SIGKILL);
+    signal(&mut responder, libc::SIGKILL);
     let _ = responder.wait();
     let a = stop(&mut initiator, "the initiator");
     result?;
