@@ -10,6 +10,10 @@
 //! - SIGKILL of a node mid-run → restart → its first durable turn.
 //!
 //! Rows are compared as ratios within the run; absolute numbers from a shared machine say little.
+//! Because the machine drifts within a run (on a shared VM a flush can take 0.15 ms for a while,
+//! then 4 ms), every row is measured in several rounds, each ratio is taken within a round —
+//! the window-1 rows against the commit floor measured just before and just after them — and
+//! the median over the rounds is reported, with each round's ratio beside it.
 
 use crate::bench::Progress;
 use crate::cluster::free_ports;
@@ -128,7 +132,9 @@ pub struct RecoveryAfterKill {
 /// flush time can jump from 0.15 ms to 4 ms for seconds), so the rows are measured in several
 /// rounds and each ratio is taken within a round, between numbers measured seconds apart.
 pub struct Round {
-    pub floor: Samples,
+    /// The device commit floor in three parts: before the window-1 row with 1 page, between it
+    /// and the row with 16 pages, after that one. Each row's floor is the two parts around it.
+    pub floor_parts: [Samples; 3],
     pub udp: Samples,
     /// Window 1: 1 page, then 16 pages per turn.
     pub strict: Vec<PingPongRun>,
@@ -142,12 +148,21 @@ pub struct Round {
 }
 
 impl Round {
-    /// The floor of one strict round trip: two commits (one per node) and one UDP round trip.
-    pub fn strict_floor_us(&self) -> f64 {
-        2.0 * self.floor.p50() + self.udp.p50()
+    /// All the floor samples of the round.
+    pub fn floor(&self) -> Samples {
+        Samples(self.floor_parts.iter().flat_map(|p| p.0.iter().copied()).collect())
+    }
+    /// The floor samples measured just before and just after window-1 row `i`.
+    pub fn floor_around(&self, i: usize) -> Samples {
+        Samples(self.floor_parts[i..=i + 1].iter().flat_map(|p| p.0.iter().copied()).collect())
+    }
+    /// The floor of one strict round trip of row `i`: two commits (one per node) and one UDP
+    /// round trip.
+    pub fn strict_floor_us(&self, i: usize) -> f64 {
+        2.0 * self.floor_around(i).p50() + self.udp.p50()
     }
     pub fn strict_ratio(&self, i: usize) -> f64 {
-        self.strict[i].us_per_round_trip() / self.strict_floor_us()
+        self.strict[i].us_per_round_trip() / self.strict_floor_us(i)
     }
     pub fn of_commit_async(&self) -> f64 {
         self.windowed.turns_per_s() / self.async_rate
@@ -165,7 +180,7 @@ pub struct TurnBenchReport {
 
 struct Sizes {
     rounds: usize,
-    /// Per round:
+    /// Per round (the floor: per part, three parts):
     floor_iters: usize,
     udp_iters: usize,
     strict_round_trips: u64,
@@ -182,7 +197,7 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
     let z = if cfg.quick {
         Sizes {
             rounds: 2,
-            floor_iters: 150,
+            floor_iters: 75,
             udp_iters: 1500,
             strict_round_trips: 150,
             windowed_round_trips: 1500,
@@ -194,7 +209,7 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
     } else {
         Sizes {
             rounds: 4,
-            floor_iters: 750,
+            floor_iters: 400,
             udp_iters: 7500,
             strict_round_trips: 500,
             windowed_round_trips: 5000,
@@ -204,24 +219,29 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
             restarts: 20,
         }
     };
-    let mut p = Progress::new(cfg.progress, z.rounds * 7 + 1);
+    let mut p = Progress::new(cfg.progress, z.rounds * 10 + 1);
     let target = Target { dir: cfg.dir.clone(), log_device: None };
     let mut rounds = Vec::new();
     for r in 1..=z.rounds {
         let n = z.rounds;
+        let floor_part = |p: &mut Progress, part: usize| -> Result<Samples, String> {
+            p.next(&format!(
+                "round {r}/{n}: device commit floor, part {part}/3: {} × 4 KiB O_DIRECT write + RWF_DSYNC",
+                z.floor_iters
+            ));
+            fams_bench::floor_write_flush(&target, 4096, z.floor_iters, FlushMode::Dsync)
+                .map_err(|e| format!("floor measurement: {e}"))
+        };
         let mut strict = Vec::new();
+        let a = floor_part(&mut p, 1)?;
         p.next(&format!(
             "round {r}/{n}: ping-pong, window 1, 1 dirty page per turn: {} round trips",
             z.strict_round_trips
         ));
         strict.push(pingpong(cfg, "turns-strict-1", 1, 1, z.strict_round_trips)?);
         fams_bench::settle();
-        p.next(&format!(
-            "round {r}/{n}: floors: {} × 4 KiB O_DIRECT write + RWF_DSYNC, {} × 64-byte loopback UDP round trip",
-            z.floor_iters, z.udp_iters
-        ));
-        let floor = fams_bench::floor_write_flush(&target, 4096, z.floor_iters, FlushMode::Dsync)
-            .map_err(|e| format!("floor measurement: {e}"))?;
+        let b = floor_part(&mut p, 2)?;
+        p.next(&format!("round {r}/{n}: loopback UDP round trip: {} × 64 bytes", z.udp_iters));
         let udp = udp_round_trip(z.udp_iters).map_err(|e| format!("UDP round trip: {e}"))?;
         p.next(&format!(
             "round {r}/{n}: ping-pong, window 1, 16 dirty pages per turn: {} round trips",
@@ -229,6 +249,7 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
         ));
         strict.push(pingpong(cfg, "turns-strict-16", 1, 16, z.strict_round_trips)?);
         fams_bench::settle();
+        let c = floor_part(&mut p, 3)?;
         p.next(&format!("round {r}/{n}: ping-pong, window {WINDOW}: {} round trips", z.windowed_round_trips));
         let windowed = pingpong(cfg, "turns-windowed", WINDOW, 1, z.windowed_round_trips)?;
         fams_bench::settle();
@@ -249,7 +270,7 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
         let ken_strict = ken_pingpong(&cfg.dir.join("ken-strict"), 1, z.ken_strict_round_trips)?;
         fams_bench::settle();
         rounds.push(Round {
-            floor,
+            floor_parts: [a, b, c],
             udp,
             strict,
             windowed,
@@ -842,14 +863,16 @@ impl Targets {
 
 impl TurnBenchReport {
     pub fn floor(&self) -> Samples {
-        Samples(self.rounds.iter().flat_map(|r| r.floor.0.iter().copied()).collect())
+        Samples(self.rounds.iter().flat_map(|r| r.floor().0).collect())
     }
     pub fn udp(&self) -> Samples {
         Samples(self.rounds.iter().flat_map(|r| r.udp.0.iter().copied()).collect())
     }
-    /// 2 × commit floor p50 + UDP round trip p50, over all rounds' samples.
-    pub fn strict_floor_us(&self) -> f64 {
-        2.0 * self.floor().p50() + self.udp().p50()
+    /// Row `i`'s floor: 2 × commit floor p50 + UDP round trip p50, over all rounds' samples
+    /// (the commit floor's taken just before and after the row).
+    pub fn strict_floor_us(&self, i: usize) -> f64 {
+        let around = Samples(self.rounds.iter().flat_map(|r| r.floor_around(i).0).collect());
+        2.0 * around.p50() + self.udp().p50()
     }
     fn pool<'a>(runs: impl Iterator<Item = &'a PingPongRun>) -> Pooled {
         let (mut round_trips, mut ns) = (0, 0u64);
@@ -894,12 +917,12 @@ impl TurnBenchReport {
 
     pub fn to_json(&self, cfg: &TurnBenchConfig) -> serde_json::Value {
         let (floor, udp) = (self.floor(), self.udp());
-        let strict_floor = self.strict_floor_us();
         let strict: Vec<_> = [1usize, 16]
             .iter()
             .enumerate()
             .map(|(i, pages)| {
                 let p = self.strict(i);
+                let strict_floor = self.strict_floor_us(i);
                 let rounds = self.per_round(|r| r.strict_ratio(i));
                 let initiators = self.stats(|r| &r.strict[i].initiator);
                 let responders = self.stats(|r| &r.strict[i].responder);
@@ -907,6 +930,7 @@ impl TurnBenchReport {
                     "window": 1, "pages": pages, "round_trips": p.round_trips,
                     "round_trips_per_s": p.round_trips_per_s(), "us_per_round_trip": p.us_per_round_trip(),
                     "floor_us_per_round_trip": strict_floor,
+                    "commit_floor_p50_us_around_row": (strict_floor - udp.p50()) / 2.0,
                     "ratio_to_floor": median(&rounds), "ratio_to_floor_rounds": rounds,
                     "ratio_to_floor_pooled": p.us_per_round_trip() / strict_floor,
                     "turns_per_device_write": turns_per_device_write(&initiators),
@@ -933,7 +957,7 @@ impl TurnBenchReport {
             "rounds": self.rounds.len(),
             "device_commit_floor": {
                 "bytes": 4096, "flush": "O_DIRECT + RWF_DSYNC", "p50_us": floor.p50(), "p99_us": floor.p99(),
-                "writes": floor.0.len(), "p50_us_rounds": self.per_round(|r| r.floor.p50()),
+                "writes": floor.0.len(), "p50_us_rounds": self.per_round(|r| r.floor().p50()),
             },
             "udp_round_trip": {
                 "how": UDP_HOW, "message_bytes": MESSAGE_BYTES, "p50_us": udp.p50(), "p99_us": udp.p99(),
@@ -1001,7 +1025,6 @@ impl TurnBenchReport {
 
     pub fn print_table(&self) {
         let (floor, udp) = (self.floor(), self.udp());
-        let strict_floor = self.strict_floor_us();
         let list = |v: &[f64], digits: usize| v.iter().map(|x| format!("{x:.digits$}")).collect::<Vec<_>>().join(" ");
         println!(
             "turns: two `famsd node pingpong` processes on 127.0.0.1, {MESSAGE_BYTES}-byte messages, heaps and logs in the \
@@ -1014,7 +1037,7 @@ bench directory; {} rounds, every ratio taken within a round (median over rounds
             "device commit floor (4 KiB O_DIRECT + dsync)",
             floor.p50(),
             floor.p99(),
-            list(&self.per_round(|r| r.floor.p50()), 0)
+            list(&self.per_round(|r| r.floor().p50()), 0)
         );
         println!("{:<46} {:>9.0} µs {:>9.0} µs", "loopback UDP round trip (2 threads, 64 B)", udp.p50(), udp.p99());
         for (i, pages) in [1usize, 16].iter().enumerate() {
@@ -1025,7 +1048,7 @@ bench directory; {} rounds, every ratio taken within a round (median over rounds
                 format!("ping-pong window 1, {pages} page{}: per round trip", if *pages == 1 { "" } else { "s" }),
                 p.us_per_round_trip(),
                 "",
-                strict_floor,
+                self.strict_floor_us(i),
                 median(&rounds),
                 list(&rounds, 2)
             );
