@@ -51,15 +51,20 @@ pub fn check_device(dev: &Path, force: bool) -> Result<(), String> {
     Ok(())
 }
 
-struct Progress {
+/// Progress lines on stderr: "[###.....] 3/10 what (12 s)".
+pub(crate) struct Progress {
     on: bool,
     step: usize,
     steps: usize,
-    started: Instant,
+    pub(crate) started: Instant,
 }
 
 impl Progress {
-    fn next(&mut self, what: &str) {
+    pub(crate) fn new(on: bool, steps: usize) -> Progress {
+        Progress { on, step: 0, steps, started: Instant::now() }
+    }
+
+    pub(crate) fn next(&mut self, what: &str) {
         self.step += 1;
         if self.on {
             let width = 24;

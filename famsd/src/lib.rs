@@ -1,5 +1,5 @@
 //! The parts of `famsd` other programs and tests reuse: the verifiable workload, the SIGKILL
-//! torture run, the power-loss explorer, the benchmark and the demo.
+//! torture run, the power-loss explorer, the benchmarks (heap and turns) and the demo.
 
 pub mod bench;
 pub mod cluster;
@@ -7,4 +7,5 @@ pub mod demo;
 pub mod node;
 pub mod power_loss;
 pub mod torture;
+pub mod turn_bench;
 pub mod workload;

@@ -82,12 +82,19 @@ when it is stopped, the heap is opened to read them — which, like any open, fi
     },
     /// Measure commit latency and recovery on this machine's device, next to the device floor
     /// (an O_DIRECT write + flush of the same bytes) and the baselines (SQLite WAL, LMDB, Ken-style
-    /// checkpoint files, plain msync), all in one run.
+    /// checkpoint files, plain msync), all in one run. With --turns: turn latency, throughput and
+    /// restart time of two node processes, next to their floors and a Ken-style ping-pong.
     #[command(
         after_help = "Examples:\n  famsd bench --quick\n  famsd bench --dir /mnt/nvme/bench --json > result.json\n  \
-famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents"
+famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents\n  \
+famsd bench --turns --quick                     # ping-pong turns vs 2 × commit floor + UDP round trip"
     )]
     Bench {
+        /// Benchmark turns instead of the heap: two `famsd node pingpong` processes on 127.0.0.1
+        /// (window 1 and 64), the heap's commit_async rate, a Ken-style ping-pong and
+        /// SIGKILL → restart → next turn; each next to its floor or baseline of the same run.
+        #[arg(long, conflicts_with_all = ["log", "svg", "force"])]
+        turns: bool,
         /// Directory on the device under test (heap files, file logs, baselines).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -536,7 +543,28 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { dir, log, quick, json, svg, save_json, force } => {
+        Cmd::Bench { turns: true, dir, quick, json, save_json, .. } => {
+            let dir = WorkDir::new(dir, "bench");
+            let cfg = famsd::turn_bench::TurnBenchConfig {
+                famsd: std::env::current_exe().map_err(|e| format!("finding famsd itself: {e}"))?,
+                dir: dir.path.clone(),
+                quick,
+                progress: true,
+            };
+            let report = famsd::turn_bench::run(&cfg)?;
+            if json {
+                print_json(&report.to_json(&cfg));
+            } else {
+                report.print_table();
+            }
+            if let Some(path) = save_json {
+                let text = serde_json::to_string_pretty(&report.to_json(&cfg)).expect("json");
+                std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { dir, log, quick, json, svg, save_json, force, .. } => {
             let dir = WorkDir::new(dir, "bench");
             let cfg =
                 famsd::bench::BenchConfig { dir: dir.path.clone(), log_device: log, quick, force, progress: true };

@@ -50,3 +50,61 @@ fn bench_refuses_a_path_that_is_not_a_block_device_for_the_log() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a block device") && err.contains("--dir"), "{err}");
 }
+
+#[test]
+fn quick_turn_bench_reports_every_row_next_to_its_floor() {
+    let dir = TempDir::new("bench-turns");
+    let out = Command::new(env!("CARGO_BIN_EXE_famsd"))
+        .args(["bench", "--turns", "--quick", "--json", "--dir"])
+        .arg(dir.join("run"))
+        .output()
+        .expect("run famsd bench --turns");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(v["mode"], "turns");
+    assert_eq!(v["rounds"], 2, "--quick measures every row in two rounds");
+    let positive = |row: &serde_json::Value, keys: &[&str]| {
+        for k in keys {
+            let x = row[*k].as_f64().unwrap_or_else(|| panic!("{k} missing in {row}"));
+            assert!(x > 0.0 && x.is_finite(), "{k} = {x} in {row}");
+        }
+    };
+    for row in ["device_commit_floor", "udp_round_trip"] {
+        positive(&v[row], &["p50_us", "p99_us"]);
+        assert!(v[row]["p99_us"].as_f64() >= v[row]["p50_us"].as_f64(), "{}", v[row]);
+    }
+    let strict = v["pingpong_strict"].as_array().expect("strict rows");
+    assert_eq!(strict.iter().map(|r| r["pages"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 16]);
+    for r in strict {
+        assert_eq!(r["window"], 1);
+        assert_eq!(r["round_trips"], 300);
+        positive(r, &["round_trips_per_s", "us_per_round_trip", "floor_us_per_round_trip", "ratio_to_floor"]);
+        assert_eq!(r["ratio_to_floor_rounds"].as_array().map(|a| a.len()), Some(2), "{r}");
+    }
+    let w = &v["pingpong_windowed"];
+    assert_eq!(w["window"], 64);
+    positive(
+        w,
+        &["round_trips_per_s", "turns_per_s", "initiator_turns_pipelined_fraction", "initiator_turns_per_device_write"],
+    );
+    positive(&v["commit_async"], &["async_per_s", "sync_per_s", "windowed_turns_percent_of_async"]);
+    let ken = &v["ken_style"];
+    for mode in ["strict", "windowed"] {
+        positive(&ken[mode], &["round_trips_per_s", "turns_per_s"]);
+    }
+    positive(ken, &["turn_file_bytes", "windowed_fams_over_windowed_ken", "strict_fams_over_strict_ken"]);
+    let r = &v["restart"];
+    assert_eq!(r["restarts"], 5, "{r}");
+    positive(r, &["to_next_turn_p50_ms", "to_next_turn_max_ms", "to_node_open_p50_ms", "node_open_to_turn_p50_ms"]);
+    assert!(r["to_next_turn_max_ms"].as_f64() >= r["to_next_turn_p50_ms"].as_f64(), "{r}");
+    // Work resumed after every restart: the initiator saw its peer come back each time.
+    assert!(r["initiator_peers_restarted"].as_u64().unwrap() >= 5, "{r}");
+    positive(&r["heap_open_after_kill"], &["open_ms", "recovery_ms", "log_bytes_read"]);
+    for k in ["strict_met", "over_ken_met", "of_commit_async_met", "restart_met"] {
+        assert!(v["targets"][k].is_boolean(), "{k} in {}", v["targets"]);
+    }
+    let left: Vec<_> =
+        std::fs::read_dir(dir.join("run")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "scratch files left behind: {left:?}");
+}

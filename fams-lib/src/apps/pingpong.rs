@@ -7,6 +7,9 @@
 //!
 //! Each turn writes its counter into `touch_pages` distinct heap pages (the dirty set a turn
 //! commits besides the turn manager's own state).
+//!
+//! Either side prints `{"restarted":true}` in its `Restarted` turn (the first turn after a
+//! recovery), so a driver can see when a restarted node has completed a durable turn.
 
 use crate::alloc::PVec;
 use crate::transport::NodeId;
@@ -123,7 +126,10 @@ impl App for PingPongApp {
                     }
                 }
             }
-            Input::Restarted | Input::Alarm | Input::Stdin(_) => {}
+            // Printed only once this turn is durable: a restarted node's first turn is done
+            // (`famsd bench --turns` times SIGKILL → restart → this line).
+            Input::Restarted => t.println("{\"restarted\":true}")?,
+            Input::Alarm | Input::Stdin(_) => {}
         }
         Ok(())
     }
