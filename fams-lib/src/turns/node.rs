@@ -84,7 +84,7 @@ pub fn run_with_status<A: App>(
     set_buffer(&socket, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     let mut poll = Poll::new().map_err(io("creating the event loop"))?;
     poll.registry()
-        .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)
+        .register(&mut socket, SOCKET, Interest::READABLE)
         .map_err(io("registering the socket"))?;
 
     let now = Instant::now();
@@ -117,6 +117,7 @@ pub fn run_with_status<A: App>(
     // Datagrams ready to go, oldest first; kept when the socket buffer is full.
     let mut outgoing: std::collections::VecDeque<Transmit> = std::collections::VecDeque::new();
     let mut scratch = Vec::new();
+    let mut want_writable = false;
     let mut stdout = std::io::stdout();
     let mut stopping_since: Option<Instant> = None;
     let mut last_status = Instant::now();
@@ -174,6 +175,13 @@ pub fn run_with_status<A: App>(
                 Err(e) => tracing::debug!(dest = %t.dest, error = %e, "send failed"),
             }
             outgoing.pop_front();
+        }
+        // Ask to be woken when the socket can take more only while datagrams wait for it:
+        // registered always, every send would wake the loop once more for nothing.
+        if outgoing.is_empty() == want_writable {
+            want_writable = !outgoing.is_empty();
+            let interest = if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            poll.registry().reregister(&mut socket, SOCKET, interest).map_err(io("registering the socket"))?;
         }
         while let Some(bytes) = core.poll_stdout() {
             stdout.write_all(&bytes).map_err(io("writing stdout"))?;
