@@ -304,11 +304,13 @@ Stop with Ctrl-C / SIGTERM; then `famsd node report --heap n1.heap`.")]
     #[command(after_help = "Examples:\n  famsd node cluster --nodes 3 --transfers 400 --kills-per-node 5\n  \
 famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates, 10 % reordered")]
     Cluster {
+        /// Node processes (each with its own heap in --dir).
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         /// Transfers each node makes.
         #[arg(long, default_value_t = 400)]
         transfers: u64,
+        /// Pause between a node's transfers, in milliseconds (0: back to back, turns pipeline).
         #[arg(long, default_value_t = 5)]
         interval_ms: u64,
         /// SIGKILL every node at least this many times.
@@ -320,8 +322,10 @@ famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates,
         /// Shared key (64 hex digits) for every node.
         #[arg(long)]
         key: Option<String>,
+        /// Dirty tracker of every node: uffd, regions or mprotect (default: uffd where available).
         #[arg(long)]
         tracker: Option<String>,
+        /// Seed of the kill schedule (and of the fault layers).
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Give up after this many seconds (a liveness failure).
