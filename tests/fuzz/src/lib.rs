@@ -360,3 +360,109 @@ pub fn check_recovery(b: Built) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// decode_datagram
+
+use fams::transport::{self, wire, Endpoint, EndpointConfig, NodeId, PeerRestore};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The shared key the keyed half of the transport targets uses.
+const FUZZ_KEY: [u8; 32] = [0x42; 32];
+
+/// `transport::decode` on the bytes as they are and re-sealed (a valid CRC32C or MAC trailer in
+/// place of the last bytes), unkeyed and keyed, so the structural checks behind the trailer are
+/// reached. Never panics; whatever decodes re-encodes to exactly the same bytes.
+pub fn decode_datagram(data: &[u8]) {
+    for key in [None, Some(&FUZZ_KEY)] {
+        check_datagram(data, key);
+        let auth = transport::auth::Auth::new(key);
+        let body = data.len().saturating_sub(auth.trailer_bytes());
+        let mut sealed = data[..body].to_vec();
+        auth.seal(&mut sealed);
+        check_datagram(&sealed, key);
+    }
+}
+
+fn check_datagram(bytes: &[u8], key: Option<&[u8; 32]>) {
+    if let Ok(d) = transport::decode(bytes, key) {
+        let mut again = Vec::new();
+        wire::encode(&d, key, &mut again);
+        assert_eq!(again, bytes, "a decoded datagram must re-encode to the same bytes");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// endpoint_inputs
+
+/// An endpoint (node 1, peer 2) driven by the bytes as a script: each step is one command byte
+/// and its operands — a datagram from the peer (re-sealed, so most get past the checksum), time
+/// passing, a message of ours made durable, consumption made durable, a restart announcement,
+/// polls. Never panics, and the property of the protocol that matters most holds throughout:
+/// no datagram we send acknowledges more than the consumption we reported durable.
+/// Returns how many messages were delivered (for the tests: a script that reaches delivery).
+pub fn endpoint_inputs(data: &[u8]) -> u64 {
+    let start = Instant::now();
+    let mut now = start;
+    let peer_addr: SocketAddr = "127.0.0.1:2".parse().unwrap();
+    let mut config = EndpointConfig::new(NodeId(1), 1);
+    config.datagram_bytes_max = 512;
+    config.message_bytes_max = 64 << 10;
+    let Ok(mut ep) = Endpoint::new(config, now) else { return 0 };
+    ep.add_peer(NodeId(2), peer_addr, PeerRestore::NEW).expect("add the peer");
+    let auth = transport::auth::Auth::new(None);
+    let (mut next_send, mut delivered, mut consumed) = (1u64, 0u64, 0u64);
+    let mut i = 0;
+    while i < data.len() {
+        let op = data[i];
+        i += 1;
+        match op % 8 {
+            0 | 1 => {
+                // A datagram of up to 255 bytes from the script, re-sealed.
+                let len = data.get(i).copied().unwrap_or(0) as usize;
+                i = (i + 1).min(data.len());
+                let end = (i + len).min(data.len());
+                let mut d = data[i..end].to_vec();
+                i = end;
+                if op % 8 == 0 {
+                    let body = d.len().saturating_sub(auth.trailer_bytes());
+                    d.truncate(body);
+                    auth.seal(&mut d);
+                }
+                ep.handle_datagram(now, peer_addr, &d);
+            }
+            2 => now += Duration::from_millis(data.get(i).copied().unwrap_or(1) as u64),
+            3 => {
+                let len = data.get(i).copied().unwrap_or(0) as usize * 64;
+                i += 1;
+                if ep.send_durable(now, NodeId(2), next_send, vec![op; len]).is_ok() {
+                    next_send += 1;
+                }
+            }
+            4 => {
+                if consumed < delivered {
+                    consumed += 1;
+                    ep.consumed_durable(now, NodeId(2), consumed).expect("consumed what was delivered");
+                }
+            }
+            5 => ep.announce_restart(now),
+            6 => {
+                if ep.poll_timeout().is_some_and(|t| t <= now) {
+                    ep.handle_timeout(now);
+                }
+            }
+            _ => {}
+        }
+        while let Some(m) = ep.poll_message() {
+            assert_eq!(m.seq, delivered + 1, "delivery in order, each seq once");
+            delivered = m.seq;
+        }
+        while ep.poll_event().is_some() {}
+        while let Some(t) = ep.poll_transmit(now) {
+            let d = transport::decode(&t.bytes, None).expect("we send only well-formed datagrams");
+            assert!(d.header().ack <= consumed, "an ack ({}) ahead of durable consumption ({consumed})", d.header().ack);
+        }
+    }
+    delivered
+}
