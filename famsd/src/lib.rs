@@ -7,4 +7,5 @@ pub mod demo;
 pub mod node;
 pub mod power_loss;
 pub mod torture;
+pub mod turn_sim;
 pub mod workload;
