@@ -8,6 +8,7 @@
 
 use fams_tests::TempDir;
 use std::process::Command;
+#[cfg(not(feature = "mutations"))]
 use std::time::{Duration, Instant};
 
 fn simulate(seeds: u64, seed: u64, extra: &[&str]) -> serde_json::Value {
@@ -29,6 +30,7 @@ fn count(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
+#[cfg_attr(feature = "mutations", allow(dead_code))]
 fn assert_clean_and_covered(v: &serde_json::Value, seeds: u64, pipelined: bool) {
     assert_eq!(count(v, "seeds"), seeds, "{v}");
     assert_eq!(count(v, "violations"), 0, "violations: {:#}", v["violation_details"]);
