@@ -311,15 +311,81 @@ enum Ev {
     FaultsEnd,
 }
 
-/// What a node let out, over all its incarnations in the run.
-#[derive(Default)]
-struct Emitted {
-    data_seq_max: BTreeMap<NodeId, u64>,
-    ack_max: BTreeMap<NodeId, u64>,
+/// What one node let out into the world, over all its incarnations, to check against what its
+/// heap recovers (output commit): the highest DATA sequence number and cumulative ack it sent
+/// each peer, and how far into its stdout it printed. Reusable by any harness that drives a
+/// [`NodeCore`] and crashes it.
+#[derive(Clone, Debug, Default)]
+pub struct OutputLedger {
+    pub data_seq_max: BTreeMap<NodeId, u64>,
+    pub ack_max: BTreeMap<NodeId, u64>,
     /// Absolute stdout offset of the next byte this incarnation prints.
-    stdout_pos: u64,
+    pub stdout_pos: u64,
     /// Highest absolute stdout offset ever printed (end of the bytes printed).
-    stdout_high: u64,
+    pub stdout_high: u64,
+}
+
+impl OutputLedger {
+    /// Note a datagram node `me` let out. Err: it does not decode, or its header does not name
+    /// `me` as the sender.
+    pub fn record_transmit(&mut self, me: NodeId, t: &Transmit) -> Result<(), String> {
+        let d = decode(&t.bytes, None).map_err(|e| format!("node {me} sent a datagram that does not decode: {e}"))?;
+        let h = *d.header();
+        let a = self.ack_max.entry(h.receiver).or_insert(0);
+        *a = (*a).max(h.ack);
+        if let Datagram::Data { fragment, .. } = d {
+            let s = self.data_seq_max.entry(h.receiver).or_insert(0);
+            *s = (*s).max(fragment.seq);
+        }
+        if h.sender != me {
+            return Err(format!("node {me} sent a datagram from {} to {} at {}", h.sender, h.receiver, t.dest));
+        }
+        Ok(())
+    }
+
+    /// Note stdout bytes the node printed.
+    pub fn record_stdout(&mut self, bytes: usize) {
+        self.stdout_pos += bytes as u64;
+        self.stdout_high = self.stdout_high.max(self.stdout_pos);
+    }
+
+    /// The node was reopened on a heap whose turn state is `snap`: it prints again from there.
+    pub fn reopened(&mut self, snap: Option<&NodeSnapshot>) {
+        self.stdout_pos = snap.map_or(0, |s| s.stdout_base);
+    }
+
+    /// Everything let out must be covered by the recovered durable state `snap` (None: the heap
+    /// holds no turn state yet). Returns the violations.
+    pub fn check(&self, me: NodeId, snap: Option<&NodeSnapshot>) -> Vec<String> {
+        let peer = |p: NodeId| snap.and_then(|s| s.peers.iter().find(|x| x.peer == p));
+        let mut problems = Vec::new();
+        for (&p, &seq) in &self.data_seq_max {
+            let next = peer(p).map_or(1, |x| x.next_send_seq);
+            if seq >= next {
+                problems.push(format!(
+                    "output commit: node {me} sent DATA seq {seq} to {p}, but its recovered heap's next_send_seq is \
+                     {next} (a message of a turn that did not survive left the node)"
+                ));
+            }
+        }
+        for (&p, &ack) in &self.ack_max {
+            let consumed = peer(p).map_or(0, |x| x.consumed);
+            if ack > consumed {
+                problems.push(format!(
+                    "ack before durable: node {me} acknowledged {p}'s seq {ack}, but its recovered heap consumed only \
+                     {consumed}"
+                ));
+            }
+        }
+        let durable_end = snap.map_or(0, |s| s.stdout_base + s.stdout_pending_bytes);
+        if self.stdout_high > durable_end {
+            problems.push(format!(
+                "output commit: node {me} printed {} stdout bytes, but its recovered durable turns produced {durable_end}",
+                self.stdout_high
+            ));
+        }
+        problems
+    }
 }
 
 struct SimNode<A: App> {
@@ -331,7 +397,7 @@ struct SimNode<A: App> {
     wake_at: Option<u64>,
     restart_pending: bool,
     cut_armed: bool,
-    emitted: Emitted,
+    emitted: OutputLedger,
 }
 
 /// Fowler–Noll–Vo 1a: a hash that is the same in every process and build.
@@ -386,7 +452,7 @@ impl<'c, A: App> Run<'c, A> {
                 wake_at: None,
                 restart_pending: false,
                 cut_armed: false,
-                emitted: Emitted::default(),
+                emitted: OutputLedger::default(),
             })
             .collect();
         Run {
@@ -518,24 +584,6 @@ impl<'c, A: App> Run<'c, A> {
                 break;
             }
             self.now_ns = self.now_ns.max(t);
-            if std::env::var_os("FAMS_SIM_DEBUG").is_some() && self.report.events > self.cluster.config.events_max - 20
-            {
-                eprintln!(
-                    "t={t} {ev:?} {:?}",
-                    self.nodes
-                        .iter()
-                        .map(|n| (
-                            n.wake_at,
-                            n.write_pending,
-                            n.core.as_ref().map(|c| (
-                                c.turns_in_flight(),
-                                c.writes_queued(),
-                                c.poll_timeout().map(|x| x.saturating_duration_since(self.t0))
-                            ))
-                        ))
-                        .collect::<Vec<_>>()
-                );
-            }
             if !matches!(ev, Ev::Wake { .. }) {
                 self.busy_events -= 1;
             }
@@ -675,9 +723,7 @@ impl<'c, A: App> Run<'c, A> {
             self.transmit(i, t);
         }
         if !out.is_empty() {
-            let e = &mut self.nodes[i].emitted;
-            e.stdout_pos += out.len() as u64;
-            e.stdout_high = e.stdout_high.max(e.stdout_pos);
+            self.nodes[i].emitted.record_stdout(out.len());
             self.trace(b'O', i, &out);
         }
         if !self.cluster.heaps[i].machine.powered() {
@@ -721,24 +767,8 @@ impl<'c, A: App> Run<'c, A> {
             self.violation(format!("node {me} sent a datagram to {}, no node's address", t.dest));
             return;
         };
-        match decode(&t.bytes, None) {
-            Ok(d) => {
-                let h = *d.header();
-                if h.sender != me || h.receiver != self.nodes[to].id {
-                    self.violation(format!(
-                        "node {me} sent a datagram from {} to {} at {}",
-                        h.sender, h.receiver, t.dest
-                    ));
-                }
-                let e = &mut self.nodes[i].emitted;
-                let a = e.ack_max.entry(h.receiver).or_insert(0);
-                *a = (*a).max(h.ack);
-                if let Datagram::Data { fragment, .. } = d {
-                    let s = e.data_seq_max.entry(h.receiver).or_insert(0);
-                    *s = (*s).max(fragment.seq);
-                }
-            }
-            Err(e) => self.violation(format!("node {me} sent a datagram that does not decode: {e}")),
+        if let Err(e) = self.nodes[i].emitted.record_transmit(me, &t) {
+            self.violation(e);
         }
         if self.faults_over {
             let d = self.p.delay_min_ns + self.rng.below(self.p.delay_spread_ns + 1);
@@ -880,7 +910,7 @@ impl<'c, A: App> Run<'c, A> {
         let snap = crate::turns::state::snapshot(&mut objects).map_err(|e| format!("turn state: {e}"))?;
         self.report.recoveries_checked += 1;
         self.check_output_commit(i, snap.as_ref());
-        self.nodes[i].emitted.stdout_pos = snap.as_ref().map_or(0, |s| s.stdout_base);
+        self.nodes[i].emitted.reopened(snap.as_ref());
         let id = self.nodes[i].id;
         let app = (self.cluster.factory)(id, self.seed);
         let config = self.node_config(i);
@@ -890,36 +920,7 @@ impl<'c, A: App> Run<'c, A> {
 
     /// Everything node `i` let out must be covered by its recovered durable state.
     fn check_output_commit(&mut self, i: usize, snap: Option<&NodeSnapshot>) {
-        let me = self.nodes[i].id;
-        let peer = |p: NodeId| snap.and_then(|s| s.peers.iter().find(|x| x.peer == p));
-        let mut problems = Vec::new();
-        let e = &self.nodes[i].emitted;
-        for (&p, &seq) in &e.data_seq_max {
-            let next = peer(p).map_or(1, |x| x.next_send_seq);
-            if seq >= next {
-                problems.push(format!(
-                    "output commit: node {me} sent DATA seq {seq} to {p}, but its recovered heap's next_send_seq is \
-                     {next} (a message of a turn that did not survive left the node)"
-                ));
-            }
-        }
-        for (&p, &ack) in &e.ack_max {
-            let consumed = peer(p).map_or(0, |x| x.consumed);
-            if ack > consumed {
-                problems.push(format!(
-                    "ack before durable: node {me} acknowledged {p}'s seq {ack}, but its recovered heap consumed only \
-                     {consumed}"
-                ));
-            }
-        }
-        let durable_end = snap.map_or(0, |s| s.stdout_base + s.stdout_pending_bytes);
-        if e.stdout_high > durable_end {
-            problems.push(format!(
-                "output commit: node {me} printed {} stdout bytes, but its recovered durable turns produced {durable_end}",
-                e.stdout_high
-            ));
-        }
-        for p in problems {
+        for p in self.nodes[i].emitted.check(self.nodes[i].id, snap) {
             self.violation(p);
         }
     }
