@@ -446,14 +446,23 @@ impl LogWriter {
     /// group, which is caught here so that it fails the heap (and wakes every waiter) instead of
     /// unwinding into a caller's `commit`.
     pub fn drain(&mut self) -> Result<(), ()> {
-        loop {
+        while self.step()? {}
+        Ok(())
+    }
+
+    /// Write the next queued group (one device write, at most [`group_bytes_max`] of records) on
+    /// the calling thread. `Ok(true)` if a group was written, `Ok(false)` if nothing was queued,
+    /// `Err` once the writer has failed (see [`LogWriter::drain`]). The step a heap in
+    /// [`crate::heap::WriterMode::Manual`] takes when its owner says so.
+    pub fn step(&mut self) -> Result<bool, ()> {
+        {
             let group = {
                 let mut st = self.shared.lock();
                 if st.failed.is_some() {
                     return Err(());
                 }
                 if st.queue.is_empty() {
-                    return Ok(());
+                    return Ok(false);
                 }
                 self.take_group(&mut st)
             };
@@ -472,13 +481,14 @@ impl LogWriter {
                 return Err(());
             }
         }
+        Ok(true)
     }
 
     /// Clean shutdown: leave a short log so the next open is quick (unless abandoning). Not after
     /// a failure: the heap file may then hold part of a group whose write-back failed, and a
     /// checkpoint would make that torn state the base of recovery; without one, recovery replays
     /// the log over it.
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         let skip = {
             let st = self.shared.lock();
             st.abandon || st.failed.is_some()

@@ -96,6 +96,27 @@ pub struct HeapOptions {
     pub in_flight_commits_max: Option<u64>,
     /// At most this many payload bytes captured but not yet durable (as above). Default: unbounded.
     pub in_flight_bytes_max: Option<u64>,
+    /// Who writes queued commits to the log: a thread of the heap's own (the default), or the
+    /// owner, step by step ([`WriterMode::Manual`], for deterministic simulations).
+    pub writer: WriterMode,
+}
+
+/// Who runs the log writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriterMode {
+    /// A log-writer thread drains the queue as soon as commits are queued (production).
+    #[default]
+    Thread,
+    /// No thread: [`Heap::commit_async`] only queues, and a queued group is written when the
+    /// owner calls [`Heap::write_step`] — so a simulation decides when the device write happens
+    /// and runs bit-for-bit the same every time. Everything that must wait for the log writer
+    /// writes on the caller's thread instead of blocking: [`Heap::commit`] and [`Heap::wait`]
+    /// drain the queue, `commit_async` over an in-flight bound first writes queued groups until
+    /// it is under the bound, and a rollback that needs a write-back drains. (A
+    /// [`DurabilityHandle::wait`] on another thread waits for one of those.) Closing drains the
+    /// queue and checkpoints; [`Heap::abandon`] drops the commits never stepped, as a killed
+    /// process would lose them.
+    Manual,
 }
 
 /// Commits captured but not yet durable: queued for the log writer, or in the group it is
@@ -142,6 +163,8 @@ pub struct Heap {
     /// The log writer; a synchronous commit uses it directly when it is idle.
     writer_core: commit::WriterCore,
     writer: Option<JoinHandle<()>>,
+    /// [`WriterMode::Manual`]: no writer thread; the owner steps the writer.
+    manual: bool,
     log_path: PathBuf,
     log_kind: LogKind,
     io_path: IoPath,
@@ -376,7 +399,36 @@ impl Heap {
     /// Block until the ticket's commit is durable. Err (poisoned) if the log writer fails first,
     /// whatever the cause — an I/O error, a failed tracker, even a panic on the writer thread.
     pub fn wait(&self, ticket: Ticket) -> Result<()> {
+        if self.manual && self.shared.durable() < ticket {
+            // Nobody else writes: write what is queued here.
+            let _ = commit::lock_core(&self.writer_core).drain();
+        }
         self.shared.wait(ticket, &self.log_path)
+    }
+
+    /// [`WriterMode::Manual`]: write the next queued group (one device write holding every
+    /// commit queued, up to the group size limit) on this thread. `Ok(true)` if a group was
+    /// written, `Ok(false)` if nothing was queued; the poisoned error if the log writer has
+    /// failed (e.g. the device write failed). Under [`WriterMode::Thread`] the thread's own
+    /// writer is stepped the same way (harmless: it writes in LSN order whoever holds it).
+    pub fn write_step(&mut self) -> Result<bool> {
+        let stepped = commit::lock_core(&self.writer_core).step();
+        match stepped {
+            Ok(wrote) => Ok(wrote),
+            Err(()) => {
+                self.check_writer()?;
+                Err(commit::poisoned(&self.log_path, "the log writer failed"))
+            }
+        }
+    }
+
+    /// How this heap's log writer runs.
+    pub fn writer_mode(&self) -> WriterMode {
+        if self.manual {
+            WriterMode::Manual
+        } else {
+            WriterMode::Thread
+        }
     }
 
     /// Is the ticket's commit durable yet? Never blocks.
@@ -468,6 +520,13 @@ impl Heap {
             if !self.over_limit(&st) {
                 return Ok(());
             }
+            if self.manual {
+                // No thread would ever make room: write the oldest queued group here.
+                drop(st);
+                let _ = commit::lock_core(&self.writer_core).step();
+                st = self.shared.lock();
+                continue;
+            }
             self.shared.work.notify_one();
             st = self.shared.progress.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -477,6 +536,10 @@ impl Heap {
     fn wait_applied(&self, lsn: u64) -> Result<u64> {
         #[cfg(test)]
         self.shared.hold_groups.store(false, std::sync::atomic::Ordering::SeqCst);
+        if self.manual {
+            // Write-back follows the device write on the same thread: drain, and it is done.
+            let _ = commit::lock_core(&self.writer_core).drain();
+        }
         let mut st = self.shared.lock();
         loop {
             if st.applied_lsn >= lsn {
@@ -648,13 +711,27 @@ impl Heap {
 
     /// Ask the log writer to drain the queue, checkpoint and leave; wait for it.
     fn stop_writer(&mut self) {
-        {
+        let abandon = {
             let mut st = self.shared.lock();
             st.shutdown = true;
             self.shared.work.notify_all();
-        }
+            st.abandon
+        };
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        if self.manual {
+            // What the thread does when it leaves, here; once only (shutdown stays set).
+            let mut w = commit::lock_core(&self.writer_core);
+            if abandon {
+                // A killed process loses the commits it had queued and never written.
+                let mut st = self.shared.lock();
+                st.queue.clear();
+                st.queued_bytes = 0;
+            } else {
+                let _ = w.drain();
+            }
+            w.finish();
         }
     }
 
@@ -1190,13 +1267,19 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
     };
     let writer_core: commit::WriterCore = Arc::new(std::sync::Mutex::new(writer));
     let (core, thread_shared) = (writer_core.clone(), shared.clone());
-    let writer = std::thread::Builder::new()
-        .name("fams-log-writer".into())
-        .spawn(move || commit::run_writer_thread(core, thread_shared))
-        .map_err(|e| {
-            unmap();
-            Error::io(path, "starting the log writer thread", e)
-        })?;
+    let manual = opts.writer == WriterMode::Manual;
+    let writer = if manual {
+        None
+    } else {
+        let thread = std::thread::Builder::new()
+            .name("fams-log-writer".into())
+            .spawn(move || commit::run_writer_thread(core, thread_shared))
+            .map_err(|e| {
+                unmap();
+                Error::io(path, "starting the log writer thread", e)
+            })?;
+        Some(thread)
+    };
     Ok(Heap {
         path: path.into(),
         header,
@@ -1207,7 +1290,8 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
         tracker: std::mem::ManuallyDrop::new(tracker),
         shared,
         writer_core,
-        writer: Some(writer),
+        writer,
+        manual,
         log_path,
         log_kind,
         io_path,
@@ -1460,5 +1544,111 @@ mod tests {
             assert_pages(&h, 0..100, 4, "after reopening");
             assert_pages(&h, 100..120, 0, "after reopening");
         }
+    }
+
+    fn manual_options() -> HeapOptions {
+        HeapOptions { writer: WriterMode::Manual, ..HeapOptions::default() }
+    }
+
+    fn page_byte(h: &Heap, page: usize) -> u8 {
+        h.bytes()[page * PAGE_SIZE]
+    }
+
+    #[test]
+    fn a_manual_writer_makes_commits_durable_only_when_stepped_in_order() {
+        let dir = Dir::new("manual-step");
+        let sim = crate::sim::SimHeap::format(&dir.0.join("s"), 1 << 20, 1 << 20, 7).unwrap();
+        let mut h = sim.open(&manual_options()).unwrap();
+        assert_eq!(h.writer_mode(), WriterMode::Manual);
+        assert!(!h.write_step().unwrap(), "nothing queued");
+        let _ = h.poll_durable().unwrap();
+        let mut tickets = Vec::new();
+        for page in 0..3 {
+            h.bytes_mut()[page * PAGE_SIZE] = page as u8 + 1;
+            tickets.push(h.commit_async().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!h.is_durable(tickets[0]).unwrap(), "no thread writes in manual mode");
+        assert_eq!(h.in_flight().commits, 3);
+        assert!(!readable(h.durability_fd()));
+        let groups = h.stats().groups;
+        assert!(h.write_step().unwrap());
+        assert_eq!(h.stats().groups, groups + 1, "the three queued commits share one device write");
+        assert!(h.is_durable(tickets[2]).unwrap());
+        assert!(readable(h.durability_fd()), "a step announces durability on the fd");
+        assert_eq!(h.poll_durable().unwrap(), tickets[2]);
+        assert!(!h.write_step().unwrap());
+
+        // Two commits, one step: the first is durable, the second is not.
+        h.bytes_mut()[3 * PAGE_SIZE] = 4;
+        let t4 = h.commit_async().unwrap();
+        h.bytes_mut()[4 * PAGE_SIZE] = 5;
+        assert!(h.write_step().unwrap());
+        let t5 = h.commit_async().unwrap();
+        assert!(h.is_durable(t4).unwrap() && !h.is_durable(t5).unwrap());
+        assert_eq!(h.in_flight().commits, 1);
+
+        // The process dies (no power cut): what was stepped survives, the unstepped commit not.
+        h.abandon();
+        let h = sim.open(&manual_options()).unwrap();
+        for page in 0..4 {
+            assert_eq!(page_byte(&h, page), page as u8 + 1, "stepped commit of page {page} lost");
+        }
+        assert_eq!(page_byte(&h, 4), 0, "a commit never stepped survived a crash");
+        drop(h);
+
+        // A power cut between steps: the same (stepped writes are durable log writes).
+        let mut h = sim.open(&manual_options()).unwrap();
+        h.bytes_mut()[5 * PAGE_SIZE] = 6;
+        let t6 = h.commit_async().unwrap();
+        assert!(h.write_step().unwrap());
+        h.bytes_mut()[6 * PAGE_SIZE] = 7;
+        let t7 = h.commit_async().unwrap();
+        assert!(h.is_durable(t6).unwrap() && !h.is_durable(t7).unwrap());
+        sim.machine.cut_power_now();
+        h.abandon();
+        sim.reboot().unwrap();
+        let h = sim.open(&manual_options()).unwrap();
+        assert_eq!(page_byte(&h, 5), 6);
+        assert_eq!(page_byte(&h, 6), 0, "a commit never stepped survived a power cut");
+    }
+
+    #[test]
+    fn a_manual_writer_never_blocks_commit_wait_bounds_or_close() {
+        let dir = Dir::new("manual-sync");
+        let sim = crate::sim::SimHeap::format(&dir.0.join("s"), 1 << 20, 1 << 20, 8).unwrap();
+        let mut h = sim.open(&manual_options()).unwrap();
+        // Back-pressure: over the bound, commit_async writes the oldest group itself.
+        h.set_in_flight_limit(Some(2), None);
+        let mut last = None;
+        for page in 0..6 {
+            h.bytes_mut()[page * PAGE_SIZE] = 9;
+            last = Some(h.commit_async().unwrap());
+            assert!(h.in_flight().commits <= 2);
+        }
+        assert!(h.would_block());
+        // wait drains.
+        h.wait(last.unwrap()).unwrap();
+        assert_eq!(h.in_flight().commits, 0);
+        // commit drains synchronously, earlier queued commits first.
+        h.bytes_mut()[7 * PAGE_SIZE] = 1;
+        let a = h.commit_async().unwrap();
+        h.bytes_mut()[8 * PAGE_SIZE] = 2;
+        let b = h.commit().unwrap();
+        assert!(h.is_durable(a).unwrap() && h.is_durable(b).unwrap());
+        // A rollback of a page whose commit is queued (no shadow for a whole new page is
+        // needed here; it must not wait for a thread that does not exist).
+        h.bytes_mut()[9 * PAGE_SIZE] = 3;
+        let _queued = h.commit_async().unwrap();
+        h.bytes_mut()[9 * PAGE_SIZE] = 4;
+        h.rollback().unwrap();
+        assert_eq!(page_byte(&h, 9), 3);
+        // A clean close drains the queue.
+        h.bytes_mut()[10 * PAGE_SIZE] = 5;
+        let _ = h.commit_async().unwrap();
+        h.close().unwrap();
+        let h = sim.open(&manual_options()).unwrap();
+        assert_eq!(page_byte(&h, 9), 3);
+        assert_eq!(page_byte(&h, 10), 5, "close wrote the queued commit");
     }
 }

@@ -47,7 +47,7 @@ pub mod turns;
 pub use alloc::{ObjectError, ObjectHeap, ObjectOptions, Persistent};
 pub use commit::{DurabilityHandle, Ticket};
 pub use error::{Error, Result};
-pub use heap::{FormatOptions, Heap, HeapOptions, InFlight, RollbackReport};
+pub use heap::{FormatOptions, Heap, HeapOptions, InFlight, RollbackReport, WriterMode};
 pub use heap_file::{HeapHeader, HeapId, PAGE_SIZE};
 pub use io::{FlushMode, IoPath, LogKind};
 pub use recovery::RecoveryReport;

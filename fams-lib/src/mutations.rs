@@ -18,6 +18,13 @@ pub enum Mutation {
     /// The turn manager acknowledges a consumed message as soon as its turn is committed, before
     /// it is durable (its other outputs still wait).
     AckBeforeDurable,
+    /// The transport hands a DATA message it already delivered to the node again (a duplicate
+    /// that arrives after delivery is not dropped). Hook: `transport::endpoint`, `on_fragment`.
+    NoDuplicateSuppression,
+    /// The transport delivers a buffered message that arrived out of order without waiting for
+    /// the gap before it to fill (the gap's message is then dropped as old). Hook:
+    /// `transport::endpoint`, `Peer::ready_to_deliver`.
+    FifoReorder,
 }
 
 /// Every mutation: (mutation, name, what it breaks).
@@ -31,6 +38,16 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         Mutation::AckBeforeDurable,
         "ack-before-durable",
         "the ack of a consumed message leaves before the consuming turn is durable",
+    ),
+    (
+        Mutation::NoDuplicateSuppression,
+        "no-duplicate-suppression",
+        "the transport delivers a duplicate DATA message again instead of dropping it (exactly-once)",
+    ),
+    (
+        Mutation::FifoReorder,
+        "fifo-reorder",
+        "the transport delivers buffered out-of-order messages without waiting for the gap (FIFO)",
     ),
 ];
 

@@ -8,4 +8,5 @@ pub mod node;
 pub mod power_loss;
 pub mod torture;
 pub mod turn_bench;
+pub mod turn_sim;
 pub mod workload;

@@ -40,7 +40,8 @@ fn bank_survives_sigkills_of_every_node() {
 fn bank_with_back_to_back_pipelined_transfers_survives_sigkills() {
     // No pause between transfers: turns pipeline, so kills land while turns are in flight — the
     // run CI repeats with deliberate output-commit bugs, which it must catch.
-    let v = cluster(&["--nodes", "3", "--transfers", "3000", "--interval-ms", "0", "--kills-per-node", "6", "--seed", "3"]);
+    let v =
+        cluster(&["--nodes", "3", "--transfers", "3000", "--interval-ms", "0", "--kills-per-node", "6", "--seed", "3"]);
     assert!(v["last_run_counters"]["turns_pipelined"].as_u64().unwrap() > 0, "{v}");
     assert!(v["kills"].as_u64().unwrap() >= 6, "{v}");
 }

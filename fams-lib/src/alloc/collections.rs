@@ -247,8 +247,15 @@ impl FixedState {
     }
 
     /// Keys from the kernel's random source (falls back to the time and pid if that fails).
+    /// Under a simulation's [`crate::sim::seed_randomness`], from its seeded generator instead.
     pub fn random() -> FixedState {
         let mut b = [0u8; 16];
+        if crate::sim::seeded_random_bytes(&mut b) {
+            return FixedState {
+                k0: u64::from_le_bytes(b[..8].try_into().unwrap()),
+                k1: u64::from_le_bytes(b[8..].try_into().unwrap()),
+            };
+        }
         // SAFETY: getrandom writes at most b.len() bytes into b.
         let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
         if n != b.len() as isize {

@@ -267,6 +267,11 @@ impl ObjectHeap {
         Ok(self.heap.commit_async()?)
     }
 
+    /// See [`Heap::write_step`] (a heap opened with [`crate::WriterMode::Manual`]).
+    pub fn write_step(&mut self) -> Result<bool, ObjectError> {
+        Ok(self.heap.write_step()?)
+    }
+
     /// See [`Heap::wait`].
     pub fn wait(&self, ticket: Ticket) -> Result<(), ObjectError> {
         Ok(self.heap.wait(ticket)?)

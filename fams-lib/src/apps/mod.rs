@@ -5,3 +5,4 @@
 pub mod bank;
 pub mod chat;
 pub mod pingpong;
+pub mod ring;

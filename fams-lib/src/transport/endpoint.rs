@@ -18,6 +18,7 @@ use super::wire::{
     MESSAGE_BYTES_MAX, UDP_PAYLOAD_BYTES_MAX,
 };
 use super::NodeId;
+use crate::mutations::{self, Mutation};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -574,7 +575,10 @@ impl Peer {
     }
 
     fn ready_to_deliver(&self) -> bool {
-        self.incoming.first_key_value().is_some_and(|(&seq, m)| seq == self.next_deliver && m.complete())
+        // Mutation `fifo-reorder` (negative control only): deliver the first buffered message
+        // whole, without waiting for the gap before it.
+        let fifo = !mutations::is_on(Mutation::FifoReorder);
+        self.incoming.first_key_value().is_some_and(|(&seq, m)| (seq == self.next_deliver || !fifo) && m.complete())
     }
 
     /// Marks fragment `frag` of `outbox[index]` to be resent.
@@ -660,6 +664,9 @@ pub struct Endpoint {
     /// Acks for addresses other than the peer's known one.
     one_off: VecDeque<Transmit>,
     stats: TransportStats,
+    /// Mutation `no-duplicate-suppression` only: duplicates to hand out again. Always empty
+    /// otherwise.
+    mutation_redeliver: VecDeque<Message>,
 }
 
 impl Endpoint {
@@ -685,6 +692,7 @@ impl Endpoint {
             events: VecDeque::new(),
             one_off: VecDeque::new(),
             stats: TransportStats::default(),
+            mutation_redeliver: VecDeque::new(),
         })
     }
 
@@ -856,6 +864,9 @@ impl Endpoint {
     /// The next message, in seq order per peer, round-robin across peers; each seq at most once
     /// in this endpoint's life.
     pub fn poll_message(&mut self) -> Option<Message> {
+        if let Some(m) = self.mutation_redeliver.pop_front() {
+            return Some(m);
+        }
         while let Some(id) = self.deliver_queue.pop_front() {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             p.in_deliver_queue = false;
@@ -863,9 +874,9 @@ impl Endpoint {
                 continue;
             }
             let (seq, msg) = p.incoming.pop_first().expect("ready");
-            debug_assert_eq!(seq, p.next_deliver);
+            debug_assert!(seq == p.next_deliver || mutations::is_on(Mutation::FifoReorder));
             p.incoming_bytes -= msg.message_len as u64;
-            p.next_deliver += 1;
+            p.next_deliver = seq + 1;
             self.stats.messages_delivered += 1;
             self.sync(id);
             return Some(Message { peer: id, seq, bytes: msg.bytes });
@@ -1034,6 +1045,16 @@ impl Endpoint {
                 let outcome = on_fragment(p, &fragment, &self.config, &mut self.stats);
                 fresh |= outcome == FragmentOutcome::New;
                 reack_here = outcome == FragmentOutcome::Duplicate;
+                if reack_here
+                    && fragment.seq < p.next_deliver
+                    && fragment.frag_count == 1
+                    && mutations::is_on(Mutation::NoDuplicateSuppression)
+                {
+                    // Mutation `no-duplicate-suppression` (negative control only): a whole
+                    // message delivered already is handed out again.
+                    let m = Message { peer: id, seq: fragment.seq, bytes: fragment.payload.to_vec() };
+                    self.mutation_redeliver.push_back(m);
+                }
             }
             Datagram::Ack { sack: Some(sack), .. } => fresh |= on_sack(p, &sack, now, &mut self.stats),
             Datagram::Ack { sack: None, .. } | Datagram::Hello { .. } => {}

@@ -4,7 +4,7 @@
 use crate::alloc::{HeapAlloc, ObjectError, ObjectHeap, Persistent};
 use crate::transport::NodeId;
 use crate::Heap;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -200,10 +200,10 @@ pub struct Turn<'a> {
     pub(crate) now: SystemTime,
     pub(crate) limits: TurnLimits,
     /// Sequence number the next message to each peer gets, before this turn.
-    pub(crate) next_seq: &'a HashMap<NodeId, u64>,
+    pub(crate) next_seq: &'a BTreeMap<NodeId, u64>,
     /// Unacknowledged messages per peer before this turn (outbox plus turns in flight).
-    pub(crate) unacked: &'a HashMap<NodeId, usize>,
-    pub(crate) ackd: &'a HashMap<NodeId, u64>,
+    pub(crate) unacked: &'a BTreeMap<NodeId, usize>,
+    pub(crate) ackd: &'a BTreeMap<NodeId, u64>,
     pub(crate) sends: Vec<(NodeId, u64, Vec<u8>)>,
     pub(crate) stdout: Vec<u8>,
     pub(crate) alarm: AlarmChange,

@@ -30,7 +30,7 @@ use crate::alloc::{ObjectError, ObjectHeap, ObjectOptions, PVec};
 use crate::mutations::{self, Mutation};
 use crate::transport::{self, Endpoint, EndpointConfig, Event, NodeId, PeerRestore, Transmit, TransportError};
 use crate::{Heap, Ticket};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -123,6 +123,9 @@ pub struct NodeStats {
     pub device_writes: u64,
     pub stdout_bytes: u64,
     pub peers_restarted: u64,
+    /// Messages the transport delivered with a sequence number already consumed (a transport
+    /// bug: it promises each sequence number once). Refused, never processed; must stay 0.
+    pub duplicate_deliveries_refused: u64,
     /// The transport's counters (datagrams, retransmissions, duplicates, rejections…).
     pub transport: crate::transport::TransportStats,
     /// The heap's counters (commits, pages per commit, where the commit time goes, recovery).
@@ -166,17 +169,17 @@ pub struct NodeCore<A: App> {
     path: PathBuf,
     pending: VecDeque<PendingTurn>,
     /// Per peer: the sequence number the next message gets (turns in flight included).
-    next_seq: HashMap<NodeId, u64>,
+    next_seq: BTreeMap<NodeId, u64>,
     /// Per peer: messages sent and not acknowledged (next_seq - 1 - ackd).
-    unacked: HashMap<NodeId, usize>,
+    unacked: BTreeMap<NodeId, usize>,
     /// Per peer: the newest acknowledgement heard.
-    ackd: HashMap<NodeId, u64>,
+    ackd: BTreeMap<NodeId, u64>,
     /// Per peer: the highest sequence number consumed by a committed turn.
-    consumed: HashMap<NodeId, u64>,
+    consumed: BTreeMap<NodeId, u64>,
     /// Acknowledgements not yet recorded in the heap (their outbox entries not yet freed).
     acks_unrecorded: bool,
     /// Addresses learned from the transport, to store in the heap at the next turn.
-    addr_updates: HashMap<NodeId, SocketAddr>,
+    addr_updates: BTreeMap<NodeId, SocketAddr>,
     retired: Vec<NodeId>,
     /// Bytes handed to stdout so far (absolute offset into everything ever printed).
     stdout_emitted: u64,
@@ -288,7 +291,7 @@ impl<A: App> NodeCore<A> {
         config.endpoint.incarnation = incarnation;
         let mut endpoint = Endpoint::new(config.endpoint.clone(), now)?;
         let (mut next_seq, mut unacked, mut ackd, mut consumed) =
-            (HashMap::new(), HashMap::new(), HashMap::new(), HashMap::new());
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         restore.sort_by_key(|r| r.0);
         for (peer, addr, r, next, cons) in restore {
             endpoint.add_peer(peer, addr, r)?;
@@ -320,7 +323,7 @@ impl<A: App> NodeCore<A> {
             ackd,
             consumed,
             acks_unrecorded: false,
-            addr_updates: HashMap::new(),
+            addr_updates: BTreeMap::new(),
             retired,
             stdout_emitted: stdout_base,
             stdout_ready,
@@ -380,6 +383,19 @@ impl<A: App> NodeCore<A> {
     /// Turns committed but not yet durable.
     pub fn turns_in_flight(&self) -> usize {
         self.pending.len()
+    }
+
+    /// For a heap opened with [`crate::WriterMode::Manual`] (simulation): write the next queued
+    /// group of commits to the log (see [`crate::Heap::write_step`]). Returns whether one was
+    /// written; call [`NodeCore::step`] after it to release the outputs of what became durable.
+    pub fn write_step(&mut self) -> Result<bool, NodeError> {
+        Ok(self.objects.write_step()?)
+    }
+
+    /// Commits queued for the log writer and not yet written (in [`crate::WriterMode::Manual`]:
+    /// what the next [`NodeCore::write_step`] writes).
+    pub fn writes_queued(&self) -> bool {
+        self.objects.in_flight().commits > 0
     }
 
     /// A datagram arrived.
@@ -604,8 +620,14 @@ impl<A: App> NodeCore<A> {
                 let consumed = self.consumed.get(peer).copied().unwrap_or(0);
                 if *seq <= consumed {
                     // The transport delivers each sequence number once per lifetime, from
-                    // consumed + 1 on; this would be a duplicate: never process it.
-                    debug_assert!(false, "transport delivered {peer}'s seq {seq} again (consumed {consumed})");
+                    // consumed + 1 on; this would be a duplicate: never process it, and count it
+                    // (the cluster simulation reports any).
+                    debug_assert!(
+                        mutations::is_on(Mutation::NoDuplicateSuppression),
+                        "transport delivered {peer}'s seq {seq} again (consumed {consumed})"
+                    );
+                    self.stats.duplicate_deliveries_refused += 1;
+                    tracing::error!(node = %self.config.node, %peer, seq, consumed, "transport delivered a duplicate");
                     continue;
                 }
                 if self.retired.contains(peer) {

@@ -199,6 +199,9 @@ pub struct NodeSnapshot {
     pub messages_sent: u64,
     pub messages_consumed: u64,
     pub alarm_unix_ns: u64,
+    /// Bytes of stdout ever produced by durable turns and known written (the absolute offset
+    /// of the first pending byte).
+    pub stdout_base: u64,
     pub stdout_pending_bytes: u64,
     pub last_failure: String,
     pub peers: Vec<PeerSnapshot>,
@@ -230,6 +233,7 @@ impl NodeState<'_> {
             messages_sent: self.messages_sent,
             messages_consumed: self.messages_consumed,
             alarm_unix_ns: self.alarm_unix_ns,
+            stdout_base: self.stdout_base,
             stdout_pending_bytes: self.stdout_pending.len() as u64,
             last_failure: self.last_failure(),
             peers,

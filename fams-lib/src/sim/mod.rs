@@ -19,6 +19,8 @@
 //! After a cut, [`SimMachine::reboot`] writes the surviving image back into the real file, the
 //! equivalent of the machine coming back up.
 
+pub mod cluster;
+
 use crate::io::{FlushMode, IoPath, IoStats, LogDevice, LogKind, LogOpenOptions};
 use crate::storage::{HeapStore, Storage};
 use std::fs::File;
@@ -46,6 +48,34 @@ impl SimRng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
+}
+
+thread_local! {
+    /// See [`seed_randomness`].
+    static SEEDED_RANDOMNESS: std::cell::RefCell<Option<SimRng>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Make the randomness the library draws on this thread — the hash keys of new persistent hash
+/// maps ([`crate::alloc::FixedState::random`]) — come from a generator seeded with `seed`
+/// instead of the kernel, until called with `None`. A simulation calls it so that a seed
+/// replays the same heap layout, hence the same log records and the same I/O operations (which
+/// its power cuts count). Never for production heaps: the keys are then predictable.
+pub fn seed_randomness(seed: Option<u64>) {
+    SEEDED_RANDOMNESS.with(|r| *r.borrow_mut() = seed.map(|s| SimRng::new(s ^ 0x7261_6e64_6f6d)));
+}
+
+/// Bytes from the seeded generator of this thread, if [`seed_randomness`] set one.
+pub(crate) fn seeded_random_bytes(buf: &mut [u8]) -> bool {
+    SEEDED_RANDOMNESS.with(|r| match r.borrow_mut().as_mut() {
+        Some(rng) => {
+            for chunk in buf.chunks_mut(8) {
+                let v = rng.next_u64().to_le_bytes();
+                chunk.copy_from_slice(&v[..chunk.len()]);
+            }
+            true
+        }
+        None => false,
+    })
 }
 
 /// One disk: what is on stable media, and the writes still in its volatile cache, in order.
@@ -198,6 +228,11 @@ impl SimMachine {
         if m.powered {
             m.cut();
         }
+    }
+
+    /// Restart the generator that decides what a cut does to cached writes (for replays).
+    pub fn reseed(&self, seed: u64) {
+        self.lock().rng = SimRng::new(seed);
     }
 
     /// Mutating operations so far in this power cycle.
