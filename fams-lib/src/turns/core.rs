@@ -420,10 +420,15 @@ impl<A: App> NodeCore<A> {
     }
 
     /// The earliest moment the driver must call [`NodeCore::step`] again without other input.
+    /// Deadlines the node cannot act on are left out — an alarm while no turn may start (too
+    /// many in flight), housekeeping while turns are in flight: the durability descriptor wakes
+    /// the driver then, and a deadline already past would make it spin.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let transport = self.endpoint.poll_timeout();
-        let alarm = (self.alarm_unix_ns != 0).then(|| self.instant_of_unix_ns(self.alarm_unix_ns));
-        let housekeeping = self.acks_unrecorded.then_some(self.last_turn_at + HOUSEKEEPING_IDLE);
+        let alarm = (self.alarm_unix_ns != 0 && self.can_start_turn())
+            .then(|| self.instant_of_unix_ns(self.alarm_unix_ns));
+        let housekeeping =
+            (self.acks_unrecorded && self.pending.is_empty()).then_some(self.last_turn_at + HOUSEKEEPING_IDLE);
         [transport, alarm, housekeeping].into_iter().flatten().min()
     }
 
