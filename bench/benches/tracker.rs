@@ -19,7 +19,13 @@ impl Mapping {
     fn new(t: &Target, len: usize) -> Mapping {
         let path = t.dir.join("tracker-bench.map");
         let _ = std::fs::remove_file(&path);
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).open(&path).expect("map file");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("map file");
         file.set_len(len as u64).expect("size map file");
         let _ = std::fs::remove_file(&path);
         // SAFETY: a fresh private mapping of a file we own, unmapped in Drop.

@@ -89,17 +89,18 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     let target = Target { dir: cfg.dir.clone(), log_device: cfg.log_device.clone() };
     let err = |e: fams::Error| e.to_string();
 
-    let (page_rows, baseline_iters, rate_commits, recovery_rows): (Vec<(usize, usize)>, usize, usize, Vec<(u64, u64)>) =
-        if cfg.quick {
-            (vec![(1, 300), (16, 150), (256, 40)], 200, 2000, vec![(1, 1 << 30), (16, 1 << 30)])
-        } else {
-            (
-                vec![(1, 1000), (16, 500), (256, 100), (4096, 20)],
-                1000,
-                10000,
-                vec![(1, 1 << 30), (16, 1 << 30), (256, 1 << 30), (16, 8 << 30)],
-            )
-        };
+    // (pages, iterations) rows, baseline iterations, commits for the rate, (log MiB, heap bytes) rows.
+    type Plan = (Vec<(usize, usize)>, usize, usize, Vec<(u64, u64)>);
+    let (page_rows, baseline_iters, rate_commits, recovery_rows): Plan = if cfg.quick {
+        (vec![(1, 300), (16, 150), (256, 40)], 200, 2000, vec![(1, 1 << 30), (16, 1 << 30)])
+    } else {
+        (
+            vec![(1, 1000), (16, 500), (256, 100), (4096, 20)],
+            1000,
+            10000,
+            vec![(1, 1 << 30), (16, 1 << 30), (256, 1 << 30), (16, 8 << 30)],
+        )
+    };
     let trackers: Vec<Option<TrackerKind>> = if cfg.quick {
         vec![None]
     } else {
@@ -307,14 +308,11 @@ impl BenchReport {
     }
 }
 
+/// (name, colour, points) of one line in a chart.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
 /// One log-log chart at x offset `x0`, 410×330.
-fn chart(
-    x0: f64,
-    title: &str,
-    series: &[(&str, &str, Vec<(f64, f64)>)],
-    hlines: &[(String, f64)],
-    log_y: bool,
-) -> String {
+fn chart(x0: f64, title: &str, series: &[Series<'_>], hlines: &[(String, f64)], log_y: bool) -> String {
     let (cw, ch, left, top) = (410.0, 300.0, 55.0, 30.0);
     let xs: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.0)).collect();
     let ys: Vec<f64> = series

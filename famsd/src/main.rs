@@ -333,9 +333,12 @@ famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates,
         /// Pause between a node's transfers, in milliseconds (0: back to back, turns pipeline).
         #[arg(long, default_value_t = 5)]
         interval_ms: u64,
-        /// SIGKILL every node at least this many times.
+        /// SIGKILL every node at least this many times (while transfers are still going).
         #[arg(long, default_value_t = 5)]
         kills_per_node: u64,
+        /// Pause between kills, in milliseconds: LO,HI (uniform). Shorter for short runs.
+        #[arg(long, default_value = "100,400", value_parser = parse_range_ms)]
+        kill_gap_ms: (u64, u64),
         /// Every node drops, duplicates and reorders its outgoing datagrams: LOSS,DUP,REORDER,SEED.
         #[arg(long)]
         faults: Option<String>,
@@ -401,6 +404,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("unknown size unit `{other}` in `{s}` (use K, M, G or T)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// "100,400" → (100, 400).
+fn parse_range_ms(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("`{s}` is not a range of milliseconds like 100,400");
+    let (lo, hi) = s.split_once(',').ok_or_else(bad)?;
+    let (lo, hi): (u64, u64) = (lo.trim().parse().map_err(|_| bad())?, hi.trim().parse().map_err(|_| bad())?);
+    if lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 fn parse_addr(s: &str) -> Result<u64, String> {
@@ -841,6 +855,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
             transfers,
             interval_ms,
             kills_per_node,
+            kill_gap_ms,
             faults,
             key,
             tracker,
@@ -874,7 +889,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
                 transfers_per_node: transfers,
                 interval_ms,
                 kills_per_node,
-                kill_gap_ms: (100, 400),
+                kill_gap_ms,
                 down_ms: (0, 200),
                 seed,
                 faults,

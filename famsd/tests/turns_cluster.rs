@@ -28,8 +28,20 @@ fn cluster(extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn bank_survives_sigkills_of_every_node() {
-    let v =
-        cluster(&["--nodes", "3", "--transfers", "400", "--interval-ms", "12", "--kills-per-node", "5", "--seed", "3"]);
+    let v = cluster(&[
+        "--nodes",
+        "3",
+        "--transfers",
+        "400",
+        "--interval-ms",
+        "12",
+        "--kills-per-node",
+        "5",
+        "--kill-gap-ms",
+        "50,200",
+        "--seed",
+        "3",
+    ]);
     assert!(v["transfers"].as_u64().unwrap() >= 1000, "{v}");
     for k in v["kills_per_node"].as_array().unwrap() {
         assert!(k.as_u64().unwrap() >= 5, "every node must be killed at least 5 times: {v}");
@@ -40,8 +52,21 @@ fn bank_survives_sigkills_of_every_node() {
 fn bank_with_back_to_back_pipelined_transfers_survives_sigkills() {
     // No pause between transfers: turns pipeline, so kills land while turns are in flight — the
     // run CI repeats with deliberate output-commit bugs, which it must catch.
-    let v =
-        cluster(&["--nodes", "3", "--transfers", "3000", "--interval-ms", "0", "--kills-per-node", "6", "--seed", "3"]);
+    // Kills come every 20–80 ms: the run is short.
+    let v = cluster(&[
+        "--nodes",
+        "3",
+        "--transfers",
+        "3000",
+        "--interval-ms",
+        "0",
+        "--kills-per-node",
+        "6",
+        "--kill-gap-ms",
+        "20,80",
+        "--seed",
+        "3",
+    ]);
     assert!(v["last_run_counters"]["turns_pipelined"].as_u64().unwrap() > 0, "{v}");
     assert!(v["kills"].as_u64().unwrap() >= 6, "{v}");
 }
@@ -57,6 +82,8 @@ fn bank_survives_loss_duplication_reordering_and_kills() {
         "5",
         "--kills-per-node",
         "2",
+        "--kill-gap-ms",
+        "30,120",
         "--faults",
         "0.3,0.1,0.1,9",
         "--seed",
@@ -85,6 +112,8 @@ fn bank_survives_sigkills_under_the_other_trackers() {
             "8",
             "--kills-per-node",
             "2",
+            "--kill-gap-ms",
+            "30,120",
             "--tracker",
             name,
         ]);

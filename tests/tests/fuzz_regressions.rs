@@ -287,7 +287,10 @@ fn transport_targets_on_real_datagrams_and_random_scripts() {
     let payload = [7u8; 100];
     let bitmap = [0b101u8];
     let datagrams = [
-        Datagram::Data { header, fragment: Fragment { seq: 1, message_len: 100, frag_index: 0, frag_count: 1, payload: &payload } },
+        Datagram::Data {
+            header,
+            fragment: Fragment { seq: 1, message_len: 100, frag_index: 0, frag_count: 1, payload: &payload },
+        },
         Datagram::Ack { header, sack: Some(Sack { seq: 1, frag_count: 3, bitmap: &bitmap }) },
         Datagram::Hello { header },
     ];

@@ -247,8 +247,11 @@ fn value(i: u64) -> Vec<u8> {
     format!("value-{i}-{}", "v".repeat((i % 50) as usize)).into_bytes()
 }
 
+/// The root's contents, as plain data: (counter, map entries, list).
+type Contents = (u64, Vec<(u64, Vec<u8>)>, Vec<u64>);
+
 /// The root's contents, as plain data.
-fn snapshot(o: &mut ObjectHeap) -> (u64, Vec<(u64, Vec<u8>)>, Vec<u64>) {
+fn snapshot(o: &mut ObjectHeap) -> Contents {
     let root: &mut Root = o.root(|_| unreachable!("the root exists")).unwrap();
     let mut map: Vec<(u64, Vec<u8>)> = root.map.iter().map(|(k, v)| (*k, v.to_vec())).collect();
     map.sort();

@@ -477,68 +477,6 @@ impl SimHeap {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flushed_writes_survive_and_unflushed_ones_follow_the_model() {
-        let mut outcomes = CutOutcome::default();
-        for seed in 0..200 {
-            let mut d = SimDisk::new(vec![0u8; 4096]);
-            d.write(0, &[1u8; 1024]);
-            d.flush();
-            d.write(1024, &[2u8; 2048]);
-            let mut rng = SimRng::new(seed);
-            let mut o = CutOutcome::default();
-            d.cut(&mut rng, &mut o);
-            assert_eq!(&d.durable[..1024], &[1u8; 1024][..], "flushed data lost (seed {seed})");
-            assert!(d.durable[3072..].iter().all(|&b| b == 0), "bytes outside any write changed");
-            // Every sector of the unflushed write is old, new or garbage; kept/dropped are whole.
-            if o.writes_kept == 1 {
-                assert!(d.durable[1024..3072].iter().all(|&b| b == 2));
-            }
-            if o.writes_dropped == 1 {
-                assert!(d.durable[1024..3072].iter().all(|&b| b == 0));
-            }
-            outcomes.writes_kept += o.writes_kept;
-            outcomes.writes_dropped += o.writes_dropped;
-            outcomes.writes_torn += o.writes_torn;
-            outcomes.garbage_sectors += o.garbage_sectors;
-        }
-        assert!(outcomes.writes_kept > 20 && outcomes.writes_dropped > 20 && outcomes.writes_torn > 20);
-        assert!(outcomes.garbage_sectors > 20);
-    }
-
-    #[test]
-    fn the_same_seed_gives_the_same_outcome() {
-        let run = |seed| {
-            let mut d = SimDisk::new(vec![0u8; 8192]);
-            for i in 0..8u64 {
-                d.write(i * 1000, &[i as u8 + 1; 700]);
-            }
-            d.cut(&mut SimRng::new(seed), &mut CutOutcome::default());
-            d.durable
-        };
-        assert_eq!(run(5), run(5));
-        assert_ne!(run(5), run(6));
-    }
-
-    #[test]
-    fn a_cut_during_a_durable_write_fails_it_and_everything_after() {
-        let m = SimMachine::new(vec![0u8; 8192], vec![0u8; 8192], 1);
-        let mut log = SimLog { machine: m.clone(), path: "sim".into(), size_bytes: 8192 };
-        log.write_durable(&[(0, &[7u8; 4096])]).unwrap();
-        m.cut_power_at(Some(1));
-        assert!(log.write_durable(&[(4096, &[8u8; 4096])]).is_err());
-        assert!(!m.powered());
-        let mut buf = [0u8; 16];
-        assert!(log.read_exact_at(0, &mut buf).is_err(), "a dead disk cannot be read");
-        let (log_image, _) = m.images();
-        assert!(log_image[..4096].iter().all(|&b| b == 7), "a durable write survives a later cut");
-    }
-}
-
 /// The heap file held entirely by the simulated machine (no real file, no mapping): for running
 /// recovery on images alone.
 pub struct SimMemHeap {
@@ -604,4 +542,66 @@ pub fn recover_images(
     .map(|r| r.report);
     let (log_after, heap_after) = machine.images();
     (result, heap_after, log_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flushed_writes_survive_and_unflushed_ones_follow_the_model() {
+        let mut outcomes = CutOutcome::default();
+        for seed in 0..200 {
+            let mut d = SimDisk::new(vec![0u8; 4096]);
+            d.write(0, &[1u8; 1024]);
+            d.flush();
+            d.write(1024, &[2u8; 2048]);
+            let mut rng = SimRng::new(seed);
+            let mut o = CutOutcome::default();
+            d.cut(&mut rng, &mut o);
+            assert_eq!(&d.durable[..1024], &[1u8; 1024][..], "flushed data lost (seed {seed})");
+            assert!(d.durable[3072..].iter().all(|&b| b == 0), "bytes outside any write changed");
+            // Every sector of the unflushed write is old, new or garbage; kept/dropped are whole.
+            if o.writes_kept == 1 {
+                assert!(d.durable[1024..3072].iter().all(|&b| b == 2));
+            }
+            if o.writes_dropped == 1 {
+                assert!(d.durable[1024..3072].iter().all(|&b| b == 0));
+            }
+            outcomes.writes_kept += o.writes_kept;
+            outcomes.writes_dropped += o.writes_dropped;
+            outcomes.writes_torn += o.writes_torn;
+            outcomes.garbage_sectors += o.garbage_sectors;
+        }
+        assert!(outcomes.writes_kept > 20 && outcomes.writes_dropped > 20 && outcomes.writes_torn > 20);
+        assert!(outcomes.garbage_sectors > 20);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_outcome() {
+        let run = |seed| {
+            let mut d = SimDisk::new(vec![0u8; 8192]);
+            for i in 0..8u64 {
+                d.write(i * 1000, &[i as u8 + 1; 700]);
+            }
+            d.cut(&mut SimRng::new(seed), &mut CutOutcome::default());
+            d.durable
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn a_cut_during_a_durable_write_fails_it_and_everything_after() {
+        let m = SimMachine::new(vec![0u8; 8192], vec![0u8; 8192], 1);
+        let mut log = SimLog { machine: m.clone(), path: "sim".into(), size_bytes: 8192 };
+        log.write_durable(&[(0, &[7u8; 4096])]).unwrap();
+        m.cut_power_at(Some(1));
+        assert!(log.write_durable(&[(4096, &[8u8; 4096])]).is_err());
+        assert!(!m.powered());
+        let mut buf = [0u8; 16];
+        assert!(log.read_exact_at(0, &mut buf).is_err(), "a dead disk cannot be read");
+        let (log_image, _) = m.images();
+        assert!(log_image[..4096].iter().all(|&b| b == 7), "a durable write survives a later cut");
+    }
 }

@@ -425,8 +425,8 @@ impl<A: App> NodeCore<A> {
     /// the driver then, and a deadline already past would make it spin.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let transport = self.endpoint.poll_timeout();
-        let alarm = (self.alarm_unix_ns != 0 && self.can_start_turn())
-            .then(|| self.instant_of_unix_ns(self.alarm_unix_ns));
+        let alarm =
+            (self.alarm_unix_ns != 0 && self.can_start_turn()).then(|| self.instant_of_unix_ns(self.alarm_unix_ns));
         let housekeeping =
             (self.acks_unrecorded && self.pending.is_empty()).then_some(self.last_turn_at + HOUSEKEEPING_IDLE);
         [transport, alarm, housekeeping].into_iter().flatten().min()
@@ -885,7 +885,13 @@ impl<A: App> NodeCore<A> {
         self.housekeeping_committed();
         self.last_turn_at = now;
         self.stats.housekeeping_commits += 1;
-        self.pending.push_back(PendingTurn { ticket, is_turn: false, sends: Vec::new(), consumed: None, stdout: Vec::new() });
+        self.pending.push_back(PendingTurn {
+            ticket,
+            is_turn: false,
+            sends: Vec::new(),
+            consumed: None,
+            stdout: Vec::new(),
+        });
         Ok(())
     }
 
@@ -904,7 +910,13 @@ impl<A: App> NodeCore<A> {
         self.unacked.remove(&peer);
         self.next_seq.remove(&peer);
         let ticket = self.objects.commit_async()?;
-        self.pending.push_back(PendingTurn { ticket, is_turn: false, sends: Vec::new(), consumed: None, stdout: Vec::new() });
+        self.pending.push_back(PendingTurn {
+            ticket,
+            is_turn: false,
+            sends: Vec::new(),
+            consumed: None,
+            stdout: Vec::new(),
+        });
         Ok(())
     }
 }

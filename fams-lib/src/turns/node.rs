@@ -83,9 +83,7 @@ pub fn run_with_status<A: App>(
     set_buffer(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
     set_buffer(&socket, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     let mut poll = Poll::new().map_err(io("creating the event loop"))?;
-    poll.registry()
-        .register(&mut socket, SOCKET, Interest::READABLE)
-        .map_err(io("registering the socket"))?;
+    poll.registry().register(&mut socket, SOCKET, Interest::READABLE).map_err(io("registering the socket"))?;
 
     let now = Instant::now();
     let mut core = NodeCore::open(heap, config, app, now, SystemTime::now())?;

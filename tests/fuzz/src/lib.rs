@@ -440,18 +440,12 @@ pub fn endpoint_inputs(data: &[u8]) -> u64 {
                     next_send += 1;
                 }
             }
-            4 => {
-                if consumed < delivered {
-                    consumed += 1;
-                    ep.consumed_durable(now, NodeId(2), consumed).expect("consumed what was delivered");
-                }
+            4 if consumed < delivered => {
+                consumed += 1;
+                ep.consumed_durable(now, NodeId(2), consumed).expect("consumed what was delivered");
             }
             5 => ep.announce_restart(now),
-            6 => {
-                if ep.poll_timeout().is_some_and(|t| t <= now) {
-                    ep.handle_timeout(now);
-                }
-            }
+            6 if ep.poll_timeout().is_some_and(|t| t <= now) => ep.handle_timeout(now),
             _ => {}
         }
         while let Some(m) = ep.poll_message() {
@@ -461,7 +455,11 @@ pub fn endpoint_inputs(data: &[u8]) -> u64 {
         while ep.poll_event().is_some() {}
         while let Some(t) = ep.poll_transmit(now) {
             let d = transport::decode(&t.bytes, None).expect("we send only well-formed datagrams");
-            assert!(d.header().ack <= consumed, "an ack ({}) ahead of durable consumption ({consumed})", d.header().ack);
+            assert!(
+                d.header().ack <= consumed,
+                "an ack ({}) ahead of durable consumption ({consumed})",
+                d.header().ack
+            );
         }
     }
     delivered
