@@ -359,7 +359,7 @@ pub fn lmdb(dir: &Path, iters: usize) -> Result<Samples, heed::Error> {
     let d = dir.join("lmdb");
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
-    // SAFETY (heed's contract for `open`): this process opens this environment once, and no other
+    // SAFETY: heed's contract for `open`: this process opens this environment once, and no other
     // process uses the directory (it was just created).
     let env = unsafe { heed::EnvOpenOptions::new().map_size(256 << 20).open(&d)? };
     let mut wtxn = env.write_txn()?;
