@@ -86,6 +86,16 @@ pub fn crash_exit() -> ! {
     unsafe { libc::_exit(0) }
 }
 
+/// A test that cannot run here says why and returns. Where every test must run — under CI
+/// (`CI=true`) or with `FAMS_REQUIRE_ROOT_TESTS` set — a skip fails instead: a privileged test
+/// that quietly skipped would look like a pass.
+pub fn skip(why: &str) {
+    let required =
+        std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var_os("FAMS_REQUIRE_ROOT_TESTS").is_some();
+    assert!(!required, "this run requires every test to run, but this one cannot: {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -101,7 +111,7 @@ pub struct LoopDevice {
 impl LoopDevice {
     pub fn new(backing: PathBuf, size_bytes: u64) -> Option<LoopDevice> {
         if !is_root() {
-            eprintln!("SKIPPED: loop-device test needs root (losetup)");
+            skip("loop-device test needs root (losetup)");
             return None;
         }
         let f = std::fs::File::create(&backing).expect("create backing file");
@@ -110,7 +120,7 @@ impl LoopDevice {
         let out = match Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&backing).output() {
             Ok(o) => o,
             Err(e) => {
-                eprintln!("SKIPPED: cannot run losetup: {e}");
+                skip(&format!("cannot run losetup: {e}"));
                 return None;
             }
         };
@@ -129,3 +139,13 @@ impl Drop for LoopDevice {
 
 /// Deterministic randomness for tests (the same generator the torture workload uses).
 pub use famsd::workload::Rng;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[should_panic(expected = "requires every test to run")]
+    fn a_skip_fails_where_every_test_must_run() {
+        std::env::set_var("FAMS_REQUIRE_ROOT_TESTS", "1");
+        super::skip("checking that a required run refuses to skip");
+    }
+}

@@ -253,7 +253,7 @@ fn a_heap_or_log_on_tmpfs_is_refused() {
     let Some(shm) =
         ["/dev/shm", "/run"].into_iter().map(std::path::Path::new).find(|p| fams::io::volatile_filesystem(p).is_some())
     else {
-        eprintln!("SKIPPED: no tmpfs mounted at /dev/shm or /run");
+        fams_tests::skip("no tmpfs mounted at /dev/shm or /run");
         return;
     };
     let heap = shm.join(format!("fams-test-{}.heap", std::process::id()));

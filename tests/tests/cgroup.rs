@@ -178,7 +178,7 @@ fn heap_four_times_the_memory_limit_fits_with_release_committed() {
         crash_exit();
     }
     if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: {why}");
+        fams_tests::skip(&why);
         return;
     }
     let dir = TempDir::new("cgroup");

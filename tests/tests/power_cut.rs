@@ -718,7 +718,7 @@ fn power_cuts_on_a_fuse_backed_loop_device() {
         return;
     }
     if let Some(why) = cannot_run() {
-        say(&format!("SKIPPED: power-cut test: {why}"));
+        fams_tests::skip(&format!("power-cut test: {why}"));
         return;
     }
     let cfg = Config {
@@ -757,7 +757,7 @@ fn power_cut_catches_acks_before_durability() {
         return;
     }
     if let Some(why) = cannot_run() {
-        say(&format!("SKIPPED: power-cut test: {why}"));
+        fams_tests::skip(&format!("power-cut test: {why}"));
         return;
     }
     let cfg = Config {
@@ -787,7 +787,7 @@ fn power_cut_catches_the_broken_protocol_feature() {
         return;
     }
     if let Some(why) = cannot_run() {
-        say(&format!("SKIPPED: power-cut test: {why}"));
+        fams_tests::skip(&format!("power-cut test: {why}"));
         return;
     }
     let cfg = Config {
@@ -813,7 +813,7 @@ fn power_cut_catches_a_drive_that_ignores_flushes() {
         return;
     }
     if let Some(why) = cannot_run() {
-        say(&format!("SKIPPED: power-cut test: {why}"));
+        fams_tests::skip(&format!("power-cut test: {why}"));
         return;
     }
     let cfg = Config {
@@ -849,7 +849,7 @@ fn the_fuse_drive_loses_unflushed_writes_and_keeps_flushed_ones() {
         return;
     }
     if let Some(why) = cannot_run() {
-        say(&format!("SKIPPED: power-cut test: {why}"));
+        fams_tests::skip(&format!("power-cut test: {why}"));
         return;
     }
     let dir = TempDir::new("fusedrive");
