@@ -464,6 +464,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Write `v` as pretty JSON to `path` (for `--save-json`).
+fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).expect("json");
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
@@ -596,9 +604,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 report.print_table();
             }
             if let Some(path) = save_json {
-                let text = serde_json::to_string_pretty(&report.to_json(&cfg)).expect("json");
-                std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
-                eprintln!("wrote {}", path.display());
+                write_json(&path, &report.to_json(&cfg))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -613,9 +619,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 report.print_table();
             }
             if let Some(path) = save_json {
-                let text = serde_json::to_string_pretty(&report.to_json(&cfg)).expect("json");
-                std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
-                eprintln!("wrote {}", path.display());
+                write_json(&path, &report.to_json(&cfg))?;
             }
             if let Some(svg) = svg {
                 std::fs::write(&svg, report.svg()).map_err(|e| format!("{}: {e}", svg.display()))?;

@@ -881,43 +881,30 @@ impl<A: App> NodeCore<A> {
     /// in a commit of their own, so an idle node's outbox empties.
     fn housekeeping(&mut self, now: Instant) -> Result<(), NodeError> {
         self.record_housekeeping()?;
-        let ticket = self.objects.commit_async()?;
+        self.commit_bookkeeping()?;
         self.housekeeping_committed();
         self.last_turn_at = now;
         self.stats.housekeeping_commits += 1;
-        self.pending.push_back(PendingTurn {
-            ticket,
-            is_turn: false,
-            sends: Vec::new(),
-            consumed: None,
-            stdout: Vec::new(),
-        });
         Ok(())
     }
 
-    /// Retire a peer that is gone for good: drop its outbox, refuse its messages. Committed
-    /// with the next turn (or at once if `commit`).
+    /// Commit what the node changed outside a turn; it is in flight like a turn, with no outputs.
+    fn commit_bookkeeping(&mut self) -> Result<(), NodeError> {
+        let ticket = self.objects.commit_async()?;
+        let bookkeeping = PendingTurn { ticket, is_turn: false, sends: Vec::new(), consumed: None, stdout: Vec::new() };
+        self.pending.push_back(bookkeeping);
+        Ok(())
+    }
+
+    /// Retire a peer that is gone for good: drop its outbox, refuse its messages (committed at
+    /// once, asynchronously).
     pub fn retire_peer(&mut self, peer: NodeId) -> Result<(), NodeError> {
-        {
-            let (st, _) = state::node_state(&mut self.objects)?;
-            if let Some(p) = st.peers.get_mut(&peer.0) {
-                p.retired = true;
-                p.outbox.clear();
-            }
-        }
+        state::node_state(&mut self.objects)?.0.retire(peer);
         self.endpoint.remove_peer(peer);
         self.retired.push(peer);
         self.unacked.remove(&peer);
         self.next_seq.remove(&peer);
-        let ticket = self.objects.commit_async()?;
-        self.pending.push_back(PendingTurn {
-            ticket,
-            is_turn: false,
-            sends: Vec::new(),
-            consumed: None,
-            stdout: Vec::new(),
-        });
-        Ok(())
+        self.commit_bookkeeping()
     }
 }
 

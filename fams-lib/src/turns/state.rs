@@ -129,6 +129,16 @@ impl<'h> NodeState<'h> {
         }
     }
 
+    /// Mark `peer` retired and drop its outbox; the number of messages dropped, or `None` if the
+    /// peer is unknown.
+    pub fn retire(&mut self, peer: NodeId) -> Option<u64> {
+        let p = self.peers.get_mut(&peer.0)?;
+        let dropped = p.outbox.len() as u64;
+        p.retired = true;
+        p.outbox.clear();
+        Some(dropped)
+    }
+
     pub fn set_last_failure(&mut self, message: &str) {
         self.last_failure = [0; 128];
         let n = message.len().min(self.last_failure.len());
@@ -256,14 +266,7 @@ pub fn snapshot(objects: &mut ObjectHeap) -> Result<Option<NodeSnapshot>, Object
 /// would otherwise stop the node's input). Committed before returning. Returns the number of
 /// unacknowledged messages dropped, or `None` if the heap does not know the peer.
 pub fn retire_peer(objects: &mut ObjectHeap, peer: NodeId) -> Result<Option<u64>, ObjectError> {
-    let dropped = {
-        let (st, _) = node_state(objects)?;
-        let Some(p) = st.peers.get_mut(&peer.0) else { return Ok(None) };
-        let n = p.outbox.len() as u64;
-        p.retired = true;
-        p.outbox.clear();
-        n
-    };
+    let Some(dropped) = node_state(objects)?.0.retire(peer) else { return Ok(None) };
     objects.commit()?;
     Ok(Some(dropped))
 }
