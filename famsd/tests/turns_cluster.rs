@@ -273,3 +273,36 @@ fn one_mib_messages_cross_a_1500_byte_mtu_between_namespaces() {
     assert!(t["fragments_sent"].as_u64().unwrap() >= 12 * (1 << 20) / 1400, "{stats}");
     assert!(t["bytes_received"].as_u64().unwrap() >= 12 << 20, "{stats}");
 }
+
+/// The operator's commands on a stopped node's heap: inspect shows its peers, retire drops a dead
+/// peer's outbox and marks it, set-peer gives it a new address (and takes it back).
+#[test]
+fn inspect_retire_and_set_peer_on_a_stopped_node() {
+    let dir = TempDir::new("operator");
+    let run = dir.join("run");
+    let famsd = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_famsd")).args(args).output().expect("run famsd");
+        assert!(out.status.success(), "famsd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let run_s = run.to_str().unwrap();
+    famsd(&["node", "cluster", "--nodes", "2", "--transfers", "20", "--kills-per-node", "0", "--json", "--dir", run_s]);
+    let heap = run.join("node1.heap");
+    let heap_s = heap.to_str().unwrap();
+    let inspect = |heap: &str| -> serde_json::Value {
+        serde_json::from_str(&famsd(&["inspect", "--heap", heap, "--json"])).expect("inspect json")
+    };
+    let v = inspect(heap_s);
+    assert_eq!(v["node"]["node"], 1, "{v}");
+    assert_eq!(v["node"]["peers"][0]["peer"], 2, "{v}");
+    assert_eq!(v["node"]["peers"][0]["next_send_seq"], 21, "20 transfers sent to the only peer: {v}");
+    assert!(famsd(&["node", "retire", "--heap", heap_s, "--peer", "2"]).contains("retired peer 2"));
+    assert_eq!(inspect(heap_s)["node"]["peers"][0]["retired"], true);
+    famsd(&["node", "set-peer", "--heap", heap_s, "--peer", "2=127.0.0.1:9"]);
+    let v = inspect(heap_s);
+    assert_eq!(
+        (v["node"]["peers"][0]["retired"].clone(), v["node"]["peers"][0]["addr"].clone()),
+        (false.into(), "127.0.0.1:9".into()),
+        "{v}"
+    );
+}
