@@ -48,6 +48,8 @@ pub struct ClusterConfig {
 #[derive(Clone, Debug)]
 pub struct ClusterReport {
     pub nodes: usize,
+    /// Kills asked for per node (`ClusterConfig::kills_per_node`).
+    pub kills_asked_per_node: u64,
     pub transfers: u64,
     pub kills: Vec<u64>,
     pub elapsed: Duration,
@@ -313,6 +315,7 @@ pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
     }
     Ok(ClusterReport {
         nodes: cfg.nodes,
+        kills_asked_per_node: cfg.kills_per_node,
         transfers: total_transfers,
         kills,
         elapsed,
@@ -349,6 +352,13 @@ pub fn print_summary(r: &ClusterReport) {
         r.kills.iter().sum::<u64>(),
         r.kills,
     );
+    if r.kills.iter().any(|&k| k < r.kills_asked_per_node) {
+        println!(
+            "  note: the transfers were done before every node was killed {} times (kills only land while \
+transfers are still going): make --kill-gap-ms shorter or --transfers larger",
+            r.kills_asked_per_node
+        );
+    }
     for b in &r.reports {
         println!("    node {}: accounts {:?} (sum {}), {} restarts", b.node, b.accounts, b.total(), b.restarts);
     }
