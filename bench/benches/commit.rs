@@ -67,12 +67,15 @@ fn commits(c: &mut Criterion) {
             }
         }
     }
-    g.bench_function("baseline/sqlite-wal-full/1p", |b| {
-        b.iter_custom(|iters| per_iter(&sqlite_wal_full(&t.dir, iters as usize).expect("sqlite"), iters))
-    });
-    g.bench_function("baseline/lmdb/1p", |b| {
-        b.iter_custom(|iters| per_iter(&lmdb(&t.dir, iters as usize).expect("lmdb"), iters))
-    });
+    #[cfg(feature = "baselines")]
+    {
+        g.bench_function("baseline/sqlite-wal-full/1p", |b| {
+            b.iter_custom(|iters| per_iter(&sqlite_wal_full(&t.dir, iters as usize).expect("sqlite"), iters))
+        });
+        g.bench_function("baseline/lmdb/1p", |b| {
+            b.iter_custom(|iters| per_iter(&lmdb(&t.dir, iters as usize).expect("lmdb"), iters))
+        });
+    }
     g.bench_function("baseline/ken-style/1p", |b| {
         b.iter_custom(|iters| per_iter(&ken_style(&t.dir, iters as usize).expect("ken"), iters))
     });

@@ -81,7 +81,8 @@ fn trackers(c: &mut Criterion) {
     for kind in kinds() {
         // First write to a page after a commit: write N distinct pages, time only the writes.
         let m = Mapping::new(&t, 64 << 20);
-        let mut trk = tracker::arm(Some(kind), m.base, m.len).expect("arm");
+        // SAFETY: `m` is this benchmark's own mapping; the tracker is dropped before it.
+        let mut trk = unsafe { tracker::arm(Some(kind), m.base, m.len) }.expect("arm");
         let mut out = Vec::new();
         let pages = m.len / PAGE_SIZE;
         let mut next = 0usize;
@@ -110,7 +111,8 @@ fn trackers(c: &mut Criterion) {
         // Commit-time collect with one dirty page, vs resident heap size.
         for mib in [64usize, 256, 1024, 4096] {
             let m = Mapping::new(&t, mib << 20);
-            let mut trk = tracker::arm(Some(kind), m.base, m.len).expect("arm");
+            // SAFETY: `m` is this benchmark's own mapping; the tracker is dropped before it.
+            let mut trk = unsafe { tracker::arm(Some(kind), m.base, m.len) }.expect("arm");
             let mut out = Vec::new();
             trk.collect(&mut out).expect("collect");
             g.bench_function(format!("collect-1-dirty/{}/{mib}MiB", kind.name()), |b| {

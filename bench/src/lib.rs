@@ -327,6 +327,7 @@ pub fn msync_shared(dir: &Path, iters: usize) -> std::io::Result<Samples> {
 }
 
 /// SQLite, WAL mode, synchronous=FULL: one transaction updating one row per iteration.
+#[cfg(feature = "baselines")]
 pub fn sqlite_wal_full(dir: &Path, iters: usize) -> rusqlite::Result<Samples> {
     let p = dir.join("sqlite.db");
     for suffix in ["", "-wal", "-shm"] {
@@ -355,6 +356,7 @@ pub fn sqlite_wal_full(dir: &Path, iters: usize) -> rusqlite::Result<Samples> {
 }
 
 /// LMDB (heed), default durable commits: one write transaction putting one key per iteration.
+#[cfg(feature = "baselines")]
 pub fn lmdb(dir: &Path, iters: usize) -> Result<Samples, heed::Error> {
     let d = dir.join("lmdb");
     let _ = std::fs::remove_dir_all(&d);

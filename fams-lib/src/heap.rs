@@ -1232,7 +1232,9 @@ fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<He
     };
     // SAFETY: advice on our own mapping; huge pages would coarsen tracking to 2 MiB.
     unsafe { libc::madvise(base.cast(), size, libc::MADV_NOHUGEPAGE) };
-    let tracker = match tracker::arm(opts.tracker, base, size) {
+    // SAFETY: [base, base+size) is the mapping made above, owned by the heap; the heap drops its
+    // tracker before unmapping it (see `Drop for Heap`).
+    let tracker = match unsafe { tracker::arm(opts.tracker, base, size) } {
         Ok(t) => t,
         Err(e) => {
             unmap();

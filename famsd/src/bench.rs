@@ -114,7 +114,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     let mut p = Progress {
         on: cfg.progress,
         step: 0,
-        steps: page_rows.len() * trackers.len() + 4 + 1 + recovery_rows.len(),
+        steps: page_rows.len() * trackers.len() + BASELINES + 1 + recovery_rows.len(),
         started: Instant::now(),
     };
 
@@ -127,10 +127,14 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         }
     }
     let mut baselines = Vec::new();
-    p.next("baseline: SQLite WAL synchronous=FULL");
-    baselines.push(("sqlite_wal", fams_bench::sqlite_wal_full(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
-    p.next("baseline: LMDB");
-    baselines.push(("lmdb", fams_bench::lmdb(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+    #[cfg(feature = "baselines")]
+    {
+        p.next("baseline: SQLite WAL synchronous=FULL");
+        baselines
+            .push(("sqlite_wal", fams_bench::sqlite_wal_full(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+        p.next("baseline: LMDB");
+        baselines.push(("lmdb", fams_bench::lmdb(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
+    }
     p.next("baseline: Ken-style checkpoint file + fsync + directory fsync");
     baselines.push(("ken_style", fams_bench::ken_style(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
     p.next("baseline: msync(MS_SYNC) of a MAP_SHARED file (not failure-atomic)");
@@ -156,9 +160,13 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     })
 }
 
+/// How many baselines this build measures (SQLite and LMDB only with the `baselines` feature).
+const BASELINES: usize = if cfg!(feature = "baselines") { 4 } else { 2 };
+
 impl BenchReport {
-    fn baseline_p50(&self, name: &str) -> f64 {
-        self.baselines.iter().find(|(n, _)| *n == name).map(|(_, s)| s.p50()).unwrap_or(0.0)
+    /// `None` (JSON `null`) for a baseline this build does not measure.
+    fn baseline_p50(&self, name: &str) -> Option<f64> {
+        self.baselines.iter().find(|(n, _)| *n == name).map(|(_, s)| s.p50())
     }
 
     pub fn to_json(&self, cfg: &BenchConfig) -> serde_json::Value {
@@ -232,6 +240,9 @@ impl BenchReport {
                 _ => "msync MAP_SHARED (NOT atomic)",
             };
             println!("{label:>32} {:>9.0} {:>9.0} {:>7.2}×", s.p50(), s.p99(), s.p50() / one);
+        }
+        if !cfg!(feature = "baselines") {
+            println!("{:>32} not in this build (famsd was built without the `baselines` feature)", "SQLite, LMDB");
         }
         println!(
             "\ncommit rate, 1-page commits: synchronous {:.0}/s, commit_async {:.0}/s ({:.1}×; {} commits in {} device writes)",

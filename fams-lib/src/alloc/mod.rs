@@ -85,6 +85,7 @@ use std::ptr::NonNull;
 
 /// Errors of the object layer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ObjectError {
     #[error(transparent)]
     Heap(#[from] crate::Error),
