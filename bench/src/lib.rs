@@ -3,6 +3,8 @@
 //! recovery. Every function measures exactly what its name says, on the target it is given, so
 //! the rows of one run can be compared as ratios.
 
+pub mod turns;
+
 use fams::io::{self, AlignedBuf, FlushMode, LogOpenOptions};
 use fams::{FormatOptions, Heap, HeapOptions, TrackerKind, PAGE_SIZE};
 use std::io::Write;

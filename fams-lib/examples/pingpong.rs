@@ -25,6 +25,7 @@ fn main() {
         message_bytes: num("message-bytes", 64) as usize,
         touch_pages: 1,
         stop_when_done: true,
+        print_result: true,
     };
     node_args::stop_on_signals();
     let result = args.open().map_err(|e| e.to_string()).and_then(|(heap, config)| {

@@ -7,7 +7,7 @@ use crate::node::bank_report;
 use crate::workload::Rng;
 use fams::apps::bank::{self, BankReport};
 use std::io::BufRead;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -81,14 +81,7 @@ impl ClusterReport {
     }
 }
 
-/// Free UDP ports on 127.0.0.1 (bound and released; another program could take one meanwhile,
-/// which would show as a bind error).
-pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("finding a free UDP port: {e}")))
-        .collect::<Result<_, _>>()?;
-    Ok(sockets.iter().map(|s| s.local_addr().expect("bound").port()).collect())
-}
+pub use fams_bench::turns::free_ports;
 
 enum Line {
     Out(usize, u64, String),

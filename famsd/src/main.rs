@@ -850,6 +850,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
                 message_bytes,
                 touch_pages: pages,
                 stop_when_done: true,
+                print_result: true,
             };
             famsd::node::run_pingpong(&node.args(), app)?;
             Ok(ExitCode::SUCCESS)

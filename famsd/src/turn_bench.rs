@@ -18,9 +18,10 @@
 use crate::bench::Progress;
 use crate::cluster::free_ports;
 use fams::io::FlushMode;
+use fams_bench::turns::{ken_pingpong, udp_round_trip, KenRun, MESSAGE_BYTES};
 use fams_bench::{Samples, Target};
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -36,8 +37,6 @@ pub struct TurnBenchConfig {
     pub progress: bool,
 }
 
-/// Payload bytes of every ping-pong message (fams and Ken-style) and of the UDP floor.
-pub const MESSAGE_BYTES: usize = 64;
 /// Pings in flight in the windowed rows.
 pub const WINDOW: u64 = 64;
 /// Commits in flight in the heap's `commit_async` row.
@@ -73,28 +72,6 @@ impl PingPongRun {
     /// Every round trip is two turns, one on each node.
     pub fn turns_per_s(&self) -> f64 {
         2.0 * self.round_trips_per_s()
-    }
-}
-
-/// One Ken-style ping-pong run.
-#[derive(Clone, Debug)]
-pub struct KenRun {
-    pub window: u64,
-    pub round_trips: u64,
-    pub elapsed: Duration,
-    /// Size of one end-of-turn file of a one-message turn.
-    pub turn_file_bytes: usize,
-}
-
-impl KenRun {
-    pub fn round_trips_per_s(&self) -> f64 {
-        self.round_trips as f64 / self.elapsed.as_secs_f64()
-    }
-    pub fn turns_per_s(&self) -> f64 {
-        2.0 * self.round_trips_per_s()
-    }
-    pub fn us_per_round_trip(&self) -> f64 {
-        self.elapsed.as_secs_f64() * 1e6 / self.round_trips.max(1) as f64
     }
 }
 
@@ -285,44 +262,6 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
     p.next(&format!("restart to next turn: {} × SIGKILL of a node mid-run, restart at once", z.restarts));
     let restart = restarts(cfg, z.restarts)?;
     Ok(TurnBenchReport { rounds, restart, seconds: p.started.elapsed().as_secs_f64() })
-}
-
-/// Round trips of a 64-byte datagram between two sockets on 127.0.0.1, each served by its own
-/// thread with blocking calls, µs.
-pub fn udp_round_trip(iters: usize) -> std::io::Result<Samples> {
-    let a = UdpSocket::bind("127.0.0.1:0")?;
-    let b = UdpSocket::bind("127.0.0.1:0")?;
-    a.connect(b.local_addr()?)?;
-    b.connect(a.local_addr()?)?;
-    for s in [&a, &b] {
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    }
-    let warm = 200;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut buf = [0u8; 256];
-        for _ in 0..iters + warm {
-            let n = b.recv(&mut buf)?;
-            b.send(&buf[..n])?;
-        }
-        Ok(())
-    });
-    let msg = [0x5au8; MESSAGE_BYTES];
-    let mut buf = [0u8; 256];
-    let mut s = Samples::default();
-    for i in 0..iters + warm {
-        let t = Instant::now();
-        a.send(&msg)?;
-        let n = a.recv(&mut buf)?;
-        let us = t.elapsed().as_secs_f64() * 1e6;
-        if n != MESSAGE_BYTES {
-            return Err(std::io::Error::other(format!("echoed {n} bytes, sent {MESSAGE_BYTES}")));
-        }
-        if i >= warm {
-            s.0.push(us);
-        }
-    }
-    echo.join().map_err(|_| std::io::Error::other("the echo thread panicked"))??;
-    Ok(s)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -637,152 +576,6 @@ pub fn restarts(cfg: &TurnBenchConfig, count: usize) -> Result<RestartRun, Strin
     drop(heap);
     pair.remove();
     Ok(run)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Ken-style ping-pong
-
-const KEN_MESSAGE: u8 = 1;
-const KEN_ACK: u8 = 2;
-const KEN_STOP: u8 = 3;
-
-/// One Ken-style process, reduced to what each turn costs on the critical path: the handler
-/// changes one 4 KiB page; the end of the turn is one new file holding the turn's outgoing
-/// messages and the dirty page image with a CRC, fsynced, then its directory fsynced; only then
-/// the acknowledgement of the consumed message and the turn's messages are sent. One turn at a
-/// time. Not run: the patcher (which copies pages into the state file and fsyncs it) and the
-/// garbage collection of turn files — both would add device work, so the baseline is generous.
-struct KenNode {
-    socket: UdpSocket,
-    dir: PathBuf,
-    dir_file: std::fs::File,
-    page: Vec<u8>,
-    turn: u64,
-    next_seq: u64,
-    last_file_bytes: usize,
-}
-
-impl KenNode {
-    fn new(dir: PathBuf, socket: UdpSocket) -> std::io::Result<KenNode> {
-        std::fs::create_dir_all(&dir)?;
-        let dir_file = std::fs::File::open(&dir)?;
-        socket.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(KenNode {
-            socket,
-            dir,
-            dir_file,
-            page: vec![0u8; fams::PAGE_SIZE],
-            turn: 0,
-            next_seq: 1,
-            last_file_bytes: 0,
-        })
-    }
-
-    fn datagram(kind: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
-        let mut d = Vec::with_capacity(9 + payload.len());
-        d.push(kind);
-        d.extend_from_slice(&seq.to_le_bytes());
-        d.extend_from_slice(payload);
-        d
-    }
-
-    /// One turn: `consumed` is the sequence number of the message it processed, `sends` the
-    /// payloads of the messages it sends.
-    fn turn(&mut self, consumed: Option<u64>, sends: &[&[u8]]) -> std::io::Result<()> {
-        self.turn += 1;
-        self.page[..8].copy_from_slice(&self.turn.to_le_bytes());
-        let messages: Vec<Vec<u8>> =
-            sends.iter().enumerate().map(|(i, p)| Self::datagram(KEN_MESSAGE, self.next_seq + i as u64, p)).collect();
-        let refs: Vec<&[u8]> = messages.iter().map(|m| m.as_slice()).collect();
-        let path = self.dir.join(format!("turn-{:010}", self.turn));
-        self.last_file_bytes = fams_bench::ken_turn_file(&self.dir_file, &path, self.turn, &refs, &[(0, &self.page)])?;
-        // Durable: now the ack, then the messages.
-        if let Some(seq) = consumed {
-            self.socket.send(&Self::datagram(KEN_ACK, seq, &[]))?;
-        }
-        for m in &messages {
-            self.socket.send(m)?;
-        }
-        self.next_seq += sends.len() as u64;
-        Ok(())
-    }
-
-    /// The next message (kind, seq, payload), skipping acknowledgements.
-    fn receive(&self, buf: &mut [u8]) -> std::io::Result<(u8, u64, usize)> {
-        loop {
-            let n = self.socket.recv(buf)?;
-            if n < 9 {
-                return Err(std::io::Error::other("a short Ken-style datagram"));
-            }
-            let seq = u64::from_le_bytes(buf[1..9].try_into().expect("8 bytes"));
-            if buf[0] != KEN_ACK {
-                return Ok((buf[0], seq, n));
-            }
-        }
-    }
-}
-
-/// Ken-style ping-pong between two threads of this process over loopback UDP, each turn
-/// durable in its own file in `dir` (one subdirectory per node); the same app shape as the fams
-/// rows: the initiator's first turn sends `window` pings, each pong turn sends the next one.
-pub fn ken_pingpong(dir: &Path, window: u64, round_trips: u64) -> Result<KenRun, String> {
-    let io = |e: std::io::Error| format!("Ken-style ping-pong in {}: {e}", dir.display());
-    let _ = std::fs::remove_dir_all(dir);
-    let a = UdpSocket::bind("127.0.0.1:0").map_err(io)?;
-    let b = UdpSocket::bind("127.0.0.1:0").map_err(io)?;
-    a.connect(b.local_addr().map_err(io)?).map_err(io)?;
-    b.connect(a.local_addr().map_err(io)?).map_err(io)?;
-    let mut responder = KenNode::new(dir.join("n2"), b).map_err(io)?;
-    let mut initiator = KenNode::new(dir.join("n1"), a).map_err(io)?;
-    // Returns the size of its last turn file (a one-message turn).
-    let answering = std::thread::spawn(move || -> std::io::Result<usize> {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let (kind, seq, n) = responder.receive(&mut buf)?;
-            if kind == KEN_STOP {
-                return Ok(responder.last_file_bytes);
-            }
-            let payload = buf[9..n].to_vec();
-            responder.turn(Some(seq), &[&payload])?;
-        }
-    });
-    let result = (|| -> std::io::Result<Duration> {
-        let mut buf = vec![0u8; 65_536];
-        let ping = |i: u64| {
-            let mut p = vec![0u8; MESSAGE_BYTES];
-            p[..8].copy_from_slice(&i.to_le_bytes());
-            p
-        };
-        let started = Instant::now();
-        let first: Vec<Vec<u8>> = (1..=window.min(round_trips)).map(ping).collect();
-        let mut pings_sent = first.len() as u64;
-        initiator.turn(None, &first.iter().map(|p| p.as_slice()).collect::<Vec<_>>())?;
-        let mut pongs = 0;
-        loop {
-            let (kind, seq, _) = initiator.receive(&mut buf)?;
-            if kind != KEN_MESSAGE {
-                return Err(std::io::Error::other(format!("unexpected datagram kind {kind}")));
-            }
-            pongs += 1;
-            if pongs == round_trips {
-                // As the fams initiator reports: up to the start of the last pong's turn.
-                return Ok(started.elapsed());
-            }
-            if pings_sent < round_trips {
-                pings_sent += 1;
-                let p = ping(pings_sent);
-                initiator.turn(Some(seq), &[&p])?;
-            } else {
-                initiator.turn(Some(seq), &[])?;
-            }
-        }
-    })();
-    let _ = initiator.socket.send(&KenNode::datagram(KEN_STOP, 0, &[]));
-    let answered = answering.join().map_err(|_| "Ken-style responder panicked".to_string())?;
-    let _ = std::fs::remove_dir_all(dir);
-    let elapsed = result.map_err(io)?;
-    let turn_file_bytes = answered.map_err(io)?;
-    Ok(KenRun { window, round_trips, elapsed, turn_file_bytes })
 }
 
 // ---------------------------------------------------------------------------------------------

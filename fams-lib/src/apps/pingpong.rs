@@ -41,6 +41,8 @@ pub struct PingPongApp {
     pub touch_pages: usize,
     /// Stop the node when done (initiator) — the responder runs until stopped.
     pub stop_when_done: bool,
+    /// Print the result line when done (initiator); in-process benchmarks read the heap instead.
+    pub print_result: bool,
 }
 
 fn unix_ns(t: SystemTime) -> u64 {
@@ -114,14 +116,14 @@ impl App for PingPongApp {
                             let m = self.message(n);
                             t.send(peer, &m)?;
                         }
-                        if finished {
+                        if finished && self.print_result {
                             t.println(&format!(
                                 "{{\"round_trips\":{received},\"elapsed_ns\":{elapsed_ns},\"round_trips_per_s\":{:.1}}}",
                                 received as f64 * 1e9 / elapsed_ns as f64
                             ))?;
-                            if self.stop_when_done {
-                                t.stop();
-                            }
+                        }
+                        if finished && self.stop_when_done {
+                            t.stop();
                         }
                     }
                 }
