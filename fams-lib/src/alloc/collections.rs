@@ -12,6 +12,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// A vector whose buffer is in the heap. Survives restarts when stored in a root.
@@ -48,25 +49,52 @@ unsafe impl Persistent for HeapAlloc<'_> {
     const FINGERPRINT: u64 = fingerprint(b"HeapAlloc");
 }
 
-/// Bases of heaps whose allocator panicked part way through an operation: their metadata may be
-/// half updated, so committing them is refused until they are reopened.
-static POISONED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// Why a heap's allocator refuses to go on until the heap is rolled back or reopened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Poison {
+    /// The allocator panicked part way through an operation (a bug): its metadata may be half
+    /// updated.
+    Panicked,
+    /// The allocator found its metadata damaged (or was handed a pointer or layout that matches
+    /// no live object) and stopped part way through an operation.
+    Damaged(String),
+}
 
-pub(crate) fn is_poisoned(base: NonNull<u8>) -> bool {
-    POISONED.lock().unwrap_or_else(|p| p.into_inner()).contains(&(base.as_ptr() as usize))
+/// Heaps (by base address) whose allocator refuses to go on, and why. Set rarely, read at every
+/// commit; `ANY_POISONED` keeps the allocation path from taking the lock.
+static POISONED: Mutex<Vec<(usize, Poison)>> = Mutex::new(Vec::new());
+static ANY_POISONED: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn poison_of(base: NonNull<u8>) -> Option<Poison> {
+    if !ANY_POISONED.load(Ordering::Acquire) {
+        return None;
+    }
+    let list = POISONED.lock().unwrap_or_else(|p| p.into_inner());
+    list.iter().find(|(b, _)| *b == base.as_ptr() as usize).map(|(_, why)| why.clone())
+}
+
+/// Record why `base`'s allocator must stop (the first reason is kept).
+fn poison(base: NonNull<u8>, why: Poison) {
+    let mut list = POISONED.lock().unwrap_or_else(|p| p.into_inner());
+    if !list.iter().any(|(b, _)| *b == base.as_ptr() as usize) {
+        list.push((base.as_ptr() as usize, why));
+    }
+    ANY_POISONED.store(true, Ordering::Release);
 }
 
 pub(crate) fn clear_poison(base: NonNull<u8>) {
-    POISONED.lock().unwrap_or_else(|p| p.into_inner()).retain(|&b| b != base.as_ptr() as usize);
+    let mut list = POISONED.lock().unwrap_or_else(|p| p.into_inner());
+    list.retain(|(b, _)| *b != base.as_ptr() as usize);
+    ANY_POISONED.store(!list.is_empty(), Ordering::Release);
 }
 
-/// Marks the heap poisoned if dropped during a panic (an assertion in the allocator).
+/// Marks the heap poisoned if dropped during a panic (a bug in the allocator).
 struct OpGuard(NonNull<u8>);
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            POISONED.lock().unwrap_or_else(|p| p.into_inner()).push(self.0.as_ptr() as usize);
+            poison(self.0, Poison::Panicked);
         }
     }
 }
@@ -98,11 +126,31 @@ impl<'h> HeapAlloc<'h> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
+        self.refuse_if_poisoned()?;
         let _g = OpGuard(self.base);
         let raw = self.raw();
-        let off = raw.alloc(layout, zeroed)?;
+        let off = raw.alloc(layout, zeroed).inspect_err(|e| self.poison_if_damaged(e))?;
         // SAFETY: raw.alloc returns an offset inside the heap, never 0 (page 0 is metadata).
         Ok(unsafe { NonNull::new_unchecked(raw.ptr(off)) })
+    }
+
+    /// After damage was found (or a panic), the metadata may be half updated: hand out nothing
+    /// more, so no two live objects can ever overlap, until the heap is rolled back or reopened.
+    fn refuse_if_poisoned(&self) -> Result<(), ObjectError> {
+        match poison_of(self.base) {
+            None => Ok(()),
+            Some(Poison::Damaged(problem)) => Err(ObjectError::Damaged { base: self.base.as_ptr() as u64, problem }),
+            Some(Poison::Panicked) => Err(ObjectError::Damaged {
+                base: self.base.as_ptr() as u64,
+                problem: "the allocator panicked part way through an earlier operation".into(),
+            }),
+        }
+    }
+
+    fn poison_if_damaged(&self, e: &ObjectError) {
+        if let ObjectError::Damaged { problem, .. } = e {
+            poison(self.base, Poison::Damaged(problem.clone()));
+        }
     }
 
     /// Free an allocation.
@@ -110,14 +158,18 @@ impl<'h> HeapAlloc<'h> {
     /// # Safety
     /// `ptr` was returned by this heap's allocator for `layout` and is not used afterwards.
     /// (A pointer or layout the allocator can tell is wrong — not the start of a live object of
-    /// that size — panics instead of corrupting the heap.)
+    /// that size — or damaged metadata stops the free before it changes anything it cannot
+    /// vouch for: the heap then refuses allocations and commits, with the problem named, until
+    /// it is rolled back or reopened.)
     pub unsafe fn dealloc(&self, ptr: NonNull<u8>, layout: Layout) {
-        if layout.size() == 0 {
+        if layout.size() == 0 || poison_of(self.base).is_some() {
             return;
         }
         let _g = OpGuard(self.base);
         let raw = self.raw();
-        raw.dealloc(raw.offset_of(ptr.as_ptr()), layout);
+        if let Err(d) = raw.offset_of(ptr.as_ptr()).and_then(|off| raw.dealloc(off, layout)) {
+            poison(self.base, Poison::Damaged(d.problem));
+        }
     }
 
     /// Resize an allocation, in place when possible. On error the old allocation is untouched.
@@ -139,12 +191,13 @@ impl<'h> HeapAlloc<'h> {
             unsafe { self.dealloc(ptr, old) };
             return Ok(dangling(new));
         }
+        self.refuse_if_poisoned()?;
         let raw = self.raw();
-        let off = raw.offset_of(ptr.as_ptr());
         let resized = {
             let _g = OpGuard(self.base);
-            raw.resize_in_place(off, old, new)
+            raw.offset_of(ptr.as_ptr()).and_then(|off| Ok((off, raw.resize_in_place(off, old, new)?)))
         };
+        let (off, resized) = resized.map_err(ObjectError::from).inspect_err(|e| self.poison_if_damaged(e))?;
         if resized {
             if zeroed && new.size() > old.size() {
                 raw.zero(off + old.size() as u64, (new.size() - old.size()) as u64);

@@ -120,6 +120,9 @@ pub enum ObjectError {
     #[error("{path}: the object heap's metadata is damaged: {}", problems.join("; "))]
     Corrupt { path: PathBuf, problems: Vec<String> },
 
+    #[error("the object heap mapped at {base:#x}: {problem}; the allocator stopped before changing anything more, and refuses allocations and commits until the heap is rolled back (ObjectHeap::rollback) or reopened")]
+    Damaged { base: u64, problem: String },
+
     #[error("{path}: the allocator panicked part way through an operation; commits are refused. Roll back (ObjectHeap::rollback), or drop the heap and reopen it, to recover the last commit")]
     Poisoned { path: PathBuf },
 
@@ -249,10 +252,14 @@ impl ObjectHeap {
     }
 
     fn check_poison(&self) -> Result<(), ObjectError> {
-        if collections::is_poisoned(self.raw.base()) {
-            return Err(ObjectError::Poisoned { path: self.heap.path().to_path_buf() });
+        let path = || self.heap.path().to_path_buf();
+        match collections::poison_of(self.raw.base()) {
+            None => Ok(()),
+            Some(collections::Poison::Panicked) => Err(ObjectError::Poisoned { path: path() }),
+            Some(collections::Poison::Damaged(problem)) => {
+                Err(ObjectError::Corrupt { path: path(), problems: vec![problem] })
+            }
         }
-        Ok(())
     }
 
     /// Make everything written so far — objects and the allocator's metadata — durable, all or
@@ -559,7 +566,7 @@ impl ObjectHeap {
                 // SAFETY: a fresh allocation with T's layout (or a dangling aligned pointer for a
                 // zero-sized T), which nothing else refers to.
                 unsafe { ptr.write(value) };
-                let offset = if size_of::<T>() == 0 { 0 } else { self.raw.offset_of(p.as_ptr()) };
+                let offset = if size_of::<T>() == 0 { 0 } else { self.raw.offset_of(p.as_ptr())? };
                 let entry = RootEntry {
                     name: name.to_string(),
                     offset,

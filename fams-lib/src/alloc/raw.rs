@@ -185,6 +185,21 @@ pub(crate) struct Raw {
     len: u64,
 }
 
+/// The allocator found its metadata contradicting itself in the middle of an operation (or was
+/// given a pointer or layout that matches no live object). The operation stopped before writing
+/// anything more; [`ObjectError::Damaged`] carries this to the caller.
+#[derive(Debug)]
+pub(crate) struct Damaged {
+    pub base: u64,
+    pub problem: String,
+}
+
+impl From<Damaged> for ObjectError {
+    fn from(d: Damaged) -> ObjectError {
+        ObjectError::Damaged { base: d.base, problem: d.problem }
+    }
+}
+
 /// Outcome of `Raw::validate_meta`.
 pub(crate) enum MetaState {
     /// Page 0 and 1 are all zero: a fresh heap.
@@ -206,27 +221,67 @@ impl Raw {
         self.base
     }
 
+    /// Is `off` the offset of a whole, aligned word inside the heap?
     #[inline]
-    fn rd(&self, off: u64) -> u64 {
-        assert!(off % 8 == 0 && off + 8 <= self.len, "allocator read at {off:#x} outside the heap");
-        // SAFETY: in bounds (asserted) and 8-aligned (base is page-aligned); the heap is mapped
+    fn word_inside(&self, off: u64) -> bool {
+        off % 8 == 0 && off.checked_add(8).is_some_and(|end| end <= self.len)
+    }
+
+    /// Read a metadata word at an offset computed from metadata (which may be damaged).
+    #[inline]
+    fn rd(&self, off: u64) -> Result<u64, Damaged> {
+        if !self.word_inside(off) {
+            return self.damaged(format!("a link or size in the metadata leads to {off:#x}, outside the heap"));
+        }
+        Ok(self.peek(off))
+    }
+
+    /// Read a word, or 0 if `off` is outside the heap: for the fixed offsets of the metadata
+    /// block (inside every heap the object layer opens) and for `check`, which validates what it
+    /// follows and reports problems instead of failing.
+    #[inline]
+    fn peek(&self, off: u64) -> u64 {
+        if !self.word_inside(off) {
+            return 0;
+        }
+        // SAFETY: in bounds (checked) and 8-aligned (base is page-aligned); the heap is mapped
         // for the life of self (Raw::new's contract); a plain read races with nothing because the
         // heap is single-threaded.
         unsafe { self.base.as_ptr().add(off as usize).cast::<u64>().read() }
     }
 
-    /// Write a word, skipping the write (and so the page fault that marks the page dirty) when
-    /// the word already holds the value.
+    /// Write a metadata word, skipping the write (and so the page fault that marks the page
+    /// dirty) when the word already holds the value.
     #[inline]
-    fn wr(&self, off: u64, v: u64) {
-        assert!(off % 8 == 0 && off + 8 <= self.len, "allocator write at {off:#x} outside the heap");
-        // SAFETY: as in `rd`; the word belongs to allocator metadata, which no reference covers.
+    fn wr(&self, off: u64, v: u64) -> Result<(), Damaged> {
+        if !self.word_inside(off) {
+            return self.damaged(format!("a link in the metadata leads to {off:#x}, outside the heap"));
+        }
+        // SAFETY: as in `peek`; the word belongs to allocator metadata, which no reference covers.
         unsafe {
             let p = self.base.as_ptr().add(off as usize).cast::<u64>();
             if p.read() != v {
                 p.write(v);
             }
         }
+        Ok(())
+    }
+
+    /// Write a word of the metadata block (a fixed offset inside every heap the layer opens).
+    fn wr_meta(&self, off: u64, v: u64) {
+        debug_assert!(off < OBJECT_META_BYTES);
+        // Cannot fail: the object layer never opens a heap smaller than its metadata block.
+        let _ = self.wr(off, v);
+    }
+
+    /// Stop the operation: the metadata contradicts itself (or a pointer or layout given to
+    /// free does not match it). The caller fails; nothing more is written.
+    fn damaged<T>(&self, problem: String) -> Result<T, Damaged> {
+        Err(self.damage(problem))
+    }
+
+    fn damage(&self, problem: String) -> Damaged {
+        Damaged { base: self.base.as_ptr() as u64, problem }
     }
 
     pub(crate) fn ptr(&self, off: u64) -> *mut u8 {
@@ -235,10 +290,12 @@ impl Raw {
         unsafe { self.base.as_ptr().add(off as usize) }
     }
 
-    pub(crate) fn offset_of(&self, p: *const u8) -> u64 {
+    pub(crate) fn offset_of(&self, p: *const u8) -> Result<u64, Damaged> {
         let off = (p as usize).wrapping_sub(self.base.as_ptr() as usize) as u64;
-        assert!(off < self.len, "pointer {p:p} is not inside the heap at {:p}", self.base);
-        off
+        if off >= self.len {
+            return self.damaged(format!("pointer {p:p} is not inside the heap at {:p}", self.base));
+        }
+        Ok(off)
     }
 
     fn abs(&self, off: u64) -> u64 {
@@ -257,11 +314,11 @@ impl Raw {
         if self.len < OBJECT_META_BYTES {
             return MetaState::Foreign(format!("the heap is {} bytes, too small for objects", self.len));
         }
-        let magic = self.rd(M_MAGIC).to_le_bytes();
+        let magic = self.peek(M_MAGIC).to_le_bytes();
         if magic == MAGIC {
             return MetaState::Ours;
         }
-        if (0..OBJECT_META_BYTES).step_by(8).all(|o| self.rd(o) == 0) {
+        if (0..OBJECT_META_BYTES).step_by(8).all(|o| self.peek(o) == 0) {
             return MetaState::Fresh;
         }
         MetaState::Foreign(format!(
@@ -272,22 +329,22 @@ impl Raw {
     }
 
     pub(crate) fn format_version(&self) -> u32 {
-        self.rd(M_VERSION) as u32
+        self.peek(M_VERSION) as u32
     }
     pub(crate) fn recorded_heap_bytes(&self) -> u64 {
-        self.rd(M_HEAP_BYTES)
+        self.peek(M_HEAP_BYTES)
     }
     pub(crate) fn recorded_base(&self) -> u64 {
-        self.rd(M_BASE)
+        self.peek(M_BASE)
     }
     pub(crate) fn schema_version(&self) -> u64 {
-        self.rd(M_SCHEMA)
+        self.peek(M_SCHEMA)
     }
     pub(crate) fn set_schema_version(&self, v: u64) {
-        self.wr(M_SCHEMA, v)
+        self.wr_meta(M_SCHEMA, v)
     }
     pub(crate) fn layout_fingerprint(&self) -> u64 {
-        self.rd(M_LAYOUT_FP)
+        self.peek(M_LAYOUT_FP)
     }
 
     /// Lay out the metadata of a fresh heap (whose first two pages are zero).
@@ -298,38 +355,48 @@ impl Raw {
                 self.len
             )));
         }
-        self.wr(M_VERSION, OBJECT_FORMAT_VERSION as u64);
-        self.wr(M_HEAP_BYTES, self.len);
-        self.wr(M_BASE, self.base.as_ptr() as u64);
-        self.wr(M_SCHEMA, schema_version);
-        self.wr(M_LAYOUT_FP, layout_fp);
-        self.wr(M_REGION_START, OBJECT_META_BYTES);
-        self.wr(M_REGION_END, self.len);
-        self.wr(M_TOP, OBJECT_META_BYTES);
-        self.wr(SENTINEL_TAG, F_ALLOCATED);
-        self.wr(SENTINEL_TAG + 8, SENTINEL_CHECK);
+        self.wr_meta(M_VERSION, OBJECT_FORMAT_VERSION as u64);
+        self.wr_meta(M_HEAP_BYTES, self.len);
+        self.wr_meta(M_BASE, self.base.as_ptr() as u64);
+        self.wr_meta(M_SCHEMA, schema_version);
+        self.wr_meta(M_LAYOUT_FP, layout_fp);
+        self.wr_meta(M_REGION_START, OBJECT_META_BYTES);
+        self.wr_meta(M_REGION_END, self.len);
+        self.wr_meta(M_TOP, OBJECT_META_BYTES);
+        self.wr_meta(SENTINEL_TAG, F_ALLOCATED);
+        self.wr_meta(SENTINEL_TAG + 8, SENTINEL_CHECK);
         // Last, so a crash (or an error) before the first commit leaves a fresh-looking heap.
-        self.wr(M_MAGIC, u64::from_le_bytes(MAGIC));
+        self.wr_meta(M_MAGIC, u64::from_le_bytes(MAGIC));
         Ok(())
     }
 
     /// The cheap consistency test `open` runs (the full one is `check`).
     pub(crate) fn meta_sane(&self) -> Result<(), String> {
-        let (rs, re, top) = (self.rd(M_REGION_START), self.rd(M_REGION_END), self.rd(M_TOP));
+        let (rs, re, top) = (self.peek(M_REGION_START), self.peek(M_REGION_END), self.peek(M_TOP));
         if rs != OBJECT_META_BYTES || re != self.len || top < rs || top > re || top % 16 != 0 {
             return Err(format!(
                 "block region {rs:#x}..{re:#x} with top {top:#x} does not fit a heap of {} bytes",
                 self.len
             ));
         }
-        if self.rd(SENTINEL_TAG + 8) != SENTINEL_CHECK {
+        if self.peek(SENTINEL_TAG + 8) != SENTINEL_CHECK {
             return Err("the sentinel tag before the first block is damaged".into());
         }
         Ok(())
     }
 
-    fn top(&self) -> u64 {
-        self.rd(M_TOP)
+    /// The top as recorded, for `check` (which validated it with `meta_sane`).
+    fn top_unchecked(&self) -> u64 {
+        self.peek(M_TOP)
+    }
+
+    /// The top, checked: the allocation paths compute with it.
+    fn top(&self) -> Result<u64, Damaged> {
+        let top = self.peek(M_TOP);
+        if top < self.region_start() || top > self.region_end() || top % 16 != 0 {
+            return self.damaged(format!("the top of the block region, {top:#x}, is outside the region or unaligned"));
+        }
+        Ok(top)
     }
     fn region_start(&self) -> u64 {
         OBJECT_META_BYTES
@@ -352,22 +419,22 @@ impl Raw {
 
     pub(crate) fn read_root(&self, slot: Option<usize>) -> Option<RootEntry> {
         let e = self.root_entry_offset(slot);
-        let w0 = self.rd(e);
+        let w0 = self.peek(e);
         if w0 & 0xff == 0 {
             return None;
         }
         let name_len = ((w0 >> 8) & 0xff) as usize;
         let mut name = vec![0u8; name_len.min(ROOT_NAME_BYTES_MAX)];
         for (i, b) in name.iter_mut().enumerate() {
-            let w = self.rd(e + 40 + (i as u64 & !7));
+            let w = self.peek(e + 40 + (i as u64 & !7));
             *b = (w >> (8 * (i % 8))) as u8;
         }
         Some(RootEntry {
             name: String::from_utf8_lossy(&name).into_owned(),
-            offset: self.rd(e + 8),
-            size: self.rd(e + 16),
-            align: self.rd(e + 24),
-            fingerprint: self.rd(e + 32),
+            offset: self.peek(e + 8),
+            size: self.peek(e + 16),
+            align: self.peek(e + 24),
+            fingerprint: self.peek(e + 32),
         })
     }
 
@@ -375,123 +442,142 @@ impl Raw {
         let e = self.root_entry_offset(slot);
         let Some(r) = entry else {
             for o in (0..ROOT_ENTRY_BYTES).step_by(8) {
-                self.wr(e + o, 0);
+                self.wr_meta(e + o, 0);
             }
             return;
         };
         let name = r.name.as_bytes();
         assert!(name.len() <= ROOT_NAME_BYTES_MAX);
-        self.wr(e + 8, r.offset);
-        self.wr(e + 16, r.size);
-        self.wr(e + 24, r.align);
-        self.wr(e + 32, r.fingerprint);
+        self.wr_meta(e + 8, r.offset);
+        self.wr_meta(e + 16, r.size);
+        self.wr_meta(e + 24, r.align);
+        self.wr_meta(e + 32, r.fingerprint);
         for w in 0..(ROOT_NAME_BYTES_MAX as u64 / 8) {
             let mut bytes = [0u8; 8];
             for (k, b) in bytes.iter_mut().enumerate() {
                 *b = name.get(w as usize * 8 + k).copied().unwrap_or(0);
             }
-            self.wr(e + 40 + 8 * w, u64::from_le_bytes(bytes));
+            self.wr_meta(e + 40 + 8 * w, u64::from_le_bytes(bytes));
         }
-        self.wr(e, 1 | (name.len() as u64) << 8);
+        self.wr_meta(e, 1 | (name.len() as u64) << 8);
     }
 
     // ---- tags ----------------------------------------------------------------------------
+    //
+    // Every operation below reads links and sizes from the heap, so each checks what it follows
+    // and stops with `Damaged` at the first contradiction instead of trusting it.
 
     /// The tag of the block ending at `end`: (size, flags).
-    fn tag(&self, end: u64) -> (u64, u64) {
-        let w0 = self.rd(end - 16);
-        (w0 & !FLAGS, w0 & FLAGS)
+    fn tag(&self, end: u64) -> Result<(u64, u64), Damaged> {
+        let w0 = self.rd(end.wrapping_sub(16))?;
+        Ok((w0 & !FLAGS, w0 & FLAGS))
     }
 
-    fn write_tag(&self, start: u64, end: u64, flags: u64) {
-        self.wr(end - 16, (end - start) | flags);
-        self.wr(end - 8, start ^ TAG_CHECK);
+    fn write_tag(&self, start: u64, end: u64, flags: u64) -> Result<(), Damaged> {
+        self.wr(end - 16, (end - start) | flags)?;
+        self.wr(end - 8, start ^ TAG_CHECK)
     }
 
     /// Set the NEXT_FREE bit of the block ending at `start` (an allocated block or the sentinel;
     /// a free block's next is never free, so there is nothing to record for it).
-    fn mark_before(&self, start: u64, next_free: bool) {
-        let w0 = self.rd(start - 16);
+    fn mark_before(&self, start: u64, next_free: bool) -> Result<(), Damaged> {
+        let w0 = self.rd(start - 16)?;
         if w0 & F_ALLOCATED == 0 {
-            assert!(!next_free, "two adjacent free blocks at {start:#x}");
-            return;
+            if next_free {
+                return self.damaged(format!("two adjacent free blocks at {start:#x}"));
+            }
+            return Ok(());
         }
-        self.wr(start - 16, if next_free { w0 | F_NEXT_FREE } else { w0 & !F_NEXT_FREE });
+        self.wr(start - 16, if next_free { w0 | F_NEXT_FREE } else { w0 & !F_NEXT_FREE })
     }
 
     /// The free block starting at `start`: its size, after checking its header against its tag.
-    fn free_block_at(&self, start: u64) -> u64 {
-        let w0 = self.rd(start);
+    fn free_block_at(&self, start: u64) -> Result<u64, Damaged> {
+        let w0 = self.rd(start)?;
         let size = w0 & !FLAGS;
-        assert!(
-            w0 & F_ALLOCATED == 0 && size >= 16 && start + size <= self.top(),
-            "expected a free block at {start:#x}, found header {w0:#x}"
-        );
-        assert!(
-            self.rd(start + size - 16) == w0 && self.rd(start + size - 8) == start ^ TAG_CHECK,
-            "free block at {start:#x}: its tag does not match its header"
-        );
-        size
+        let top = self.top()?;
+        let inside = start >= self.region_start() && start.checked_add(size).is_some_and(|end| end <= top);
+        if w0 & F_ALLOCATED != 0 || size < 16 || size % 16 != 0 || !inside {
+            return self.damaged(format!("expected a free block at {start:#x}, found header {w0:#x}"));
+        }
+        if self.rd(start + size - 16)? != w0 || self.rd(start + size - 8)? != start ^ TAG_CHECK {
+            return self.damaged(format!("free block at {start:#x}: its tag does not match its header"));
+        }
+        Ok(size)
     }
 
-    fn make_free(&self, start: u64, end: u64) {
+    fn make_free(&self, start: u64, end: u64) -> Result<(), Damaged> {
         let size = end - start;
         debug_assert!(size >= 16 && size % 16 == 0);
-        self.write_tag(start, end, 0);
-        self.wr(start, size); // the header repeats w0 (for a 16-byte block it is w0)
+        self.write_tag(start, end, 0)?;
+        self.wr(start, size)?; // the header repeats w0 (for a 16-byte block it is w0)
         if size >= LISTED_FREE_BYTES_MIN {
-            self.bin_insert(start, size);
+            self.bin_insert(start, size)?;
         }
-        self.mark_before(start, true);
+        self.mark_before(start, true)
     }
 
-    fn make_allocated(&self, start: u64, end: u64, flags: u64) {
-        self.write_tag(start, end, F_ALLOCATED | flags);
-        self.mark_before(start, false);
+    fn make_allocated(&self, start: u64, end: u64, flags: u64) -> Result<(), Damaged> {
+        self.write_tag(start, end, F_ALLOCATED | flags)?;
+        self.mark_before(start, false)
     }
 
     // ---- bins ----------------------------------------------------------------------------
 
     fn bin_head(&self, bin: usize) -> u64 {
-        self.rd(M_BINS + 8 * bin as u64)
+        self.peek(M_BINS + 8 * bin as u64)
     }
 
     fn set_bin_head(&self, bin: usize, head: u64) {
-        self.wr(M_BINS + 8 * bin as u64, head);
-        let bits = self.rd(M_BINS_NONEMPTY);
-        self.wr(M_BINS_NONEMPTY, if head == 0 { bits & !(1 << bin) } else { bits | (1 << bin) });
+        self.wr_meta(M_BINS + 8 * bin as u64, head);
+        let bits = self.peek(M_BINS_NONEMPTY);
+        self.wr_meta(M_BINS_NONEMPTY, if head == 0 { bits & !(1 << bin) } else { bits | (1 << bin) });
     }
 
-    fn bin_insert(&self, start: u64, size: u64) {
+    fn bin_insert(&self, start: u64, size: u64) -> Result<(), Damaged> {
         let bin = bin_of(size);
         let head = self.bin_head(bin);
-        self.wr(start + 8, head);
-        self.wr(start + 16, 0);
         if head != 0 {
-            self.wr(head + 16, start);
+            self.free_block_at(head)?;
+        }
+        self.wr(start + 8, head)?;
+        self.wr(start + 16, 0)?;
+        if head != 0 {
+            self.wr(head + 16, start)?;
         }
         self.set_bin_head(bin, start);
+        Ok(())
     }
 
-    fn bin_remove(&self, start: u64, size: u64) {
-        let (next, prev) = (self.rd(start + 8), self.rd(start + 16));
+    fn bin_remove(&self, start: u64, size: u64) -> Result<(), Damaged> {
+        let (next, prev) = (self.rd(start + 8)?, self.rd(start + 16)?);
+        // The neighbours must be free blocks before their links are rewritten.
+        for n in [next, prev] {
+            if n != 0 {
+                self.free_block_at(n)?;
+            }
+        }
         if prev == 0 {
             let bin = bin_of(size);
-            assert!(self.bin_head(bin) == start, "free block {start:#x} is not the head of its bin");
+            if self.bin_head(bin) != start {
+                return self.damaged(format!("free block {start:#x} is not the head of its bin"));
+            }
             self.set_bin_head(bin, next);
         } else {
-            self.wr(prev + 8, next);
+            self.wr(prev + 8, next)?;
         }
         if next != 0 {
-            self.wr(next + 16, prev);
+            self.wr(next + 16, prev)?;
         }
+        Ok(())
     }
 
     /// Remove a free block from its bin if it is on one.
-    fn unlist(&self, start: u64, size: u64) {
+    fn unlist(&self, start: u64, size: u64) -> Result<(), Damaged> {
         if size >= LISTED_FREE_BYTES_MIN {
-            self.bin_remove(start, size);
+            self.bin_remove(start, size)?;
         }
+        Ok(())
     }
 
     // ---- large blocks ----------------------------------------------------------------------
@@ -503,25 +589,30 @@ impl Raw {
     }
 
     /// Find a free block for (bytes, align): Some((free block start, its size, where)).
-    fn find_free(&self, bytes: u64, align: u64, steps_max: usize) -> Option<(u64, u64, u64)> {
+    fn find_free(&self, bytes: u64, align: u64, steps_max: usize) -> Result<Option<(u64, u64, u64)>, Damaged> {
         let first = bin_of(bytes.max(LISTED_FREE_BYTES_MIN));
-        let nonempty = self.rd(M_BINS_NONEMPTY);
+        let nonempty = self.peek(M_BINS_NONEMPTY);
+        // No bin can list more blocks than fit in the heap: more steps means a cycle.
+        let blocks_max = self.len / LISTED_FREE_BYTES_MIN;
         for bin in first..BIN_COUNT {
             if nonempty & (1 << bin) == 0 {
                 continue;
             }
             let mut cur = self.bin_head(bin);
-            let mut steps = 0;
-            while cur != 0 && steps < steps_max {
-                let size = self.free_block_at(cur);
-                if let Some(p) = self.fit(cur, size, bytes, align) {
-                    return Some((cur, size, p));
+            let mut steps = 0u64;
+            while cur != 0 && (steps as usize) < steps_max {
+                if steps > blocks_max {
+                    return self.damaged(format!("bin {bin} lists more free blocks than the heap holds (a cycle)"));
                 }
-                cur = self.rd(cur + 8);
+                let size = self.free_block_at(cur)?;
+                if let Some(p) = self.fit(cur, size, bytes, align) {
+                    return Ok(Some((cur, size, p)));
+                }
+                cur = self.rd(cur + 8)?;
                 steps += 1;
             }
         }
-        None
+        Ok(None)
     }
 
     /// Allocate a block of exactly `bytes` (a multiple of 16, tag included) whose first byte is
@@ -529,24 +620,23 @@ impl Raw {
     pub(crate) fn alloc_block(&self, bytes: u64, align: u64, flags: u64) -> Result<u64, ObjectError> {
         assert!(bytes >= 16 && bytes % 16 == 0 && align.is_power_of_two());
         let align = align.max(16);
-        let found = self.find_free(bytes, align, FIT_SEARCH_STEPS_MAX);
-        if let Some((fs, size, p)) = found {
-            self.take_from_free(fs, size, p, bytes, flags);
+        if let Some((fs, size, p)) = self.find_free(bytes, align, FIT_SEARCH_STEPS_MAX)? {
+            self.take_from_free(fs, size, p, bytes, flags)?;
             return Ok(p);
         }
-        let top = self.top();
+        let top = self.top()?;
         if let Some(p) = self.align_up_abs(top, align) {
             if p.checked_add(bytes).is_some_and(|e| e <= self.region_end()) {
                 if p > top {
-                    self.make_free(top, p);
+                    self.make_free(top, p)?;
                 }
-                self.make_allocated(p, p + bytes, flags);
-                self.wr(M_TOP, p + bytes);
+                self.make_allocated(p, p + bytes, flags)?;
+                self.wr_meta(M_TOP, p + bytes);
                 return Ok(p);
             }
         }
-        if let Some((fs, size, p)) = self.find_free(bytes, align, usize::MAX) {
-            self.take_from_free(fs, size, p, bytes, flags);
+        if let Some((fs, size, p)) = self.find_free(bytes, align, usize::MAX)? {
+            self.take_from_free(fs, size, p, bytes, flags)?;
             return Ok(p);
         }
         Err(ObjectError::Exhausted {
@@ -556,143 +646,173 @@ impl Raw {
         })
     }
 
-    fn take_from_free(&self, fs: u64, size: u64, p: u64, bytes: u64, flags: u64) {
+    fn take_from_free(&self, fs: u64, size: u64, p: u64, bytes: u64, flags: u64) -> Result<(), Damaged> {
         let fe = fs + size;
-        self.unlist(fs, size);
+        self.unlist(fs, size)?;
         if p > fs {
-            self.make_free(fs, p);
+            self.make_free(fs, p)?;
         }
-        self.make_allocated(p, p + bytes, flags);
+        self.make_allocated(p, p + bytes, flags)?;
         if p + bytes < fe {
-            self.make_free(p + bytes, fe);
+            self.make_free(p + bytes, fe)?;
         }
+        Ok(())
     }
 
-    /// Check that an allocated block of `bytes` with `flags` starts at `p`; panics otherwise (a
-    /// deallocation with the wrong layout, or a pointer the allocator never returned).
-    fn expect_block(&self, p: u64, bytes: u64, flags: u64) -> u64 {
-        assert!(
-            p >= self.region_start() && p % 16 == 0 && p.checked_add(bytes).is_some_and(|e| e <= self.top()),
-            "no block of {bytes} bytes at {p:#x}: outside the allocated region (wrong pointer or layout)"
-        );
+    /// Check that an allocated block of `bytes` with `flags` starts at `p`, and return its tag's
+    /// flags; fails for a deallocation with the wrong layout, a pointer the allocator never
+    /// returned, a double free, or a damaged tag.
+    fn expect_block(&self, p: u64, bytes: u64, flags: u64) -> Result<u64, Damaged> {
+        let top = self.top()?;
+        if p < self.region_start() || p % 16 != 0 || p.checked_add(bytes).is_none_or(|e| e > top) {
+            return self.damaged(format!(
+                "no block of {bytes} bytes at {p:#x}: outside the allocated region (wrong pointer or layout)"
+            ));
+        }
         let end = p + bytes;
-        let (size, f) = self.tag(end);
-        assert!(
-            size == bytes && f & (F_ALLOCATED | F_SLAB) == F_ALLOCATED | flags && self.rd(end - 8) == p ^ TAG_CHECK,
-            "no allocated block of {bytes} bytes at {p:#x} (tag says {size} bytes, flags {f:#x}): wrong pointer or layout, or a double free"
-        );
-        f
+        let (size, f) = self.tag(end)?;
+        if size != bytes || f & (F_ALLOCATED | F_SLAB) != F_ALLOCATED | flags || self.rd(end - 8)? != p ^ TAG_CHECK {
+            return self.damaged(format!(
+                "no allocated block of {bytes} bytes at {p:#x} (tag says {size} bytes, flags {f:#x}): wrong pointer or layout, a double free, or a damaged tag"
+            ));
+        }
+        Ok(f)
     }
 
-    pub(crate) fn free_block(&self, p: u64, bytes: u64, flags: u64) {
-        let f = self.expect_block(p, bytes, flags);
+    pub(crate) fn free_block(&self, p: u64, bytes: u64, flags: u64) -> Result<(), Damaged> {
+        let f = self.expect_block(p, bytes, flags)?;
         let (mut start, mut end) = (p, p + bytes);
-        let prev_w0 = self.rd(start - 16);
+        let prev_w0 = self.rd(start - 16)?;
         if prev_w0 & F_ALLOCATED == 0 {
             let psize = prev_w0 & !FLAGS;
-            let ps = start - psize;
-            assert!(self.free_block_at(ps) == psize);
-            self.unlist(ps, psize);
+            let ps = start.wrapping_sub(psize);
+            if psize > start || self.free_block_at(ps)? != psize {
+                return self.damaged(format!("the free block before {start:#x} does not match its tag"));
+            }
+            self.unlist(ps, psize)?;
             start = ps;
         }
-        if end == self.top() {
-            self.wr(M_TOP, start);
-            self.mark_before(start, false);
-            return;
+        if end == self.top()? {
+            self.wr_meta(M_TOP, start);
+            return self.mark_before(start, false);
         }
         if f & F_NEXT_FREE != 0 {
-            let nsize = self.free_block_at(end);
-            self.unlist(end, nsize);
+            let nsize = self.free_block_at(end)?;
+            self.unlist(end, nsize)?;
             end += nsize;
         }
-        self.make_free(start, end);
+        self.make_free(start, end)
     }
 
     /// Resize a large block in place if its neighbour allows; returns whether it did.
-    fn resize_block_in_place(&self, p: u64, old: u64, new: u64) -> bool {
-        let f = self.expect_block(p, old, 0);
+    fn resize_block_in_place(&self, p: u64, old: u64, new: u64) -> Result<bool, Damaged> {
+        let f = self.expect_block(p, old, 0)?;
         let end = p + old;
         if new == old {
-            return true;
+            return Ok(true);
         }
         if new < old {
             // Shrink: the tail becomes an allocated block that is freed at once (merging it).
-            self.write_tag(p, p + new, F_ALLOCATED);
-            self.write_tag(p + new, end, F_ALLOCATED | (f & F_NEXT_FREE));
-            self.free_block(p + new, old - new, 0);
-            return true;
+            self.write_tag(p, p + new, F_ALLOCATED)?;
+            self.write_tag(p + new, end, F_ALLOCATED | (f & F_NEXT_FREE))?;
+            self.free_block(p + new, old - new, 0)?;
+            return Ok(true);
         }
-        if end == self.top() {
+        if end == self.top()? {
             if p + new > self.region_end() {
-                return false;
+                return Ok(false);
             }
-            self.write_tag(p, p + new, F_ALLOCATED);
-            self.wr(M_TOP, p + new);
-            return true;
+            self.write_tag(p, p + new, F_ALLOCATED)?;
+            self.wr_meta(M_TOP, p + new);
+            return Ok(true);
         }
         if f & F_NEXT_FREE == 0 {
-            return false;
+            return Ok(false);
         }
-        let nsize = self.free_block_at(end);
+        let nsize = self.free_block_at(end)?;
         if end + nsize < p + new {
-            return false;
+            return Ok(false);
         }
-        self.unlist(end, nsize);
-        self.write_tag(p, p + new, F_ALLOCATED);
+        self.unlist(end, nsize)?;
+        self.write_tag(p, p + new, F_ALLOCATED)?;
         if p + new < end + nsize {
-            self.make_free(p + new, end + nsize);
+            self.make_free(p + new, end + nsize)?;
         }
-        true
+        Ok(true)
     }
 
     // ---- slabs -------------------------------------------------------------------------------
 
-    fn slab_word(&self, page: u64) -> (u64, usize, u64) {
-        let w = self.rd(page + SLAB_HDR + SH_WORD);
-        (w & 0xffff_ffff, ((w >> 32) & 0xffff) as usize, w >> 48)
+    fn slab_word(&self, page: u64) -> Result<(u64, usize, u64), Damaged> {
+        let w = self.rd(page + SLAB_HDR + SH_WORD)?;
+        Ok((w & 0xffff_ffff, ((w >> 32) & 0xffff) as usize, w >> 48))
     }
 
-    fn set_slab_word(&self, page: u64, class: usize, free: u64) {
-        self.wr(page + SLAB_HDR + SH_WORD, SLAB_MAGIC | (class as u64) << 32 | free << 48);
+    fn set_slab_word(&self, page: u64, class: usize, free: u64) -> Result<(), Damaged> {
+        self.wr(page + SLAB_HDR + SH_WORD, SLAB_MAGIC | (class as u64) << 32 | free << 48)
+    }
+
+    /// Check that `page` is a slab of `class` before following or rewriting its links.
+    fn expect_slab(&self, page: u64, class: usize) -> Result<u64, Damaged> {
+        let inside = page >= self.region_start() && page % PAGE_BYTES == 0 && page < self.top()?;
+        if !inside {
+            return self.damaged(format!("a slab link leads to {page:#x}, not a page of the allocated region"));
+        }
+        let (magic, c, free) = self.slab_word(page)?;
+        if magic != SLAB_MAGIC || c != class || self.rd(page + SLAB_HDR + SH_CHECK)? != page ^ SLAB_CHECK {
+            return self.damaged(format!("slab {page:#x} of class {class} is damaged (magic {magic:#x}, class {c})"));
+        }
+        Ok(free)
     }
 
     fn class_head(&self, class: usize) -> u64 {
-        self.rd(M_CLASSES + 8 * class as u64)
+        self.peek(M_CLASSES + 8 * class as u64)
     }
 
-    fn partial_push(&self, class: usize, page: u64) {
+    fn partial_push(&self, class: usize, page: u64) -> Result<(), Damaged> {
         let head = self.class_head(class);
-        self.wr(page + SLAB_HDR + SH_NEXT, head);
-        self.wr(page + SLAB_HDR + SH_PREV, 0);
         if head != 0 {
-            self.wr(head + SLAB_HDR + SH_PREV, page);
+            self.expect_slab(head, class)?;
         }
-        self.wr(M_CLASSES + 8 * class as u64, page);
+        self.wr(page + SLAB_HDR + SH_NEXT, head)?;
+        self.wr(page + SLAB_HDR + SH_PREV, 0)?;
+        if head != 0 {
+            self.wr(head + SLAB_HDR + SH_PREV, page)?;
+        }
+        self.wr_meta(M_CLASSES + 8 * class as u64, page);
+        Ok(())
     }
 
-    fn partial_remove(&self, class: usize, page: u64) {
-        let (next, prev) = (self.rd(page + SLAB_HDR + SH_NEXT), self.rd(page + SLAB_HDR + SH_PREV));
+    fn partial_remove(&self, class: usize, page: u64) -> Result<(), Damaged> {
+        let (next, prev) = (self.rd(page + SLAB_HDR + SH_NEXT)?, self.rd(page + SLAB_HDR + SH_PREV)?);
+        for n in [next, prev] {
+            if n != 0 {
+                self.expect_slab(n, class)?;
+            }
+        }
         if prev == 0 {
-            assert!(self.class_head(class) == page, "slab {page:#x} is not the head of its partial list");
-            self.wr(M_CLASSES + 8 * class as u64, next);
+            if self.class_head(class) != page {
+                return self.damaged(format!("slab {page:#x} is not the head of its partial list"));
+            }
+            self.wr_meta(M_CLASSES + 8 * class as u64, next);
         } else {
-            self.wr(prev + SLAB_HDR + SH_NEXT, next);
+            self.wr(prev + SLAB_HDR + SH_NEXT, next)?;
         }
         if next != 0 {
-            self.wr(next + SLAB_HDR + SH_PREV, prev);
+            self.wr(next + SLAB_HDR + SH_PREV, prev)?;
         }
-        self.wr(page + SLAB_HDR + SH_NEXT, 0);
-        self.wr(page + SLAB_HDR + SH_PREV, 0);
+        self.wr(page + SLAB_HDR + SH_NEXT, 0)?;
+        self.wr(page + SLAB_HDR + SH_PREV, 0)
     }
 
     fn new_slab(&self, class: usize) -> Result<u64, ObjectError> {
         let page = self.alloc_block(PAGE_BYTES, PAGE_BYTES, F_SLAB)?;
         for w in 0..4 {
-            self.wr(page + SLAB_HDR + SH_BITMAP + 8 * w, 0);
+            self.wr(page + SLAB_HDR + SH_BITMAP + 8 * w, 0)?;
         }
-        self.wr(page + SLAB_HDR + SH_CHECK, page ^ SLAB_CHECK);
-        self.set_slab_word(page, class, objects_per_slab(class));
-        self.partial_push(class, page);
+        self.wr(page + SLAB_HDR + SH_CHECK, page ^ SLAB_CHECK)?;
+        self.set_slab_word(page, class, objects_per_slab(class))?;
+        self.partial_push(class, page)?;
         Ok(page)
     }
 
@@ -701,59 +821,73 @@ impl Raw {
         if page == 0 {
             page = self.new_slab(class)?;
         }
-        let (magic, c, free) = self.slab_word(page);
-        assert!(magic == SLAB_MAGIC && c == class && free > 0, "partial slab {page:#x} of class {class} is damaged");
+        let free = self.expect_slab(page, class)?;
         let n = objects_per_slab(class);
+        if free == 0 || free > n {
+            return Err(self.damage(format!("partial slab {page:#x} says {free} of {n} objects are free")).into());
+        }
         let mut slot = None;
         for w in 0..4u64 {
-            let bits = self.rd(page + SLAB_HDR + SH_BITMAP + 8 * w);
+            let bits = self.rd(page + SLAB_HDR + SH_BITMAP + 8 * w)?;
             if bits != u64::MAX {
                 let i = w * 64 + bits.trailing_ones() as u64;
-                assert!(i < n, "slab {page:#x}: free count {free} but no free slot");
-                self.wr(page + SLAB_HDR + SH_BITMAP + 8 * w, bits | 1 << (i % 64));
+                if i >= n {
+                    break;
+                }
+                self.wr(page + SLAB_HDR + SH_BITMAP + 8 * w, bits | 1 << (i % 64))?;
                 slot = Some(i);
                 break;
             }
         }
-        let slot = slot.expect("a partial slab has a free slot");
-        self.set_slab_word(page, class, free - 1);
+        let Some(slot) = slot else {
+            return Err(self.damage(format!("slab {page:#x}: free count {free} but no free slot")).into());
+        };
+        self.set_slab_word(page, class, free - 1)?;
         if free == 1 {
-            self.partial_remove(class, page);
+            self.partial_remove(class, page)?;
         }
         Ok(page + slot * SIZE_CLASSES_BYTES[class] as u64)
     }
 
-    pub(crate) fn free_small(&self, off: u64, class: usize) {
+    pub(crate) fn free_small(&self, off: u64, class: usize) -> Result<(), Damaged> {
         let page = off & !(PAGE_BYTES - 1);
         let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
-        assert!(
-            page >= self.region_start() && page < self.top(),
-            "small object {off:#x} is outside the allocated region"
-        );
-        let (magic, c, free) = self.slab_word(page);
-        assert!(
-            magic == SLAB_MAGIC && c == class && self.rd(page + SLAB_HDR + SH_CHECK) == page ^ SLAB_CHECK,
-            "{off:#x} is not in a slab of {c_bytes}-byte objects: wrong pointer or layout"
-        );
+        if page < self.region_start() || page >= self.top()? {
+            return self.damaged(format!("small object {off:#x} is outside the allocated region"));
+        }
+        let free = self.expect_slab(page, class).map_err(|d| {
+            self.damage(format!(
+                "{off:#x} is not in a slab of {c_bytes}-byte objects (wrong pointer or layout): {}",
+                d.problem
+            ))
+        })?;
         let n = objects_per_slab(class);
         let i = (off - page) / c_bytes;
-        assert!((off - page) % c_bytes == 0 && i < n, "{off:#x} is not the start of a {c_bytes}-byte object");
+        if (off - page) % c_bytes != 0 || i >= n {
+            return self.damaged(format!("{off:#x} is not the start of a {c_bytes}-byte object"));
+        }
         let word = page + SLAB_HDR + SH_BITMAP + 8 * (i / 64);
-        let bits = self.rd(word);
-        assert!(bits & 1 << (i % 64) != 0, "double free of the {c_bytes}-byte object at {off:#x}");
-        self.wr(word, bits & !(1 << (i % 64)));
+        let bits = self.rd(word)?;
+        if bits & 1 << (i % 64) == 0 {
+            return self.damaged(format!("double free of the {c_bytes}-byte object at {off:#x}"));
+        }
+        if free >= n {
+            return self.damaged(format!("slab {page:#x} says all {n} objects are free, yet {off:#x} is in use"));
+        }
+        self.wr(word, bits & !(1 << (i % 64)))?;
         let free = free + 1;
-        self.set_slab_word(page, class, free);
+        self.set_slab_word(page, class, free)?;
         if free == 1 {
-            self.partial_push(class, page);
+            self.partial_push(class, page)?;
         } else if free == n {
-            let sole = self.class_head(class) == page && self.rd(page + SLAB_HDR + SH_NEXT) == 0;
+            let sole = self.class_head(class) == page && self.rd(page + SLAB_HDR + SH_NEXT)? == 0;
             if !sole {
-                self.partial_remove(class, page);
-                self.wr(page + SLAB_HDR + SH_WORD, 0);
-                self.free_block(page, PAGE_BYTES, F_SLAB);
+                self.partial_remove(class, page)?;
+                self.wr(page + SLAB_HDR + SH_WORD, 0)?;
+                self.free_block(page, PAGE_BYTES, F_SLAB)?;
             }
         }
+        Ok(())
     }
 
     // ---- the public operations -------------------------------------------------------------
@@ -763,7 +897,7 @@ impl Raw {
         let exhausted = || ObjectError::Exhausted {
             requested_bytes: layout.size() as u64,
             align_bytes: layout.align() as u64,
-            top_bytes: self.region_end() - self.top(),
+            top_bytes: self.region_end().saturating_sub(self.top_unchecked()),
         };
         let off = match placement(layout) {
             Placement::Empty => unreachable!("zero-size allocations never reach the heap"),
@@ -782,25 +916,25 @@ impl Raw {
         Ok(off)
     }
 
-    pub(crate) fn dealloc(&self, off: u64, layout: Layout) {
+    pub(crate) fn dealloc(&self, off: u64, layout: Layout) -> Result<(), Damaged> {
         match placement(layout) {
-            Placement::Empty => {}
+            Placement::Empty => Ok(()),
             Placement::Small { class } => self.free_small(off, class),
             Placement::Large { block_bytes } => self.free_block(off, block_bytes, 0),
         }
     }
 
     /// Resize in place when the placement allows; returns whether it did.
-    pub(crate) fn resize_in_place(&self, off: u64, old: Layout, new: Layout) -> bool {
+    pub(crate) fn resize_in_place(&self, off: u64, old: Layout, new: Layout) -> Result<bool, Damaged> {
         if self.abs(off) % new.align() as u64 != 0 {
-            return false;
+            return Ok(false);
         }
         match (placement(old), placement(new)) {
-            (Placement::Small { class: a }, Placement::Small { class: b }) => a == b,
+            (Placement::Small { class: a }, Placement::Small { class: b }) => Ok(a == b),
             (Placement::Large { block_bytes: a }, Placement::Large { block_bytes: b }) => {
-                b <= self.len && self.resize_block_in_place(off, a, b)
+                Ok(b <= self.len && self.resize_block_in_place(off, a, b)?)
             }
-            _ => false,
+            _ => Ok(false),
         }
     }
 
@@ -823,10 +957,11 @@ impl Raw {
     /// Every block from the first to the top, walking the tags backwards from the top.
     fn blocks(&self, problems: &mut Vec<String>) -> Vec<(u64, u64, u64)> {
         let mut out = Vec::new();
-        let (rs, mut end) = (self.region_start(), self.top());
+        let (rs, mut end) = (self.region_start(), self.top_unchecked());
         while end > rs {
-            let (size, flags) = self.tag(end);
-            let check = self.rd(end - 8);
+            let w0 = self.peek(end - 16);
+            let (size, flags) = (w0 & !FLAGS, w0 & FLAGS);
+            let check = self.peek(end - 8);
             if size < 16 || size % 16 != 0 || size > end - rs || check != (end - size) ^ TAG_CHECK {
                 problems.push(format!(
                     "the tag ending at {end:#x} is damaged (size {size}, check {check:#x}); {} blocks above it were walked",
@@ -850,11 +985,11 @@ impl Raw {
             p.push(e);
             return (r, p);
         }
-        let top = self.top();
+        let top = self.top_unchecked();
         r.top_bytes = self.region_end() - top;
         let blocks = self.blocks(&mut p);
         r.blocks = blocks.len() as u64;
-        let sentinel = self.rd(SENTINEL_TAG);
+        let sentinel = self.peek(SENTINEL_TAG);
         if sentinel & !F_NEXT_FREE != F_ALLOCATED {
             p.push(format!("the sentinel tag is damaged ({sentinel:#x})"));
         }
@@ -877,10 +1012,10 @@ impl Raw {
                 if flags != 0 {
                     p.push(format!("free block {start:#x} has flags {flags:#x}"));
                 }
-                if self.rd(start) != size {
+                if self.peek(start) != size {
                     p.push(format!(
                         "free block {start:#x}: header {:#x} differs from its tag (size {size})",
-                        self.rd(start)
+                        self.peek(start)
                     ));
                 }
                 if i + 1 == blocks.len() {
@@ -897,10 +1032,10 @@ impl Raw {
                     continue;
                 }
                 r.slabs += 1;
-                let (magic, class, free) = self.slab_word(start);
+                let (magic, class, free) = self.slab_word(start).unwrap_or((0, CLASS_COUNT, 0));
                 if magic != SLAB_MAGIC
                     || class >= CLASS_COUNT
-                    || self.rd(start + SLAB_HDR + SH_CHECK) != start ^ SLAB_CHECK
+                    || self.peek(start + SLAB_HDR + SH_CHECK) != start ^ SLAB_CHECK
                 {
                     p.push(format!("slab {start:#x}: header damaged (magic {magic:#x}, class {class})"));
                     continue;
@@ -909,7 +1044,7 @@ impl Raw {
                 let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
                 let mut used = 0;
                 for w in 0..4u64 {
-                    let bits = self.rd(start + SLAB_HDR + SH_BITMAP + 8 * w);
+                    let bits = self.peek(start + SLAB_HDR + SH_BITMAP + 8 * w);
                     for b in 0..64 {
                         let slot = w * 64 + b;
                         if bits & 1 << b != 0 {
@@ -944,7 +1079,7 @@ impl Raw {
             p.push("the last block before the top says its next block is free".into());
         }
         // Bins.
-        let nonempty = self.rd(M_BINS_NONEMPTY);
+        let nonempty = self.peek(M_BINS_NONEMPTY);
         let mut seen = HashSet::new();
         for bin in 0..BIN_COUNT {
             let head = self.bin_head(bin);
@@ -964,11 +1099,11 @@ impl Raw {
                 if bin_of(size) != bin {
                     p.push(format!("free block {cur:#x} of {size} bytes is in bin {bin}, not {}", bin_of(size)));
                 }
-                if self.rd(cur + 16) != prev {
-                    p.push(format!("free block {cur:#x}: back link {:#x}, expected {prev:#x}", self.rd(cur + 16)));
+                if self.peek(cur + 16) != prev {
+                    p.push(format!("free block {cur:#x}: back link {:#x}, expected {prev:#x}", self.peek(cur + 16)));
                 }
                 prev = cur;
-                cur = self.rd(cur + 8);
+                cur = self.peek(cur + 8);
             }
         }
         if seen.len() != listed.len() {
@@ -990,7 +1125,7 @@ impl Raw {
                         break;
                     }
                 }
-                if self.rd(cur + SLAB_HDR + SH_PREV) != prev {
+                if self.peek(cur + SLAB_HDR + SH_PREV) != prev {
                     p.push(format!("slab {cur:#x}: back link wrong"));
                 }
                 if steps > slabs.len() {
@@ -999,7 +1134,7 @@ impl Raw {
                 }
                 on_lists += 1;
                 prev = cur;
-                cur = self.rd(cur + SLAB_HDR + SH_NEXT);
+                cur = self.peek(cur + SLAB_HDR + SH_NEXT);
             }
         }
         let partial = slabs.values().filter(|&&(_, free)| free > 0).count();
@@ -1021,7 +1156,7 @@ impl Raw {
                     let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
                     slabs.get(&page).is_some_and(|&(c, _)| c == class)
                         && (e.offset - page) % c_bytes == 0
-                        && self.rd(page + SLAB_HDR + SH_BITMAP + 8 * ((e.offset - page) / c_bytes / 64))
+                        && self.peek(page + SLAB_HDR + SH_BITMAP + 8 * ((e.offset - page) / c_bytes / 64))
                             & 1 << ((e.offset - page) / c_bytes % 64)
                             != 0
                 }
