@@ -81,7 +81,7 @@ const SUPERBLOCK_CRC_AT: usize = 96;
 pub const RECORD_HEADER_BYTES: usize = 72;
 pub const ENTRY_HEADER_BYTES: usize = 16;
 /// An entry never crosses a heap page.
-pub const ENTRY_LEN_MAX: usize = 4096;
+pub const ENTRY_LEN_MAX: usize = crate::PAGE_SIZE;
 /// Superblock counters (sequence, epoch, LSNs, checkpoints) above this are refused as damage.
 pub const COUNTER_MAX: u64 = 1 << 62;
 

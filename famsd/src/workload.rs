@@ -12,7 +12,7 @@ use fams::Heap;
 /// Small, fast, seedable PRNG (splitmix64), the simulator's: good enough to choose pages and bytes.
 pub use fams::sim::SimRng as Rng;
 
-pub const PAGE: usize = 4096;
+pub const PAGE: usize = fams::PAGE_SIZE;
 
 /// Apply mutation `k` to `heap` (the whole heap image).
 pub fn mutate(heap: &mut [u8], seed: u64, k: u64) {

@@ -1,6 +1,6 @@
 //! The fuzz targets' code paths, run in CI on the kept inputs: every file under
-//! `tests/fuzz/regressions/` goes through all three targets (`decode_superblock`,
-//! `decode_record`, `recover_from_bytes`) and must not panic. The harness is the fuzz project's
+//! `tests/fuzz/regressions/` goes through every target (`decode_superblock`, `decode_record`,
+//! `recover_from_bytes`, `decode_datagram`, `endpoint_inputs`, `alloc_damage`) and must not panic. The harness is the fuzz project's
 //! own (`tests/fuzz/src/lib.rs`), compiled in here, so these are the same checks the fuzzer runs.
 //!
 //! The kept inputs are seeds made from real logs by `tests/fuzz/examples/make_seeds.rs` (names
@@ -52,6 +52,7 @@ fn every_kept_input_passes_every_target() {
             ("endpoint_inputs", |d: &[u8]| {
                 harness::endpoint_inputs(d);
             }),
+            ("alloc_damage", harness::alloc_damage),
         ] {
             eprintln!("{target} {name} ({} bytes)", data.len());
             if std::panic::catch_unwind(|| run(data)).is_err() {
@@ -88,6 +89,34 @@ fn the_seeds_from_real_logs_replay_their_records() {
     let (res, _, _) = fams::sim::recover_images(b.log, b.heap, b.salvage);
     let report = res.unwrap();
     assert!(report.salvaged.is_some() && report.records_replayed == 0, "{report:?}");
+}
+
+/// The allocator's fuzz target on inputs drawn from a fixed seed (the fuzzer explores further
+/// with `cargo fuzz run alloc_damage`): no input may panic, and between them they must reach
+/// each outcome — damage written, allocations refused, frees, and problems found by `check`.
+#[test]
+fn allocator_damage_inputs_never_panic() {
+    let mut state = 0x00a1_10c0_da3a_6e00u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut total = fams::alloc::fuzz::DamageOutcome::default();
+    let inputs = 5_000;
+    for i in 0..inputs {
+        let len = 1 + (next() % 160) as usize;
+        let input: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let out = std::panic::catch_unwind(|| fams::alloc::fuzz::run(&input))
+            .unwrap_or_else(|_| panic!("input {i} panicked: {input:02x?}"));
+        total.damages += out.damages;
+        total.allocations_failed += out.allocations_failed;
+        total.frees += out.frees;
+        total.check_problems += out.check_problems;
+    }
+    eprintln!("alloc_damage: {inputs} inputs, {total:?}");
+    assert!(total.damages > inputs && total.allocations_failed > 0 && total.frees > 0 && total.check_problems > 0);
 }
 
 /// The harness's CRC32C (used to re-seal mutated inputs) is the one the format uses.

@@ -59,20 +59,27 @@
 //!   (as std's do when memory runs out): use `try_reserve` first where that matters. The
 //!   allocator's own API ([`HeapAlloc::try_alloc`], [`ObjectHeap::alloc`]) returns
 //!   [`ObjectError::Exhausted`].
-//! - If the allocator panics part way through an operation (an assertion caught by
-//!   `catch_unwind`), the heap is marked poisoned and refuses to commit;
-//!   [`ObjectHeap::rollback`] (or reopening) recovers the last commit and lifts that.
+//! - Damaged metadata (a link, size or tag that contradicts the rest, read from the heap) stops
+//!   the operation at the first contradiction with [`ObjectError::Damaged`]; nothing is written
+//!   after it. The heap then refuses allocations and commits ([`ObjectError::Corrupt`], naming
+//!   the problem) until [`ObjectHeap::rollback`] (or reopening) brings back the last commit. A
+//!   panic part way through an operation (a bug) poisons the heap the same way
+//!   ([`ObjectError::Poisoned`]).
 
+mod check;
 pub mod collections;
+#[cfg(feature = "testing")]
+pub mod fuzz;
 pub mod persistent;
 pub mod raw;
 #[cfg(test)]
 mod tests;
 
+pub use check::CheckReport;
 pub use collections::{BySlice, FixedState, HeapAlloc, PBox, PHashMap, PVec, SipHasher13};
 pub use persistent::{fingerprint, fingerprint_combine, Persistent};
 pub use raw::{
-    CheckReport, NAMED_ROOTS_MAX, OBJECT_FORMAT_VERSION, OBJECT_HEAP_BYTES_MIN, OBJECT_META_BYTES, ROOT_NAME_BYTES_MAX,
+    NAMED_ROOTS_MAX, OBJECT_FORMAT_VERSION, OBJECT_HEAP_BYTES_MIN, OBJECT_META_BYTES, ROOT_NAME_BYTES_MAX,
     SIZE_CLASSES_BYTES, SMALL_OBJECT_BYTES_MAX,
 };
 

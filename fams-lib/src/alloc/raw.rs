@@ -55,17 +55,17 @@
 
 use super::ObjectError;
 use std::alloc::Layout;
-use std::collections::{HashMap, HashSet};
 use std::ptr::NonNull;
 
-pub(crate) const PAGE_BYTES: u64 = 4096;
+/// The heap's page, as the allocator computes with it.
+pub(crate) const PAGE_BYTES: u64 = crate::PAGE_SIZE as u64;
 /// The largest request (size, and alignment) served from a slab; larger ones get a block.
 pub const SMALL_OBJECT_BYTES_MAX: usize = 1024;
 /// The size classes of small objects. All are multiples of 16, so every small object is at
 /// least 16-byte aligned.
 pub const SIZE_CLASSES_BYTES: [u32; 20] =
     [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024];
-const CLASS_COUNT: usize = SIZE_CLASSES_BYTES.len();
+pub(super) const CLASS_COUNT: usize = SIZE_CLASSES_BYTES.len();
 /// Bytes of heap the object layer keeps for itself before the first block.
 pub const OBJECT_META_BYTES: u64 = 2 * PAGE_BYTES;
 /// The smallest heap the object layer accepts: the metadata plus room for a few slabs.
@@ -79,54 +79,54 @@ pub const OBJECT_FORMAT_VERSION: u32 = 1;
 /// How many free blocks an allocation examines per bin before trying the top; only if the top
 /// cannot serve it either are all free blocks examined (so exhaustion is reported only when no
 /// free block fits).
-const FIT_SEARCH_STEPS_MAX: usize = 32;
+pub(super) const FIT_SEARCH_STEPS_MAX: usize = 32;
 
 pub(crate) const MAGIC: [u8; 8] = *b"FAMSOBJ\0";
 
 // Page 0: the metadata block.
-const M_MAGIC: u64 = 0;
-const M_VERSION: u64 = 8;
-const M_HEAP_BYTES: u64 = 16;
-const M_BASE: u64 = 24;
-const M_SCHEMA: u64 = 32;
-const M_LAYOUT_FP: u64 = 40;
-const M_REGION_START: u64 = 48;
-const M_REGION_END: u64 = 56;
-const M_TOP: u64 = 64;
-const M_BINS_NONEMPTY: u64 = 72;
-const M_ROOT: u64 = 128; // the main root's entry, ROOT_ENTRY_BYTES
-const M_BINS: u64 = 256; // BIN_COUNT offsets
-const M_CLASSES: u64 = M_BINS + 8 * BIN_COUNT as u64; // CLASS_COUNT offsets
-const META_USED_END: u64 = M_CLASSES + 8 * CLASS_COUNT as u64;
+pub(super) const M_MAGIC: u64 = 0;
+pub(super) const M_VERSION: u64 = 8;
+pub(super) const M_HEAP_BYTES: u64 = 16;
+pub(super) const M_BASE: u64 = 24;
+pub(super) const M_SCHEMA: u64 = 32;
+pub(super) const M_LAYOUT_FP: u64 = 40;
+pub(super) const M_REGION_START: u64 = 48;
+pub(super) const M_REGION_END: u64 = 56;
+pub(super) const M_TOP: u64 = 64;
+pub(super) const M_BINS_NONEMPTY: u64 = 72;
+pub(super) const M_ROOT: u64 = 128; // the main root's entry, ROOT_ENTRY_BYTES
+pub(super) const M_BINS: u64 = 256; // BIN_COUNT offsets
+pub(super) const M_CLASSES: u64 = M_BINS + 8 * BIN_COUNT as u64; // CLASS_COUNT offsets
+pub(super) const META_USED_END: u64 = M_CLASSES + 8 * CLASS_COUNT as u64;
 const _: () = assert!(META_USED_END <= PAGE_BYTES);
 // Page 1: named roots, then the sentinel tag.
-const M_NAMED_ROOTS: u64 = PAGE_BYTES;
+pub(super) const M_NAMED_ROOTS: u64 = PAGE_BYTES;
 pub(crate) const ROOT_ENTRY_BYTES: u64 = 128;
-const SENTINEL_TAG: u64 = OBJECT_META_BYTES - 16;
+pub(super) const SENTINEL_TAG: u64 = OBJECT_META_BYTES - 16;
 const _: () = assert!(M_NAMED_ROOTS + NAMED_ROOTS_MAX as u64 * ROOT_ENTRY_BYTES <= SENTINEL_TAG);
 const _: () = assert!(ROOT_NAME_BYTES_MAX as u64 + 40 == ROOT_ENTRY_BYTES);
 
-const BIN_COUNT: usize = 48;
+pub(super) const BIN_COUNT: usize = 48;
 /// Free blocks smaller than this are on no list (a listed block needs size, next, prev + tag).
-const LISTED_FREE_BYTES_MIN: u64 = 48;
+pub(super) const LISTED_FREE_BYTES_MIN: u64 = 48;
 
-const F_ALLOCATED: u64 = 1;
-const F_NEXT_FREE: u64 = 2;
-const F_SLAB: u64 = 4;
-const FLAGS: u64 = 15;
-const TAG_CHECK: u64 = 0x7a6b_5c4d_3e2f_1a0b;
-const SENTINEL_CHECK: u64 = 0x5e47_1e7a_6f46_414d;
+pub(super) const F_ALLOCATED: u64 = 1;
+pub(super) const F_NEXT_FREE: u64 = 2;
+pub(super) const F_SLAB: u64 = 4;
+pub(super) const FLAGS: u64 = 15;
+pub(super) const TAG_CHECK: u64 = 0x7a6b_5c4d_3e2f_1a0b;
+pub(super) const SENTINEL_CHECK: u64 = 0x5e47_1e7a_6f46_414d;
 
 // Slab header, at the end of the slab page, before its tag.
-const SLAB_HDR: u64 = PAGE_BYTES - 16 - 64;
-const SLAB_MAGIC: u64 = 0x5ab5_1ab0;
-const SLAB_CHECK: u64 = 0x51ab_c0de_51ab_c0de;
-const SH_WORD: u64 = 0; // magic (32) | class (16) | free count (16)
-const SH_NEXT: u64 = 8;
-const SH_PREV: u64 = 16;
-const SH_BITMAP: u64 = 24; // 4 words, 1 = allocated
-const SH_CHECK: u64 = 56;
-const SLAB_OBJECTS_MAX: u64 = 256;
+pub(super) const SLAB_HDR: u64 = PAGE_BYTES - 16 - 64;
+pub(super) const SLAB_MAGIC: u64 = 0x5ab5_1ab0;
+pub(super) const SLAB_CHECK: u64 = 0x51ab_c0de_51ab_c0de;
+pub(super) const SH_WORD: u64 = 0; // magic (32) | class (16) | free count (16)
+pub(super) const SH_NEXT: u64 = 8;
+pub(super) const SH_PREV: u64 = 16;
+pub(super) const SH_BITMAP: u64 = 24; // 4 words, 1 = allocated
+pub(super) const SH_CHECK: u64 = 56;
+pub(super) const SLAB_OBJECTS_MAX: u64 = 256;
 const _: () = assert!(SLAB_HDR / 16 <= SLAB_OBJECTS_MAX);
 
 pub(crate) fn objects_per_slab(class: usize) -> u64 {
@@ -148,7 +148,7 @@ fn large_block_bytes(size: usize) -> Option<u64> {
     size.checked_add(15).map(|s| (s & !15) + 16)
 }
 
-fn bin_of(size: u64) -> usize {
+pub(super) fn bin_of(size: u64) -> usize {
     debug_assert!(size >= LISTED_FREE_BYTES_MIN);
     ((63 - size.leading_zeros()) as usize).min(BIN_COUNT - 1)
 }
@@ -240,7 +240,7 @@ impl Raw {
     /// block (inside every heap the object layer opens) and for `check`, which validates what it
     /// follows and reports problems instead of failing.
     #[inline]
-    fn peek(&self, off: u64) -> u64 {
+    pub(super) fn peek(&self, off: u64) -> u64 {
         if !self.word_inside(off) {
             return 0;
         }
@@ -385,8 +385,14 @@ impl Raw {
         Ok(())
     }
 
+    /// The top as recorded, for the fuzz harness (`alloc::fuzz`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn top_for_fuzz(&self) -> u64 {
+        self.top_unchecked()
+    }
+
     /// The top as recorded, for `check` (which validated it with `meta_sane`).
-    fn top_unchecked(&self) -> u64 {
+    pub(super) fn top_unchecked(&self) -> u64 {
         self.peek(M_TOP)
     }
 
@@ -398,10 +404,10 @@ impl Raw {
         }
         Ok(top)
     }
-    fn region_start(&self) -> u64 {
+    pub(super) fn region_start(&self) -> u64 {
         OBJECT_META_BYTES
     }
-    fn region_end(&self) -> u64 {
+    pub(super) fn region_end(&self) -> u64 {
         self.len
     }
 
@@ -524,7 +530,7 @@ impl Raw {
 
     // ---- bins ----------------------------------------------------------------------------
 
-    fn bin_head(&self, bin: usize) -> u64 {
+    pub(super) fn bin_head(&self, bin: usize) -> u64 {
         self.peek(M_BINS + 8 * bin as u64)
     }
 
@@ -743,7 +749,7 @@ impl Raw {
 
     // ---- slabs -------------------------------------------------------------------------------
 
-    fn slab_word(&self, page: u64) -> Result<(u64, usize, u64), Damaged> {
+    pub(super) fn slab_word(&self, page: u64) -> Result<(u64, usize, u64), Damaged> {
         let w = self.rd(page + SLAB_HDR + SH_WORD)?;
         Ok((w & 0xffff_ffff, ((w >> 32) & 0xffff) as usize, w >> 48))
     }
@@ -765,7 +771,7 @@ impl Raw {
         Ok(free)
     }
 
-    fn class_head(&self, class: usize) -> u64 {
+    pub(super) fn class_head(&self, class: usize) -> u64 {
         self.peek(M_CLASSES + 8 * class as u64)
     }
 
@@ -951,228 +957,6 @@ impl Raw {
             }
         }
     }
-
-    // ---- walking and checking ----------------------------------------------------------------
-
-    /// Every block from the first to the top, walking the tags backwards from the top.
-    fn blocks(&self, problems: &mut Vec<String>) -> Vec<(u64, u64, u64)> {
-        let mut out = Vec::new();
-        let (rs, mut end) = (self.region_start(), self.top_unchecked());
-        while end > rs {
-            let w0 = self.peek(end - 16);
-            let (size, flags) = (w0 & !FLAGS, w0 & FLAGS);
-            let check = self.peek(end - 8);
-            if size < 16 || size % 16 != 0 || size > end - rs || check != (end - size) ^ TAG_CHECK {
-                problems.push(format!(
-                    "the tag ending at {end:#x} is damaged (size {size}, check {check:#x}); {} blocks above it were walked",
-                    out.len()
-                ));
-                break;
-            }
-            out.push((end - size, size, flags));
-            end -= size;
-        }
-        out.reverse();
-        out
-    }
-
-    /// Walk and verify all metadata (fsck). Never panics on damaged metadata: every problem is
-    /// collected. `allocations` receives (offset, bytes) of every live object.
-    pub(crate) fn check(&self, mut allocations: Option<&mut Vec<(u64, u64)>>) -> (CheckReport, Vec<String>) {
-        let mut p = Vec::new();
-        let mut r = CheckReport::default();
-        if let Err(e) = self.meta_sane() {
-            p.push(e);
-            return (r, p);
-        }
-        let top = self.top_unchecked();
-        r.top_bytes = self.region_end() - top;
-        let blocks = self.blocks(&mut p);
-        r.blocks = blocks.len() as u64;
-        let sentinel = self.peek(SENTINEL_TAG);
-        if sentinel & !F_NEXT_FREE != F_ALLOCATED {
-            p.push(format!("the sentinel tag is damaged ({sentinel:#x})"));
-        }
-        let mut listed: HashMap<u64, u64> = HashMap::new();
-        let mut slabs: HashMap<u64, (usize, u64)> = HashMap::new();
-        let mut prev_free = false;
-        let mut prev_next_free = sentinel & F_NEXT_FREE != 0;
-        for (i, &(start, size, flags)) in blocks.iter().enumerate() {
-            let free = flags & F_ALLOCATED == 0;
-            if prev_next_free != free {
-                p.push(format!(
-                    "block {start:#x}: the block before it says next-free={prev_next_free}, but it is {}",
-                    if free { "free" } else { "allocated" }
-                ));
-            }
-            if free {
-                if prev_free {
-                    p.push(format!("free blocks not coalesced at {start:#x}"));
-                }
-                if flags != 0 {
-                    p.push(format!("free block {start:#x} has flags {flags:#x}"));
-                }
-                if self.peek(start) != size {
-                    p.push(format!(
-                        "free block {start:#x}: header {:#x} differs from its tag (size {size})",
-                        self.peek(start)
-                    ));
-                }
-                if i + 1 == blocks.len() {
-                    p.push(format!("free block {start:#x} lies right before the top (should have merged into it)"));
-                }
-                r.free_blocks += 1;
-                r.free_bytes += size;
-                if size >= LISTED_FREE_BYTES_MIN {
-                    listed.insert(start, size);
-                }
-            } else if flags & F_SLAB != 0 {
-                if size != PAGE_BYTES || start % PAGE_BYTES != 0 {
-                    p.push(format!("slab block {start:#x} is {size} bytes, not one aligned page"));
-                    continue;
-                }
-                r.slabs += 1;
-                let (magic, class, free) = self.slab_word(start).unwrap_or((0, CLASS_COUNT, 0));
-                if magic != SLAB_MAGIC
-                    || class >= CLASS_COUNT
-                    || self.peek(start + SLAB_HDR + SH_CHECK) != start ^ SLAB_CHECK
-                {
-                    p.push(format!("slab {start:#x}: header damaged (magic {magic:#x}, class {class})"));
-                    continue;
-                }
-                let n = objects_per_slab(class);
-                let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
-                let mut used = 0;
-                for w in 0..4u64 {
-                    let bits = self.peek(start + SLAB_HDR + SH_BITMAP + 8 * w);
-                    for b in 0..64 {
-                        let slot = w * 64 + b;
-                        if bits & 1 << b != 0 {
-                            if slot >= n {
-                                p.push(format!("slab {start:#x}: bit {slot} set beyond its {n} objects"));
-                            } else {
-                                used += 1;
-                                if let Some(a) = allocations.as_deref_mut() {
-                                    a.push((start + slot * c_bytes, c_bytes));
-                                }
-                            }
-                        }
-                    }
-                }
-                if used + free != n {
-                    p.push(format!("slab {start:#x}: {used} objects in use + {free} free != {n}"));
-                }
-                r.small_objects += used;
-                r.small_bytes += used * c_bytes;
-                slabs.insert(start, (class, free));
-            } else {
-                r.large_objects += 1;
-                r.large_bytes += size - 16;
-                if let Some(a) = allocations.as_deref_mut() {
-                    a.push((start, size - 16));
-                }
-            }
-            prev_free = free;
-            prev_next_free = flags & F_NEXT_FREE != 0;
-        }
-        if prev_next_free {
-            p.push("the last block before the top says its next block is free".into());
-        }
-        // Bins.
-        let nonempty = self.peek(M_BINS_NONEMPTY);
-        let mut seen = HashSet::new();
-        for bin in 0..BIN_COUNT {
-            let head = self.bin_head(bin);
-            if (head != 0) != (nonempty & 1 << bin != 0) {
-                p.push(format!("bin {bin}: non-empty bit disagrees with its head {head:#x}"));
-            }
-            let (mut cur, mut prev) = (head, 0);
-            while cur != 0 {
-                let Some(&size) = listed.get(&cur) else {
-                    p.push(format!("bin {bin} lists {cur:#x}, which is not a free block of 48 bytes or more"));
-                    break;
-                };
-                if !seen.insert(cur) {
-                    p.push(format!("bin {bin}: {cur:#x} listed twice (a cycle?)"));
-                    break;
-                }
-                if bin_of(size) != bin {
-                    p.push(format!("free block {cur:#x} of {size} bytes is in bin {bin}, not {}", bin_of(size)));
-                }
-                if self.peek(cur + 16) != prev {
-                    p.push(format!("free block {cur:#x}: back link {:#x}, expected {prev:#x}", self.peek(cur + 16)));
-                }
-                prev = cur;
-                cur = self.peek(cur + 8);
-            }
-        }
-        if seen.len() != listed.len() {
-            p.push(format!("{} free blocks of 48 bytes or more, but {} on the bins", listed.len(), seen.len()));
-        }
-        // Partial slab lists.
-        let mut on_lists = 0;
-        for class in 0..CLASS_COUNT {
-            let (mut cur, mut prev) = (self.class_head(class), 0);
-            let mut steps = 0;
-            while cur != 0 {
-                steps += 1;
-                match slabs.get(&cur) {
-                    Some(&(c, free)) if c == class && free > 0 => {}
-                    _ => {
-                        p.push(format!(
-                            "partial list of class {class} holds {cur:#x}, not a partial slab of that class"
-                        ));
-                        break;
-                    }
-                }
-                if self.peek(cur + SLAB_HDR + SH_PREV) != prev {
-                    p.push(format!("slab {cur:#x}: back link wrong"));
-                }
-                if steps > slabs.len() {
-                    p.push(format!("partial list of class {class} has a cycle"));
-                    break;
-                }
-                on_lists += 1;
-                prev = cur;
-                cur = self.peek(cur + SLAB_HDR + SH_NEXT);
-            }
-        }
-        let partial = slabs.values().filter(|&&(_, free)| free > 0).count();
-        if on_lists != partial {
-            p.push(format!("{partial} slabs have free objects but {on_lists} are on the partial lists"));
-        }
-        // Roots point at live objects of their recorded layout.
-        for slot in std::iter::once(None).chain((0..NAMED_ROOTS_MAX).map(Some)) {
-            let Some(e) = self.read_root(slot) else { continue };
-            r.roots += 1;
-            let Ok(layout) = Layout::from_size_align(e.size as usize, e.align as usize) else {
-                p.push(format!("root {:?}: impossible layout {} / {}", e.name, e.size, e.align));
-                continue;
-            };
-            let live = match placement(layout) {
-                Placement::Empty => true,
-                Placement::Small { class } => {
-                    let page = e.offset & !(PAGE_BYTES - 1);
-                    let c_bytes = SIZE_CLASSES_BYTES[class] as u64;
-                    slabs.get(&page).is_some_and(|&(c, _)| c == class)
-                        && (e.offset - page) % c_bytes == 0
-                        && self.peek(page + SLAB_HDR + SH_BITMAP + 8 * ((e.offset - page) / c_bytes / 64))
-                            & 1 << ((e.offset - page) / c_bytes % 64)
-                            != 0
-                }
-                Placement::Large { block_bytes } => blocks
-                    .binary_search_by_key(&e.offset, |b| b.0)
-                    .is_ok_and(|i| blocks[i].1 == block_bytes && blocks[i].2 & (F_ALLOCATED | F_SLAB) == F_ALLOCATED),
-            };
-            if !live {
-                p.push(format!(
-                    "root {:?} points at {:#x}, which is not a live object of {} bytes",
-                    e.name, e.offset, e.size
-                ));
-            }
-        }
-        (r, p)
-    }
 }
 
 /// A root's entry in the metadata block.
@@ -1183,25 +967,4 @@ pub(crate) struct RootEntry {
     pub size: u64,
     pub align: u64,
     pub fingerprint: u64,
-}
-
-/// What [`ObjectHeap::check`](super::ObjectHeap::check) found: totals computed by walking every block.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Blocks between the first one and the top (slabs, large objects, free blocks).
-    pub blocks: u64,
-    pub free_blocks: u64,
-    /// Bytes in free blocks (tags included), not counting the top.
-    pub free_bytes: u64,
-    /// Bytes never carved, at the end of the heap.
-    pub top_bytes: u64,
-    pub slabs: u64,
-    pub small_objects: u64,
-    /// Bytes of small objects, counted by size class.
-    pub small_bytes: u64,
-    pub large_objects: u64,
-    /// Bytes of large objects (their blocks less the tag).
-    pub large_bytes: u64,
-    /// The main root and the named roots.
-    pub roots: u64,
 }

@@ -517,18 +517,23 @@ fn damaged_metadata_is_an_error_never_a_panic() {
         // Damage 1-3 words (never the heap-size and base words: a wrong one is refused at open,
         // which `bad_input` covers; here the point is what lies behind them).
         let mut originals = Vec::new();
-        for _ in 0..1 + rng.below(3) {
-            let off = loop {
-                let w = meta_words[rng.below(meta_words.len() as u64) as usize];
-                if w != 16 && w != 24 {
-                    break w;
+        for k in 0..1 + rng.below(3) {
+            // Every tenth trial starts with the block region's bounds, which open checks.
+            let off = if trial % 10 == 0 && k == 0 {
+                [48, 56, 64][rng.below(3) as usize]
+            } else {
+                loop {
+                    let w = meta_words[rng.below(meta_words.len() as u64) as usize];
+                    if w != 16 && w != 24 {
+                        break w;
+                    }
                 }
             };
             let bytes = heap.bytes_mut();
             let old = u64::from_le_bytes(bytes[off as usize..off as usize + 8].try_into().unwrap());
             let new = match rng.below(5) {
                 0 => rng.next(),
-                1 => old ^ (1 << rng.below(64)),
+                1 => old ^ (1 << rng.below(64)) | (trial % 10 == 0 && k == 0) as u64,
                 2 => old.wrapping_add(16 * (1 + rng.below(8))),
                 3 => old.wrapping_sub(16 * (1 + rng.below(8))),
                 _ => meta_words[rng.below(meta_words.len() as u64) as usize],

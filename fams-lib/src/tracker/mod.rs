@@ -98,9 +98,9 @@ mod segv;
 mod test_util;
 mod uffd;
 
-/// The granularity of tracking, in bytes. Page indices reported by [`DirtyTracker::collect`] are
-/// in units of this size, relative to the tracked base.
-pub const PAGE_SIZE: usize = 4096;
+/// The granularity of tracking, in bytes: the heap's page. Page indices reported by
+/// [`DirtyTracker::collect`] are in units of this size, relative to the tracked base.
+pub use crate::heap_file::PAGE_SIZE;
 
 /// Which mechanism a tracker uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use fams::log_format::{RecordHeader, AREA_START, BLOCK, LOG_SIZE_MIN};
 use fams::{FormatOptions, Heap, HeapOptions};
 use std::path::{Path, PathBuf};
 
-const PAGE: usize = 4096;
+const PAGE: usize = fams::PAGE_SIZE;
 
 fn fill(h: &mut Heap, page: usize, off: usize, len: usize, seed: u64) {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -464,3 +464,12 @@ pub fn endpoint_inputs(data: &[u8]) -> u64 {
     }
     delivered
 }
+
+// ---------------------------------------------------------------------------------------------
+// alloc_damage: the object layer's allocator over damaged metadata (see `fams::alloc::fuzz`).
+
+/// Damage a populated allocator image as `data` says, then allocate, free and check: any panic
+/// (or an allocation outside the block region) is a finding.
+pub fn alloc_damage(data: &[u8]) {
+    fams::alloc::fuzz::run(data);
+}
