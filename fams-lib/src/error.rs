@@ -35,6 +35,9 @@ pub enum Error {
     #[error("{path}: the heap is locked by another process (pid {holder}); stop it first, a heap has one writer")]
     Locked { path: PathBuf, holder: String },
 
+    #[error("{path}: the heap is open in another process (pid {holder}), which holds its log, the block device {log}, exclusively; a block-device log cannot be read while it is in use. Stop that process first (a running turn node's state is in its status file, <heap>.status.json)")]
+    LogInUse { path: PathBuf, holder: String, log: PathBuf },
+
     #[error("{path}: the heap's base address {base:#x}..{end:#x} is already in use in this process; open it in a process that has that range free, or reformat with another --base", end = base + size)]
     AddressTaken { path: PathBuf, base: usize, size: usize },
 

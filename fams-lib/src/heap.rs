@@ -1087,7 +1087,7 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Who holds a flock on `file`, from /proc/locks (best effort, for the error message).
-fn lock_holder(file: &File) -> String {
+pub(crate) fn lock_holder(file: &File) -> String {
     let Ok(meta) = file.metadata() else { return "unknown".into() };
     let ino = meta.ino();
     let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return "unknown".into() };

@@ -6,6 +6,7 @@ use crate::heap_file::{self, HeapHeader};
 use crate::log_format::Superblock;
 use crate::recovery::{self, RecoveryReport};
 use std::fs::File;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,13 @@ pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
         rc != 0
     };
     let opts = HeapOptions { log_path, ..HeapOptions::default() };
+    // A block-device log is opened exclusively by the process that has the heap open: rather than
+    // wait for it and fail, say at once who holds it.
+    let wanted_log = opts.log_path.clone().unwrap_or_else(|| header.resolve_log_path(path));
+    let on_block_device = std::fs::metadata(&wanted_log).is_ok_and(|m| m.file_type().is_block_device());
+    if locked && on_block_device {
+        return Err(Error::LogInUse { path: path.into(), holder: crate::heap::lock_holder(&file), log: wanted_log });
+    }
     let (log_path, mut dev) = open_log_of(path, &header, &opts, &mut crate::storage::RealStorage)?;
     let superblock = recovery::read_superblock(dev.as_mut(), &log_path)?;
     let file = crate::storage::RealHeapFile::new(std::sync::Arc::new(file));

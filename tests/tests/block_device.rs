@@ -26,6 +26,28 @@ fn heap_with_its_log_on_a_block_device() {
     assert_eq!(h.bytes()[100], 7);
 }
 
+/// Inspecting a heap whose block-device log another opener holds says who holds it (rather than
+/// waiting on the device and failing with EBUSY); once the heap is closed, inspect reads the log.
+#[test]
+fn inspect_names_the_process_holding_a_block_device_log() {
+    let dir = TempDir::new("blkinspect");
+    let Some(dev) = LoopDevice::new(dir.join("backing"), 16 << 20) else { return };
+    let path = dir.join("h");
+    let mut f = FormatOptions::new(&path, 1 << 20);
+    f.log_path = Some(dev.device.clone());
+    Heap::format(&f).unwrap();
+    let mut h = Heap::open(&path, &HeapOptions::default()).unwrap();
+    h.bytes_mut()[8] = 1;
+    h.commit().unwrap();
+    let e = fams::inspect::inspect(&path, None).err().expect("the log is held by the open heap");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::LogInUse { .. }), "{msg}");
+    assert!(msg.contains(&std::process::id().to_string()) && msg.contains(&dev.device.display().to_string()), "{msg}");
+    drop(h);
+    let seen = fams::inspect::inspect(&path, None).unwrap();
+    assert!(!seen.locked && seen.log_kind == "block", "{seen:?}");
+}
+
 #[test]
 fn a_block_device_with_a_filesystem_is_refused_unless_forced() {
     let dir = TempDir::new("blkfs");
