@@ -39,7 +39,7 @@ fn inspect_names_the_process_holding_a_block_device_log() {
     let mut h = Heap::open(&path, &HeapOptions::default()).unwrap();
     h.bytes_mut()[8] = 1;
     h.commit().unwrap();
-    let e = fams::inspect::inspect(&path, None).err().expect("the log is held by the open heap");
+    let e = fams::inspect::inspect(&path, None).expect_err("the log is held by the open heap");
     let msg = e.to_string();
     assert!(matches!(e, Error::LogInUse { .. }), "{msg}");
     assert!(msg.contains(&std::process::id().to_string()) && msg.contains(&dev.device.display().to_string()), "{msg}");
