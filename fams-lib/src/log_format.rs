@@ -184,6 +184,10 @@ impl Superblock {
         if version != FORMAT_VERSION {
             return Err(format!("log format version {version}, this build reads {FORMAT_VERSION}"));
         }
+        // Reserved bytes are zero in every version-1 slot: anything else was not written by us.
+        if u32_at(b, 12) != 0 || b[SUPERBLOCK_CRC_AT + 4..BLOCK].iter().any(|&x| x != 0) {
+            return Err("reserved superblock bytes are not zero".into());
+        }
         let sb = Superblock {
             heap_id: HeapId(b[16..32].try_into().expect("16 bytes")),
             sequence: u64_at(b, 32),
@@ -344,6 +348,9 @@ pub fn decode_entries(payload: &[u8], entry_count: u32, heap_size: u64) -> Resul
         if len == 0 || len > ENTRY_LEN_MAX {
             return Err(format!("entry {i} has length {len}"));
         }
+        if u32_at(payload, at + 12) != 0 {
+            return Err(format!("entry {i}: its reserved word is not zero"));
+        }
         let page = BLOCK as u64;
         let end = offset.checked_add(len as u64).ok_or("entry offset overflows")?;
         if end > heap_size || offset / page != (end - 1) / page {
@@ -352,6 +359,9 @@ pub fn decode_entries(payload: &[u8], entry_count: u32, heap_size: u64) -> Resul
         let encoded = entry_encoded_len(len);
         if payload.len() - at < encoded {
             return Err(format!("entry {i} data runs past the payload"));
+        }
+        if payload[at + ENTRY_HEADER_BYTES + len..at + encoded].iter().any(|&x| x != 0) {
+            return Err(format!("entry {i}: its padding is not zero"));
         }
         entries.push(Entry { offset, data: &payload[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len] });
         at += encoded;
@@ -399,6 +409,25 @@ mod tests {
         };
         seal_record(&mut out, &h);
         out
+    }
+
+    #[test]
+    fn reserved_bytes_and_padding_must_be_zero() {
+        let mut b = vec![0u8; BLOCK];
+        Superblock::new(id(), LOG_SIZE_MIN).encode(&mut b);
+        assert!(Superblock::decode(&b).is_ok());
+        let mut tail = b.clone();
+        tail[BLOCK - 1] = 1;
+        assert!(Superblock::decode(&tail).unwrap_err().contains("reserved"));
+        let mut payload = Vec::new();
+        push_entry(&mut payload, 0, &[1, 2, 3]);
+        assert!(decode_entries(&payload, 1, 4096).is_ok());
+        let mut reserved = payload.clone();
+        reserved[12] = 1;
+        assert!(decode_entries(&reserved, 1, 4096).unwrap_err().contains("reserved"));
+        let mut padding = payload.clone();
+        padding[ENTRY_HEADER_BYTES + 3] = 1;
+        assert!(decode_entries(&padding, 1, 4096).unwrap_err().contains("padding"));
     }
 
     #[test]

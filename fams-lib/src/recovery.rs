@@ -136,6 +136,15 @@ pub(crate) fn recover(
             reason: format!("the log belongs to heap {}, this heap is {}", sb.heap_id, header.heap_id),
         });
     }
+    if sb.log_size != header.log_size {
+        return Err(Error::LogMismatch {
+            path: log_path.into(),
+            reason: format!(
+                "the heap file says its log is {} bytes, the log's superblock says {}: one of them was replaced or damaged",
+                header.log_size, sb.log_size
+            ),
+        });
+    }
     if sb.log_size > dev.size_bytes() {
         return Err(Error::BadLogDevice {
             path: log_path.into(),
@@ -250,6 +259,12 @@ fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) ->
         Ok(h) if h.lsn == lsn => return Ok(found(pos, h)),
         Ok(h) if h.lsn > lsn => Some(format!("at offset {pos}: LSN {} where {lsn} was expected", h.lsn)),
         Err(HeaderProblem::Foreign(f)) => Some(format!("at offset {pos}: {f}")),
+        // A header with our magic whose checksum fails: a record whose write was torn (at the
+        // end of the log, by a crash), or damage — say which position and why.
+        Err(HeaderProblem::NotARecord(why)) if why != "no record magic" => {
+            Some(format!("at offset {pos}: {why} (a torn or damaged record header)"))
+        }
+        // The normal end: never written, or what an earlier lap or epoch left there.
         Ok(_)
         | Err(HeaderProblem::NotARecord(_))
         | Err(HeaderProblem::OtherHeap)

@@ -179,6 +179,43 @@ fn a_torn_last_record_is_dropped_and_the_rest_replayed() {
     assert!(r.torn_tail.unwrap().contains("LSN 6"));
 }
 
+/// A record whose header checksum fails at the end of replay (a torn header write): the report
+/// says at which offset and why replay stopped, not just that it did.
+#[test]
+fn a_torn_record_header_is_named_in_the_report() {
+    let dir = TempDir::new("tornhdr");
+    let path = heap_with_log_records(&dir, 4);
+    let at = record_offset(&log_of(&path), 4);
+    let log = std::fs::OpenOptions::new().write(true).open(log_of(&path)).unwrap();
+    // Inside the header (the LSN field): the magic is intact, the header checksum is not.
+    log.write_all_at(&[0xee; 4], at + 8).unwrap();
+    let h = open_default(&path).unwrap();
+    assert_eq!(counter(&h), 3);
+    let why = h.stats().recovery.torn_tail.expect("the report says why replay stopped");
+    assert!(why.contains(&format!("offset {at}")) && why.contains("header checksum"), "{why}");
+}
+
+/// The heap file and its log each record the log's size; a disagreement (a log file replaced by
+/// one of the same heap but another size, or a damaged header) is refused by name.
+#[test]
+fn a_log_whose_size_disagrees_with_the_heap_header_is_refused() {
+    let dir = TempDir::new("logsize");
+    let path = heap_with_log_records(&dir, 2);
+    let log = std::fs::OpenOptions::new().read(true).write(true).open(log_of(&path)).unwrap();
+    for slot in [0u64, 4096] {
+        let mut b = vec![0u8; 4096];
+        log.read_at(&mut b, slot).unwrap();
+        if let Ok(mut sb) = fams::log_format::Superblock::decode(&b) {
+            sb.log_size -= 4096;
+            sb.area_end = sb.area_end.min(sb.log_size);
+            sb.encode(&mut b);
+            log.write_all_at(&b, slot).unwrap();
+        }
+    }
+    let Err(e) = open_default(&path) else { panic!("the sizes disagree") };
+    assert!(matches!(e, Error::LogMismatch { .. }) && e.to_string().contains("bytes"), "{e}");
+}
+
 #[test]
 fn damage_followed_by_later_commits_is_media_corruption_and_salvage_says_what_is_lost() {
     let dir = TempDir::new("corrupt");
