@@ -1,6 +1,7 @@
 //! Shared helpers for the integration and crash tests.
 
 pub mod fuse_disk;
+pub mod power_rig;
 
 use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
 use std::path::{Path, PathBuf};
