@@ -1235,14 +1235,15 @@ impl FuseDisk {
         }
         let mut err = None;
         match self.watch("unmounting the FUSE drive", FUSE_PATIENCE, || {
-            umount_retrying(&self.mountpoint, Duration::from_secs(5))
+            // Busy while a loop device over a drive has not let go of it yet: retry a while.
+            umount_retrying(&self.mountpoint, Duration::from_secs(30))
         }) {
             Ok(true) => {}
             Ok(false) => err = Some(format!("{} stayed busy; unmounted lazily", self.mountpoint.display())),
             Err(e) => err = Some(e),
         }
         let Some(mut child) = self.child.take() else { return Ok(()) };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,

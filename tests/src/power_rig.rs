@@ -96,6 +96,22 @@ pub fn losetup_detach(dev: &Path) {
     let _ = Command::new("losetup").arg("-d").arg(dev).stderr(Stdio::null()).status();
 }
 
+/// Wait (bounded by `patience`) until loop device `dev` has let go of its backing file. A detach
+/// of a device that is still open — by the io_uring work of a killed process, say — only takes
+/// effect at its last close; until then the FUSE drive under it stays busy. True once released.
+pub fn wait_released(dev: &Path, patience: Duration) -> bool {
+    let name = dev.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+    let deadline = std::time::Instant::now() + patience;
+    while backing.exists() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
 /// A loop device attached by a test, detached on drop.
 pub struct LoopGuard(pub PathBuf);
 
@@ -252,7 +268,9 @@ impl Rig {
         if let Some(fuse) = &self.fuse {
             let mnt = self.fs_mnt();
             if self.fs_mounted {
-                match fuse.watch("unmounting ext4", FUSE_PATIENCE, || umount_retrying(&mnt, Duration::from_secs(10))) {
+                // Busy for a moment after a kill (a killed process's io_uring work lets go of its
+                // files asynchronously): retry for a while before giving up.
+                match fuse.watch("unmounting ext4", FUSE_PATIENCE, || umount_retrying(&mnt, Duration::from_secs(30))) {
                     Ok(true) => {}
                     Ok(false) => err = Some(format!("{} stayed busy; unmounted lazily", mnt.display())),
                     Err(e) => err = Some(e),
@@ -261,8 +279,20 @@ impl Rig {
             }
             for dev in [self.fs_dev.take(), self.log_dev.take()].into_iter().flatten() {
                 let what = format!("detaching {}", dev.display());
-                if let Err(e) = fuse.watch(&what, FUSE_PATIENCE, || losetup_detach(&dev)) {
-                    err.get_or_insert(e);
+                match fuse.watch(&what, FUSE_PATIENCE, || {
+                    losetup_detach(&dev);
+                    wait_released(&dev, Duration::from_secs(30))
+                }) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        err.get_or_insert(format!(
+                            "{} still holds its backing file 30 s after detaching",
+                            dev.display()
+                        ));
+                    }
+                    Err(e) => {
+                        err.get_or_insert(e);
+                    }
                 }
             }
         }
