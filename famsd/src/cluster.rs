@@ -100,13 +100,15 @@ struct NodeProc {
 fn spawn(
     cfg: &ClusterConfig,
     i: usize,
+    heap: &Path,
+    size_bytes: u64,
     addrs: &[SocketAddr],
     generation: u64,
     tx: &mpsc::Sender<Line>,
 ) -> Result<Child, String> {
     let mut cmd = Command::new(&cfg.famsd);
     cmd.arg("node").arg("bank");
-    cmd.arg("--heap").arg(cfg.dir.join(format!("node{}.heap", i + 1)));
+    cmd.arg("--heap").arg(heap);
     cmd.arg("--id").arg((i + 1).to_string()).arg("--listen").arg(addrs[i].to_string());
     for (j, a) in addrs.iter().enumerate() {
         if j != i {
@@ -114,7 +116,8 @@ fn spawn(
         }
     }
     cmd.arg("--transfers").arg(cfg.transfers_per_node.to_string());
-    cmd.arg("--interval-ms").arg(cfg.interval_ms.to_string()).arg("--verbose").arg("--size").arg("32M");
+    cmd.arg("--interval-ms").arg(cfg.interval_ms.to_string()).arg("--verbose");
+    cmd.arg("--size").arg(size_bytes.to_string());
     cmd.arg("--stats-json").arg(stats_path(&cfg.dir, i));
     if let Some(k) = &cfg.key {
         cmd.arg("--key").arg(k);
@@ -151,6 +154,244 @@ fn kill(child: &mut Child, signal: libc::c_int) {
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
 }
 
+/// The heap size the cluster's nodes are made with (`famsd node bank --size`).
+pub const NODE_HEAP_BYTES: u64 = 32 << 20;
+
+/// The node processes of a running bank cluster: the harness decides when to kill and restart
+/// them; this follows their output and, at the end, stops them and checks their heaps.
+/// [`run_bank_cluster`] drives one with a random kill schedule; the power-cut test of the turn
+/// system (tests/tests/turns_power_cut.rs) drives one whose nodes lose power.
+pub struct BankCluster {
+    cfg: ClusterConfig,
+    heaps: Vec<PathBuf>,
+    size_bytes: u64,
+    addrs: Vec<SocketAddr>,
+    procs: Vec<NodeProc>,
+    tx: mpsc::Sender<Line>,
+    rx: mpsc::Receiver<Line>,
+    /// SIGKILLs (or power cuts) per node so far.
+    pub kills: Vec<u64>,
+    /// After each restart: from spawning the process to its `Restarted` turn being durable and
+    /// printed, in milliseconds.
+    pub restart_to_turn_ms: Vec<f64>,
+    started: Instant,
+}
+
+impl BankCluster {
+    /// Start `cfg.nodes` node processes on free ports of 127.0.0.1; node i keeps its heap at
+    /// `heaps[i]` (made with `size_bytes` if missing; an existing heap is used as it is).
+    pub fn start(cfg: &ClusterConfig, heaps: Vec<PathBuf>, size_bytes: u64) -> Result<BankCluster, String> {
+        if heaps.len() != cfg.nodes {
+            return Err(format!("{} heap paths for {} nodes", heaps.len(), cfg.nodes));
+        }
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
+        let ports = free_ports(cfg.nodes)?;
+        let addrs: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
+        let (tx, rx) = mpsc::channel();
+        let mut c = BankCluster {
+            cfg: cfg.clone(),
+            heaps,
+            size_bytes,
+            addrs,
+            procs: Vec::new(),
+            tx,
+            rx,
+            kills: vec![0; cfg.nodes],
+            restart_to_turn_ms: Vec::new(),
+            started: Instant::now(),
+        };
+        for i in 0..cfg.nodes {
+            let child = spawn(&c.cfg, i, &c.heaps[i], size_bytes, &c.addrs, 0, &c.tx)?;
+            c.procs.push(NodeProc {
+                child: Some(child),
+                generation: 0,
+                spawned: Instant::now(),
+                waiting_restart_line: false,
+                applied: 0,
+                sent_all: false,
+            });
+        }
+        Ok(c)
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// Transfers the whole run makes.
+    pub fn total_transfers(&self) -> u64 {
+        self.cfg.nodes as u64 * self.cfg.transfers_per_node
+    }
+
+    /// Read what the nodes printed so far (progress, restarts).
+    pub fn poll(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            let Line::Out(i, generation, line) = msg else { continue };
+            let p = &mut self.procs[i];
+            if generation != p.generation {
+                continue;
+            }
+            if p.waiting_restart_line && line.contains("restarted") {
+                p.waiting_restart_line = false;
+                self.restart_to_turn_ms.push(p.spawned.elapsed().as_secs_f64() * 1e3);
+            }
+            if let Some(n) = line.rsplit_once("applied ").and_then(|(_, n)| n.trim().parse::<u64>().ok()) {
+                p.applied = p.applied.max(n);
+            }
+            if line.contains(&format!("sent {}", self.cfg.transfers_per_node)) {
+                p.sent_all = true;
+            }
+        }
+    }
+
+    /// Transfers applied, as the nodes printed them (a node's count survives its restarts).
+    pub fn applied(&self) -> u64 {
+        self.procs.iter().map(|p| p.applied).sum()
+    }
+
+    /// Transfers node `i` has applied, as it printed them.
+    pub fn applied_by(&self, i: usize) -> u64 {
+        self.procs[i].applied
+    }
+
+    /// Every node has applied what it was sent and made all its transfers, and every node is up.
+    pub fn finished(&self) -> bool {
+        self.applied() >= self.total_transfers() && self.procs.iter().all(|p| p.sent_all && p.child.is_some())
+    }
+
+    pub fn is_up(&self, i: usize) -> bool {
+        self.procs[i].child.is_some()
+    }
+
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.procs[i].child.as_ref().map(Child::id)
+    }
+
+    /// Has node `i` ended by itself (not killed by us)? Its exit status, then.
+    pub fn ended_by_itself(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.procs[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGKILL node `i` and reap it (counted as a kill); it stays down until [`Self::restart`].
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.procs[i].child.take() {
+            kill(&mut child, libc::SIGKILL);
+            let _ = child.wait();
+            self.kills[i] += 1;
+        }
+    }
+
+    /// Start node `i` again on its heap (recovery, then its `Restarted` turn).
+    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+        if self.procs[i].child.is_some() {
+            return Ok(());
+        }
+        let p = &mut self.procs[i];
+        p.generation += 1;
+        p.child = Some(spawn(&self.cfg, i, &self.heaps[i], self.size_bytes, &self.addrs, p.generation, &self.tx)?);
+        p.spawned = Instant::now();
+        p.waiting_restart_line = true;
+        Ok(())
+    }
+
+    /// Stop every node cleanly (SIGTERM; SIGKILL after `patience`).
+    pub fn stop_all(&mut self, patience: Duration) -> Result<(), String> {
+        for p in self.procs.iter_mut() {
+            if let Some(child) = p.child.as_mut() {
+                kill(child, libc::SIGTERM);
+            }
+        }
+        for p in self.procs.iter_mut() {
+            if let Some(mut child) = p.child.take() {
+                let deadline = Instant::now() + patience;
+                loop {
+                    if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        kill(&mut child, libc::SIGKILL);
+                        let _ = child.wait();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the nodes and check their heaps: the report of the run. `finished` says whether the
+    /// run reached its end (false: a liveness failure is reported).
+    pub fn finish(mut self, finished: bool) -> Result<ClusterReport, String> {
+        let elapsed = self.started.elapsed();
+        self.stop_all(Duration::from_secs(10))?;
+        let cfg = &self.cfg;
+        let total_transfers = self.total_transfers();
+        let mut reports = Vec::new();
+        let mut problems = Vec::new();
+        for (i, heap) in self.heaps.iter().enumerate() {
+            match bank_report(heap) {
+                Ok(Some(r)) => reports.push(r),
+                Ok(None) => problems.push(format!("node {} never completed its Start turn", i + 1)),
+                // A heap that no longer opens (say, its log was damaged) is a finding, not a
+                // harness failure: report it with the rest.
+                Err(e) => problems.push(format!("node {}: its heap cannot be read: {e}", i + 1)),
+            }
+        }
+        problems.extend(bank::check_cluster(&reports));
+        let mut sums = serde_json::Map::new();
+        for i in 0..cfg.nodes {
+            let Ok(text) = std::fs::read_to_string(stats_path(&cfg.dir, i)) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+            for (key, value) in [
+                ("faults_dropped", &v["faults_injected"]["dropped"]),
+                ("faults_duplicated", &v["faults_injected"]["duplicated"]),
+                ("faults_delayed", &v["faults_injected"]["delayed"]),
+                ("fragments_retransmitted", &v["transport"]["fragments_retransmitted"]),
+                ("duplicates_dropped", &v["transport"]["duplicates_dropped"]),
+                ("out_of_order_buffered", &v["transport"]["out_of_order_buffered"]),
+                ("turns_pipelined", &v["turns_pipelined"]),
+                ("turns", &v["turns"]),
+            ] {
+                let sum = sums.get(key).and_then(|s| s.as_u64()).unwrap_or(0) + value.as_u64().unwrap_or(0);
+                sums.insert(key.to_string(), serde_json::json!(sum));
+            }
+        }
+        if !finished {
+            let applied: u64 = reports.iter().map(|r| r.transfers_applied).sum();
+            problems.push(format!(
+                "liveness: after {:.0} s only {applied} of {total_transfers} transfers were applied",
+                elapsed.as_secs_f64()
+            ));
+        }
+        Ok(ClusterReport {
+            nodes: cfg.nodes,
+            kills_asked_per_node: cfg.kills_per_node,
+            transfers: total_transfers,
+            kills: self.kills.clone(),
+            elapsed,
+            finished,
+            reports,
+            problems,
+            restart_to_turn_ms: std::mem::take(&mut self.restart_to_turn_ms),
+            last_run_counters: serde_json::Value::Object(sums),
+        })
+    }
+}
+
+impl Drop for BankCluster {
+    fn drop(&mut self) {
+        // A harness that failed half way must not leave node processes behind.
+        for p in self.procs.iter_mut() {
+            if let Some(mut child) = p.child.take() {
+                kill(&mut child, libc::SIGKILL);
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
 /// Run the cluster; see the module docs. The heaps stay in `cfg.dir`.
 pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
     std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
@@ -159,53 +400,21 @@ pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
             let _ = std::fs::remove_file(cfg.dir.join(format!("node{}.{suffix}", i + 1)));
         }
     }
-    let ports = free_ports(cfg.nodes)?;
-    let addrs: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
-    let (tx, rx) = mpsc::channel();
+    let heaps = (0..cfg.nodes).map(|i| heap_path(&cfg.dir, i)).collect();
+    let mut cluster = BankCluster::start(cfg, heaps, NODE_HEAP_BYTES)?;
     let mut rng = Rng::new(cfg.seed);
     let started = Instant::now();
-    let mut procs = Vec::new();
-    for i in 0..cfg.nodes {
-        let child = spawn(cfg, i, &addrs, 0, &tx)?;
-        procs.push(NodeProc {
-            child: Some(child),
-            generation: 0,
-            spawned: Instant::now(),
-            waiting_restart_line: false,
-            applied: 0,
-            sent_all: false,
-        });
-    }
     let range = |rng: &mut Rng, (lo, hi): (u64, u64)| Duration::from_millis(lo + rng.below(hi.saturating_sub(lo) + 1));
-    let mut kills = vec![0u64; cfg.nodes];
     let mut next_kill = Instant::now() + range(&mut rng, cfg.kill_gap_ms);
     let mut down: Vec<Option<Instant>> = vec![None; cfg.nodes];
-    let mut restart_ms = Vec::new();
-    let total_transfers = cfg.nodes as u64 * cfg.transfers_per_node;
+    let total_transfers = cluster.total_transfers();
     let mut last_progress = Instant::now();
     let finished = loop {
         let now = Instant::now();
-        while let Ok(msg) = rx.try_recv() {
-            let Line::Out(i, generation, line) = msg else { continue };
-            let p = &mut procs[i];
-            if generation != p.generation {
-                continue;
-            }
-            if p.waiting_restart_line && line.contains("restarted") {
-                p.waiting_restart_line = false;
-                restart_ms.push(p.spawned.elapsed().as_secs_f64() * 1e3);
-            }
-            if let Some(n) = line.rsplit_once("applied ").and_then(|(_, n)| n.trim().parse::<u64>().ok()) {
-                p.applied = p.applied.max(n);
-            }
-            if line.contains(&format!("sent {}", cfg.transfers_per_node)) {
-                p.sent_all = true;
-            }
-        }
-        let applied: u64 = procs.iter().map(|p| p.applied).sum();
-        let kills_done = kills.iter().all(|&k| k >= cfg.kills_per_node);
-        let all_up = down.iter().all(|d| d.is_none());
-        if applied >= total_transfers && procs.iter().all(|p| p.sent_all) && all_up {
+        cluster.poll();
+        let applied = cluster.applied();
+        let kills_done = cluster.kills.iter().all(|&k| k >= cfg.kills_per_node);
+        if cluster.finished() {
             break true;
         }
         if now.duration_since(started) > cfg.timeout {
@@ -216,18 +425,14 @@ pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
             eprintln!(
                 "  {:>5.1} s: {applied}/{total_transfers} transfers applied, {} kills",
                 started.elapsed().as_secs_f64(),
-                kills.iter().sum::<u64>()
+                cluster.kills.iter().sum::<u64>()
             );
         }
         // Restart nodes whose downtime is over.
-        for i in 0..cfg.nodes {
-            if down[i].is_some_and(|t| now >= t) {
-                down[i] = None;
-                let p = &mut procs[i];
-                p.generation += 1;
-                p.child = Some(spawn(cfg, i, &addrs, p.generation, &tx)?);
-                p.spawned = Instant::now();
-                p.waiting_restart_line = true;
+        for (i, d) in down.iter_mut().enumerate() {
+            if d.is_some_and(|t| now >= t) {
+                *d = None;
+                cluster.restart(i)?;
             }
         }
         // Kill a node now and then, while the transfers are still going.
@@ -235,89 +440,17 @@ pub fn run_bank_cluster(cfg: &ClusterConfig) -> Result<ClusterReport, String> {
             let candidates: Vec<usize> = (0..cfg.nodes).filter(|&i| down[i].is_none()).collect();
             if !candidates.is_empty() {
                 // Prefer nodes killed least so far.
-                let least = candidates.iter().map(|&i| kills[i]).min().expect("not empty");
-                let least: Vec<usize> = candidates.into_iter().filter(|&i| kills[i] == least).collect();
+                let least = candidates.iter().map(|&i| cluster.kills[i]).min().expect("not empty");
+                let least: Vec<usize> = candidates.into_iter().filter(|&i| cluster.kills[i] == least).collect();
                 let i = least[rng.below(least.len() as u64) as usize];
-                if let Some(mut child) = procs[i].child.take() {
-                    kill(&mut child, libc::SIGKILL);
-                    let _ = child.wait();
-                }
-                kills[i] += 1;
+                cluster.kill(i);
                 down[i] = Some(now + range(&mut rng, cfg.down_ms));
             }
             next_kill = now + range(&mut rng, cfg.kill_gap_ms);
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let elapsed = started.elapsed();
-    // Stop every node cleanly (SIGTERM), then read their heaps.
-    for p in procs.iter_mut() {
-        if let Some(child) = p.child.as_mut() {
-            kill(child, libc::SIGTERM);
-        }
-    }
-    for p in procs.iter_mut() {
-        if let Some(mut child) = p.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if child.try_wait().map_err(|e| e.to_string())?.is_some() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    kill(&mut child, libc::SIGKILL);
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-    let mut reports = Vec::new();
-    let mut problems = Vec::new();
-    for i in 0..cfg.nodes {
-        match bank_report(&heap_path(&cfg.dir, i))? {
-            Some(r) => reports.push(r),
-            None => problems.push(format!("node {} never completed its Start turn", i + 1)),
-        }
-    }
-    problems.extend(bank::check_cluster(&reports));
-    let mut sums = serde_json::Map::new();
-    for i in 0..cfg.nodes {
-        let Ok(text) = std::fs::read_to_string(stats_path(&cfg.dir, i)) else { continue };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
-        for (key, value) in [
-            ("faults_dropped", &v["faults_injected"]["dropped"]),
-            ("faults_duplicated", &v["faults_injected"]["duplicated"]),
-            ("faults_delayed", &v["faults_injected"]["delayed"]),
-            ("fragments_retransmitted", &v["transport"]["fragments_retransmitted"]),
-            ("duplicates_dropped", &v["transport"]["duplicates_dropped"]),
-            ("out_of_order_buffered", &v["transport"]["out_of_order_buffered"]),
-            ("turns_pipelined", &v["turns_pipelined"]),
-            ("turns", &v["turns"]),
-        ] {
-            let sum = sums.get(key).and_then(|s| s.as_u64()).unwrap_or(0) + value.as_u64().unwrap_or(0);
-            sums.insert(key.to_string(), serde_json::json!(sum));
-        }
-    }
-    if !finished {
-        let applied: u64 = reports.iter().map(|r| r.transfers_applied).sum();
-        problems.push(format!(
-            "liveness: after {:.0} s only {applied} of {total_transfers} transfers were applied",
-            cfg.timeout.as_secs_f64()
-        ));
-    }
-    Ok(ClusterReport {
-        nodes: cfg.nodes,
-        kills_asked_per_node: cfg.kills_per_node,
-        transfers: total_transfers,
-        kills,
-        elapsed,
-        finished,
-        reports,
-        problems,
-        restart_to_turn_ms: restart_ms,
-        last_run_counters: serde_json::Value::Object(sums),
-    })
+    cluster.finish(finished)
 }
 
 /// The counters a node writes when it stops (the last run of each node only).

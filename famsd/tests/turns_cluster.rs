@@ -48,6 +48,30 @@ fn bank_survives_sigkills_of_every_node() {
     }
 }
 
+/// At least a hundred real SIGKILLs in one run: a kill every 10–40 ms, each node down for up
+/// to 200 ms, so nodes die mid-turn, mid-recovery and right after restarting, while the
+/// transfers (enough of them to outlast the kills) keep flowing.
+#[test]
+fn bank_survives_a_hundred_sigkills() {
+    let v = cluster(&[
+        "--nodes",
+        "3",
+        "--transfers",
+        "3000",
+        "--interval-ms",
+        "1",
+        "--kills-per-node",
+        "34",
+        "--kill-gap-ms",
+        "10,40",
+        "--seed",
+        "21",
+    ]);
+    let kills = v["kills"].as_u64().unwrap();
+    eprintln!("a hundred SIGKILLs: {kills} kills {} in {:.1} s, 0 violations", v["kills_per_node"], v["elapsed_s"]);
+    assert!(kills >= 100, "only {kills} SIGKILLs landed while transfers were going: {v}");
+}
+
 #[test]
 fn bank_with_back_to_back_pipelined_transfers_survives_sigkills() {
     // No pause between transfers: turns pipeline, so kills land while turns are in flight — the

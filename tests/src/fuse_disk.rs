@@ -899,10 +899,177 @@ pub fn serve_main(args: Vec<String>) -> Result<(), String> {
 // The test's side: start, control and stop a fams-fuse-disk process.
 
 /// A running `fams-fuse-disk`, mounted. Dropping it unmounts (lazily if busy) and ends it.
+///
+/// Every `FuseDisk` has a [watchdog](FuseDisk::watch): a step that depends on the FUSE program
+/// (a control command, an unmount, a loop detach, waiting for a program that does I/O through
+/// the drive) runs under a patience; past it the FUSE connection is aborted, every request
+/// waiting on it fails, and the step reports an error naming what hung — instead of hanging CI.
 pub struct FuseDisk {
     pub mountpoint: PathBuf,
     pub control: PathBuf,
     child: Option<Child>,
+    watchdog: Watchdog,
+}
+
+/// How long a step that depends on the FUSE program may take before the watchdog aborts the
+/// connection. Generous: a healthy step takes well under a second, even on a loaded 2-core CI
+/// machine; only a wedged connection takes this long.
+pub const FUSE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The watchdog of one FUSE mount: a thread that aborts the connection when an armed step
+/// outlives its deadline. Armed through [`FuseDisk::watch`] / [`FuseDisk::guard`].
+struct Watchdog {
+    shared: Arc<(Mutex<WatchState>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// The FUSE connection number (the minor device number of the mount), once known.
+    connection: Option<u32>,
+    /// The FUSE program's pid: killed if the connection cannot be aborted through fusectl.
+    pid: Option<u32>,
+    /// Armed steps: id → (deadline, what).
+    armed: std::collections::BTreeMap<u64, (Instant, String)>,
+    next_id: u64,
+    /// Steps that outlived their patience (the connection was aborted for them).
+    fired: Vec<String>,
+    stop: bool,
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        let shared = Arc::new((Mutex::new(WatchState::default()), std::sync::Condvar::new()));
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("fuse-watchdog".into())
+                .spawn(move || watchdog_loop(&shared))
+                .map_err(|e| eprintln!("fams-fuse-disk: no watchdog thread: {e}"))
+                .ok()
+        };
+        Watchdog { shared, thread }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.state().stop = true;
+        self.shared.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn watchdog_loop(shared: &(Mutex<WatchState>, std::sync::Condvar)) {
+    let (lock, cv) = shared;
+    let mut s = lock.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if s.stop {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<u64> = s.armed.iter().filter(|(_, (d, _))| *d <= now).map(|(id, _)| *id).collect();
+        if !due.is_empty() {
+            let mut what = Vec::new();
+            for id in due {
+                if let Some((_, w)) = s.armed.remove(&id) {
+                    what.push(w);
+                }
+            }
+            let (connection, pid) = (s.connection, s.pid);
+            s.fired.extend(what.iter().cloned());
+            // Abort without holding the lock: steps that finish meanwhile may disarm.
+            drop(s);
+            let how = abort_connection(connection, pid);
+            eprintln!("fams-fuse-disk watchdog: {} took too long; {how}", what.join(", "));
+            s = lock.lock().unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        s = match s.armed.values().map(|(d, _)| *d).min() {
+            Some(d) => cv.wait_timeout(s, d.saturating_duration_since(now)).unwrap_or_else(|p| p.into_inner()).0,
+            None => cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+        };
+    }
+}
+
+/// Abort FUSE connection `connection` through fusectl (mounting fusectl at
+/// /sys/fs/fuse/connections if it is not); if that fails, SIGKILL the FUSE program (its death
+/// aborts the connection too). Says what it did.
+pub fn abort_connection(connection: Option<u32>, pid: Option<u32>) -> String {
+    let mut tried = String::new();
+    if let Some(n) = connection {
+        let abort = PathBuf::from(format!("/sys/fs/fuse/connections/{n}/abort"));
+        if !abort.exists() {
+            // fusectl is not mounted by default on every distribution.
+            let _ = Command::new("mount")
+                .args(["-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        match std::fs::write(&abort, "1") {
+            Ok(()) => return format!("aborted FUSE connection {n} ({})", abort.display()),
+            Err(e) => tried = format!("writing {}: {e}; ", abort.display()),
+        }
+    }
+    match pid {
+        Some(pid) => {
+            // SAFETY: kill(2) on the FUSE program this process started; no memory is involved.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            format!("{tried}killed fams-fuse-disk (pid {pid}), which aborts its connection")
+        }
+        None => format!("{tried}nothing to abort"),
+    }
+}
+
+/// The FUSE connection number of the mount at `mountpoint`: the minor device number of the
+/// mount, read from /proc/self/mountinfo (a `stat` of the mount point would ask the FUSE
+/// program, which may be the thing that hangs).
+pub fn fuse_connection_of(mountpoint: &Path) -> Option<u32> {
+    // Canonicalize the parent only: looking up the mount point itself would ask FUSE.
+    let want = match (mountpoint.parent().and_then(|p| std::fs::canonicalize(p).ok()), mountpoint.file_name()) {
+        (Some(dir), Some(name)) => dir.join(name),
+        _ => mountpoint.to_path_buf(),
+    };
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // "36 25 0:32 / /mnt/point rw,… - fuse fams-fuse-disk rw,…": the last fuse mount at that path.
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|w| *w == "-")?;
+            let fstype = f.get(sep + 1)?;
+            let point = f.get(4)?.replace("\\040", " ");
+            (fstype.starts_with("fuse") && Path::new(&point) == want).then(|| f[2].split_once(':')?.1.parse().ok())?
+        })
+        .next_back()
+}
+
+/// An armed watchdog step; disarmed when dropped.
+pub struct WatchGuard {
+    shared: Arc<(Mutex<WatchState>, std::sync::Condvar)>,
+    id: u64,
+    what: String,
+}
+
+impl WatchGuard {
+    /// Did this step outlive its patience (so the connection was aborted)?
+    pub fn fired(&self) -> bool {
+        let s = self.shared.0.lock().unwrap_or_else(|p| p.into_inner());
+        !s.armed.contains_key(&self.id) && s.fired.contains(&self.what)
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner()).armed.remove(&self.id);
+    }
 }
 
 impl FuseDisk {
@@ -927,13 +1094,72 @@ impl FuseDisk {
         let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", exe.display()))?;
         let mut line = String::new();
         let read = BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line);
-        let mut fd = FuseDisk { mountpoint: mountpoint.into(), control: control.into(), child: Some(child) };
+        let pid = child.id();
+        let mut fd = FuseDisk {
+            mountpoint: mountpoint.into(),
+            control: control.into(),
+            child: Some(child),
+            watchdog: Watchdog::new(),
+        };
         if !(read.is_ok() && line.trim() == "ready") {
             let status = fd.child.as_mut().and_then(|c| c.wait().ok());
             fd.child = None;
             return Err(format!("fams-fuse-disk did not mount at {} ({status:?})", mountpoint.display()));
         }
+        let connection = fuse_connection_of(mountpoint);
+        if connection.is_none() {
+            eprintln!(
+                "fams-fuse-disk: no FUSE mount at {} in /proc/self/mountinfo; the watchdog will kill the program instead",
+                mountpoint.display()
+            );
+        }
+        {
+            let mut s = fd.watchdog.state();
+            s.connection = connection;
+            s.pid = Some(pid);
+        }
         Ok(fd)
+    }
+
+    /// The FUSE connection number (/sys/fs/fuse/connections/N), if it was found.
+    pub fn connection(&self) -> Option<u32> {
+        self.watchdog.state().connection
+    }
+
+    /// Arm the watchdog for a step that depends on the FUSE program: if the guard is still alive
+    /// after `patience`, the connection is aborted (requests waiting on it fail with ENOTCONN).
+    pub fn guard(&self, what: &str, patience: Duration) -> WatchGuard {
+        let mut s = self.watchdog.state();
+        let id = s.next_id;
+        s.next_id += 1;
+        // Unique, so a guard can tell its own firing from another's.
+        let what = format!("{what} (step {id} on {})", self.mountpoint.display());
+        s.armed.insert(id, (Instant::now() + patience, what.clone()));
+        drop(s);
+        self.watchdog.shared.1.notify_all();
+        WatchGuard { shared: self.watchdog.shared.clone(), id, what }
+    }
+
+    /// Run `step` under the watchdog (see [`Self::guard`]). If it outlived `patience`, the
+    /// connection was aborted and this is an error saying which step hung, whatever `step`
+    /// returned after the abort released it.
+    pub fn watch<T>(&self, what: &str, patience: Duration, step: impl FnOnce() -> T) -> Result<T, String> {
+        let guard = self.guard(what, patience);
+        let r = step();
+        if guard.fired() {
+            return Err(format!(
+                "{what}: no answer from fams-fuse-disk at {} within {} s; the watchdog aborted the FUSE connection \
+                 (a wedged FUSE program or kernel; see the kernel log, `dmesg`, for hung tasks)",
+                self.mountpoint.display(),
+                patience.as_secs()
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The steps whose patience ran out so far.
+    pub fn watchdog_fired(&self) -> Vec<String> {
+        self.watchdog.state().fired.clone()
     }
 
     /// The program's pid while it runs. Killing it aborts the FUSE connection: every request
@@ -948,10 +1174,16 @@ impl FuseDisk {
 
     pub fn command(&self, cmd: &str) -> Result<serde_json::Value, String> {
         let mut s = UnixStream::connect(&self.control).map_err(|e| format!("{}: {e}", self.control.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-        writeln!(s, "{cmd}").map_err(|e| format!("control: {e}"))?;
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).map_err(|e| format!("control: {e}"))?;
+        s.set_read_timeout(Some(FUSE_PATIENCE)).ok();
+        s.set_write_timeout(Some(FUSE_PATIENCE)).ok();
+        // The program answers at once unless it is wedged (its lock held by a stuck request):
+        // then abort the connection, so the requests behind it fail and the teardown can go on.
+        let line = self.watch(&format!("control command {cmd:?}"), FUSE_PATIENCE, || {
+            writeln!(s, "{cmd}").map_err(|e| format!("control {cmd:?}: {e}"))?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).map_err(|e| format!("control {cmd:?}: {e}"))?;
+            Ok::<_, String>(line)
+        })??;
         let v: serde_json::Value =
             serde_json::from_str(&line).map_err(|e| format!("control answered {line:?}: {e}"))?;
         if let Some(e) = v.get("error") {
@@ -998,12 +1230,20 @@ impl FuseDisk {
 
     /// Unmount and wait for the program to end (kill it if it does not).
     pub fn stop(&mut self) -> Result<(), String> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
-        let mut err = None;
-        if !umount_retrying(&self.mountpoint, Duration::from_secs(5)) {
-            err = Some(format!("{} stayed busy; unmounted lazily", self.mountpoint.display()));
+        if self.child.is_none() {
+            return Ok(());
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut err = None;
+        match self.watch("unmounting the FUSE drive", FUSE_PATIENCE, || {
+            // Busy while a loop device over a drive has not let go of it yet: retry a while.
+            umount_retrying(&self.mountpoint, Duration::from_secs(30))
+        }) {
+            Ok(true) => {}
+            Ok(false) => err = Some(format!("{} stayed busy; unmounted lazily", self.mountpoint.display())),
+            Err(e) => err = Some(e),
+        }
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,

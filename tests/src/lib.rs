@@ -1,6 +1,7 @@
 //! Shared helpers for the integration and crash tests.
 
 pub mod fuse_disk;
+pub mod power_rig;
 
 use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
 use std::path::{Path, PathBuf};
@@ -72,6 +73,46 @@ pub fn run_child(test_name: &str, env: &[(&str, String)]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A binary of this workspace, of the same profile as the running test (`target/<profile>/REL`),
+/// built with `cargo build -p PACKAGE TARGET_ARGS…` first — a no-op when `cargo test` already
+/// built the workspace. For tests that run another package's program (the `kv` example, the
+/// `famsd` binary), which cargo does not build for this package's tests by itself.
+pub fn built_binary(package: &str, target_args: &[&str], rel: &Path) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/TEST-HASH
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
+    let bin = profile_dir.join(rel);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", package]).args(target_args).arg("--manifest-path").arg(&manifest);
+    cmd.arg("--target-dir").arg(target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        p => {
+            cmd.args(["--profile", p]);
+        }
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        other => {
+            assert!(
+                bin.exists(),
+                "cannot build {} ({other:?}) and it does not exist; run `cargo build --release -p {package} {}`",
+                bin.display(),
+                target_args.join(" ")
+            );
+            eprintln!("could not rebuild {} ({other:?}); using it as it is", bin.display());
+        }
+    }
+    bin
 }
 
 pub fn is_child() -> bool {

@@ -21,35 +21,7 @@ const IN_FLIGHT_MAX: usize = 32;
 
 /// The `kv` example binary of the same profile as this test, built if needed.
 fn kv_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/kv_crash-HASH
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
-    let bin = profile_dir.join("examples").join("kv");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "fams", "--example", "kv", "--manifest-path"]).arg(&manifest);
-    cmd.arg("--target-dir").arg(target_dir);
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        p => {
-            cmd.args(["--profile", p]);
-        }
-    }
-    // Up to date when `cargo test` built the workspace's examples: then this is a no-op.
-    match cmd.status() {
-        Ok(s) if s.success() => {}
-        other => {
-            assert!(bin.exists(), "cannot build the kv example ({other:?}) and {} does not exist; run `cargo build --release -p fams --example kv`", bin.display());
-            eprintln!("could not rebuild the kv example ({other:?}); using {}", bin.display());
-        }
-    }
-    bin
+    built_binary("fams", &["--example", "kv"], Path::new("examples/kv"))
 }
 
 #[derive(Clone, Debug)]

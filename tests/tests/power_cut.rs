@@ -26,14 +26,15 @@
 //! Root only (losetup, mount, FUSE); otherwise the test says why it skipped and passes.
 
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
-use fams_tests::fuse_disk::{umount_retrying, CutReport, DiskCounters, DiskSpec, FuseDisk};
+use fams_tests::fuse_disk::{DiskCounters, DiskSpec, FuseDisk, FUSE_PATIENCE};
+use fams_tests::power_rig::{cannot_run, env_u64, losetup, say, wait_stopped, LoopGuard, Rig};
 use fams_tests::*;
 use famsd::torture::{commit_forever, CommitterMode};
 use famsd::workload::{commit_number, Model};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,218 +44,8 @@ const HEAP_SIZE: u64 = 4 << 20;
 const LOG_DISK: u64 = 4 << 20;
 const FS_DISK: u64 = 32 << 20;
 
-/// Print past the test harness's capture, so CI logs show it for passing tests too.
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?}: {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Why this machine cannot run the test, if it cannot.
-fn cannot_run() -> Option<String> {
-    if !is_root() {
-        return Some("needs root (FUSE mount, losetup, mount)".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Some("/dev/fuse is missing (no FUSE in this kernel)".into());
-    }
-    for tool in ["losetup", "mkfs.ext4", "mount", "e2fsck"] {
-        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_or(true, |o| !o.status.success())
-        {
-            return Some(format!("{tool} is missing"));
-        }
-    }
-    None
-}
-
-/// Attach a loop device to `file`, with direct I/O when the kernel takes it. Returns the device and
-/// whether direct I/O is on.
-fn losetup(file: &Path) -> Result<(PathBuf, bool), String> {
-    let mut tries = 0;
-    let dev = loop {
-        // Another process may take the free device first: try again.
-        let r = run(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file))
-            .or_else(|_| run(Command::new("losetup").args(["-f", "--show"]).arg(file)));
-        match r {
-            Ok(d) => break d,
-            Err(e) if tries >= 5 => return Err(e),
-            Err(_) => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(20 * tries));
-            }
-        }
-    };
-    let name = Path::new(&dev).file_name().unwrap_or_default().to_string_lossy().to_string();
-    let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).is_ok_and(|s| s.trim() == "1");
-    Ok((PathBuf::from(dev), dio))
-}
-
-fn losetup_detach(dev: &Path) {
-    let _ = Command::new("losetup").arg("-d").arg(dev).stderr(Stdio::null()).status();
-}
-
-/// The stack of simulated hardware: FUSE drives, loop devices, ext4. Torn down on drop.
-struct Rig {
-    dir: TempDir,
-    fuse: Option<FuseDisk>,
-    log_dev: Option<PathBuf>,
-    fs_dev: Option<PathBuf>,
-    fs_mounted: bool,
-    loop_dio: bool,
-    /// Where the FUSE program writes a trace of every request, one file per power-on.
-    trace: Option<PathBuf>,
-    power_ons: u64,
-    /// After the first power-on, the log drive acknowledges flushes without flushing.
-    lying_log_drive: bool,
-    /// The FUSE program's pid (0: none), for the watchdog.
-    fuse_pid: Arc<AtomicI32>,
-}
-
-impl Rig {
-    fn new() -> Rig {
-        let dir = TempDir::new("powercut");
-        Rig {
-            dir,
-            fuse: None,
-            log_dev: None,
-            fs_dev: None,
-            fs_mounted: false,
-            loop_dio: true,
-            trace: None,
-            power_ons: 0,
-            lying_log_drive: false,
-            fuse_pid: Arc::new(AtomicI32::new(0)),
-        }
-    }
-    fn fs_mnt(&self) -> PathBuf {
-        self.dir.join("fs")
-    }
-    fn heap_path(&self) -> PathBuf {
-        self.fs_mnt().join("power-cut.heap")
-    }
-    fn log_dev(&self) -> PathBuf {
-        self.log_dev.clone().expect("powered on")
-    }
-    fn fuse(&self) -> &FuseDisk {
-        self.fuse.as_ref().expect("powered on")
-    }
-
-    /// Start the drives from their durable images, attach loop devices, mount ext4 (first time:
-    /// make it). With `fsck`, check the file system after its journal replay.
-    fn power_on(&mut self, first: bool, fsck: bool) -> Result<Option<String>, String> {
-        let disks = [
-            DiskSpec { name: "log".into(), image: self.dir.join("log.img"), size: LOG_DISK },
-            DiskSpec { name: "fs".into(), image: self.dir.join("fs.img"), size: FS_DISK },
-        ];
-        let trace = self.trace.as_ref().map(|d| d.join(format!("trace-{}.txt", self.power_ons)));
-        self.power_ons += 1;
-        let fuse = FuseDisk::start(
-            Path::new(env!("CARGO_BIN_EXE_fams-fuse-disk")),
-            &self.dir.join("disk"),
-            &disks,
-            &self.dir.join("control.sock"),
-            trace.as_deref(),
-        )?;
-        if self.lying_log_drive && !first {
-            fuse.command("ignore-flushes log")?;
-        }
-        let (log_file, fs_file) = (fuse.disk_path("log"), fuse.disk_path("fs"));
-        self.fuse_pid.store(fuse.pid().map_or(0, |p| p as i32), Ordering::SeqCst);
-        self.fuse = Some(fuse);
-        let (log_dev, dio1) = losetup(&log_file)?;
-        self.log_dev = Some(log_dev);
-        let (fs_dev, dio2) = losetup(&fs_file)?;
-        self.fs_dev = Some(fs_dev.clone());
-        self.loop_dio = dio1 && dio2;
-        if first {
-            run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&fs_dev))?;
-        }
-        std::fs::create_dir_all(self.fs_mnt()).map_err(|e| e.to_string())?;
-        let mut fsck_problem = None;
-        run(Command::new("mount").args(["-t", "ext4"]).arg(&fs_dev).arg(self.fs_mnt()))?;
-        self.fs_mounted = true;
-        if fsck {
-            // The journal is replayed now; a clean unmount, then a read-only full check.
-            run(Command::new("umount").arg(self.fs_mnt()))?;
-            self.fs_mounted = false;
-            if let Err(e) = run(Command::new("e2fsck").args(["-f", "-n"]).arg(&fs_dev)) {
-                fsck_problem = Some(e);
-            }
-            run(Command::new("mount").args(["-t", "ext4"]).arg(&fs_dev).arg(self.fs_mnt()))?;
-            self.fs_mounted = true;
-        }
-        Ok(fsck_problem)
-    }
-
-    /// Power loss on both drives at once.
-    fn cut(&self, seed: u64) -> Result<(CutReport, Vec<DiskCounters>), String> {
-        let (r, stats) = self.fuse().cut(seed)?;
-        Ok((r, counters(&stats)))
-    }
-
-    /// Power loss on both drives right after the `n`-th write from now reaches a drive (or now,
-    /// if that takes longer than `patience`).
-    fn cut_after_writes(
-        &self,
-        seed: u64,
-        n: u64,
-        disk: Option<&str>,
-        patience: Duration,
-    ) -> Result<(CutReport, Vec<DiskCounters>), String> {
-        self.fuse().arm(seed, n, disk)?;
-        match self.fuse().wait_for_cut(patience)? {
-            Some((r, stats)) => Ok((r, counters(&stats))),
-            None => match self.cut(seed) {
-                Ok(r) => Ok(r),
-                // The armed cut came in between.
-                Err(_) => self.fuse().wait_for_cut(patience)?.map(|(r, st)| (r, counters(&st))).ok_or("no cut".into()),
-            },
-        }
-    }
-
-    /// Tear the stack down (after a cut the drives ignore whatever this writes).
-    fn power_off(&mut self) -> Result<(), String> {
-        let mut err = None;
-        if self.fs_mounted {
-            if !umount_retrying(&self.fs_mnt(), Duration::from_secs(10)) {
-                err = Some(format!("{} stayed busy; unmounted lazily", self.fs_mnt().display()));
-            }
-            self.fs_mounted = false;
-        }
-        for dev in [self.fs_dev.take(), self.log_dev.take()].into_iter().flatten() {
-            losetup_detach(&dev);
-        }
-        self.fuse_pid.store(0, Ordering::SeqCst);
-        if let Some(mut f) = self.fuse.take() {
-            if let Err(e) = f.stop() {
-                err.get_or_insert(e);
-            }
-        }
-        err.map_or(Ok(()), Err)
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Err(e) = self.power_off() {
-            say(&format!("power-cut rig teardown: {e}"));
-        }
-    }
-}
-
-fn counters(stats: &serde_json::Value) -> Vec<DiskCounters> {
-    stats["disks"].as_array().map(|a| a.iter().map(DiskCounters::from_json).collect()).unwrap_or_default()
+fn heap_path(rig: &Rig) -> PathBuf {
+    rig.fs_mnt().join("power-cut.heap")
 }
 
 /// The child, SIGKILLed on drop if still there.
@@ -426,70 +217,38 @@ impl Report {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
     let started = Instant::now();
-    let mut rig = Rig::new();
+    let mut rig = Rig::new("powercut", Path::new(env!("CARGO_BIN_EXE_fams-fuse-disk")), LOG_DISK, FS_DISK);
     // FAMS_POWER_CUT_TRACE=DIR: keep a trace of every request the drives see, per power-on.
     rig.trace = std::env::var_os("FAMS_POWER_CUT_TRACE").map(PathBuf::from);
     if let Some(d) = &rig.trace {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
-    rig.lying_log_drive = cfg.lying_log_drive;
+    if cfg.lying_log_drive {
+        rig.lying_drive = Some("log".into());
+    }
     rig.power_on(true, false)?;
-    let heap_path = rig.heap_path();
+    let heap_path = heap_path(&rig);
     let mut f = FormatOptions::new(&heap_path, HEAP_SIZE);
     f.log_path = Some(rig.log_dev());
     Heap::format(&f).map_err(|e| format!("format: {e}"))?;
-
-    // A cycle takes well under a second. If one stalls (a kernel or FUSE hang), kill the FUSE
-    // program: that aborts the connection, every waiting request fails, and the test reports an
-    // error instead of hanging CI.
-    let progress = Arc::new(AtomicU64::new(0));
-    let finished = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (progress, finished, fuse_pid) = (progress.clone(), finished.clone(), rig.fuse_pid.clone());
-        std::thread::spawn(move || {
-            let (mut seen, mut since) = (u64::MAX, Instant::now());
-            while !finished.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(200));
-                let p = progress.load(Ordering::SeqCst);
-                if p != seen {
-                    (seen, since) = (p, Instant::now());
-                } else if since.elapsed() > Duration::from_secs(120) {
-                    let pid = fuse_pid.load(Ordering::SeqCst);
-                    say(&format!(
-                        "power-cut watchdog: no progress for 120 s in cycle {p}; killing fams-fuse-disk {pid}"
-                    ));
-                    if pid > 0 {
-                        // SAFETY: kill(2) on the FUSE program the rig started.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                    since = Instant::now();
-                }
-            }
-        })
-    };
-    let result = run_cycles(cfg, &mut rig, &heap_path, &progress);
-    finished.store(true, Ordering::SeqCst);
-    let _ = watchdog.join();
+    // Every step that waits on the drives runs under the FUSE watchdog (see `Rig`, and the
+    // guards in `run_cycles`): a wedged connection is aborted and the test fails, not hangs.
+    let result = run_cycles(cfg, &mut rig, &heap_path);
     let mut report = result?;
     report.seconds = started.elapsed().as_secs_f64();
     rig.power_off()?;
     Ok(report)
 }
 
-fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path, progress: &AtomicU64) -> Result<Report, String> {
+fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, String> {
     let trackers = trackers();
     let mut report = Report { loop_dio: rig.loop_dio, ..Report::default() };
     let mut model = Model::new(HEAP_SIZE as usize, cfg.seed);
     let mut last_acked = 0u64;
     let mut rng = Rng::new(cfg.seed ^ 0x0070_7765_7263_7574);
     for cycle in 0..cfg.cycles {
-        progress.store(cycle, Ordering::SeqCst);
         // Mostly the production default (io_uring + RWF_DSYNC), sometimes the other paths.
         let choice = Choice {
             tracker: trackers[rng.below(trackers.len() as u64) as usize],
@@ -538,6 +297,11 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path, progress: &AtomicU6
             })
         };
         drop(spawned); // the pid is ours to wait for (ChildProc); std's handle neither waits nor kills
+                       // The child does its I/O through the drives; freezing, cutting and killing it wait on
+                       // them. A cycle takes well under a second: past the patience, the watchdog aborts the
+                       // FUSE connection and the cycle fails instead of hanging.
+        let child_phase =
+            rig.fuse().guard(&format!("cycle {cycle}: the child's run, the cut and its kill"), FUSE_PATIENCE);
 
         // When and how the power goes: a tenth of the time at a random moment of start-up and
         // recovery; otherwise while the child commits: with the child frozen first (its I/O in
@@ -616,6 +380,13 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path, progress: &AtomicU6
             report.child_saw_io_errors += 1;
         }
         reader.join().map_err(|_| "reader thread panicked".to_string())?;
+        if child_phase.fired() {
+            return Err(format!(
+                "cycle {cycle}: the child's run, the cut and its kill took over {} s; the watchdog aborted the FUSE connection",
+                FUSE_PATIENCE.as_secs()
+            ));
+        }
+        drop(child_phase);
         let opened = out.ready.load(Ordering::SeqCst);
         let acked = out.last_ack.load(Ordering::SeqCst);
         if acked > last_acked {
@@ -647,7 +418,9 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path, progress: &AtomicU6
         }
         report.fsck_runs += fsck as u64;
         let opts = HeapOptions { log_path: Some(rig.log_dev()), ..HeapOptions::default() };
-        let heap = match Heap::open(heap_path, &opts) {
+        let recovered =
+            rig.fuse().watch(&format!("cycle {cycle}: recovery"), FUSE_PATIENCE, || Heap::open(heap_path, &opts))?;
+        let heap = match recovered {
             Ok(h) => h,
             Err(e) => {
                 report.violations += 1;
@@ -829,15 +602,6 @@ fn power_cut_catches_a_drive_that_ignores_flushes() {
     assert!(report.violations > 0, "a log drive that ignores flushes went unnoticed\n{}", report.summary());
 }
 
-/// A loop device on attached to an O_DIRECT-opened file, closed on drop.
-struct LoopGuard(PathBuf);
-
-impl Drop for LoopGuard {
-    fn drop(&mut self) {
-        losetup_detach(&self.0);
-    }
-}
-
 /// The drive model seen through the real kernel path, without fams: an O_DIRECT write to the loop
 /// device that was never flushed is lost at a cut; one followed by fdatasync, and one written with
 /// RWF_DSYNC (a FUA write), survive.
@@ -900,6 +664,56 @@ fn the_fuse_drive_loses_unflushed_writes_and_keeps_flushed_ones() {
     }
     // SAFETY: allocated above with this layout; `block` is not used after this.
     unsafe { std::alloc::dealloc(buf, layout) };
+}
+
+/// The FUSE watchdog: with the FUSE program frozen (SIGSTOP), a read through the mount would
+/// wait forever; the watchdog aborts the connection after its patience, the read fails, and
+/// the step reports which step hung — the test ends instead of hanging CI.
+#[test]
+fn the_watchdog_aborts_a_wedged_fuse_connection() {
+    use std::os::unix::fs::FileExt;
+    if is_child() {
+        return;
+    }
+    if let Some(why) = cannot_run() {
+        fams_tests::skip(&format!("FUSE watchdog test: {why}"));
+        return;
+    }
+    let dir = TempDir::new("watchdog");
+    let exe = Path::new(env!("CARGO_BIN_EXE_fams-fuse-disk"));
+    let spec = [DiskSpec { name: "d".into(), image: dir.join("d.img"), size: 1 << 20 }];
+    let mut fuse = FuseDisk::start(exe, &dir.join("m"), &spec, &dir.join("c.sock"), None).unwrap();
+    let connection = fuse.connection();
+    assert!(connection.is_some(), "the FUSE mount at {} is not in /proc/self/mountinfo", dir.join("m").display());
+    let pid = fuse.pid().expect("running") as libc::pid_t;
+    // Freeze the FUSE program: every request to it now waits.
+    // SAFETY: kill(2) on the FUSE program this test started; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Every thread of it, before the read is issued (a request it was just taking could pass).
+    wait_stopped(pid as u32, Duration::from_secs(10));
+    let path = fuse.disk_path("d");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::fs::File::open(&path).and_then(|f| f.read_at(&mut [0u8; 512], 0));
+        let _ = tx.send(r);
+    });
+    // Bounded even if the watchdog did nothing: then the receive times out and the test fails.
+    let mut read = None;
+    let watched = fuse.watch("reading from a frozen FUSE drive", Duration::from_secs(2), || {
+        read = rx.recv_timeout(Duration::from_secs(60)).ok();
+    });
+    // SAFETY: as above; let the program run again so it can see the aborted connection and end.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let err = match watched {
+        Err(e) => e,
+        Ok(()) => panic!("the watchdog did not fire: the read returned {read:?} within its patience"),
+    };
+    say(&format!("watchdog (connection {connection:?}): {err}"));
+    assert!(err.contains("aborted the FUSE connection"), "{err}");
+    let read = read.expect("the read still hung 60 s after the watchdog's abort");
+    assert!(read.is_err(), "a read through an aborted FUSE connection must fail, got {read:?}");
+    assert_eq!(fuse.watchdog_fired().len(), 1, "{:?}", fuse.watchdog_fired());
+    let _ = fuse.stop();
 }
 
 /// The committing child (runs only inside the process the test starts).
