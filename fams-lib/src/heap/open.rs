@@ -1,0 +1,232 @@
+//! Opening a heap: lock the heap file, open its log, recover (replay the log into the heap file),
+//! map the heap at its base address and arm the dirty-page tracker.
+
+use super::format::range_is_free;
+use super::*;
+
+/// Who holds a flock on `file`, from /proc/locks (best effort, for the error message).
+pub(crate) fn lock_holder(file: &File) -> String {
+    let Ok(meta) = file.metadata() else { return "unknown".into() };
+    let ino = meta.ino();
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return "unknown".into() };
+    for line in locks.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 12345 fd:01:123456 0 EOF"
+        if f.len() >= 6 && f[1] == "FLOCK" {
+            if let Some(i) = f[5].rsplit(':').next().and_then(|s| s.parse::<u64>().ok()) {
+                if i == ino {
+                    return f[4].to_string();
+                }
+            }
+        }
+    }
+    "unknown".into()
+}
+
+/// Open the heap file and take its exclusive lock.
+pub(crate) fn open_locked(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(path, "opening the heap file", e))?;
+    // A lock belongs to the open file description, and a process that forks (to exec a helper)
+    // while a heap is open briefly shares that description, so the lock can outlive our close()
+    // by the moment the child takes to exec. Retry for a short while before calling the heap taken.
+    let deadline = Instant::now() + LOCK_RETRY_MAX;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::io(path, "locking the heap file", e));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Locked { path: path.into(), holder: lock_holder(&file) });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+pub(crate) fn open_log_of(
+    path: &Path,
+    header: &HeapHeader,
+    opts: &HeapOptions,
+    storage: &mut dyn Storage,
+) -> Result<(PathBuf, Box<dyn io::LogDevice>)> {
+    let log_path = opts.log_path.clone().unwrap_or_else(|| header.resolve_log_path(path));
+    if !log_path.exists() {
+        return Err(Error::BadLogDevice {
+            path: log_path.clone(),
+            reason: format!(
+                "the log of heap {} is missing; without it commits since the last checkpoint are lost. Restore it, or pass its new location",
+                path.display()
+            ),
+        });
+    }
+    let dev = storage
+        .log(&log_path, &LogOpenOptions { io_path: opts.io_path, flush_mode: opts.flush_mode })
+        .map_err(|e| Error::io(&log_path, "opening the log", e))?;
+    if dev.size_bytes() < header.log_size {
+        return Err(Error::BadLogDevice {
+            path: log_path.clone(),
+            reason: format!(
+                "the log is {} bytes but was formatted as {}; it was truncated or is the wrong device",
+                dev.size_bytes(),
+                header.log_size
+            ),
+        });
+    }
+    Ok((log_path, dev))
+}
+
+/// Refuse a heap or log on a file system that forgets everything at a power cut.
+pub(super) fn refuse_volatile(what: &str, path: &Path) -> Result<()> {
+    match io::volatile_filesystem(path) {
+        Some(fs) => Err(Error::InvalidArgument(format!(
+            "{}: the {what} is on {fs}, which keeps data only in memory: nothing there survives a power cut. Put it on a disk (ext4, xfs, btrfs) or a block device",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<Heap> {
+    let file = open_locked(path)?;
+    let header = heap_file::read_header(&file, path)?;
+    refuse_volatile("heap", path)?;
+    let (log_path, mut dev) = open_log_of(path, &header, opts, storage)?;
+    refuse_volatile("log", &log_path)?;
+    let size = usize::try_from(header.heap_size)
+        .map_err(|_| Error::BadHeap { path: path.into(), reason: "heap larger than the address space".into() })?;
+
+    // Claim the address range before replaying, so a taken range fails fast and changes nothing.
+    if !range_is_free(header.base_addr, header.heap_size) {
+        return Err(Error::AddressTaken { path: path.into(), base: header.base_addr as usize, size });
+    }
+    let file = Arc::new(file);
+    let store = storage.heap(file.clone());
+    let recovered = recovery::recover(
+        dev.as_mut(),
+        &log_path,
+        store.as_ref(),
+        path,
+        &header,
+        recovery::Mode::Replay { salvage: opts.salvage },
+    )?;
+
+    // SAFETY: MAP_FIXED_NOREPLACE cannot clobber an existing mapping; the file is at least
+    // HEADER_BYTES + size long (checked by read_header), so every page is backed.
+    let base = unsafe {
+        libc::mmap(
+            header.base_addr as *mut libc::c_void,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            HEADER_BYTES as libc::off_t,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Err(Error::AddressTaken { path: path.into(), base: header.base_addr as usize, size });
+        }
+        return Err(Error::io(path, "mapping the heap", e));
+    }
+    if base as u64 != header.base_addr {
+        // SAFETY: unmapping the mapping we just made.
+        unsafe { libc::munmap(base, size) };
+        return Err(Error::AddressTaken { path: path.into(), base: header.base_addr as usize, size });
+    }
+    let base = base.cast::<u8>();
+    let unmap = || {
+        // SAFETY: undoing the mapping made above on an error path; nothing else refers to it.
+        unsafe { libc::munmap(base.cast(), size) };
+    };
+    // SAFETY: advice on our own mapping; huge pages would coarsen tracking to 2 MiB.
+    unsafe { libc::madvise(base.cast(), size, libc::MADV_NOHUGEPAGE) };
+    // SAFETY: [base, base+size) is the mapping made above, owned by the heap; the heap drops its
+    // tracker before unmapping it (see `Drop for Heap`).
+    let tracker = match unsafe { tracker::arm(opts.tracker, base, size) } {
+        Ok(t) => t,
+        Err(e) => {
+            unmap();
+            return Err(Error::Tracker(e));
+        }
+    };
+
+    let report = recovered.report;
+    let capacity_bytes = recovered.superblock.capacity_bytes();
+    let last_lsn = report.next_lsn - 1;
+    let shared = match Shared::new(last_lsn) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            unmap();
+            return Err(Error::io(path, "creating the durability eventfd", e));
+        }
+    };
+    let (log_kind, io_path, flush_mode) = (dev.kind(), dev.io_path(), dev.flush_mode());
+    let io_fallback = dev.fallback_reason().map(str::to_string);
+    let writer = LogWriter {
+        dev,
+        log_path: log_path.clone(),
+        heap_file: store.clone(),
+        heap_path: path.into(),
+        superblock: recovered.superblock,
+        head: recovered.head,
+        used_bytes: 0,
+        heap_size_bytes: header.heap_size,
+        full_image_logged: commit::PageSet::new(header.heap_size / PAGE_SIZE as u64),
+        checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),
+        shared: shared.clone(),
+    };
+    let writer_core: commit::WriterCore = Arc::new(std::sync::Mutex::new(writer));
+    let (core, thread_shared) = (writer_core.clone(), shared.clone());
+    let manual = opts.writer == WriterMode::Manual;
+    let writer = if manual {
+        None
+    } else {
+        let thread = std::thread::Builder::new()
+            .name("fams-log-writer".into())
+            .spawn(move || commit::run_writer_thread(core, thread_shared))
+            .map_err(|e| {
+                unmap();
+                Error::io(path, "starting the log writer thread", e)
+            })?;
+        Some(thread)
+    };
+    Ok(Heap {
+        path: path.into(),
+        header,
+        base,
+        size,
+        _file: file,
+        store,
+        tracker: std::mem::ManuallyDrop::new(tracker),
+        shared,
+        writer_core,
+        writer,
+        manual,
+        log_path,
+        log_kind,
+        io_path,
+        flush_mode,
+        io_fallback,
+        capacity_bytes,
+        next_lsn: report.next_lsn,
+        in_flight_commits_max: opts.in_flight_commits_max,
+        in_flight_bytes_max: opts.in_flight_bytes_max,
+        page_last_lsn: HashMap::new(),
+        shadow_pages: HashMap::new(),
+        carried_pages: Vec::new(),
+        dirty_scratch: Vec::new(),
+        page_scratch: vec![0u8; PAGE_SIZE],
+        stats: Stats::default(),
+        recovery: report,
+    })
+}
