@@ -1,10 +1,10 @@
 //! `famsd bench`: commit latency and recovery time on the user's own device, next to the
 //! device floor and the baselines, all measured in the same run and reported as ratios.
 
+use crate::progress::Progress;
 use fams::TrackerKind;
 use fams_bench::{CommitResult, RecoveryResult, Samples, Target};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 pub struct BenchConfig {
     pub dir: PathBuf,
@@ -51,36 +51,6 @@ pub fn check_device(dev: &Path, force: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Progress lines on stderr: "[###.....] 3/10 what (12 s)".
-pub(crate) struct Progress {
-    on: bool,
-    step: usize,
-    steps: usize,
-    pub(crate) started: Instant,
-}
-
-impl Progress {
-    pub(crate) fn new(on: bool, steps: usize) -> Progress {
-        Progress { on, step: 0, steps, started: Instant::now() }
-    }
-
-    pub(crate) fn next(&mut self, what: &str) {
-        self.step += 1;
-        if self.on {
-            let width = 24;
-            let done = width * (self.step - 1) / self.steps;
-            eprintln!(
-                "[{}{}] {}/{} {what} ({:.0} s)",
-                "#".repeat(done),
-                ".".repeat(width - done),
-                self.step,
-                self.steps,
-                self.started.elapsed().as_secs_f64()
-            );
-        }
-    }
-}
-
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     if let Some(dev) = &cfg.log_device {
         check_device(dev, cfg.force)?;
@@ -111,12 +81,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         .into_iter()
         .filter(|t| uffd || !matches!(t, Some(TrackerKind::Uffd) | Some(TrackerKind::Regions)))
         .collect();
-    let mut p = Progress {
-        on: cfg.progress,
-        step: 0,
-        steps: page_rows.len() * trackers.len() + BASELINES + 1 + recovery_rows.len(),
-        started: Instant::now(),
-    };
+    let mut p = Progress::new(cfg.progress, page_rows.len() * trackers.len() + BASELINES + 1 + recovery_rows.len());
 
     let mut commits = Vec::new();
     for tracker in &trackers {

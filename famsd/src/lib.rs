@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod demo;
 pub mod node;
 pub mod power_loss;
+mod progress;
 pub mod torture;
 pub mod turn_bench;
 pub mod turn_sim;

@@ -327,6 +327,7 @@ pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
     x.model.at = at0;
     x.acked = acked0.max(at0);
     let mut heap = x.open().map_err(|e| format!("reopening for the random phase: {e}"))?;
+    let progress = crate::progress::Progress::new(cfg.progress, cfg.states as usize);
     let mut state = x.report.states;
     while x.report.states < cfg.states {
         state += 1;
@@ -338,15 +339,12 @@ pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
             Some(h) => h,
             None => return Ok(x.report),
         };
-        if cfg.progress && state % 100 == 0 {
-            eprint!(
-                "\rpower-loss states {}/{}  commit {}  violations {}   ",
-                x.report.states, cfg.states, x.report.final_commit, x.report.violations
+        if state % 100 == 0 {
+            progress.at(
+                x.report.states,
+                format!("power-loss states, commit {}, violations {}", x.report.final_commit, x.report.violations),
             );
         }
-    }
-    if cfg.progress {
-        eprintln!();
     }
     drop(heap);
     Ok(x.report)

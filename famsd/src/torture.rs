@@ -150,6 +150,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
     let mut model = Model::new(cfg.heap_size_bytes.div_ceil(4096) as usize * 4096, cfg.seed);
     let mut last_acked = 0u64;
     let mut rng = Rng::new(cfg.seed ^ 0xdead_beef);
+    let progress = crate::progress::Progress::new(cfg.progress, cfg.cycles as usize);
     for cycle in 0..cfg.cycles {
         let mut child = spawn_child(cfg, cycle)?;
         let mut out = BufReader::new(child.stdout.take().expect("piped"));
@@ -238,17 +239,10 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
         report.final_commit = c;
         report.cycles += 1;
         drop(heap);
-        if cfg.progress {
-            eprint!(
-                "\rcycle {}/{}  commit {c}  acked {last_acked}  violations {}   ",
-                cycle + 1,
-                cfg.cycles,
-                report.violations
-            );
-        }
-    }
-    if cfg.progress {
-        eprintln!();
+        progress.at(
+            cycle + 1,
+            format!("SIGKILL cycles, commit {c}, acked {last_acked}, violations {}", report.violations),
+        );
     }
     Ok(report)
 }

@@ -15,8 +15,8 @@
 //! the window-1 rows against the commit floor measured just before and just after them — and
 //! the median over the rounds is reported, with each round's ratio beside it.
 
-use crate::bench::Progress;
 use crate::cluster::free_ports;
+use crate::progress::Progress;
 use fams::io::FlushMode;
 use fams_bench::turns::{ken_pingpong, udp_round_trip, KenRun, MESSAGE_BYTES};
 use fams_bench::{Samples, Target};

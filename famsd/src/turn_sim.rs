@@ -81,26 +81,25 @@ impl TurnSimReport {
 fn run_all<A: App>(mut cluster: Cluster<A>, cfg: &TurnSimConfig) -> (Totals, u64) {
     let mut totals = Totals::default();
     let mut last = 0;
+    let progress = crate::progress::Progress::new(cfg.progress, cfg.seeds as usize);
     for k in 0..cfg.seeds {
         let seed = cfg.first_seed.wrapping_add(k);
         let r: SeedReport = cluster.run_seed(seed);
         last = r.trace_hash;
         if cfg.progress && r.violations > 0 {
-            eprintln!("seed {seed}: {} violations (replay: --seed {seed} --seeds 1)", r.violations);
+            progress.println(&format!("seed {seed}: {} violations (replay: --seed {seed} --seeds 1)", r.violations));
             for d in &r.details {
-                eprintln!("  {d}");
+                progress.println(&format!("  {d}"));
             }
         }
         totals.add(&r);
-        if cfg.progress && (k + 1) % 100 == 0 {
-            eprintln!(
-                "{} seeds: {} turns, {} kills, {} power cuts ({} during recovery), {} violations",
-                totals.seeds,
-                totals.turns,
-                totals.kills,
-                totals.power_cuts,
-                totals.cuts_during_recovery,
-                totals.violations
+        if (k + 1) % 20 == 0 {
+            progress.at(
+                k + 1,
+                format!(
+                    "seeds: {} turns, {} kills, {} power cuts ({} during recovery), {} violations",
+                    totals.turns, totals.kills, totals.power_cuts, totals.cuts_during_recovery, totals.violations
+                ),
             );
         }
     }
