@@ -4,6 +4,7 @@
 use crate::progress::Progress;
 use fams::TrackerKind;
 use fams_bench::{CommitResult, RecoveryResult, Samples, Target};
+use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
 pub struct BenchConfig {
@@ -236,61 +237,73 @@ impl BenchReport {
         println!("\n(measured in {:.0} s; ratios compare rows of this run on this device)", self.seconds);
     }
 
-    /// Two charts: commit latency vs dirty pages, recovery time vs log size; floor and
-    /// baselines on the same axes.
-    pub fn svg(&self) -> String {
+    /// Two log-log charts, drawn with plotters: commit latency p50 vs dirty pages (fams, the
+    /// device floor for the same bytes, and each baseline's 1-page update as a horizontal line),
+    /// and recovery time vs MiB of log (fams, the O_DIRECT read floor). Axes carry values and
+    /// units; a legend names every line.
+    pub fn svg(&self) -> Result<String, String> {
+        let tracker = self.commits.first().map(|c| c.tracker).unwrap_or_default();
+        let of_tracker = || self.commits.iter().filter(|c| c.tracker == tracker);
+        let fams_pts: Vec<(f64, f64)> = of_tracker().map(|c| (c.pages as f64, c.samples.p50())).collect();
+        let floor_pts: Vec<(f64, f64)> = of_tracker().map(|c| (c.pages as f64, c.floor.p50())).collect();
+        let base: Vec<(String, f64)> = self
+            .baselines
+            .iter()
+            .map(|(n, s)| {
+                let label = match *n {
+                    "sqlite_wal" => "SQLite WAL, synchronous=FULL (1 page)",
+                    "lmdb" => "LMDB (1 page)",
+                    "ken_style" => "Ken-style checkpoint file (1 page)",
+                    _ => "msync MAP_SHARED, not atomic (1 page)",
+                };
+                (label.to_string(), s.p50())
+            })
+            .collect();
+        let of_1gib = || self.recoveries.iter().filter(|r| r.heap_bytes == 1 << 30);
+        let rec: Vec<(f64, f64)> = of_1gib().map(|r| (r.log_mib as f64, r.ms)).collect();
+        let rec_floor: Vec<(f64, f64)> = of_1gib().map(|r| (r.log_mib as f64, r.floor_ms)).collect();
         let mut out = String::new();
-        let (w, h) = (900.0, 380.0);
-        out.push_str(&format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-        ));
-        let fams_pts: Vec<(f64, f64)> = self
-            .commits
-            .iter()
-            .filter(|c| c.tracker == self.commits[0].tracker)
-            .map(|c| (c.pages as f64, c.samples.p50()))
-            .collect();
-        let floor_pts: Vec<(f64, f64)> = self
-            .commits
-            .iter()
-            .filter(|c| c.tracker == self.commits[0].tracker)
-            .map(|c| (c.pages as f64, c.floor.p50()))
-            .collect();
-        let base: Vec<(String, f64)> = self.baselines.iter().map(|(n, s)| (n.to_string(), s.p50())).collect();
-        out.push_str(&chart(
-            20.0,
-            "commit latency p50 (µs) vs dirty pages",
-            &[("fams", "#1f77b4", fams_pts), ("floor: O_DIRECT write + flush", "#2ca02c", floor_pts)],
-            &base,
-            true,
-        ));
-        let rec: Vec<(f64, f64)> =
-            self.recoveries.iter().filter(|r| r.heap_bytes == 1 << 30).map(|r| (r.log_mib as f64, r.ms)).collect();
-        let recf: Vec<(f64, f64)> = self
-            .recoveries
-            .iter()
-            .filter(|r| r.heap_bytes == 1 << 30)
-            .map(|r| (r.log_mib as f64, r.floor_ms))
-            .collect();
-        out.push_str(&chart(
-            470.0,
-            "recovery (ms) vs log MiB",
-            &[("fams", "#1f77b4", rec), ("floor: O_DIRECT read", "#2ca02c", recf)],
-            &[],
-            true,
-        ));
-        out.push_str("</svg>\n");
-        out
+        {
+            let root = SVGBackend::with_string(&mut out, (1100, 460)).into_drawing_area();
+            root.fill(&WHITE).map_err(plot_err)?;
+            let (left, right) = root.split_horizontally(560);
+            chart(
+                &left,
+                &format!("commit latency p50 ({tracker} tracker)"),
+                ("dirty pages per commit", "µs"),
+                &[("fams commit", BLUE, fams_pts), ("floor: O_DIRECT write + flush, same bytes", GREEN, floor_pts)],
+                &base,
+            )?;
+            chart(
+                &right,
+                "recovery time (1 GiB heap)",
+                ("MiB of log records", "ms"),
+                &[("fams recovery", BLUE, rec), ("floor: O_DIRECT read of the same bytes", GREEN, rec_floor)],
+                &[],
+            )?;
+            root.present().map_err(plot_err)?;
+        }
+        Ok(out)
     }
 }
 
 /// (name, colour, points) of one line in a chart.
-type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
-/// One log-log chart at x offset `x0`, 410×330.
-fn chart(x0: f64, title: &str, series: &[Series<'_>], hlines: &[(String, f64)], log_y: bool) -> String {
-    let (cw, ch, left, top) = (410.0, 300.0, 55.0, 30.0);
-    let xs: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.0)).collect();
+fn plot_err<E: std::fmt::Debug>(e: E) -> String {
+    format!("drawing the benchmark chart: {e:?}")
+}
+
+/// One log-log chart on `area`: `series` as lines with points, `hlines` (label, y) as horizontal
+/// lines across the whole x range; axis descriptions `(x, y)`.
+fn chart<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[Series<'_>],
+    hlines: &[(String, f64)],
+) -> Result<(), String> {
+    let xs: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.0)).filter(|x| *x > 0.0).collect();
     let ys: Vec<f64> = series
         .iter()
         .flat_map(|s| s.2.iter().map(|p| p.1))
@@ -298,58 +311,46 @@ fn chart(x0: f64, title: &str, series: &[Series<'_>], hlines: &[(String, f64)], 
         .filter(|y| *y > 0.0)
         .collect();
     if xs.is_empty() || ys.is_empty() {
-        return String::new();
+        return Ok(());
     }
-    let lx = |v: f64| v.max(1e-9).log10();
-    let (xmin, xmax) =
-        (lx(xs.iter().cloned().fold(f64::MAX, f64::min)), lx(xs.iter().cloned().fold(0.0, f64::max)) + 1e-9);
-    let ty = |v: f64| if log_y { v.max(1e-9).log10() } else { v };
-    let (ymin, ymax) =
-        (ty(ys.iter().cloned().fold(f64::MAX, f64::min)) - 0.2, ty(ys.iter().cloned().fold(0.0, f64::max)) + 0.2);
-    let px = |x: f64| x0 + left + (lx(x) - xmin) / (xmax - xmin).max(1e-9) * (cw - left - 10.0);
-    let py = |y: f64| top + ch - (ty(y) - ymin) / (ymax - ymin).max(1e-9) * ch;
-    let mut s = format!("<text x=\"{}\" y=\"18\" font-weight=\"bold\">{title}</text>\n", x0 + left);
-    s.push_str(&format!(
-        "<rect x=\"{}\" y=\"{top}\" width=\"{}\" height=\"{ch}\" fill=\"none\" stroke=\"#888\"/>\n",
-        x0 + left,
-        cw - left - 10.0
-    ));
-    for (i, (name, color, pts)) in series.iter().enumerate() {
-        let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
-        s.push_str(&format!(
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
-            path.join(" ")
-        ));
-        for &(x, y) in pts {
-            s.push_str(&format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n", px(x), py(y)));
-            s.push_str(&format!(
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{y:.0}</text>\n",
-                px(x) + 4.0,
-                py(y) - 4.0
-            ));
-        }
-        s.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n",
-            x0 + left + 8.0,
-            top + 16.0 + 14.0 * i as f64
-        ));
+    let (xmin, xmax) = (xs.iter().cloned().fold(f64::MAX, f64::min), xs.iter().cloned().fold(0.0, f64::max));
+    let (ymin, ymax) = (ys.iter().cloned().fold(f64::MAX, f64::min), ys.iter().cloned().fold(0.0, f64::max));
+    let (x0, x1) = (xmin / 1.5, xmax * 1.5);
+    let mut c = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((x0..x1).log_scale(), (ymin / 2.0..ymax * 4.0).log_scale())
+        .map_err(plot_err)?;
+    c.configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| if *v >= 10.0 { format!("{v:.0}") } else { format!("{v:.1}") })
+        .draw()
+        .map_err(plot_err)?;
+    for (name, color, pts) in series {
+        let color = *color;
+        c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(plot_err)?;
     }
     for (i, (name, y)) in hlines.iter().enumerate() {
-        let yy = py(*y);
-        s.push_str(&format!(
-            "<line x1=\"{}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#d62728\" stroke-dasharray=\"4 3\"/>\n<text x=\"{}\" y=\"{:.1}\" fill=\"#d62728\" font-size=\"10\">{name} (1 page) {y:.0}</text>\n",
-            x0 + left,
-            x0 + cw - 10.0,
-            x0 + left + 150.0 + 0.0 * i as f64,
-            yy - 3.0
-        ));
+        let color = Palette99::pick(i + 2).to_rgba();
+        c.draw_series(LineSeries::new([(x0, *y), (x1, *y)], color.stroke_width(1)))
+            .map_err(plot_err)?
+            .label(format!("{name}: {y:.0}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
     }
-    for &x in &xs {
-        s.push_str(&format!(
-            "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"middle\">{x}</text>\n",
-            px(x),
-            top + ch + 14.0
-        ));
-    }
-    s
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(())
 }

@@ -622,7 +622,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 write_json(&path, &report.to_json(&cfg))?;
             }
             if let Some(svg) = svg {
-                std::fs::write(&svg, report.svg()).map_err(|e| format!("{}: {e}", svg.display()))?;
+                std::fs::write(&svg, report.svg()?).map_err(|e| format!("{}: {e}", svg.display()))?;
                 eprintln!("wrote {}", svg.display());
             }
             Ok(ExitCode::SUCCESS)

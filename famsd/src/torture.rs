@@ -239,10 +239,8 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
         report.final_commit = c;
         report.cycles += 1;
         drop(heap);
-        progress.at(
-            cycle + 1,
-            format!("SIGKILL cycles, commit {c}, acked {last_acked}, violations {}", report.violations),
-        );
+        progress
+            .at(cycle + 1, format!("SIGKILL cycles, commit {c}, acked {last_acked}, violations {}", report.violations));
     }
     Ok(report)
 }
