@@ -50,6 +50,7 @@ use crate::error::Error;
 use crate::heap_file::{HEADER_BYTES, PAGE_SIZE};
 use crate::io::{AlignedBuf, LogDevice};
 use crate::log_format::{self, RecordHeader, Superblock, RECORD_HEADER_BYTES};
+use crate::mutations::{self, Mutation};
 use crate::recovery::write_superblock;
 use crate::storage::HeapStore;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -518,6 +519,12 @@ impl LogWriter {
         }
         let first_lsn = group[0].lsn;
         let last_lsn = group[group.len() - 1].lsn;
+        // Negative control (`mutations` builds only): the group's bytes reach the heap file
+        // before its record is even written — and before a checkpoint that makes room for it,
+        // whose fdatasync would then make them durable with no record to explain them.
+        if mutations::is_on(Mutation::WriteBackBeforeDurable) {
+            self.write_back(&group)?;
+        }
         // Room for the group at its largest, plus what a wrap can skip (less than one record).
         let bytes_max: u64 = group.iter().map(|r| r.total_len_max()).sum();
         let record_max = group.iter().map(|r| r.total_len_max()).max().unwrap_or(0);
@@ -585,6 +592,12 @@ impl LogWriter {
             segments.push((self.superblock.area_start, &seg_b));
         }
 
+        // Negative control (`mutations` builds only): tell the waiters the group is durable
+        // before its log write is issued.
+        if mutations::is_on(Mutation::CommitAckBeforeDurable) {
+            self.shared.lock().durable_lsn = last_lsn;
+            self.shared.announce();
+        }
         let started = Instant::now();
         self.dev
             .write_durable(&segments)
@@ -640,6 +653,10 @@ impl LogWriter {
     /// back) with the record's entries applied; later touches in the same group or after it are
     /// diffs against a page that replay has already rebuilt whole.
     fn add_full_images(&mut self, group: &mut [QueuedRecord]) -> Result<(), String> {
+        // Negative control (`mutations` builds only): leave every first change a diff.
+        if mutations::is_on(Mutation::SkipFullPageImage) {
+            return Ok(());
+        }
         let mut image = vec![0u8; PAGE_SIZE];
         for r in group.iter_mut() {
             let entries = log_format::decode_entries(&r.payload, r.entry_count, self.heap_size_bytes)
@@ -700,9 +717,10 @@ impl LogWriter {
 
     /// Make the heap file hold everything logged so far, then free the log up to the head.
     fn checkpoint(&mut self) -> Result<(), String> {
-        // The `broken-protocol` feature exists only to prove the crash tests can fail: it moves
-        // the tail without making the heap file durable first. Never enable it otherwise.
-        if !cfg!(feature = "broken-protocol") {
+        // The heap file must hold everything up to the new tail durably before the superblock
+        // says replay may start there. (The mutation `checkpoint-without-heap-sync`, in
+        // `mutations` builds only, skips this to show the crash tests catch it.)
+        if !mutations::is_on(Mutation::CheckpointWithoutHeapSync) {
             self.heap_file
                 .sync_data()
                 .map_err(|e| format!("{}: fdatasync at checkpoint: {e}", self.heap_path.display()))?;

@@ -5,6 +5,12 @@
 //!
 //! One is chosen at run time with [`set`], or with the environment variable `FAMS_MUTATION` (read
 //! once, at the first check or [`set`]) — so node processes spawned by a harness inherit it.
+//! `famsd torture --list-mutations` lists them; `famsd torture --power-loss --mutation NAME` runs
+//! the crash explorer with one switched on.
+//!
+//! Each mutation is hooked where the real logic lives (the hook names the file): the mutated
+//! build runs the product's own code path with one step broken, so a check that catches it has
+//! shown it can see that class of bug.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Once;
@@ -25,6 +31,74 @@ pub enum Mutation {
     /// the gap before it to fill (the gap's message is then dropped as old). Hook:
     /// `transport::endpoint`, `Peer::ready_to_deliver`.
     FifoReorder,
+    /// A checkpoint moves the log tail without first making the heap file durable (no
+    /// fdatasync), so records the heap file has not made durable can be dropped from replay.
+    /// Hook: `commit.rs`, `LogWriter::checkpoint`.
+    CheckpointWithoutHeapSync,
+    /// A group's tickets are reported durable (the durable LSN advances, waiters wake) before its
+    /// log write is issued, let alone durable. Hook: `commit.rs`, `LogWriter::commit_group`.
+    CommitAckBeforeDurable,
+    /// A group's committed bytes are written into the heap file as soon as the log writer takes
+    /// the group, before its record is written to the log (and before any checkpoint the group
+    /// needs to fit). Hook: `commit.rs`, `LogWriter::commit_group`.
+    WriteBackBeforeDurable,
+    /// After a checkpoint, the first change of a page is logged as a diff, not as the whole page
+    /// image the design requires (a diff cannot repair a heap-file page torn during write-back).
+    /// Hook: `commit.rs`, `LogWriter::add_full_images`.
+    SkipFullPageImage,
+    /// Recovery replays a record whose header is intact without checking its payload checksum
+    /// (a torn record is replayed as if whole). Hook: `recovery.rs`, `recover`.
+    TrustRecordWithoutCrc,
+    /// The log drive acknowledges flushes (and FUA writes) without making anything durable. Not
+    /// a bug in fams's code but in the hardware under it: hooked in the drives the crash tests
+    /// simulate — the power-loss simulator's log disk (`sim/mod.rs`, `SimLog::write_durable`)
+    /// and, on the real kernel path, the FUSE-backed drive of `tests/tests/power_cut.rs` (its
+    /// lying mode); fams's own I/O code is unchanged, so the tests show they see the drive.
+    DriveIgnoresFlushes,
+}
+
+/// Which part of the product a mutation breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    /// The persistent heap: commit path, checkpoints, recovery, the log device. Caught by the
+    /// power-loss explorer and the real-kernel power-cut test.
+    Heap,
+    /// The turn manager and the transport. Caught by the cluster simulation and the output-commit
+    /// test.
+    Turns,
+}
+
+impl Layer {
+    /// `"heap"` or `"turns"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Heap => "heap",
+            Layer::Turns => "turns",
+        }
+    }
+}
+
+impl Mutation {
+    /// The part of the product it breaks.
+    pub fn layer(self) -> Layer {
+        match self {
+            Mutation::TransmitBeforeDurable
+            | Mutation::AckBeforeDurable
+            | Mutation::NoDuplicateSuppression
+            | Mutation::FifoReorder => Layer::Turns,
+            Mutation::CheckpointWithoutHeapSync
+            | Mutation::CommitAckBeforeDurable
+            | Mutation::WriteBackBeforeDurable
+            | Mutation::SkipFullPageImage
+            | Mutation::TrustRecordWithoutCrc
+            | Mutation::DriveIgnoresFlushes => Layer::Heap,
+        }
+    }
+
+    /// Its name in [`ALL`] (what [`set`] and `FAMS_MUTATION` take).
+    pub fn name(self) -> &'static str {
+        ALL.iter().find(|(m, _, _)| *m == self).map_or("?", |(_, n, _)| *n)
+    }
 }
 
 /// Every mutation: (mutation, name, what it breaks).
@@ -49,7 +123,42 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         "fifo-reorder",
         "the transport delivers buffered out-of-order messages without waiting for the gap (FIFO)",
     ),
+    (
+        Mutation::CheckpointWithoutHeapSync,
+        "checkpoint-without-heap-sync",
+        "a checkpoint moves the log tail before the heap file is durable (no fdatasync)",
+    ),
+    (
+        Mutation::CommitAckBeforeDurable,
+        "commit-ack-before-durable",
+        "a commit's ticket is reported durable before its log record is written and flushed",
+    ),
+    (
+        Mutation::WriteBackBeforeDurable,
+        "write-back-before-durable",
+        "committed bytes are written into the heap file before their log record is durable",
+    ),
+    (
+        Mutation::SkipFullPageImage,
+        "skip-full-page-image",
+        "the first change of a page after a checkpoint is logged as a diff, not the full page image",
+    ),
+    (
+        Mutation::TrustRecordWithoutCrc,
+        "trust-record-without-crc",
+        "recovery replays a log record without checking its payload checksum",
+    ),
+    (
+        Mutation::DriveIgnoresFlushes,
+        "drive-ignores-flushes",
+        "the log drive acknowledges flushes and FUA writes without making anything durable",
+    ),
 ];
+
+/// The mutations of one layer, in [`ALL`] order.
+pub fn of_layer(layer: Layer) -> impl Iterator<Item = &'static (Mutation, &'static str, &'static str)> {
+    ALL.iter().filter(move |(m, _, _)| m.layer() == layer)
+}
 
 /// 0: none; i + 1: `ALL[i]`.
 static CURRENT: AtomicU8 = AtomicU8::new(0);
@@ -86,6 +195,17 @@ fn switch(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The mutation switched on, if any (always None without the `mutations` feature). A harness
+/// passes it on to the processes it spawns as `FAMS_MUTATION`.
+pub fn current() -> Option<Mutation> {
+    if !cfg!(feature = "mutations") {
+        return None;
+    }
+    init();
+    let i = CURRENT.load(Ordering::Relaxed) as usize;
+    (i > 0).then(|| ALL[i - 1].0)
+}
+
 /// Is `m` switched on? Always false without the `mutations` feature.
 pub fn is_on(m: Mutation) -> bool {
     if !cfg!(feature = "mutations") {
@@ -99,4 +219,30 @@ pub fn is_on(m: Mutation) -> bool {
 /// Whether `transmit-before-durable` is on.
 pub fn transmit_before_durable() -> bool {
     is_on(Mutation::TransmitBeforeDurable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mutation_has_one_entry_and_its_name_finds_it() {
+        for (i, (m, name, _)) in ALL.iter().enumerate() {
+            assert_eq!(m.name(), *name);
+            assert_eq!(ALL.iter().position(|(o, _, _)| o == m), Some(i), "{name} listed twice");
+            assert_eq!(ALL.iter().filter(|(_, n, _)| n == name).count(), 1, "name {name} taken twice");
+        }
+        assert!(of_layer(Layer::Heap).count() >= 6 && of_layer(Layer::Turns).count() >= 4);
+    }
+
+    #[cfg(not(feature = "mutations"))]
+    #[test]
+    fn a_product_build_refuses_every_mutation() {
+        for (m, name, _) in ALL {
+            assert!(set(name).is_err(), "{name} accepted in a build without the feature");
+            assert!(!is_on(*m));
+        }
+        assert_eq!(current(), None);
+        assert!(set("none").is_ok());
+    }
 }

@@ -131,7 +131,9 @@ famsd bench --turns --quick                     # ping-pong turns vs 2 × commit
     #[command(after_help = "Examples:\n  famsd torture --cycles 300 --json\n  \
 famsd torture --cycles 300 --log /dev/loop0 --tracker mprotect\n  \
 famsd torture --power-loss --states 100000 --seed 7 --json\n  \
-famsd torture --turns --seeds 1000 --nodes 5 --app ring --json")]
+famsd torture --turns --seeds 1000 --nodes 5 --app ring --json\n  \
+famsd torture --list-mutations\n  \
+famsd torture --power-loss --states 2000 --mutation skip-full-page-image   (a `--features mutations` build)")]
     Torture {
         /// Simulated power cuts instead of SIGKILL: the heap runs on a simulated machine whose
         /// disks have volatile write caches.
@@ -152,10 +154,15 @@ famsd torture --turns --seeds 1000 --nodes 5 --app ring --json")]
         /// With --turns: the application, bank or ring.
         #[arg(long, default_value = "bank")]
         app: famsd::turn_sim::SimApp,
-        /// With --turns: switch on a deliberate bug (builds with `--features mutations`); `list`
-        /// lists them.
+        /// Switch on a deliberate bug (a negative control; builds with `--features mutations`
+        /// only): a heap mutation with --power-loss or the SIGKILL torture, a turn mutation with
+        /// --turns. The checks must then report violations. See --list-mutations.
         #[arg(long)]
         mutation: Option<String>,
+        /// List the deliberate bugs --mutation takes: name, layer (heap or turns), what it breaks
+        /// (with --json: one JSON array). Works in every build; only `mutations` builds run them.
+        #[arg(long)]
+        list_mutations: bool,
         /// With --power-loss: how many crash states to explore and verify.
         #[arg(long, default_value_t = 10_000)]
         states: u64,
@@ -472,6 +479,25 @@ fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<(), Strin
     Ok(())
 }
 
+/// `famsd torture --list-mutations`: every deliberate bug, its layer and what it breaks.
+fn list_mutations(json: bool) {
+    let all = fams::mutations::ALL;
+    if json {
+        let v: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(m, name, what)| serde_json::json!({"name": name, "layer": m.layer().name(), "breaks": what}))
+            .collect();
+        print_json(&serde_json::Value::Array(v));
+    } else {
+        for (m, name, what) in all {
+            println!("{name:<30} {:<6} {what}", m.layer().name());
+        }
+        if !cfg!(feature = "mutations") {
+            println!("(this build has no mutations: build with --features mutations to run them)");
+        }
+    }
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
@@ -628,13 +654,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { dir } => demo::run(&dir).map(|_| ExitCode::SUCCESS),
+        Cmd::Torture { list_mutations: true, json, .. } => {
+            list_mutations(json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Torture { mutation: Some(m), json, .. } if m == "list" => {
+            list_mutations(json);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Torture { turns: true, seeds, nodes, app, mutation, dir, seed, json, .. } => {
-            if mutation.as_deref() == Some("list") {
-                for (_, name, what) in fams::mutations::ALL {
-                    println!("{name:<26} {what}");
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
             if let Some(m) = &mutation {
                 fams::mutations::set(m)?;
             }
@@ -666,7 +694,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(if t.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
-        Cmd::Torture { power_loss: true, states, sync_only, tracker, dir, seed, json, .. } => {
+        Cmd::Torture { power_loss: true, states, sync_only, tracker, dir, seed, json, mutation, .. } => {
+            if let Some(m) = &mutation {
+                fams::mutations::set(m)?;
+            }
             let dir = WorkDir::new(dir, "torture");
             let cfg = famsd::power_loss::PowerLossConfig {
                 states,
@@ -704,8 +735,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             flush_mode,
             force,
             json,
+            mutation,
             ..
         } => {
+            // The children inherit it (`torture::spawn_child` passes it on as FAMS_MUTATION).
+            if let Some(m) = &mutation {
+                fams::mutations::set(m)?;
+            }
             let dir = WorkDir::new(dir, "torture");
             let log_size = if log.as_ref().is_some_and(|l| is_block_device(l)) { None } else { Some(log_size) };
             let cfg = torture::TortureConfig {
@@ -871,9 +907,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
             mutation,
         } => {
             if mutation.as_deref() == Some("list") {
-                for (_, name, what) in fams::mutations::ALL {
-                    println!("{name:<26} {what}");
-                }
+                list_mutations(json);
                 return Ok(ExitCode::SUCCESS);
             }
             if let Some(m) = &mutation {

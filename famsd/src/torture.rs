@@ -140,6 +140,11 @@ fn spawn_child(cfg: &TortureConfig, cycle: u64) -> Result<Child, String> {
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
     cfg.choice.add_args(&mut cmd);
+    // A negative control (`mutations` builds): the child commits with the same deliberate bug.
+    match fams::mutations::current() {
+        Some(m) => cmd.env("FAMS_MUTATION", m.name()),
+        None => cmd.env_remove("FAMS_MUTATION"),
+    };
     cmd.spawn().map_err(|e| format!("spawning the torture child: {e}"))
 }
 
@@ -263,9 +268,6 @@ pub fn child(heap_path: &Path, seed: u64, run_seed: u64, choice: &HeapChoice) ->
 pub struct CommitterMode {
     /// Also make some commits with the synchronous `commit()` (a quarter, when none is in flight).
     pub sync_commits: bool,
-    /// Break the promise on purpose: say "ack k" as soon as commit k is handed to the log writer,
-    /// before it is durable (to show a crash test catches it).
-    pub ack_before_durable: bool,
 }
 
 /// The workload's committing loop, shared by the crash tests' children: from the heap's current
@@ -297,9 +299,6 @@ pub fn commit_forever(
                 continue;
             }
             let t = heap.commit_async().map_err(|e| e.to_string())?;
-            if mode.ack_before_durable {
-                say(format!("ack {k}\n"))?; // the deliberate bug
-            }
             in_flight.push_back((k, t));
             if rng.below(8) == 0 {
                 if let Some(what) = failed_turn(heap, &mut rng).map_err(|e| e.to_string())? {
@@ -312,9 +311,7 @@ pub fn commit_forever(
                 } else if !heap.is_durable(t).map_err(|e| e.to_string())? {
                     break;
                 }
-                if !mode.ack_before_durable {
-                    say(format!("ack {kk}\n"))?;
-                }
+                say(format!("ack {kk}\n"))?;
                 in_flight.pop_front();
             }
         }

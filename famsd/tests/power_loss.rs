@@ -51,3 +51,32 @@ fn a_seed_replays_exactly_with_synchronous_commits() {
     let (_, jc) = explore(600, 78, &["--sync-only"]);
     assert_ne!(ja, jc, "a different seed gave the same run");
 }
+
+/// The negative controls (a build with `--features mutations`): with each deliberate bug of the
+/// heap switched on, the explorer must report violations. CI runs the same through
+/// `famsd torture --list-mutations --json` and prints the counts beside the real power cuts'.
+#[cfg(feature = "mutations")]
+#[test]
+fn every_heap_mutation_is_caught() {
+    let out = Command::new(env!("CARGO_BIN_EXE_famsd"))
+        .args(["torture", "--list-mutations", "--json"])
+        .output()
+        .expect("run famsd torture --list-mutations");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON list of mutations");
+    let mut missed = Vec::new();
+    let mut ran = 0;
+    for m in list.as_array().expect("an array").iter().filter(|m| m["layer"] == "heap") {
+        let name = m["name"].as_str().expect("a name");
+        let (v, _) = explore(2000, 1, &["--mutation", name]);
+        eprintln!(
+            "{name}: {} violations in {} states, e.g. {}",
+            v["violations"], v["states"], v["violation_details"][0]
+        );
+        if v["violations"] == 0 {
+            missed.push(name.to_string());
+        }
+        ran += 1;
+    }
+    assert!(ran >= 6, "expected the heap's mutations in {list}");
+    assert!(missed.is_empty(), "the power-loss explorer missed {missed:?}");
+}

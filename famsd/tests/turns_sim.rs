@@ -4,7 +4,7 @@
 //! feature `mutations`, every deliberate bug of the turn manager and the transport is caught.
 //!
 //! `cargo test --release -p famsd --test turns_sim`, and for the negative controls
-//! `cargo test --release -p famsd --features mutations --target-dir target/mutations --test turns_sim`.
+//! `cargo test --release -p famsd --features mutations --test turns_sim`.
 
 use fams_tests::TempDir;
 use std::process::Command;

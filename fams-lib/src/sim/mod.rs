@@ -355,7 +355,11 @@ impl LogDevice for SimLog {
                 m.log_stats.dsync_writes += 1;
             }
         })?;
-        m.log.flush();
+        // The mutation `drive-ignores-flushes` (`mutations` builds only) makes this a drive that
+        // acknowledges the flush without doing it: the writes stay in the volatile cache.
+        if !crate::mutations::is_on(crate::mutations::Mutation::DriveIgnoresFlushes) {
+            m.log.flush();
+        }
         Ok(())
     }
 
