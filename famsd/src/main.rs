@@ -390,7 +390,8 @@ Stop with Ctrl-C / SIGTERM; then `famsd node report --heap n1.heap`.")]
     /// A bank cluster of real node processes on loopback, SIGKILLed and restarted at random
     /// while it runs; checks that the total is conserved and every transfer applied exactly once.
     #[command(after_help = "Examples:\n  famsd node cluster --nodes 3 --transfers 400 --kills-per-node 5\n  \
-famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates, 10 % reordered)]
+famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates, 10 % reordered\n  \
+famsd node cluster --relay 0.2,0.1,0.1,0..20,7     # the same through a relay process, delays 0-20 ms")]
     Cluster {
         /// Node processes (each with its own heap in --dir).
         #[arg(long, default_value_t = 3)]
@@ -410,6 +411,11 @@ famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates,
         /// Every node drops, duplicates and reorders its outgoing datagrams: LOSS,DUP,REORDER,SEED.
         #[arg(long)]
         faults: Option<String>,
+        /// Route all datagrams through a `famsd relay` process (it stays up while nodes are killed)
+        /// that loses, duplicates, reorders and delays them: LOSS,DUP,REORDER,DELAY_MIN..DELAY_MAX,SEED
+        /// (delays in milliseconds), e.g. 0.2,0.1,0.1,0..20,7. Its counters are in the report.
+        #[arg(long, value_parser = famsd::relay::RelayFaults::parse)]
+        relay: Option<famsd::relay::RelayFaults>,
         /// Shared key (64 hex digits) for every node.
         #[arg(long)]
         key: Option<String>,
@@ -957,6 +963,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
             kills_per_node,
             kill_gap_ms,
             faults,
+            relay,
             key,
             tracker,
             seed,
@@ -993,6 +1000,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
                 down_ms: (0, 200),
                 seed,
                 faults,
+                relay,
                 key,
                 timeout: std::time::Duration::from_secs(timeout_s),
                 tracker,
