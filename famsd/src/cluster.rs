@@ -441,6 +441,8 @@ impl BankCluster {
                 ("out_of_order_buffered", &v["transport"]["out_of_order_buffered"]),
                 ("address_mismatch", &v["transport"]["address_mismatch"]),
                 ("address_changes", &v["transport"]["address_changes"]),
+                // A duplicate the transport let through, refused by the turn layer: must stay 0.
+                ("duplicate_deliveries_refused", &v["duplicate_deliveries_refused"]),
                 ("turns_pipelined", &v["turns_pipelined"]),
                 ("turns", &v["turns"]),
             ] {

@@ -180,7 +180,7 @@ pub fn stats_json(s: &NodeStats) -> serde_json::Value {
         "messages_sent": s.messages_sent, "messages_consumed": s.messages_consumed,
         "stdin_lines": s.stdin_lines, "alarms": s.alarms, "housekeeping_commits": s.housekeeping_commits,
         "device_writes": s.device_writes, "turns_per_device_write": s.turns_per_device_write(),
-        "peers_restarted": s.peers_restarted,
+        "peers_restarted": s.peers_restarted, "duplicate_deliveries_refused": s.duplicate_deliveries_refused,
     })
 }
 

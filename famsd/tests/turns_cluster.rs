@@ -164,6 +164,9 @@ fn bank_survives_a_fault_relay_and_sigkills_of_every_node() {
     // peer's face): none refused for coming from elsewhere, no peer seen to move.
     let n = &v["last_run_counters"];
     assert_eq!((n["address_mismatch"].as_u64(), n["address_changes"].as_u64()), (Some(0), Some(0)), "{v}");
+    // The transport suppressed every duplicate itself (the turn layer refuses any it lets
+    // through, so the bank cannot see them: this counter is where such a bug shows).
+    assert_eq!(n["duplicate_deliveries_refused"].as_u64(), Some(0), "{v}");
     // The transport had to repair what the relay did.
     assert!(n["fragments_retransmitted"].as_u64().unwrap_or(0) > 0, "{v}");
     eprintln!(
@@ -199,6 +202,7 @@ fn bank_with_a_shared_key_through_the_relay() {
     ]);
     let n = &v["last_run_counters"];
     assert_eq!((n["address_mismatch"].as_u64(), n["address_changes"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert_eq!(n["duplicate_deliveries_refused"].as_u64(), Some(0), "{v}");
     assert!(v["relay"]["counters"]["dropped"].as_u64().unwrap_or(0) > 0, "{v}");
 }
 
