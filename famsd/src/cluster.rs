@@ -2,8 +2,14 @@
 //! random while it runs, then checked: the total is conserved, every transfer was applied
 //! exactly once and in order, and the run finished (liveness). Used by `famsd demo`,
 //! `famsd node cluster` and the CI tests.
+//!
+//! With [`ClusterConfig::relay`] the nodes talk through a `famsd relay` child process (see
+//! [`crate::relay`]): every node's peers are configured at the relay's faces, the relay loses,
+//! duplicates, reorders and delays what they send, and it stays up while the nodes are killed
+//! and restarted; its counters are in the report.
 
 use crate::node::bank_report;
+use crate::relay::RelayFaults;
 use crate::workload::Rng;
 use fams::apps::bank::{self, BankReport};
 use std::io::BufRead;
@@ -36,6 +42,8 @@ pub struct ClusterConfig {
     pub down_ms: (u64, u64),
     pub seed: u64,
     pub faults: Option<Faults>,
+    /// Route every datagram through a `famsd relay` process with these faults.
+    pub relay: Option<RelayFaults>,
     pub key: Option<String>,
     /// Give up (a liveness failure) after this long.
     pub timeout: Duration,
@@ -61,6 +69,8 @@ pub struct ClusterReport {
     pub restart_to_turn_ms: Vec<f64>,
     /// Sums over the nodes' last runs (the counters of killed runs die with them).
     pub last_run_counters: serde_json::Value,
+    /// The relay's report (its counters over the whole run), when the run had one.
+    pub relay: Option<serde_json::Value>,
 }
 
 impl ClusterReport {
@@ -76,6 +86,7 @@ impl ClusterReport {
             "transfers_applied": self.reports.iter().map(|r| r.transfers_applied).sum::<u64>(),
             "violations": self.problems.len(), "problems": self.problems,
             "last_run_counters": self.last_run_counters,
+            "relay": self.relay,
             "restart_to_turn_ms": { "count": r.len(), "p50": pct(0.5), "p99": pct(0.99), "max": r.last().copied().unwrap_or(0.0) },
         })
     }
@@ -97,12 +108,16 @@ struct NodeProc {
     sent_all: bool,
 }
 
+/// Start node `i`, listening at `addrs[i]`, with peer j at `peers[j]` (`addrs[j]`, or j's face on
+/// the relay).
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     cfg: &ClusterConfig,
     i: usize,
     heap: &Path,
     size_bytes: u64,
     addrs: &[SocketAddr],
+    peers: &[SocketAddr],
     generation: u64,
     tx: &mpsc::Sender<Line>,
 ) -> Result<Child, String> {
@@ -110,7 +125,7 @@ fn spawn(
     cmd.arg("node").arg("bank");
     cmd.arg("--heap").arg(heap);
     cmd.arg("--id").arg((i + 1).to_string()).arg("--listen").arg(addrs[i].to_string());
-    for (j, a) in addrs.iter().enumerate() {
+    for (j, a) in peers.iter().enumerate() {
         if j != i {
             cmd.arg("--peer").arg(format!("{}={a}", j + 1));
         }
@@ -154,6 +169,58 @@ fn kill(child: &mut Child, signal: libc::c_int) {
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
 }
 
+/// A `famsd relay` child process and the faces it bound.
+struct RelayProc {
+    child: Option<Child>,
+    faces: Vec<SocketAddr>,
+    stats: PathBuf,
+}
+
+/// How long the relay may take to bind its faces and say so.
+const RELAY_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Start a relay in front of the nodes at `addrs` and wait for its faces.
+fn start_relay(cfg: &ClusterConfig, faults: &RelayFaults, addrs: &[SocketAddr]) -> Result<RelayProc, String> {
+    let stats = cfg.dir.join("relay.stats.json");
+    let _ = std::fs::remove_file(&stats);
+    let mut cmd = Command::new(&cfg.famsd);
+    cmd.arg("relay");
+    for a in addrs {
+        cmd.arg("--node").arg(a.to_string());
+    }
+    cmd.args(faults.to_args());
+    // A backstop only: the harness stops the relay itself, after the nodes.
+    cmd.arg("--timeout-s").arg((cfg.timeout.as_secs() + 120).to_string());
+    cmd.arg("--stats-json").arg(&stats).arg("--exit-with-parent");
+    cmd.env("FAMS_LOG", "warn");
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| format!("starting the relay ({}): {e}", cfg.famsd.display()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next().and_then(Result::ok).unwrap_or_default());
+        // Read on until the relay exits, so it never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let mut fail = |why: String| {
+        kill(&mut child, libc::SIGKILL);
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        Err(format!("the relay did not start ({status}): {why}"))
+    };
+    let line = match rx.recv_timeout(RELAY_READY_TIMEOUT) {
+        Ok(line) => line,
+        Err(_) => return fail(format!("no ready line within {} s", RELAY_READY_TIMEOUT.as_secs())),
+    };
+    let faces: Option<Vec<SocketAddr>> = serde_json::from_str::<serde_json::Value>(&line)
+        .ok()
+        .and_then(|v| v["faces"].as_array()?.iter().map(|f| f.as_str().and_then(|f| f.parse().ok())).collect());
+    match faces {
+        Some(faces) if faces.len() == addrs.len() => Ok(RelayProc { child: Some(child), faces, stats }),
+        _ => fail(format!("its first line is not the ready line with {} faces: {line:?}", addrs.len())),
+    }
+}
+
 /// The heap size the cluster's nodes are made with (`famsd node bank --size`).
 pub const NODE_HEAP_BYTES: u64 = 32 << 20;
 
@@ -166,6 +233,9 @@ pub struct BankCluster {
     heaps: Vec<PathBuf>,
     size_bytes: u64,
     addrs: Vec<SocketAddr>,
+    /// Where the nodes reach each other: `addrs`, or the relay's faces.
+    peers: Vec<SocketAddr>,
+    relay: Option<RelayProc>,
     procs: Vec<NodeProc>,
     tx: mpsc::Sender<Line>,
     rx: mpsc::Receiver<Line>,
@@ -188,11 +258,19 @@ impl BankCluster {
         let ports = free_ports(cfg.nodes)?;
         let addrs: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
         let (tx, rx) = mpsc::channel();
+        let relay = match &cfg.relay {
+            Some(faults) => Some(start_relay(cfg, faults, &addrs)?),
+            None => None,
+        };
+        let peers = relay.as_ref().map(|r| r.faces.clone()).unwrap_or_else(|| addrs.clone());
+        // From here on, dropping `c` (on any error) stops the relay and the nodes started so far.
         let mut c = BankCluster {
             cfg: cfg.clone(),
             heaps,
             size_bytes,
             addrs,
+            peers,
+            relay,
             procs: Vec::new(),
             tx,
             rx,
@@ -201,7 +279,7 @@ impl BankCluster {
             started: Instant::now(),
         };
         for i in 0..cfg.nodes {
-            let child = spawn(&c.cfg, i, &c.heaps[i], size_bytes, &c.addrs, 0, &c.tx)?;
+            let child = spawn(&c.cfg, i, &c.heaps[i], size_bytes, &c.addrs, &c.peers, 0, &c.tx)?;
             c.procs.push(NodeProc {
                 child: Some(child),
                 generation: 0,
@@ -289,7 +367,16 @@ impl BankCluster {
         }
         let p = &mut self.procs[i];
         p.generation += 1;
-        p.child = Some(spawn(&self.cfg, i, &self.heaps[i], self.size_bytes, &self.addrs, p.generation, &self.tx)?);
+        p.child = Some(spawn(
+            &self.cfg,
+            i,
+            &self.heaps[i],
+            self.size_bytes,
+            &self.addrs,
+            &self.peers,
+            p.generation,
+            &self.tx,
+        )?);
         p.spawned = Instant::now();
         p.waiting_restart_line = true;
         Ok(())
@@ -326,10 +413,11 @@ impl BankCluster {
     pub fn finish(mut self, finished: bool) -> Result<ClusterReport, String> {
         let elapsed = self.started.elapsed();
         self.stop_all(Duration::from_secs(10))?;
+        let mut problems = Vec::new();
+        let relay = self.stop_relay(&mut problems);
         let cfg = &self.cfg;
         let total_transfers = self.total_transfers();
         let mut reports = Vec::new();
-        let mut problems = Vec::new();
         for (i, heap) in self.heaps.iter().enumerate() {
             match bank_report(heap) {
                 Ok(Some(r)) => reports.push(r),
@@ -351,6 +439,10 @@ impl BankCluster {
                 ("fragments_retransmitted", &v["transport"]["fragments_retransmitted"]),
                 ("duplicates_dropped", &v["transport"]["duplicates_dropped"]),
                 ("out_of_order_buffered", &v["transport"]["out_of_order_buffered"]),
+                ("address_mismatch", &v["transport"]["address_mismatch"]),
+                ("address_changes", &v["transport"]["address_changes"]),
+                // A duplicate the transport let through, refused by the turn layer: must stay 0.
+                ("duplicate_deliveries_refused", &v["duplicate_deliveries_refused"]),
                 ("turns_pipelined", &v["turns_pipelined"]),
                 ("turns", &v["turns"]),
             ] {
@@ -376,18 +468,48 @@ impl BankCluster {
             problems,
             restart_to_turn_ms: std::mem::take(&mut self.restart_to_turn_ms),
             last_run_counters: serde_json::Value::Object(sums),
+            relay,
         })
+    }
+
+    /// Stop the relay (after the nodes) and read its report; a relay that died during the run, or
+    /// left no report, is a problem of the run.
+    fn stop_relay(&mut self, problems: &mut Vec<String>) -> Option<serde_json::Value> {
+        let r = self.relay.as_mut()?;
+        let mut child = r.child.take()?;
+        match child.try_wait() {
+            Ok(Some(status)) => problems.push(format!("the relay ended during the run: {status}")),
+            _ => {
+                kill(&mut child, libc::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while child.try_wait().ok().flatten().is_none() {
+                    if Instant::now() > deadline {
+                        problems.push("the relay did not stop within 5 s of SIGTERM; killed".into());
+                        kill(&mut child, libc::SIGKILL);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = child.wait();
+            }
+        }
+        let v = std::fs::read_to_string(&r.stats)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        if v.is_none() {
+            problems.push(format!("the relay left no report in {}", r.stats.display()));
+        }
+        v
     }
 }
 
 impl Drop for BankCluster {
     fn drop(&mut self) {
-        // A harness that failed half way must not leave node processes behind.
-        for p in self.procs.iter_mut() {
-            if let Some(mut child) = p.child.take() {
-                kill(&mut child, libc::SIGKILL);
-                let _ = child.wait();
-            }
+        // A harness that failed half way must not leave node processes (or its relay) behind.
+        let relay = self.relay.as_mut().and_then(|r| r.child.take());
+        for mut child in self.procs.iter_mut().filter_map(|p| p.child.take()).chain(relay) {
+            kill(&mut child, libc::SIGKILL);
+            let _ = child.wait();
         }
     }
 }
@@ -483,6 +605,21 @@ pub fn print_summary(r: &ClusterReport) {
             "  note: the transfers were done before every node was killed {} times (kills only land while \
 transfers are still going): make --kill-gap-ms shorter or --transfers larger",
             r.kills_asked_per_node
+        );
+    }
+    if let Some(c) = r.relay.as_ref().map(|v| &v["counters"]) {
+        println!(
+            "  relay: {} datagrams received, {} forwarded; {} lost, {} duplicated, {} delayed, {} held to reorder, \
+{} arrived reordered; {} dropped on a full queue, {} from unknown sources",
+            c["received"],
+            c["forwarded"],
+            c["dropped"],
+            c["duplicated"],
+            c["delayed"],
+            c["reorder_held"],
+            c["reordered"],
+            c["queue_full_dropped"],
+            c["unknown_source_dropped"]
         );
     }
     for b in &r.reports {

@@ -144,6 +144,7 @@ fn bank_cluster(dir: &Path) -> Result<(), String> {
         down_ms: (0, 150),
         seed: 11,
         faults: None,
+        relay: None,
         key: None,
         timeout: std::time::Duration::from_secs(90),
         tracker: None,

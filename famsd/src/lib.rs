@@ -1,5 +1,5 @@
 //! The parts of `famsd` other programs and tests reuse: the verifiable workload, the SIGKILL
-//! torture run, the power-loss explorer, the benchmarks (heap and turns) and the demo.
+//! torture run, the power-loss explorer, the UDP fault relay, the benchmarks (heap and turns) and the demo.
 
 pub mod bench;
 pub mod cluster;
@@ -7,6 +7,7 @@ pub mod demo;
 pub mod node;
 pub mod power_loss;
 mod progress;
+pub mod relay;
 pub mod torture;
 pub mod turn_bench;
 pub mod turn_sim;

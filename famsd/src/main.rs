@@ -210,6 +210,74 @@ famsd torture --power-loss --states 2000 --mutation skip-full-page-image   (a `-
     /// Run a turn-based node (the reference apps) on UDP, or read a node's state from its heap.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// A UDP fault relay between node processes on loopback: loses, duplicates, reorders and
+    /// delays their datagrams, all from one seed (no root, no tc netem).
+    #[command(
+        long_about = "A UDP fault relay between node processes on loopback: it loses, duplicates, reorders \
+and delays the datagrams the nodes send each other, all drawn from one seed (no root, no tc netem).\n\n\
+It binds one socket per node, the node's *face* (--face, or any free port of 127.0.0.1). Configure every \
+node with its peer i at face i (not at node i's real address). A datagram arriving on face i from node j's \
+real address (--node, in node order) is sent to node i from face j: node i sees it come from the address \
+it knows for j, and its replies to face j come back through the relay to node j. So unkeyed nodes (which \
+accept a peer's datagrams only from its configured address) and keyed ones both work unchanged.\n\n\
+Per datagram, from --seed: lost (--loss); else sent twice (--duplicate); each copy held for a delay \
+uniform in --delay-ms, or, with --reorder, held past the whole delay range so later datagrams overtake \
+it. Held datagrams wait in a queue of at most --queue-max datagrams and --queue-bytes-max bytes; beyond \
+that they are dropped and counted. Datagrams from an address that is no node's are counted and dropped. \
+Only 127.0.0.0/8 addresses are accepted.\n\n\
+On start the relay prints one line on stdout, {\"relay\":\"ready\",\"faces\":[...]}. It stops on \
+SIGTERM/SIGINT or after --timeout-s; its counters (received, forwarded, dropped, duplicated, reorder_held, \
+reordered, delayed, queue_full_dropped, unknown_source_dropped, ...) go to --stats-json (rewritten every \
+second and at exit) and, with --json, to stdout at exit. Logs (tracing) go to stderr; FAMS_LOG=debug \
+for more.",
+        after_help = "Example (two nodes through the relay; faces 127.0.0.1:8001 and :8002):\n  \
+famsd relay --node 127.0.0.1:7001 --node 127.0.0.1:7002 --face 127.0.0.1:8001 --face 127.0.0.1:8002 \\\n    \
+--loss 0.2 --duplicate 0.1 --reorder 0.1 --delay-ms 0..20 --seed 7 --json\n  \
+famsd node bank --heap n1.heap --id 1 --listen 127.0.0.1:7001 --peer 2=127.0.0.1:8002\n  \
+famsd node bank --heap n2.heap --id 2 --listen 127.0.0.1:7002 --peer 1=127.0.0.1:8001\n\
+Or let the cluster harness run it: famsd node cluster --relay 0.2,0.1,0.1,0..20,7"
+    )]
+    Relay {
+        /// A node's real (listening) address; repeat for each node, node 1 first.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<std::net::SocketAddr>,
+        /// The face of each node, in the order of --node (default: a free port of 127.0.0.1 each).
+        #[arg(long = "face")]
+        faces: Vec<std::net::SocketAddr>,
+        /// Probability that a datagram is lost, in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Probability that a datagram is sent twice, in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        duplicate: f64,
+        /// Probability that a copy is held past the delay range (so later ones overtake it), in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        reorder: f64,
+        /// Delay of each copy, uniform in MIN..MAX milliseconds (or one value), e.g. 0..20.
+        #[arg(long, default_value = "0..0", value_parser = famsd::relay::parse_delay_range)]
+        delay_ms: (u64, u64),
+        /// Seed of every fault decision.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Held datagrams at most.
+        #[arg(long, default_value_t = 4096)]
+        queue_max: usize,
+        /// Bytes of held datagrams at most, e.g. 8M.
+        #[arg(long, value_parser = parse_size, default_value = "8M")]
+        queue_bytes_max: u64,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+        /// Rewrite the counters (JSON) in this file every second and at exit.
+        #[arg(long)]
+        stats_json: Option<PathBuf>,
+        /// Stop when the process that started the relay is gone (for harnesses).
+        #[arg(long)]
+        exit_with_parent: bool,
+        /// Print the counters as JSON on stdout at exit.
+        #[arg(long)]
+        json: bool,
+    },
     #[command(hide = true)]
     TortureChild {
         #[arg(long)]
@@ -329,7 +397,8 @@ Stop with Ctrl-C / SIGTERM; then `famsd node report --heap n1.heap`.")]
     /// A bank cluster of real node processes on loopback, SIGKILLed and restarted at random
     /// while it runs; checks that the total is conserved and every transfer applied exactly once.
     #[command(after_help = "Examples:\n  famsd node cluster --nodes 3 --transfers 400 --kills-per-node 5\n  \
-famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates, 10 % reordered")]
+famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates, 10 % reordered\n  \
+famsd node cluster --relay 0.2,0.1,0.1,0..20,7     # the same through a relay process, delays 0-20 ms")]
     Cluster {
         /// Node processes (each with its own heap in --dir).
         #[arg(long, default_value_t = 3)]
@@ -349,6 +418,11 @@ famsd node cluster --faults 0.3,0.1,0.1,7 --json   # 30 % loss, 10 % duplicates,
         /// Every node drops, duplicates and reorders its outgoing datagrams: LOSS,DUP,REORDER,SEED.
         #[arg(long)]
         faults: Option<String>,
+        /// Route all datagrams through a `famsd relay` process (it stays up while nodes are killed)
+        /// that loses, duplicates, reorders and delays them: LOSS,DUP,REORDER,DELAY_MIN..DELAY_MAX,SEED
+        /// (delays in milliseconds), e.g. 0.2,0.1,0.1,0..20,7. Its counters are in the report.
+        #[arg(long, value_parser = famsd::relay::RelayFaults::parse)]
+        relay: Option<famsd::relay::RelayFaults>,
         /// Shared key (64 hex digits) for every node.
         #[arg(long)]
         key: Option<String>,
@@ -769,6 +843,33 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(if report.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Cmd::Node(cmd) => run_node(cmd),
+        Cmd::Relay {
+            nodes,
+            faces,
+            loss,
+            duplicate,
+            reorder,
+            delay_ms,
+            seed,
+            queue_max,
+            queue_bytes_max,
+            timeout_s,
+            stats_json,
+            exit_with_parent,
+            json,
+        } => {
+            init_logging();
+            let faults = famsd::relay::RelayFaults { loss, duplicate, reorder, delay_ms, seed };
+            let mut cfg = famsd::relay::RelayConfig::new(nodes, faults);
+            cfg.faces = faces;
+            cfg.queue_datagrams_max = queue_max;
+            cfg.queue_bytes_max = usize::try_from(queue_bytes_max).map_err(|_| "--queue-bytes-max is too large")?;
+            cfg.timeout = std::time::Duration::from_secs(timeout_s);
+            cfg.stats_json = stats_json;
+            cfg.exit_with_parent = exit_with_parent;
+            famsd::relay::main(&cfg, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::TortureChild { heap, seed, run_seed, tracker, io_path, flush_mode, log } => {
             torture::child(&heap, seed, run_seed, &torture::HeapChoice { tracker, io_path, flush_mode, log })?;
             Ok(ExitCode::SUCCESS)
@@ -898,6 +999,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
             kills_per_node,
             kill_gap_ms,
             faults,
+            relay,
             key,
             tracker,
             seed,
@@ -932,6 +1034,7 @@ fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {
                 down_ms: (0, 200),
                 seed,
                 faults,
+                relay,
                 key,
                 timeout: std::time::Duration::from_secs(timeout_s),
                 tracker,

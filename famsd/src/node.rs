@@ -156,7 +156,7 @@ fn transport_json(t: &fams::transport::TransportStats) -> serde_json::Value {
         "buffer_full_dropped": t.buffer_full_dropped, "rejected_malformed": t.rejected_malformed,
         "malformed": malformed, "rejected_checksum": t.rejected_checksum, "rejected_mac": t.rejected_mac,
         "rejected_auth_mode": t.rejected_auth_mode, "wrong_receiver": t.wrong_receiver,
-        "unknown_peer": t.unknown_peer, "address_mismatch": t.address_mismatch,
+        "unknown_peer": t.unknown_peer, "address_mismatch": t.address_mismatch, "address_changes": t.address_changes,
         "stale_incarnation": t.stale_incarnation, "timeouts": t.timeouts,
         "hellos_sent": t.hellos_sent, "hellos_received": t.hellos_received, "peer_restarts": t.peer_restarts,
     })
@@ -180,7 +180,7 @@ pub fn stats_json(s: &NodeStats) -> serde_json::Value {
         "messages_sent": s.messages_sent, "messages_consumed": s.messages_consumed,
         "stdin_lines": s.stdin_lines, "alarms": s.alarms, "housekeeping_commits": s.housekeeping_commits,
         "device_writes": s.device_writes, "turns_per_device_write": s.turns_per_device_write(),
-        "peers_restarted": s.peers_restarted,
+        "peers_restarted": s.peers_restarted, "duplicate_deliveries_refused": s.duplicate_deliveries_refused,
     })
 }
 

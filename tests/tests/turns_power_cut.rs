@@ -224,6 +224,7 @@ fn run_turns_power_cuts(cfg: &Config) -> Result<Report, String> {
         down_ms: (0, 0),
         seed: cfg.seed,
         faults: None,
+        relay: None,
         key: None,
         timeout: cfg.finish_timeout,
         tracker: None,
