@@ -154,6 +154,8 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
     let mut report = TortureReport::default();
     let mut model = Model::new(cfg.heap_size_bytes.div_ceil(4096) as usize * 4096, cfg.seed);
     let mut last_acked = 0u64;
+    // The highest commit number any child announced it would issue.
+    let mut issued = 0u64;
     let mut rng = Rng::new(cfg.seed ^ 0xdead_beef);
     let progress = crate::progress::Progress::new(cfg.progress, cfg.cycles as usize);
     for cycle in 0..cfg.cycles {
@@ -196,6 +198,9 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
                     report.commits_acknowledged += k - last_acked;
                     last_acked = k;
                 }
+            } else if let Some(k) = line.strip_prefix("issue ") {
+                let k: u64 = k.trim().parse().map_err(|_| format!("bad line from the child: {line}"))?;
+                issued = issued.max(k);
             }
         }
         if !opened {
@@ -219,6 +224,11 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
             violation = Some(format!("cycle {cycle}: heap is at commit {c} but commit {last_acked} was acknowledged"));
         } else if c < model.at {
             violation = Some(format!("cycle {cycle}: heap went back from commit {} to {c}", model.at));
+        } else if c > issued.max(model.at) {
+            violation = Some(format!(
+                "cycle {cycle}: heap claims commit {c} but the child issued only up to {}",
+                issued.max(model.at)
+            ));
         } else {
             if c > last_acked {
                 report.recovered_unacknowledged += 1;
@@ -290,7 +300,11 @@ pub fn commit_forever(
             0 => 1,
             _ => 1 + rng.below(6) as usize,
         };
-        for _ in 0..1 + rng.below(8) {
+        // Say how far this batch goes before committing any of it: a recovered heap claiming a
+        // commit beyond what was ever issued is damage, caught without replaying the model to it.
+        let batch = 1 + rng.below(8);
+        say(format!("issue {}\n", k + batch))?;
+        for _ in 0..batch {
             k += 1;
             mutate(heap.bytes_mut(), seed, k);
             if mode.sync_commits && rng.below(4) == 0 && in_flight.is_empty() {

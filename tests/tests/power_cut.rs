@@ -113,6 +113,8 @@ struct ChildOutput {
     ready: AtomicBool,
     eof: AtomicBool,
     last_ack: AtomicU64,
+    /// The highest commit number the child announced it would issue.
+    issued: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -252,6 +254,8 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
     let mut report = Report { loop_dio: rig.loop_dio, ..Report::default() };
     let mut model = Model::new(HEAP_SIZE as usize, cfg.seed);
     let mut last_acked = 0u64;
+    // The highest commit number any child announced: a recovered heap claiming more is damaged.
+    let mut issued = 0u64;
     let mut rng = Rng::new(cfg.seed ^ 0x0070_7765_7263_7574);
     for cycle in 0..cfg.cycles {
         // Mostly the production default (io_uring + RWF_DSYNC), sometimes the other paths.
@@ -299,6 +303,8 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
                         out.ready.store(true, Ordering::SeqCst);
                     } else if let Some(k) = line.strip_prefix("ack ").and_then(|k| k.trim().parse::<u64>().ok()) {
                         out.last_ack.fetch_max(k, Ordering::SeqCst);
+                    } else if let Some(k) = line.strip_prefix("issue ").and_then(|k| k.trim().parse::<u64>().ok()) {
+                        out.issued.fetch_max(k, Ordering::SeqCst);
                     }
                 }
                 out.eof.store(true, Ordering::SeqCst);
@@ -397,6 +403,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
         drop(child_phase);
         let opened = out.ready.load(Ordering::SeqCst);
         let acked = out.last_ack.load(Ordering::SeqCst);
+        issued = issued.max(out.issued.load(Ordering::SeqCst));
         if acked > last_acked {
             report.commits_acknowledged += acked - last_acked;
             last_acked = acked;
@@ -456,6 +463,12 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
             ));
         } else if c < model.at {
             violation = Some(format!("cycle {cycle}: heap went back from commit {} to {c} ({})", model.at, ctx()));
+        } else if c > issued.max(model.at) {
+            violation = Some(format!(
+                "cycle {cycle}: heap claims commit {c} but the child issued only up to {} ({})",
+                issued.max(model.at),
+                ctx()
+            ));
         } else {
             if c > last_acked {
                 report.recovered_unacknowledged += 1;
