@@ -536,6 +536,11 @@ fn power_cuts_on_a_fuse_backed_loop_device() {
     );
     assert!(report.commits_acknowledged > cfg.cycles, "the child should commit between cuts\n{}", report.summary());
     assert!(report.cuts_that_dropped > cfg.cycles / 10, "the cuts should lose unflushed writes\n{}", report.summary());
+    // Coverage: a run that quietly stopped tearing writes, cutting during recovery or using
+    // direct I/O below the loop devices would test less than it says.
+    assert!(report.cuts_that_tore > 0, "no cut tore a write\n{}", report.summary());
+    assert!(report.cuts_during_recovery > 0, "no cut landed while the child recovered\n{}", report.summary());
+    assert!(report.loop_dio, "the loop devices are not in direct-I/O mode\n{}", report.summary());
     assert!(
         report.log_disk.fsyncs + report.log_disk.fdatasyncs > 0,
         "flushes should reach the drive as fsync\n{}",
