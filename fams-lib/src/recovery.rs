@@ -42,6 +42,53 @@ pub struct RecoveryReport {
     pub salvaged: Option<String>,
 }
 
+/// The steps of a replaying recovery, in order. Crash tests watch for them ([`observe_phases`])
+/// so that they can prove their kills and power cuts land inside each one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Records are being read and written into the heap file (announced before each record,
+    /// with the count replayed so far, and once before the first if there is none).
+    Replay,
+    /// The heap file's fdatasync after the replay.
+    HeapSync,
+    /// The new superblock's durable write.
+    Superblock,
+    /// The superblock is durable: recovery is over.
+    Done,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Replay => "replay",
+            Phase::HeapSync => "heap-sync",
+            Phase::Superblock => "superblock",
+            Phase::Done => "done",
+        }
+    }
+    /// The phases a crash can interrupt.
+    pub const ALL: [Phase; 3] = [Phase::Replay, Phase::HeapSync, Phase::Superblock];
+}
+
+/// Who is told each [`Phase`] as this process's recoveries reach it. Set once; unset costs one
+/// atomic load per phase.
+static PHASE_OBSERVER: std::sync::OnceLock<fn(Phase, &RecoveryReport)> = std::sync::OnceLock::new();
+
+/// Have `observer` called as every later recovery in this process enters each [`Phase`] (with
+/// the report so far: at `HeapSync` it holds the records replayed). For crash tests: the SIGKILL
+/// torture's child prints the phases so its parent can aim kills inside them. Only the first
+/// call takes effect.
+#[cfg(any(test, feature = "testing"))]
+pub fn observe_phases(observer: fn(Phase, &RecoveryReport)) {
+    let _ = PHASE_OBSERVER.set(observer);
+}
+
+fn announce(phase: Phase, report: &RecoveryReport) {
+    if let Some(observer) = PHASE_OBSERVER.get() {
+        observer(phase, report);
+    }
+}
+
 pub(crate) struct Recovered {
     pub superblock: Superblock,
     pub head: u64,
@@ -164,6 +211,9 @@ pub(crate) fn recover(
     let mut pos = sb.tail_offset;
     let mut lsn = sb.tail_lsn;
     let mut consumed_bytes = 0u64;
+    if mode != Mode::DryRun {
+        announce(Phase::Replay, &report);
+    }
     let end_why = loop {
         match next_step(&mut reader, &sb, pos, lsn).map_err(log_err("reading log records"))? {
             Step::End { why } => break why,
@@ -188,6 +238,9 @@ pub(crate) fn recover(
                     Ok(e) => e,
                     Err(why) => break Some(format!("record LSN {lsn} at offset {offset}: {why}")),
                 };
+                if mode != Mode::DryRun && report.records_replayed > 0 {
+                    announce(Phase::Replay, &report);
+                }
                 for e in entries.iter().filter(|_| mode != Mode::DryRun) {
                     heap_file
                         .write_all_at(e.data, HEADER_BYTES + e.offset)
@@ -229,6 +282,7 @@ pub(crate) fn recover(
         return Ok(Recovered { superblock: sb, head: pos, report });
     }
 
+    announce(Phase::HeapSync, &report);
     heap_file.sync_data().map_err(heap_err("fdatasync after replay"))?;
     let mut next = sb;
     next.sequence += 1;
@@ -243,7 +297,9 @@ pub(crate) fn recover(
             reason: format!("its counters are at their limit ({next:?}); the log is damaged"),
         });
     }
+    announce(Phase::Superblock, &report);
     write_superblock(dev, &next).map_err(log_err("writing the superblock after recovery"))?;
+    announce(Phase::Done, &report);
 
     report.duration = started.elapsed();
     Ok(Recovered { superblock: next, head: pos, report })

@@ -294,6 +294,9 @@ Or let the cluster harness run it: famsd node cluster --relay 0.2,0.1,0.1,0..20,
         flush_mode: Option<FlushMode>,
         #[arg(long)]
         log: Option<PathBuf>,
+        /// Say `filled` once this many log bytes are written since the last checkpoint.
+        #[arg(long)]
+        fill_log_bytes: Option<u64>,
     },
 }
 
@@ -870,8 +873,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             famsd::relay::main(&cfg, json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::TortureChild { heap, seed, run_seed, tracker, io_path, flush_mode, log } => {
-            torture::child(&heap, seed, run_seed, &torture::HeapChoice { tracker, io_path, flush_mode, log })?;
+        Cmd::TortureChild { heap, seed, run_seed, tracker, io_path, flush_mode, log, fill_log_bytes } => {
+            let choice = torture::HeapChoice { tracker, io_path, flush_mode, log };
+            torture::child(&heap, seed, run_seed, &choice, fill_log_bytes)?;
             Ok(ExitCode::SUCCESS)
         }
     }

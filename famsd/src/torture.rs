@@ -1,9 +1,20 @@
 //! `famsd torture`: a child process commits the verifiable workload and is killed with SIGKILL at
-//! random moments (including while it is still recovering); after each kill the parent recovers
-//! the heap and checks it equals exactly the state after some commit `c`, with `c` at or after
-//! the last commit the child reported durable.
+//! random moments; after each kill the parent checks that recovering the files gives exactly the
+//! state after some commit `c`, with `c` at or after the last commit the child reported durable
+//! and no later than the last one it announced.
+//!
+//! The parent verifies by replaying the log **in memory** ([`recovered_image`]) and never opens
+//! the heap itself, so the files stay exactly as the kill left them and the next child's own
+//! open replays a real log. Now and then a child fills the log with several MiB of records
+//! (checkpoints held back) and is killed; the next child is killed *inside* its recovery of that
+//! log, in each phase in turn — while it replays records into the heap file, during the heap
+//! file's fdatasync, during the new superblock's write — which it announces on stdout
+//! (`fams::recovery::observe_phases`). Every child says what its own recovery produced (commit
+//! number and a checksum of the heap); that must equal the in-memory replay the parent verified,
+//! so the real recovery path is checked byte for byte, too.
 
-use crate::workload::{commit_number, failed_turn, mutate, Model, Rng};
+use crate::workload::{commit_number, failed_turn, mutate, recovered_image, Model, Rng};
+use fams::recovery::Phase;
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -43,9 +54,25 @@ pub struct TortureReport {
     pub recovery_ms: Vec<f64>,
     pub records_replayed: u64,
     pub final_commit: u64,
+    /// Kills that landed inside a recovery with records to replay, by the phase it had reached.
+    pub killed_in_phase: std::collections::BTreeMap<&'static str, u64>,
+    /// Children that filled the log for the next one to replay.
+    pub fills: u64,
+    /// The longest replay (heap bytes) a kill interrupted.
+    pub longest_replay_killed_bytes: u64,
+    /// Recoveries by the children (and the last one, by this process) whose result was compared
+    /// with the in-memory replay of the same files.
+    pub real_recoveries_compared: u64,
 }
 
 impl TortureReport {
+    fn note_violation(&mut self, what: String) {
+        self.violations += 1;
+        if self.violation_details.len() < 10 {
+            self.violation_details.push(what);
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let mut r = self.recovery_ms.clone();
         r.sort_by(|a, b| a.total_cmp(b));
@@ -63,6 +90,13 @@ impl TortureReport {
             "killed_during_open": self.killed_during_open,
             "recovered_unacknowledged": self.recovered_unacknowledged,
             "records_replayed": self.records_replayed,
+            "killed_in_phase": Phase::ALL
+                .iter()
+                .map(|p| (p.name().to_string(), serde_json::json!(self.killed_in_phase.get(p.name()).copied().unwrap_or(0))))
+                .collect::<serde_json::Map<_, _>>(),
+            "fills": self.fills,
+            "longest_replay_killed_bytes": self.longest_replay_killed_bytes,
+            "real_recoveries_compared": self.real_recoveries_compared,
             "recovery_ms_p50": pct(0.5),
             "recovery_ms_p99": pct(0.99),
             "recovery_ms_max": r.last().copied().unwrap_or(0.0),
@@ -126,7 +160,7 @@ pub fn prepare(cfg: &TortureConfig) -> Result<(), String> {
     Ok(())
 }
 
-fn spawn_child(cfg: &TortureConfig, cycle: u64) -> Result<Child, String> {
+fn spawn_child(cfg: &TortureConfig, cycle: u64, fill_log_bytes: Option<u64>) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("torture-child")
@@ -140,6 +174,9 @@ fn spawn_child(cfg: &TortureConfig, cycle: u64) -> Result<Child, String> {
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
     cfg.choice.add_args(&mut cmd);
+    if let Some(n) = fill_log_bytes {
+        cmd.arg("--fill-log-bytes").arg(n.to_string());
+    }
     // A negative control (`mutations` builds): the child commits with the same deliberate bug.
     match fams::mutations::current() {
         Some(m) => cmd.env("FAMS_MUTATION", m.name()),
@@ -148,9 +185,27 @@ fn spawn_child(cfg: &TortureConfig, cycle: u64) -> Result<Child, String> {
     cmd.spawn().map_err(|e| format!("spawning the torture child: {e}"))
 }
 
+/// How a cycle ends its child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    /// At a random instant of start-up, without waiting for anything.
+    Early,
+    /// At a random instant while it commits.
+    Running,
+    /// Once it has piled several MiB of records into the log (no checkpoint in between), so
+    /// that the next cycle's recovery has a long replay to do.
+    AfterFill,
+    /// Inside the given phase of its recovery of the log the previous child filled.
+    InRecovery(Phase),
+}
+
+/// Log bytes a filling child writes since its last checkpoint before it says `filled`.
+const FILL_LOG_FRACTION: (u64, u64) = (3, 4);
+
 pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
     prepare(cfg)?;
     let heap_path = heap_path(&cfg.dir);
+    let log_path = cfg.choice.log.clone();
     let mut report = TortureReport::default();
     let mut model = Model::new(cfg.heap_size_bytes.div_ceil(4096) as usize * 4096, cfg.seed);
     let mut last_acked = 0u64;
@@ -158,40 +213,102 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
     let mut issued = 0u64;
     let mut rng = Rng::new(cfg.seed ^ 0xdead_beef);
     let progress = crate::progress::Progress::new(cfg.progress, cfg.cycles as usize);
+    // What recovering the files as they are now yields (verified against the model after every
+    // kill); the next child's own recovery must produce exactly these bytes.
+    let mut expected = recovered_image(&heap_path, log_path.as_deref())?;
+    let mut next_phase = 0usize;
+    let mut next_kill = None;
     for cycle in 0..cfg.cycles {
-        let mut child = spawn_child(cfg, cycle)?;
+        let kill = next_kill.take().unwrap_or_else(|| match rng.below(20) {
+            0 | 1 => Kill::Early,
+            2..=4 => Kill::AfterFill,
+            _ => Kill::Running,
+        });
+        let kill = match kill {
+            // A filled log needs a later cycle to recover it.
+            Kill::AfterFill if cycle + 1 == cfg.cycles => Kill::Running,
+            k => k,
+        };
+        let fill_bytes = (kill == Kill::AfterFill).then(|| {
+            let log_bytes = expected_log_bytes(cfg, &heap_path);
+            log_bytes / FILL_LOG_FRACTION.1 * FILL_LOG_FRACTION.0
+        });
+        let mut child = spawn_child(cfg, cycle, fill_bytes)?;
         let mut out = BufReader::new(child.stdout.take().expect("piped"));
-        // Kill at a random moment: a tenth of the time before the child has even finished
-        // opening (so recovery itself gets interrupted), otherwise while it commits.
-        let early = rng.below(10) == 0;
-        let mut ready = String::new();
-        let mut opened = false;
-        if early {
-            std::thread::sleep(Duration::from_micros(rng.below(3000)));
-        } else {
-            out.read_line(&mut ready).map_err(|e| format!("reading from the child: {e}"))?;
-            opened = ready.starts_with("ready");
-            if !opened {
-                let mut err = String::new();
-                let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
-                let _ = child.wait();
-                return Err(format!("torture child failed to start (cycle {cycle}): {}{err}", ready.trim()));
+        let mut seen = String::new();
+        // Read lines until one starts with `want` (true) or the child's output ends (false).
+        let mut read_until = |out: &mut BufReader<std::process::ChildStdout>, want: &str| -> Result<bool, String> {
+            loop {
+                let mut line = String::new();
+                if out.read_line(&mut line).map_err(|e| format!("reading from the child: {e}"))? == 0 {
+                    return Ok(false);
+                }
+                seen.push_str(&line);
+                if line.starts_with(want) {
+                    return Ok(true);
+                }
             }
-            std::thread::sleep(Duration::from_millis(rng.below(cfg.kill_after_ms_max + 1)));
-        }
+        };
+        let reached = match kill {
+            Kill::Early => {
+                std::thread::sleep(Duration::from_micros(rng.below(3000)));
+                true
+            }
+            Kill::Running => {
+                let ok = read_until(&mut out, "ready")?;
+                if ok {
+                    std::thread::sleep(Duration::from_millis(rng.below(cfg.kill_after_ms_max + 1)));
+                }
+                ok
+            }
+            Kill::AfterFill => read_until(&mut out, "filled")?,
+            Kill::InRecovery(Phase::Replay) => {
+                // Before a random record of the replay, not only the first: the child announces
+                // each one.
+                let at = rng.below(expected.report.records_replayed.max(1));
+                read_until(&mut out, &format!("phase replay records={at}\n"))?
+            }
+            Kill::InRecovery(phase) => read_until(&mut out, &format!("phase {}", phase.name()))?,
+        };
         // SAFETY: kill(2) on our own child's pid; no memory involved.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
         let status = child.wait().map_err(|e| format!("waiting for the child: {e}"))?;
         let mut rest = String::new();
         let _ = out.read_to_string(&mut rest);
+        seen.push_str(&rest);
         let mut err = String::new();
         let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
-        if status.signal() != Some(libc::SIGKILL) {
-            return Err(format!("torture child ended on its own ({status}) in cycle {cycle}: {}", err.trim()));
+        if !reached || status.signal() != Some(libc::SIGKILL) {
+            return Err(format!(
+                "torture child ended on its own ({status}) in cycle {cycle} ({kill:?}): {}{}",
+                seen.lines().last().unwrap_or(""),
+                err.trim()
+            ));
         }
-        for line in ready.lines().chain(rest.lines()) {
-            if line.starts_with("ready") {
+        let mut opened = false;
+        let mut last_phase = None;
+        for line in seen.lines() {
+            if let Some(rest) = line.strip_prefix("ready ") {
                 opened = true;
+                let ready = Ready::parse(rest).ok_or_else(|| format!("bad line from the child: {line}"))?;
+                report.tracker = ready.tracker.clone();
+                report.log_kind = ready.log_kind.clone();
+                report.io_path = ready.io_path.clone();
+                report.flush_mode = ready.flush_mode.clone();
+                report.recovery_ms.push(ready.open_us as f64 / 1e3);
+                report.real_recoveries_compared += 1;
+                let want = commit_number(&expected.bytes);
+                if ready.commit != want || ready.crc != expected.crc() {
+                    report.note_violation(format!(
+                        "cycle {cycle}: the child's own recovery gave commit {} (crc {:08x}) but replaying the same files in memory gives commit {want} (crc {:08x})",
+                        ready.commit,
+                        ready.crc,
+                        expected.crc()
+                    ));
+                }
+            } else if let Some(p) = line.strip_prefix("phase ") {
+                // `done` is after the last phase: a kill there is not inside recovery.
+                last_phase = Phase::ALL.into_iter().find(|ph| p.split(' ').next() == Some(ph.name()));
             } else if let Some(k) = line.strip_prefix("ack ") {
                 let k: u64 = k.trim().parse().map_err(|_| format!("bad line from the child: {line}"))?;
                 if k > last_acked {
@@ -205,20 +322,26 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
         }
         if !opened {
             report.killed_during_open += 1;
+            // A kill inside a recovery that had records to replay: the interesting kind.
+            if let (Some(phase), true) = (last_phase, expected.report.records_replayed > 0) {
+                *report.killed_in_phase.entry(phase.name()).or_default() += 1;
+                if phase == Phase::Replay {
+                    report.longest_replay_killed_bytes =
+                        report.longest_replay_killed_bytes.max(expected.report.bytes_replayed);
+                }
+            }
+        }
+        if kill == Kill::AfterFill {
+            report.fills += 1;
+            next_kill = Some(Kill::InRecovery(Phase::ALL[next_phase % Phase::ALL.len()]));
+            next_phase += 1;
         }
 
-        let started = Instant::now();
-        let heap = Heap::open(&heap_path, &cfg.choice.options())
+        // Verify what recovery would make of the files, leaving them as the kill left them.
+        expected = recovered_image(&heap_path, log_path.as_deref())
             .map_err(|e| format!("cycle {cycle}: recovery failed after a SIGKILL (this is a bug): {e}"))?;
-        let open_ms = started.elapsed().as_secs_f64() * 1e3;
-        let stats = heap.stats();
-        report.tracker = stats.tracker.to_string();
-        report.log_kind = stats.log_kind.to_string();
-        report.io_path = stats.io_path.to_string();
-        report.flush_mode = stats.flush_mode.to_string();
-        report.recovery_ms.push(open_ms);
-        report.records_replayed += stats.recovery.records_replayed;
-        let c = commit_number(heap.bytes());
+        report.records_replayed += expected.report.records_replayed;
+        let c = commit_number(&expected.bytes);
         let mut violation = None;
         if c < last_acked {
             violation = Some(format!("cycle {cycle}: heap is at commit {c} but commit {last_acked} was acknowledged"));
@@ -234,7 +357,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
                 report.recovered_unacknowledged += 1;
             }
             model.advance_to(c);
-            if let Some(at) = model.first_difference(heap.bytes()) {
+            if let Some(at) = model.first_difference(&expected.bytes) {
                 violation = Some(format!(
                     "cycle {cycle}: heap says commit {c} but differs from that state at byte {at} (page {})",
                     at / 4096
@@ -242,35 +365,109 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
             }
         }
         if let Some(v) = violation {
-            report.violations += 1;
-            if report.violation_details.len() < 10 {
-                report.violation_details.push(v.clone());
-            }
+            report.note_violation(v);
             // Resynchronise the model with what is there so later cycles are still checked.
-            model.image.copy_from_slice(heap.bytes());
+            model.image.copy_from_slice(&expected.bytes);
             model.at = c;
             last_acked = c;
         }
         report.final_commit = c;
         report.cycles += 1;
-        drop(heap);
         progress
             .at(cycle + 1, format!("SIGKILL cycles, commit {c}, acked {last_acked}, violations {}", report.violations));
+    }
+    // Last, the real thing in this process: opening the heap must give what was verified.
+    let heap = Heap::open(&heap_path, &cfg.choice.options())
+        .map_err(|e| format!("the final recovery failed (this is a bug): {e}"))?;
+    report.real_recoveries_compared += 1;
+    if crc32c::crc32c(heap.bytes()) != expected.crc() {
+        report.note_violation(format!(
+            "the final recovery gave commit {} but replaying the same files in memory gives commit {}, or other bytes",
+            commit_number(heap.bytes()),
+            commit_number(&expected.bytes)
+        ));
     }
     Ok(report)
 }
 
-/// The child: open (recovering), then commit the workload forever, printing "ack k" when commit
-/// k is durable. Mixes synchronous commits, pipelined async commits and releases of committed
-/// pages; the parent kills it.
-pub fn child(heap_path: &Path, seed: u64, run_seed: u64, choice: &HeapChoice) -> Result<(), String> {
-    let mut heap = Heap::open(heap_path, &choice.options()).map_err(|e| e.to_string())?;
+/// The log's size as formatted (the heap file's header says).
+fn expected_log_bytes(cfg: &TortureConfig, heap_path: &Path) -> u64 {
+    let header = std::fs::read(heap_path).ok().and_then(|b| fams::HeapHeader::decode(&b).ok());
+    header.map(|h| h.log_size).or(cfg.log_size_bytes).unwrap_or(4 << 20)
+}
+
+/// The child's `ready` line: what its own recovery produced, and how the heap runs.
+struct Ready {
+    commit: u64,
+    crc: u32,
+    open_us: u64,
+    tracker: String,
+    log_kind: String,
+    io_path: String,
+    flush_mode: String,
+}
+
+impl Ready {
+    fn line(heap: &Heap, open_us: u64) -> String {
+        let s = heap.stats();
+        format!(
+            "ready commit={} crc={:08x} open_us={open_us} tracker={} log_kind={} io_path={} flush_mode={}\n",
+            commit_number(heap.bytes()),
+            crc32c::crc32c(heap.bytes()),
+            s.tracker,
+            s.log_kind,
+            s.io_path,
+            s.flush_mode
+        )
+    }
+
+    fn parse(fields: &str) -> Option<Ready> {
+        let get =
+            |key: &str| fields.split_whitespace().find_map(|f| f.strip_prefix(key).and_then(|v| v.strip_prefix('=')));
+        Some(Ready {
+            commit: get("commit")?.parse().ok()?,
+            crc: u32::from_str_radix(get("crc")?, 16).ok()?,
+            open_us: get("open_us")?.parse().ok()?,
+            tracker: get("tracker")?.into(),
+            log_kind: get("log_kind")?.into(),
+            io_path: get("io_path")?.into(),
+            flush_mode: get("flush_mode")?.into(),
+        })
+    }
+}
+
+/// The child: open (recovering, printing `phase NAME` as recovery enters each phase), say
+/// `ready …` with what recovery produced, then commit the workload forever, printing "ack k"
+/// when commit k is durable. Mixes synchronous commits, pipelined async commits and releases of
+/// committed pages; the parent kills it. With `fill_log_bytes`, it also says `filled` once that
+/// many log bytes have been written since the last checkpoint (its checkpoints then wait until
+/// the log is full), so the next recovery has a long replay.
+pub fn child(
+    heap_path: &Path,
+    seed: u64,
+    run_seed: u64,
+    choice: &HeapChoice,
+    fill_log_bytes: Option<u64>,
+) -> Result<(), String> {
+    fams::recovery::observe_phases(|phase, so_far| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "phase {} records={}", phase.name(), so_far.records_replayed);
+        let _ = out.flush();
+    });
+    let mut opts = choice.options();
+    if fill_log_bytes.is_some() {
+        opts.checkpoint_threshold_bytes = Some(u64::MAX);
+    }
+    let started = Instant::now();
+    let mut heap = Heap::open(heap_path, &opts).map_err(|e| e.to_string())?;
+    let open_us = started.elapsed().as_micros() as u64;
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| -> Result<(), String> {
         out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"))
     };
-    say(format!("ready {}\n", commit_number(heap.bytes())))?;
-    commit_forever(&mut heap, seed, run_seed, CommitterMode::default(), &mut say)
+    say(Ready::line(&heap, open_us))?;
+    let mode = CommitterMode { fill_log_bytes, ..CommitterMode::default() };
+    commit_forever(&mut heap, seed, run_seed, mode, &mut say)
 }
 
 /// How [`commit_forever`] commits.
@@ -278,6 +475,8 @@ pub fn child(heap_path: &Path, seed: u64, run_seed: u64, choice: &HeapChoice) ->
 pub struct CommitterMode {
     /// Also make some commits with the synchronous `commit()` (a quarter, when none is in flight).
     pub sync_commits: bool,
+    /// Say `filled` once this many log bytes have been written since the last checkpoint.
+    pub fill_log_bytes: Option<u64>,
 }
 
 /// The workload's committing loop, shared by the crash tests' children: from the heap's current
@@ -295,7 +494,21 @@ pub fn commit_forever(
     let mut k = commit_number(heap.bytes());
     let mut rng = Rng::new(run_seed);
     let mut in_flight: VecDeque<(u64, fams::Ticket)> = VecDeque::new();
+    let mut fill = mode.fill_log_bytes.map(|want| {
+        let s = heap.stats();
+        (want, s.checkpoints, s.log_bytes_written)
+    });
     loop {
+        if let Some((want, checkpoints, since)) = fill {
+            let s = heap.stats();
+            if s.checkpoints != checkpoints {
+                // Counted from when the checkpoint was seen: at most an undercount.
+                fill = Some((want, s.checkpoints, s.log_bytes_written));
+            } else if s.log_bytes_written - since >= want {
+                say(format!("filled {}\n", s.log_bytes_written - since))?;
+                fill = None;
+            }
+        }
         let depth = match rng.below(3) {
             0 => 1,
             _ => 1 + rng.below(6) as usize,

@@ -120,3 +120,39 @@ impl Model {
         })
     }
 }
+
+/// What opening the heap at `heap_path` would recover, computed in memory: the heap file and its
+/// log (`log`, or the one its header names) are read, never written, and the same recovery code
+/// the heap uses replays the log over a copy. A crash test verifies with this so that the files
+/// stay exactly as the crash left them: the next child's own open then replays a real log, and
+/// kills and power cuts can land inside that replay. Returns the recovered heap bytes (what
+/// [`Heap::bytes`] would show) and what recovery did.
+pub fn recovered_image(heap_path: &std::path::Path, log: Option<&std::path::Path>) -> Result<RecoveredImage, String> {
+    use std::os::unix::fs::FileExt;
+    let heap_file =
+        std::fs::read(heap_path).map_err(|e| format!("{}: reading the heap file: {e}", heap_path.display()))?;
+    let header = fams::HeapHeader::decode(&heap_file).map_err(|e| format!("{}: {e}", heap_path.display()))?;
+    let log_path = log.map(|l| l.to_path_buf()).unwrap_or_else(|| header.resolve_log_path(heap_path));
+    let mut log_image = vec![0u8; header.log_size as usize];
+    std::fs::File::open(&log_path)
+        .and_then(|f| f.read_exact_at(&mut log_image, 0))
+        .map_err(|e| format!("{}: reading the log: {e}", log_path.display()))?;
+    let (result, heap_after, _log_after) = fams::sim::recover_images(log_image, heap_file, false);
+    let report = result.map_err(|e| format!("recovering {} in memory: {e}", heap_path.display()))?;
+    let start = fams::heap_file::HEADER_BYTES as usize;
+    let bytes = heap_after[start..start + header.heap_size as usize].to_vec();
+    Ok(RecoveredImage { bytes, report })
+}
+
+/// See [`recovered_image`].
+pub struct RecoveredImage {
+    pub bytes: Vec<u8>,
+    pub report: fams::RecoveryReport,
+}
+
+impl RecoveredImage {
+    /// A fingerprint of the bytes, to compare with what a real recovery produced.
+    pub fn crc(&self) -> u32 {
+        crc32c::crc32c(&self.bytes)
+    }
+}
