@@ -49,6 +49,11 @@ pub enum Mutation {
     /// Recovery replays a record whose header is intact without checking its payload checksum
     /// (a torn record is replayed as if whole). Hook: `recovery.rs`, `recover`.
     TrustRecordWithoutCrc,
+    /// Recovery makes its new superblock (tail at the end of the log) durable *before* it
+    /// replays the records into the heap file, so a crash in the middle of the replay leaves
+    /// records that no later recovery will replay. Only a crash inside a real replay can show
+    /// it. Hook: `recovery.rs`, `recover`.
+    TailBeforeReplay,
     /// The log drive acknowledges flushes (and FUA writes) without making anything durable. Not
     /// a bug in fams's code but in the hardware under it: hooked in the drives the crash tests
     /// simulate — the power-loss simulator's log disk (`sim/mod.rs`, `SimLog::write_durable`)
@@ -91,6 +96,7 @@ impl Mutation {
             | Mutation::WriteBackBeforeDurable
             | Mutation::SkipFullPageImage
             | Mutation::TrustRecordWithoutCrc
+            | Mutation::TailBeforeReplay
             | Mutation::DriveIgnoresFlushes => Layer::Heap,
         }
     }
@@ -147,6 +153,11 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         Mutation::TrustRecordWithoutCrc,
         "trust-record-without-crc",
         "recovery replays a log record without checking its payload checksum",
+    ),
+    (
+        Mutation::TailBeforeReplay,
+        "tail-before-replay",
+        "recovery moves the log tail past the records before it has replayed them into the heap file",
     ),
     (
         Mutation::DriveIgnoresFlushes,

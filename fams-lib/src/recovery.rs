@@ -213,6 +213,15 @@ pub(crate) fn recover(
     let mut consumed_bytes = 0u64;
     if mode != Mode::DryRun {
         announce(Phase::Replay, &report);
+        if mutations::is_on(Mutation::TailBeforeReplay) {
+            // The deliberate bug: find the end first, and make it the tail before replaying.
+            let ahead = recover(&mut *reader.dev, log_path, heap_file, heap_path, header, Mode::DryRun)?;
+            let mut early = sb;
+            early.sequence += 1;
+            early.tail_offset = ahead.head;
+            early.tail_lsn = ahead.report.next_lsn;
+            write_superblock(&mut *reader.dev, &early).map_err(log_err("writing the superblock"))?;
+        }
     }
     let end_why = loop {
         match next_step(&mut reader, &sb, pos, lsn).map_err(log_err("reading log records"))? {

@@ -13,7 +13,7 @@
 //! number and a checksum of the heap); that must equal the in-memory replay the parent verified,
 //! so the real recovery path is checked byte for byte, too.
 
-use crate::workload::{commit_number, failed_turn, mutate, recovered_image, Model, Rng};
+use crate::workload::{commit_number, failed_turn, fingerprint, mutate, recovered_image, Model, Rng};
 use fams::recovery::Phase;
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use std::collections::VecDeque;
@@ -380,7 +380,7 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
     let heap = Heap::open(&heap_path, &cfg.choice.options())
         .map_err(|e| format!("the final recovery failed (this is a bug): {e}"))?;
     report.real_recoveries_compared += 1;
-    if crc32c::crc32c(heap.bytes()) != expected.crc() {
+    if fingerprint(heap.bytes()) != expected.crc() {
         report.note_violation(format!(
             "the final recovery gave commit {} but replaying the same files in memory gives commit {}, or other bytes",
             commit_number(heap.bytes()),
@@ -413,7 +413,7 @@ impl Ready {
         format!(
             "ready commit={} crc={:08x} open_us={open_us} tracker={} log_kind={} io_path={} flush_mode={}\n",
             commit_number(heap.bytes()),
-            crc32c::crc32c(heap.bytes()),
+            fingerprint(heap.bytes()),
             s.tracker,
             s.log_kind,
             s.io_path,

@@ -151,8 +151,14 @@ pub struct RecoveredImage {
 }
 
 impl RecoveredImage {
-    /// A fingerprint of the bytes, to compare with what a real recovery produced.
+    /// The [`fingerprint`] of the bytes, to compare with what a real recovery produced.
     pub fn crc(&self) -> u32 {
-        crc32c::crc32c(&self.bytes)
+        fingerprint(&self.bytes)
     }
+}
+
+/// A checksum of a heap image: how a crash test's child tells its parent, in one line, what its
+/// own recovery produced.
+pub fn fingerprint(heap: &[u8]) -> u32 {
+    crc32c::crc32c(heap)
 }

@@ -2,24 +2,33 @@
 //!
 //! One `fams-fuse-disk` process serves two files, `log` and `fs`, each a simulated drive with a
 //! volatile write cache (see `fams_tests::fuse_disk`). A loop device sits on each (direct I/O when
-//! the kernel allows it); the fams log is the raw loop device over `log`, and the heap file lives
-//! on ext4 on the loop device over `fs`. The product runs unchanged: io_uring or plain syscalls,
-//! O_DIRECT, RWF_DSYNC (a FUA write; the loop device has no FUA, so the block layer follows the
-//! write with a flush) or fdatasync; its checkpoints fdatasync the heap file through ext4. Every
-//! flush reaches the FUSE program as an fsync of that file; everything written since is volatile.
+//! the kernel allows it), with ext4 on the one over `fs`. Two heaps live on this machine, in the
+//! two layouts users have: the *raw-log* heap keeps its fams log on the raw loop device over `log`
+//! (O_DIRECT, RWF_DSYNC becomes a FUA write, which the loop device turns into write + flush), and
+//! the *file-log* heap is what `famsd format` makes by default, heap file and log file side by
+//! side on ext4 (RWF_DSYNC or a separate fdatasync through ext4). The product runs unchanged: io_uring
+//! or plain syscalls, either flush mode; its checkpoints fdatasync the heap file through ext4.
+//! Every flush reaches the FUSE program as an fsync of that file; everything written since is
+//! volatile.
 //!
-//! Each cycle: a child process (this test binary again) recovers and commits the verifiable
-//! workload, printing `ack k` when commit k is durable. Then the test **cuts the power** of both
-//! drives at once (each unflushed write kept, dropped or torn per 512-byte sector; afterwards
-//! the drives fail every write and flush with EIO, so nothing after the cut can be acknowledged),
-//! at one of these moments: while the child is still starting or recovering; after freezing it
-//! (SIGSTOP; its I/O in flight lands on the dead drive); at a random instant while it runs; or
-//! right after its n-th next write reaches a drive (in the FUSE request handler: between a
-//! record's write and its flush). It kills the child, unmounts ext4, detaches the loop devices
-//! and ends the FUSE program. Then power comes back: a new FUSE program from the durable images,
-//! loop devices, ext4 (replaying its journal; every 20th time also checked with e2fsck), and
-//! `Heap::open` (replaying the fams log). The heap must hold exactly the state after some commit
-//! c ≥ the last acknowledged one, and never go back. The next cycle goes on from there.
+//! Each cycle: a child process (this test binary again) recovers one of the heaps and commits the
+//! verifiable workload, printing `ack k` when commit k is durable. Then the test **cuts the
+//! power** of both drives at once (each unflushed write kept, dropped or torn per 512-byte sector;
+//! afterwards the drives fail every write and flush with EIO, so nothing after the cut can be
+//! acknowledged), at one of these moments: while the child is still starting or recovering; after
+//! freezing it (SIGSTOP; its I/O in flight lands on the dead drive); at a random instant while it
+//! runs; right after its n-th next write reaches a drive (in the FUSE request handler: between a
+//! record's write and its flush); once it has filled the log with several MiB of records — and
+//! then the next child, recovering that log, is cut inside its recovery, in each phase in turn (at
+//! a random record of the replay, in the heap file's fdatasync, in the superblock write; the
+//! child announces them). It kills the child, unmounts ext4, detaches the loop devices and ends
+//! the FUSE program. Then power comes back: a new FUSE program from the durable images, loop
+//! devices, ext4 (replaying its journal; every 20th time also checked with e2fsck). The test then
+//! replays the heap's log **in memory** (`famsd::workload::recovered_image`), leaving the files
+//! as the cut left them, so the next child's own open replays a real log. The recovered state must
+//! be exactly the state after some commit c ≥ the last acknowledged one, never going back, and
+//! the next child's own recovery must produce exactly those bytes (it prints their checksum). At
+//! the end, this process opens both heaps for real and compares too.
 //!
 //! Knobs: FAMS_POWER_CUT_CYCLES, _SEED, _MAX_MS (longest run before a cut), _PROGRESS (a line
 //! per cycle), _TRACE=DIR (every request the drives see, per power-on).
@@ -30,12 +39,13 @@
 //! mutation is switched on process-wide, and the two would share this process.
 //! Root only (losetup, mount, FUSE); otherwise the test says why it skipped and passes.
 
+use fams::recovery::Phase;
 use fams::{FlushMode, FormatOptions, Heap, HeapOptions, IoPath, TrackerKind};
 use fams_tests::fuse_disk::{DiskCounters, DiskSpec, FuseDisk, FUSE_PATIENCE};
 use fams_tests::power_rig::{cannot_run, env_u64, losetup, say, wait_stopped, LoopGuard, Rig};
 use fams_tests::*;
 use famsd::torture::{commit_forever, CommitterMode};
-use famsd::workload::{commit_number, Model};
+use famsd::workload::{commit_number, fingerprint, recovered_image, Model, RecoveredImage};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -48,10 +58,9 @@ const HEAP_SIZE: u64 = 4 << 20;
 /// happen every few cycles.
 const LOG_DISK: u64 = 4 << 20;
 const FS_DISK: u64 = 32 << 20;
-
-fn heap_path(rig: &Rig) -> PathBuf {
-    rig.fs_mnt().join("power-cut.heap")
-}
+/// The log file of the default layout, on ext4 beside its heap file: small too, for the same
+/// reason.
+const FILE_LOG_SIZE: u64 = 4 << 20;
 
 /// The child, SIGKILLed on drop if still there.
 struct ChildProc {
@@ -115,6 +124,69 @@ struct ChildOutput {
     last_ack: AtomicU64,
     /// The highest commit number the child announced it would issue.
     issued: AtomicU64,
+    /// What the child's own recovery produced: (commit, crc of the heap bytes).
+    recovered: std::sync::Mutex<Option<(u64, u32)>>,
+    /// The last recovery phase the child announced (`done` once recovery is over).
+    phase: std::sync::Mutex<Option<String>>,
+}
+
+/// Wait (bounded) until the child prints a line starting with `want`; false if its output ended
+/// or the time ran out first.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, want: &str, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.starts_with(want) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The two ways a heap and its log are laid out on the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// The log on the raw loop device over the `log` drive, the heap file on ext4.
+    RawLog,
+    /// What `famsd format` makes by default: heap file and log file side by side on ext4.
+    FileLog,
+}
+
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::RawLog => "raw-log",
+            Layout::FileLog => "file-log",
+        }
+    }
+    fn heap_path(self, rig: &Rig) -> PathBuf {
+        match self {
+            Layout::RawLog => rig.fs_mnt().join("power-cut.heap"),
+            Layout::FileLog => rig.fs_mnt().join("power-cut-file.heap"),
+        }
+    }
+    /// The log to pass when opening (None: the one the heap file names).
+    fn log(self, rig: &Rig) -> Option<PathBuf> {
+        match self {
+            Layout::RawLog => Some(rig.log_dev()),
+            Layout::FileLog => None,
+        }
+    }
+}
+
+/// What the test knows about one heap across cycles.
+struct HeapState {
+    layout: Layout,
+    model: Model,
+    last_acked: u64,
+    /// The highest commit number any child announced: a recovered heap claiming more is damaged.
+    issued: u64,
+    /// What recovering its files as they are now yields (verified against the model); the next
+    /// child's own recovery must produce exactly these bytes.
+    expected: RecoveredImage,
+    /// The next child on this heap is to be cut inside this recovery phase (its log was filled).
+    cut_in: Option<Phase>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -144,6 +216,15 @@ struct Report {
     commits_acknowledged: u64,
     final_commit: u64,
     cuts_during_recovery: u64,
+    /// Cuts that landed inside a recovery with records to replay, by the phase it had reached.
+    cuts_in_phase: std::collections::BTreeMap<&'static str, u64>,
+    /// Children that filled the log (several MiB of records, checkpoints held back).
+    fills: u64,
+    /// Cycles per layout.
+    layouts: std::collections::BTreeMap<&'static str, u64>,
+    /// Children's recoveries (and the final ones here) compared byte for byte with the verified
+    /// in-memory replay of the same files.
+    real_recoveries_compared: u64,
     recovered_unacknowledged: u64,
     records_replayed: u64,
     cuts_with_pending_writes: u64,
@@ -171,7 +252,9 @@ impl Report {
     fn summary(&self) -> String {
         format!(
             "power cuts: {} cycles in {:.1} s ({:.0} ms/cycle), violations {}, commits acknowledged {}, final commit {}, \
-             cut while recovering {}, recovered unacknowledged commits {} times, records replayed {}\n\
+             cut while recovering {} (inside a replaying recovery, by phase: {:?}; {} fills), \
+             recovered unacknowledged commits {} times, records replayed {}, real recoveries compared {}\n\
+             layouts {:?}\n\
              cuts: {} with unflushed writes ({} on the log drive), {} dropped writes, {} tore writes; \
              writes pending {} → kept {}, dropped {}, torn {}; modes {:?}; when {:?}; child saw the dead drive's EIO {} times\n\
              loop direct I/O: {}; fsck after journal replay: {} runs, {} problems\n\
@@ -185,8 +268,12 @@ impl Report {
             self.commits_acknowledged,
             self.final_commit,
             self.cuts_during_recovery,
+            self.cuts_in_phase,
+            self.fills,
             self.recovered_unacknowledged,
             self.records_replayed,
+            self.real_recoveries_compared,
+            self.layouts,
             self.cuts_with_pending_writes,
             self.cuts_with_pending_log_writes,
             self.cuts_that_dropped,
@@ -236,28 +323,71 @@ fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
         rig.lying_drive = Some("log".into());
     }
     rig.power_on(true, false)?;
-    let heap_path = heap_path(&rig);
-    let mut f = FormatOptions::new(&heap_path, HEAP_SIZE);
-    f.log_path = Some(rig.log_dev());
-    Heap::format(&f).map_err(|e| format!("format: {e}"))?;
+    let mut heaps = Vec::new();
+    for layout in [Layout::RawLog, Layout::FileLog] {
+        let heap_path = layout.heap_path(&rig);
+        let mut f = FormatOptions::new(&heap_path, HEAP_SIZE);
+        f.log_path = layout.log(&rig);
+        if layout == Layout::FileLog {
+            f.log_size_bytes = Some(FILE_LOG_SIZE);
+        }
+        Heap::format(&f).map_err(|e| format!("format ({}): {e}", layout.name()))?;
+        let expected = recovered_image(&heap_path, layout.log(&rig).as_deref())?;
+        heaps.push(HeapState {
+            layout,
+            model: Model::new(HEAP_SIZE as usize, cfg.seed ^ layout as u64),
+            last_acked: 0,
+            issued: 0,
+            expected,
+            cut_in: None,
+        });
+    }
     // Every step that waits on the drives runs under the FUSE watchdog (see `Rig`, and the
     // guards in `run_cycles`): a wedged connection is aborted and the test fails, not hangs.
-    let result = run_cycles(cfg, &mut rig, &heap_path);
+    let result = run_cycles(cfg, &mut rig, &mut heaps);
     let mut report = result?;
+    // Last, the real thing in this process: opening each heap must give what was verified.
+    for h in &heaps {
+        let (heap_path, log) = (h.layout.heap_path(&rig), h.layout.log(&rig));
+        let opts = HeapOptions { log_path: log, ..HeapOptions::default() };
+        let what = format!("final recovery of the {} heap", h.layout.name());
+        match rig.fuse().watch(&what, FUSE_PATIENCE, || Heap::open(&heap_path, &opts))? {
+            Ok(heap) => {
+                report.real_recoveries_compared += 1;
+                if fingerprint(heap.bytes()) != h.expected.crc() {
+                    report.violations += 1;
+                    report.violation_details.push(format!(
+                        "{what}: commit {} but the in-memory replay of the same files gives commit {}, or other bytes",
+                        commit_number(heap.bytes()),
+                        commit_number(&h.expected.bytes)
+                    ));
+                }
+            }
+            Err(e) => {
+                report.violations += 1;
+                report.violation_details.push(format!("{what} failed: {e}"));
+            }
+        }
+    }
     report.seconds = started.elapsed().as_secs_f64();
     rig.power_off()?;
     Ok(report)
 }
 
-fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, String> {
+fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Report, String> {
     let trackers = trackers();
     let mut report = Report { loop_dio: rig.loop_dio, ..Report::default() };
-    let mut model = Model::new(HEAP_SIZE as usize, cfg.seed);
-    let mut last_acked = 0u64;
-    // The highest commit number any child announced: a recovered heap claiming more is damaged.
-    let mut issued = 0u64;
     let mut rng = Rng::new(cfg.seed ^ 0x0070_7765_7263_7574);
+    let mut next_phase = 0usize;
     for cycle in 0..cfg.cycles {
+        // A heap whose log was just filled is recovered (and cut) next; otherwise either layout.
+        let which = match heaps.iter().position(|h| h.cut_in.is_some()) {
+            Some(i) => i,
+            None => rng.below(heaps.len() as u64) as usize,
+        };
+        let h = &mut heaps[which];
+        *report.layouts.entry(h.layout.name()).or_default() += 1;
+        let heap_path = h.layout.heap_path(rig);
         // Mostly the production default (io_uring + RWF_DSYNC), sometimes the other paths.
         let choice = Choice {
             tracker: trackers[rng.below(trackers.len() as u64) as usize],
@@ -268,14 +398,37 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
             .choices
             .entry(format!("{}+{}+{}", choice.tracker.name(), choice.io_path.name(), choice.flush_mode.name()))
             .or_default() += 1;
+
+        // When and how the power goes: inside the recovery of a log the previous child filled,
+        // in the phase whose turn it is; else a tenth of the time at a random moment of
+        // start-up and recovery; else while the child commits: with the child frozen first (its
+        // I/O in flight lands on the dead drive), at a random instant while it runs, right
+        // after its n-th next write reaches a drive (between a write and its flush), or once it
+        // has filled the log with several MiB of records for the next child to replay.
+        let how = match h.cut_in.take() {
+            Some(Phase::Replay) => "in-replay",
+            Some(Phase::HeapSync) => "in-heap-sync",
+            Some(_) => "in-superblock",
+            None => match rng.below(20) {
+                0 | 1 => "recovering",
+                2..=5 => "frozen",
+                6..=8 => "running",
+                9..=10 if cycle + 1 < cfg.cycles => "filled",
+                _ => "after-write",
+            },
+        };
+        *report.cut_triggers.entry(how.into()).or_default() += 1;
+        let log_bytes = match h.layout {
+            Layout::RawLog => LOG_DISK,
+            Layout::FileLog => FILE_LOG_SIZE,
+        };
         let err_path = rig.dir.join("child.err");
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
         cmd.args(["--exact", "power_cut_child", "--nocapture", "--test-threads=1"])
             .env("FAMS_CHILD", "1")
-            .env("FAMS_PC_HEAP", heap_path)
-            .env("FAMS_PC_LOG", rig.log_dev())
-            .env("FAMS_PC_SEED", cfg.seed.to_string())
+            .env("FAMS_PC_HEAP", &heap_path)
+            .env("FAMS_PC_SEED", h.model.seed.to_string())
             .env("FAMS_PC_RUN_SEED", rng.next_u64().to_string())
             .env("FAMS_PC_TRACKER", choice.tracker.name())
             .env("FAMS_PC_IO_PATH", choice.io_path.name())
@@ -283,8 +436,17 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&err_path).map_err(|e| e.to_string())?);
+        match h.layout.log(rig) {
+            Some(log) => cmd.env("FAMS_PC_LOG", log),
+            None => cmd.env_remove("FAMS_PC_LOG"),
+        };
+        if how == "filled" {
+            cmd.env("FAMS_PC_FILL", (log_bytes / 4 * 3).to_string());
+        } else {
+            cmd.env_remove("FAMS_PC_FILL");
+        }
         // A negative control: the child commits (and recovers) with the same deliberate bug as
-        // this process, which recovers after the cut.
+        // this process.
         match fams::mutations::current() {
             Some(m) => cmd.env("FAMS_MUTATION", m.name()),
             None => cmd.env_remove("FAMS_MUTATION"),
@@ -292,6 +454,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
         let mut spawned = cmd.spawn().map_err(|e| format!("spawning the child: {e}"))?;
         let mut child = ChildProc { pid: spawned.id() as libc::pid_t, reaped: false };
         let out = Arc::new(ChildOutput::default());
+        let (line_tx, lines) = std::sync::mpsc::channel::<String>();
         let reader = {
             let out = out.clone();
             let stdout = spawned.stdout.take().expect("piped");
@@ -299,13 +462,17 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
                     // libtest may have printed "test power_cut_child ... " on the same line.
-                    if line.contains("ready ") {
+                    if let Some(at) = line.find("ready ") {
+                        *out.recovered.lock().expect("not poisoned") = parse_ready(&line[at + 6..]);
                         out.ready.store(true, Ordering::SeqCst);
                     } else if let Some(k) = line.strip_prefix("ack ").and_then(|k| k.trim().parse::<u64>().ok()) {
                         out.last_ack.fetch_max(k, Ordering::SeqCst);
                     } else if let Some(k) = line.strip_prefix("issue ").and_then(|k| k.trim().parse::<u64>().ok()) {
                         out.issued.fetch_max(k, Ordering::SeqCst);
+                    } else if let Some(p) = line.strip_prefix("phase ") {
+                        *out.phase.lock().expect("not poisoned") = p.split(' ').next().map(String::from);
                     }
+                    let _ = line_tx.send(line);
                 }
                 out.eof.store(true, Ordering::SeqCst);
             })
@@ -316,40 +483,51 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
                        // FUSE connection and the cycle fails instead of hanging.
         let child_phase =
             rig.fuse().guard(&format!("cycle {cycle}: the child's run, the cut and its kill"), FUSE_PATIENCE);
-
-        // When and how the power goes: a tenth of the time at a random moment of start-up and
-        // recovery; otherwise while the child commits: with the child frozen first (its I/O in
-        // flight lands on the dead drive), at a random instant while it runs, or right after
-        // its n-th next write reaches a drive (between a write and its flush).
-        let how = match rng.below(20) {
-            0 | 1 => "recovering",
-            2..=6 => "frozen",
-            7..=10 => "running",
-            _ => "after-write",
+        let child_failed = |what: &str| {
+            let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+            format!("cycle {cycle}: {what} ({choice:?}, {}): {}", h.layout.name(), err.trim())
         };
-        *report.cut_triggers.entry(how.into()).or_default() += 1;
-        if how == "recovering" {
-            std::thread::sleep(Duration::from_micros(rng.below(40_000)));
-        } else {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !out.ready.load(Ordering::SeqCst) && !out.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_micros(500));
+        let patience = Duration::from_secs(30);
+        match how {
+            "recovering" => std::thread::sleep(Duration::from_micros(rng.below(40_000))),
+            "in-replay" => {
+                // Before a random record of the replay, not only the first: the child announces
+                // each one.
+                let at = rng.below(h.expected.report.records_replayed.max(1));
+                if !wait_for_line(&lines, &format!("phase replay records={at}"), patience) {
+                    child.kill();
+                    let _ = reader.join();
+                    return Err(child_failed(&format!("the child never reached record {at} of its replay")));
+                }
             }
-            if !out.ready.load(Ordering::SeqCst) {
-                child.kill();
-                let _ = reader.join();
-                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-                return Err(format!("cycle {cycle}: the child did not start ({choice:?}): {}", err.trim()));
+            "in-heap-sync" | "in-superblock" => {
+                let phase = if how == "in-heap-sync" { "phase heap-sync" } else { "phase superblock" };
+                if !wait_for_line(&lines, phase, patience) {
+                    child.kill();
+                    let _ = reader.join();
+                    return Err(child_failed(&format!("the child never announced {phase}")));
+                }
             }
-            std::thread::sleep(Duration::from_micros(rng.below(cfg.cut_after_ms_max * 1000 + 1)));
+            _ => {
+                if !wait_for_line(&lines, "ready", patience) {
+                    child.kill();
+                    let _ = reader.join();
+                    return Err(child_failed("the child did not start"));
+                }
+                if how == "filled" {
+                    if !wait_for_line(&lines, "filled", patience) {
+                        child.kill();
+                        let _ = reader.join();
+                        return Err(child_failed("the child did not fill the log"));
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_micros(rng.below(cfg.cut_after_ms_max * 1000 + 1)));
+                }
+            }
         }
         let died_early = |child: &mut ChildProc| -> Option<String> {
             let status = child.ended()?;
-            let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-            Some(format!(
-                "cycle {cycle}: the child ended before the cut (status {status:#x}, {choice:?}): {}",
-                err.trim()
-            ))
+            Some(child_failed(&format!("the child ended before the cut (status {status:#x})")))
         };
         let seed = rng.next_u64();
         let cut_result = match how {
@@ -358,8 +536,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
                 // I/O in flight goes on in the kernel and lands on a dead drive.
                 if let Err(e) = child.stop() {
                     let _ = reader.join();
-                    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-                    return Err(format!("cycle {cycle}: {e} ({choice:?}): {}", err.trim()));
+                    return Err(child_failed(&e));
                 }
                 rig.cut(seed)
             }
@@ -367,17 +544,22 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
                 if let Some(e) = died_early(&mut child) {
                     return Err(e);
                 }
-                // Mostly the log drive: the moment between a record's write and its flush.
-                let disk = if rng.below(4) == 0 { None } else { Some("log") };
+                // Mostly the drive of the log: the moment between a record's write and its
+                // flush (the file log lives on the fs drive).
+                let log_disk = match h.layout {
+                    Layout::RawLog => "log",
+                    Layout::FileLog => "fs",
+                };
+                let disk = if rng.below(4) == 0 { None } else { Some(log_disk) };
                 rig.cut_after_writes(
                     seed,
-                    1 + rng.below(if disk.is_some() { 8 } else { 24 }),
+                    1 + rng.below(if disk == Some("log") { 8 } else { 24 }),
                     disk,
                     Duration::from_secs(2),
                 )
             }
             _ => {
-                if how == "running" {
+                if how == "running" || how == "filled" {
                     if let Some(e) = died_early(&mut child) {
                         return Err(e);
                     }
@@ -403,13 +585,45 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
         drop(child_phase);
         let opened = out.ready.load(Ordering::SeqCst);
         let acked = out.last_ack.load(Ordering::SeqCst);
-        issued = issued.max(out.issued.load(Ordering::SeqCst));
-        if acked > last_acked {
-            report.commits_acknowledged += acked - last_acked;
-            last_acked = acked;
+        h.issued = h.issued.max(out.issued.load(Ordering::SeqCst));
+        if acked > h.last_acked {
+            report.commits_acknowledged += acked - h.last_acked;
+            h.last_acked = acked;
+        }
+        let ctx = |h: &HeapState| {
+            format!(
+                "{}; {} cut {how}, {} writes pending, {} dropped, {} torn; {choice:?}",
+                h.layout.name(),
+                cut.mode,
+                cut.pending_writes,
+                cut.dropped,
+                cut.torn
+            )
+        };
+        if let Some((c, crc)) = *out.recovered.lock().expect("not poisoned") {
+            report.real_recoveries_compared += 1;
+            if c != commit_number(&h.expected.bytes) || crc != h.expected.crc() {
+                report.violations += 1;
+                report.violation_details.push(format!(
+                    "cycle {cycle}: the child's own recovery gave commit {c} (crc {crc:08x}) but replaying the same files in memory gives commit {} (crc {:08x}) ({})",
+                    commit_number(&h.expected.bytes),
+                    h.expected.crc(),
+                    ctx(h)
+                ));
+            }
         }
         if !opened {
             report.cuts_during_recovery += 1;
+            let phase = out.phase.lock().expect("not poisoned").clone();
+            let phase = Phase::ALL.into_iter().find(|p| phase.as_deref() == Some(p.name()));
+            if let (Some(p), true) = (phase, h.expected.report.records_replayed > 0) {
+                *report.cuts_in_phase.entry(p.name()).or_default() += 1;
+            }
+        }
+        if how == "filled" {
+            report.fills += 1;
+            h.cut_in = Some(Phase::ALL[next_phase % Phase::ALL.len()]);
+            next_phase += 1;
         }
         report.writes_pending_at_cuts += cut.pending_writes;
         report.writes_kept += cut.kept;
@@ -432,53 +646,50 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
             report.fsck_problems.push(format!("cycle {cycle}: {problem}"));
         }
         report.fsck_runs += fsck as u64;
-        let opts = HeapOptions { log_path: Some(rig.log_dev()), ..HeapOptions::default() };
-        let recovered =
-            rig.fuse().watch(&format!("cycle {cycle}: recovery"), FUSE_PATIENCE, || Heap::open(heap_path, &opts))?;
-        let heap = match recovered {
-            Ok(h) => h,
+        // Verify what recovery would make of the files, in memory: they stay as the cut left
+        // them, so the next child's own open replays a real log (and may be cut inside it).
+        let log = h.layout.log(rig);
+        let recovered = rig.fuse().watch(&format!("cycle {cycle}: reading the files"), FUSE_PATIENCE, || {
+            recovered_image(&heap_path, log.as_deref())
+        })?;
+        let recovered = match recovered {
+            Ok(r) => r,
             Err(e) => {
                 report.violations += 1;
-                report.violation_details.push(format!(
-                    "cycle {cycle}: recovery failed after a power cut ({} cut {how}, {} writes pending, {} dropped, {} torn; {choice:?}): {e}",
-                    cut.mode, cut.pending_writes, cut.dropped, cut.torn
-                ));
+                report
+                    .violation_details
+                    .push(format!("cycle {cycle}: recovery failed after a power cut ({}): {e}", ctx(h)));
                 report.cycles += 1;
                 break; // nothing more can be checked on a heap that does not open
             }
         };
-        report.records_replayed += heap.stats().recovery.records_replayed;
-        let c = commit_number(heap.bytes());
+        report.records_replayed += recovered.report.records_replayed;
+        let c = commit_number(&recovered.bytes);
         let mut violation = None;
-        let ctx = || {
-            format!(
-                "{} cut {how}, {} writes pending, {} dropped, {} torn; {choice:?}",
-                cut.mode, cut.pending_writes, cut.dropped, cut.torn
-            )
-        };
-        if c < last_acked {
+        if c < h.last_acked {
             violation = Some(format!(
-                "cycle {cycle}: heap is at commit {c} but commit {last_acked} was acknowledged ({})",
-                ctx()
+                "cycle {cycle}: heap is at commit {c} but commit {} was acknowledged ({})",
+                h.last_acked,
+                ctx(h)
             ));
-        } else if c < model.at {
-            violation = Some(format!("cycle {cycle}: heap went back from commit {} to {c} ({})", model.at, ctx()));
-        } else if c > issued.max(model.at) {
+        } else if c < h.model.at {
+            violation = Some(format!("cycle {cycle}: heap went back from commit {} to {c} ({})", h.model.at, ctx(h)));
+        } else if c > h.issued.max(h.model.at) {
             violation = Some(format!(
                 "cycle {cycle}: heap claims commit {c} but the child issued only up to {} ({})",
-                issued.max(model.at),
-                ctx()
+                h.issued.max(h.model.at),
+                ctx(h)
             ));
         } else {
-            if c > last_acked {
+            if c > h.last_acked {
                 report.recovered_unacknowledged += 1;
             }
-            model.advance_to(c);
-            if let Some(at) = model.first_difference(heap.bytes()) {
+            h.model.advance_to(c);
+            if let Some(at) = h.model.first_difference(&recovered.bytes) {
                 violation = Some(format!(
                     "cycle {cycle}: heap says commit {c} but differs from that state at byte {at} (page {}) ({})",
                     at / 4096,
-                    ctx()
+                    ctx(h)
                 ));
             }
         }
@@ -488,17 +699,24 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
                 report.violation_details.push(v);
             }
             // Resynchronise with what is there so later cycles are still checked.
-            model.image.copy_from_slice(heap.bytes());
-            model.at = c;
-            last_acked = c;
+            h.model.image.copy_from_slice(&recovered.bytes);
+            h.model.at = c;
+            h.last_acked = c;
         }
+        h.expected = recovered;
         report.final_commit = c;
         report.cycles += 1;
-        drop(heap);
         if std::env::var_os("FAMS_POWER_CUT_PROGRESS").is_some() {
             say(&format!(
-                "cycle {cycle}: {} cut {how}, pending {:?}, kept {} dropped {} torn {}, acked {last_acked}, recovered {c}, violations {}",
-                cut.mode, cut.pending_per_disk, cut.kept, cut.dropped, cut.torn, report.violations
+                "cycle {cycle}: {}, {} cut {how}, pending {:?}, kept {} dropped {} torn {}, acked {}, recovered {c}, violations {}",
+                h.layout.name(),
+                cut.mode,
+                cut.pending_per_disk,
+                cut.kept,
+                cut.dropped,
+                cut.torn,
+                h.last_acked,
+                report.violations
             ));
         }
         if cfg.stop_at_first_violation && report.violations > 0 {
@@ -506,6 +724,12 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heap_path: &Path) -> Result<Report, S
         }
     }
     Ok(report)
+}
+
+/// The fields of the child's `ready` line: commit and crc.
+fn parse_ready(fields: &str) -> Option<(u64, u32)> {
+    let get = |key: &str| fields.split_whitespace().find_map(|f| f.strip_prefix(key)?.strip_prefix('='));
+    Some((get("commit")?.parse().ok()?, u32::from_str_radix(get("crc")?, 16).ok()?))
 }
 
 #[cfg(not(feature = "mutations"))]
@@ -540,6 +764,18 @@ fn power_cuts_on_a_fuse_backed_loop_device() {
     // direct I/O below the loop devices would test less than it says.
     assert!(report.cuts_that_tore > 0, "no cut tore a write\n{}", report.summary());
     assert!(report.cuts_during_recovery > 0, "no cut landed while the child recovered\n{}", report.summary());
+    for phase in Phase::ALL {
+        assert!(
+            report.cuts_in_phase.get(phase.name()).copied().unwrap_or(0) > 0,
+            "no cut landed in recovery phase {} of a real replay\n{}",
+            phase.name(),
+            report.summary()
+        );
+    }
+    for layout in [Layout::RawLog, Layout::FileLog] {
+        assert!(report.layouts.get(layout.name()).copied().unwrap_or(0) > 0, "layout {} never ran", layout.name());
+    }
+    assert!(report.real_recoveries_compared > cfg.cycles / 2, "{}", report.summary());
     assert!(report.loop_dio, "the loop devices are not in direct-I/O mode\n{}", report.summary());
     assert!(
         report.log_disk.fsyncs + report.log_disk.fdatasyncs > 0,
@@ -771,20 +1007,29 @@ fn child_main() -> Result<(), String> {
     let heap_path = PathBuf::from(var("FAMS_PC_HEAP")?);
     let seed: u64 = var("FAMS_PC_SEED")?.parse().map_err(|_| "FAMS_PC_SEED")?;
     let run_seed: u64 = var("FAMS_PC_RUN_SEED")?.parse().map_err(|_| "FAMS_PC_RUN_SEED")?;
+    let fill_log_bytes = std::env::var("FAMS_PC_FILL").ok().and_then(|v| v.parse().ok());
     let opts = HeapOptions {
         tracker: Some(var("FAMS_PC_TRACKER")?.parse()?),
         io_path: Some(var("FAMS_PC_IO_PATH")?.parse()?),
         flush_mode: Some(var("FAMS_PC_FLUSH_MODE")?.parse()?),
-        log_path: Some(PathBuf::from(var("FAMS_PC_LOG")?)),
+        log_path: std::env::var_os("FAMS_PC_LOG").map(PathBuf::from),
+        // A filling child holds its checkpoints back until the log is full.
+        checkpoint_threshold_bytes: fill_log_bytes.map(|_| u64::MAX),
         ..HeapOptions::default()
     };
+    // On a line of its own: libtest has printed "test power_cut_child ... " without a newline.
+    println!();
+    fams::recovery::observe_phases(|phase, so_far| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "phase {} records={}", phase.name(), so_far.records_replayed);
+        let _ = out.flush();
+    });
     let mut heap = Heap::open(&heap_path, &opts).map_err(|e| e.to_string())?;
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| -> Result<(), String> {
         out.write_all(line.as_bytes()).and_then(|_| out.flush()).map_err(|e| format!("stdout: {e}"))
     };
-    // On a line of its own: libtest has printed "test power_cut_child ... " without a newline.
-    say(format!("\nready {}\n", commit_number(heap.bytes())))?;
-    let mode = CommitterMode { sync_commits: true };
+    say(format!("ready commit={} crc={:08x}\n", commit_number(heap.bytes()), fingerprint(heap.bytes())))?;
+    let mode = CommitterMode { sync_commits: true, fill_log_bytes };
     commit_forever(&mut heap, seed, run_seed, mode, &mut say)
 }
