@@ -722,6 +722,7 @@ fn crashes_catch_the_heap_mutations() {
             r.violation_details.first().map(|v| format!("\n  e.g. {v}")).unwrap_or_default()
         ));
         if r.violations == 0 {
+            say(&r.summary());
             missed.push(format!("{name} (power loss)"));
         }
     }
@@ -746,6 +747,7 @@ fn crashes_catch_the_heap_mutations() {
             r.violation_details.first().map(|v| format!("\n  e.g. {v}")).unwrap_or_default()
         ));
         if r.violations == 0 {
+            say(&r.summary());
             missed.push(format!("{name} (SIGKILL)"));
         }
     }
