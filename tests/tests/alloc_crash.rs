@@ -560,7 +560,16 @@ fn run_sim(cfg: &SimConfig) -> Result<SimReport, String> {
         };
         // Commit until the power goes (or 200 commits: the cut point may lie beyond them).
         for _ in 0..200 {
-            let k = w.next_commit(&mut o).map_err(|m| format!("state {state}: {m}"))?;
+            let k = match w.next_commit(&mut o) {
+                Ok(k) => k,
+                Err(m) => {
+                    // The allocator did what it must never do (e.g. handed out a live object).
+                    report.violation(format!("state {state}: {m}"));
+                    o.abandon();
+                    report.seconds = started.elapsed().as_secs_f64();
+                    return Ok(report);
+                }
+            };
             models.insert(k, w.live.clone());
             bounds.issued = k;
             let ok = if rng.below(3) == 0 {
