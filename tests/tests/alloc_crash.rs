@@ -443,6 +443,8 @@ struct SimReport {
     cuts_during_recovery: u64,
     /// Cuts with commits issued but not acknowledged.
     cuts_with_commits_in_flight: u64,
+    /// Cuts armed for the next operation right before a commit's write (see `run_sim`).
+    cuts_aimed_at_log_writes: u64,
     commits_acknowledged: u64,
     recovered_unacknowledged: u64,
     writes_kept: u64,
@@ -461,7 +463,8 @@ struct SimReport {
 impl SimReport {
     fn summary(&self) -> String {
         format!(
-            "allocator under simulated power loss: {} states in {:.1} s ({} cut again during recovery, {} with commits in flight), \
+            "allocator under simulated power loss: {} states in {:.1} s ({} cut again during recovery, {} with commits in flight, \
+             {} aimed at a log write), \
              unflushed writes kept {} / dropped {} / torn {}, {} commits acknowledged, {} recoveries found a commit \
              beyond the last ack, final commit {}, {} checkpoints, {} objects checked, {} allocated on recovered heaps, \
              operations {:?}; violations {}{}",
@@ -469,6 +472,7 @@ impl SimReport {
             self.seconds,
             self.cuts_during_recovery,
             self.cuts_with_commits_in_flight,
+            self.cuts_aimed_at_log_writes,
             self.writes_kept,
             self.writes_dropped,
             self.writes_torn,
@@ -547,10 +551,19 @@ fn run_sim(cfg: &SimConfig) -> Result<SimReport, String> {
     let mut bounds = Bounds { last_acked: 0, previous: 0, issued: 0 };
     while report.states < cfg.states {
         let state = report.states;
-        // Mostly soon; now and then after hundreds of operations, so the log fills past the
-        // checkpoint threshold before a cut (recovery empties it).
-        let cut_range = if rng.below(4) == 0 { 600 } else { 40 };
-        sim.machine.cut_power_at(Some(1 + rng.below(cut_range)));
+        // Where the power goes. Mostly at a random mutating operation: soon, or now and then
+        // after hundreds, so the log fills past the checkpoint threshold first (recovery empties
+        // it). But a commit writes back each changed run of bytes as an operation of its own, so
+        // random operations seldom hit a log write; one state in four aims at one instead: the
+        // power goes during the first operation of some commit's write (in this writer mode,
+        // the group's log write, or the checkpoint making room for it).
+        let aim_at_commit = if rng.below(4) == 0 {
+            Some(rng.below(8))
+        } else {
+            let cut_range = if rng.below(4) == 0 { 600 } else { 40 };
+            sim.machine.cut_power_at(Some(1 + rng.below(cut_range)));
+            None
+        };
         let mut in_flight: VecDeque<(u64, fams::Ticket)> = VecDeque::new();
         let ack = |k: u64, bounds: &mut Bounds, report: &mut SimReport| {
             if k > bounds.last_acked {
@@ -559,7 +572,7 @@ fn run_sim(cfg: &SimConfig) -> Result<SimReport, String> {
             }
         };
         // Commit until the power goes (or 200 commits: the cut point may lie beyond them).
-        for _ in 0..200 {
+        for i in 0..200 {
             let k = match w.next_commit(&mut o) {
                 Ok(k) => k,
                 Err(m) => {
@@ -572,6 +585,10 @@ fn run_sim(cfg: &SimConfig) -> Result<SimReport, String> {
             };
             models.insert(k, w.live.clone());
             bounds.issued = k;
+            if aim_at_commit == Some(i) {
+                sim.machine.cut_power_at(Some(1));
+                report.cuts_aimed_at_log_writes += 1;
+            }
             let ok = if rng.below(3) == 0 {
                 o.commit().map(|_| ack(k, &mut bounds, &mut report)).is_ok()
             } else {
@@ -673,6 +690,7 @@ fn power_loss_recovers_exactly_a_committed_object_set() {
     for (what, n) in [
         ("cuts during recovery", r.cuts_during_recovery),
         ("cuts with commits in flight", r.cuts_with_commits_in_flight),
+        ("cuts aimed at log writes", r.cuts_aimed_at_log_writes),
         ("recoveries beyond the last ack", r.recovered_unacknowledged),
         ("dropped writes", r.writes_dropped),
         ("torn writes", r.writes_torn),
