@@ -740,10 +740,11 @@ fn crashes_catch_the_heap_mutations() {
     }
     // A SIGKILL keeps the page cache and the drive: only bugs in what the process does before
     // the kill show, and of those only `write-back-before-durable` reliably (caught after 12,
-    // 16, 30 and 72 kills here; up to 400 are allowed). `commit-ack-before-durable` is not run: its window under SIGKILL
-    // is the microseconds between the writer marking a group durable and submitting its write (a
-    // write submitted before the kill still completes), so a kill lands in it by chance (after 24
-    // and 88 kills in two runs, in none of 200 in a third); the simulator above catches it.
+    // 16, 30 and 72 kills here; up to 400 are allowed). `commit-ack-before-durable` is not run:
+    // under SIGKILL its window is the microseconds between the writer marking a group durable
+    // and submitting its write (a write submitted before the kill still completes), so a kill
+    // lands in it by chance (after 24 and 88 kills in two runs, in none of 200 in a third); the
+    // simulator above catches it.
     for name in ["write-back-before-durable"] {
         fams::mutations::set(name).expect("switch the mutation on");
         let cfg = KillConfig {
