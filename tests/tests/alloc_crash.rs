@@ -15,8 +15,9 @@
 //!    itself and checks it.
 //! 2. **Power loss** on the simulated machine (`fams::sim`): the same workload on a
 //!    [`SimHeap`] with the log writer stepped by hand ([`WriterMode::Manual`]), so a seed replays
-//!    exactly; the power is cut at a random mutating I/O operation (unflushed writes kept,
-//!    dropped or torn per sector), sometimes again during recovery; reboot, recover, check.
+//!    exactly; the power is cut at a random mutating I/O operation, or (a quarter of the
+//!    states) during a commit's log write, and unflushed writes are kept, dropped or torn per
+//!    sector; sometimes the power goes again during recovery; reboot, recover, check.
 //!
 //! The check after every crash: the recovered heap claims some commit `c`, with `c` at or after
 //! the last acknowledged commit, never before the previous recovery's, and at most the last one
@@ -250,6 +251,11 @@ fn run_kills(cfg: &KillConfig) -> Result<KillReport, String> {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !is_ready() && child.ended().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_micros(300));
+            }
+            if !is_ready() && child.ended().is_none() {
+                // A wedged open or recovery: a failure, not a kill before ready.
+                report.violation(format!("kill {cycle}: the child did not open the heap within 60 s"));
+                break;
             }
             std::thread::sleep(Duration::from_micros(rng.below(cfg.kill_after_ms_max * 1000 + 1)));
         }
