@@ -169,7 +169,7 @@ struct Heard {
     /// (k, digest of commit k's object set), announced before commit k was issued.
     announced: Vec<(u64, u64)>,
     last_ack: u64,
-    /// The child's latest operation counts.
+    /// The child's operation counts, as of its last announced commit.
     counts: OpCounts,
 }
 
@@ -181,14 +181,12 @@ fn parse_line(line: &str, h: &mut Heard) {
             if let (Ok(k), Ok(d)) = (k.parse(), u64::from_str_radix(d, 16)) {
                 h.announced.push((k, d));
             }
-        }
-        (Some("ack"), Some(k), _) => h.last_ack = h.last_ack.max(k.parse().unwrap_or(0)),
-        (Some("counts"), ..) => {
-            let n: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            let n: Vec<u64> = w.filter_map(|x| x.parse().ok()).collect();
             if let [allocs, frees, reallocs, writes, exhausted, rollbacks] = n[..] {
                 h.counts = OpCounts { allocs, frees, reallocs, writes, exhausted, rollbacks };
             }
         }
+        (Some("ack"), Some(k), _) => h.last_ack = h.last_ack.max(k.parse().unwrap_or(0)),
         _ if line.contains("ready ") => h.ready = true,
         _ => {}
     }
@@ -363,7 +361,11 @@ fn sigkill_mid_commit_recovers_exactly_a_committed_object_set() {
     assert!(r.commits_acknowledged > cfg.kills, "the children should commit between kills\n{}", r.summary());
     assert!(r.objects_checked > 0 && r.allocated_after_recovery > 0, "{}", r.summary());
     let c = &r.counts;
-    assert!(c.allocs > 0 && c.frees > 0 && c.reallocs > 0 && c.writes > 0 && c.rollbacks > 0, "{}", r.summary());
+    assert!(
+        c.allocs > 0 && c.frees > 0 && c.reallocs > 0 && c.writes > 0 && c.rollbacks > 0 && c.exhausted > 0,
+        "some kind of operation never ran\n{}",
+        r.summary()
+    );
 }
 
 /// The committing child (runs only inside the process the SIGKILL test starts).
@@ -404,7 +406,18 @@ fn child_main() -> Result<(), String> {
         let depth = if rng.below(3) == 0 { 1 } else { 1 + rng.below(6) as usize };
         let k = w.next_commit(&mut o)?;
         // Announced before the commit is issued: the parent knows every state it may find.
-        say(format!("commit {k} {:x}\n", w.digest()))?;
+        // (With the operation counts so far, for the parent's coverage numbers.)
+        let c = &w.counts;
+        say(format!(
+            "commit {k} {:x} {} {} {} {} {} {}\n",
+            w.digest(),
+            c.allocs,
+            c.frees,
+            c.reallocs,
+            c.writes,
+            c.exhausted,
+            c.rollbacks
+        ))?;
         if rng.below(4) == 0 && in_flight.is_empty() {
             o.commit().map_err(e)?;
             say(format!("ack {k}\n"))?;
@@ -422,13 +435,6 @@ fn child_main() -> Result<(), String> {
             }
             say(format!("ack {kk}\n"))?;
             in_flight.pop_front();
-        }
-        if k % 16 == 0 {
-            let c = &w.counts;
-            say(format!(
-                "counts {} {} {} {} {} {}\n",
-                c.allocs, c.frees, c.reallocs, c.writes, c.exhausted, c.rollbacks
-            ))?;
         }
     }
 }
