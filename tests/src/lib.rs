@@ -1,5 +1,6 @@
 //! Shared helpers for the integration and crash tests.
 
+pub mod alloc_workload;
 pub mod fuse_disk;
 pub mod power_rig;
 
@@ -113,6 +114,68 @@ pub fn built_binary(package: &str, target_args: &[&str], rel: &Path) -> PathBuf 
         }
     }
     bin
+}
+
+/// A child process this test started, SIGKILLed and reaped on drop if still there: a test that
+/// fails or panics part way never leaves an orphan behind. Take the pid from the
+/// `std::process::Child` and drop that (std's handle neither waits nor kills).
+pub struct ChildProc {
+    pub pid: libc::pid_t,
+    reaped: bool,
+}
+
+impl ChildProc {
+    pub fn new(child: &std::process::Child) -> ChildProc {
+        ChildProc { pid: child.id() as libc::pid_t, reaped: false }
+    }
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet (so not reused).
+        unsafe { libc::kill(self.pid, sig) };
+    }
+    /// Stop it and wait until every thread is stopped. Err(status) if it had ended instead.
+    pub fn stop(&mut self) -> Result<(), String> {
+        self.signal(libc::SIGSTOP);
+        let mut status = 0;
+        // SAFETY: waitpid on our own child; WUNTRACED reports the stop without reaping.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WUNTRACED) };
+        if r == self.pid && libc::WIFSTOPPED(status) {
+            return Ok(());
+        }
+        self.reaped = r == self.pid;
+        Err(format!("the child ended by itself (wait status {status:#x})"))
+    }
+    /// Has it ended by itself? The wait status if so (and it is reaped).
+    pub fn ended(&mut self) -> Option<i32> {
+        if self.reaped {
+            return Some(0);
+        }
+        let mut status = 0;
+        // SAFETY: non-blocking waitpid on our own child.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+        if r == self.pid {
+            self.reaped = true;
+            return Some(status);
+        }
+        None
+    }
+    /// SIGKILL it (if not reaped yet) and reap it. The wait status, None if it was reaped before.
+    pub fn kill(&mut self) -> Option<i32> {
+        if self.reaped {
+            return None;
+        }
+        self.signal(libc::SIGKILL);
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        self.reaped = true;
+        Some(status)
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 pub fn is_child() -> bool {

@@ -1,9 +1,13 @@
 //! The persistent allocator against a model: random sequences of allocations, frees, resizes
-//! and writes, with commits, pipelined commits, clean reopens and crashes between them. A crash
-//! is `abandon()` followed by `open()` (recovery); afterwards the heap must hold exactly the
-//! objects of the last commit — the same offsets (nothing leaked, nothing handed out twice),
-//! the same contents — and `check()` must pass. `check()` also runs after every operation that
-//! changes the allocator's metadata in the short runs.
+//! and writes, with commits, pipelined commits, clean reopens and crashes between them. Here a
+//! crash is simulated in the process: `abandon()` (as a kill would: no checkpoint, commits never
+//! written are lost) followed by `open()` (recovery); afterwards the heap must hold exactly the
+//! objects of the last commit — the same offsets (nothing leaked, nothing handed out twice), the
+//! same contents — and `check()` must pass. `check()` also runs after every operation that
+//! changes the allocator's metadata in the short runs, and proptest shrinks a failing sequence.
+//!
+//! Real crashes — a child process SIGKILLed mid-commit, and power cut on the simulated machine
+//! with unflushed writes lost or torn — are `alloc_crash.rs`'s, with the same kind of workload.
 
 use fams::alloc::{ObjectError, ObjectHeap, ObjectOptions};
 use fams::{Heap, HeapOptions};

@@ -62,61 +62,6 @@ const FS_DISK: u64 = 32 << 20;
 /// reason.
 const FILE_LOG_SIZE: u64 = 4 << 20;
 
-/// The child, SIGKILLed on drop if still there.
-struct ChildProc {
-    pid: libc::pid_t,
-    reaped: bool,
-}
-
-impl ChildProc {
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
-        unsafe { libc::kill(self.pid, sig) };
-    }
-    /// Stop it and wait until every thread is stopped. Err(status) if it had ended instead.
-    fn stop(&mut self) -> Result<(), String> {
-        self.signal(libc::SIGSTOP);
-        let mut status = 0;
-        // SAFETY: waitpid on our own child; WUNTRACED reports the stop without reaping.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WUNTRACED) };
-        if r == self.pid && libc::WIFSTOPPED(status) {
-            return Ok(());
-        }
-        self.reaped = r == self.pid;
-        Err(format!("the child ended by itself (wait status {status:#x})"))
-    }
-    /// Has it ended by itself? (Reaps it if so.)
-    fn ended(&mut self) -> Option<i32> {
-        if self.reaped {
-            return Some(0);
-        }
-        let mut status = 0;
-        // SAFETY: non-blocking waitpid on our own child.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        if r == self.pid {
-            self.reaped = true;
-            return Some(status);
-        }
-        None
-    }
-    fn kill(&mut self) {
-        if self.reaped {
-            return;
-        }
-        self.signal(libc::SIGKILL);
-        let mut status = 0;
-        // SAFETY: reaping our own child.
-        unsafe { libc::waitpid(self.pid, &mut status, 0) };
-        self.reaped = true;
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[derive(Default)]
 struct ChildOutput {
     ready: AtomicBool,
@@ -452,7 +397,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Re
             None => cmd.env_remove("FAMS_MUTATION"),
         };
         let mut spawned = cmd.spawn().map_err(|e| format!("spawning the child: {e}"))?;
-        let mut child = ChildProc { pid: spawned.id() as libc::pid_t, reaped: false };
+        let mut child = ChildProc::new(&spawned);
         let out = Arc::new(ChildOutput::default());
         let (line_tx, lines) = std::sync::mpsc::channel::<String>();
         let reader = {
