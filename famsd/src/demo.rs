@@ -107,6 +107,7 @@ pub fn run(dir: &Path) -> Result<(), String> {
         seed: 7,
         kill_after_ms_max: 60,
         progress: false,
+        stop_at_first_violation: false,
     };
     let report = torture::run(&cfg)?;
     let mut rec = report.recovery_ms.clone();

@@ -172,6 +172,9 @@ famsd torture --power-loss --states 2000 --mutation skip-full-page-image   (a `-
         /// Number of kill/recover/verify cycles.
         #[arg(long, default_value_t = 100)]
         cycles: u64,
+        /// End the SIGKILL torture at the first violation (a negative control needs only one).
+        #[arg(long)]
+        stop_at_first_violation: bool,
         /// Dirty tracker: uffd, regions (uffd inside mprotect-gated 2 MiB regions: fastest small
         /// commits on large heaps) or mprotect (default: uffd where available).
         #[arg(long)]
@@ -813,6 +816,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             force,
             json,
             mutation,
+            stop_at_first_violation,
             ..
         } => {
             // The children inherit it (`torture::spawn_child` passes it on as FAMS_MUTATION).
@@ -831,6 +835,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 seed,
                 kill_after_ms_max,
                 progress: !json,
+                stop_at_first_violation,
             };
             let report = torture::run(&cfg)?;
             if json {

@@ -35,6 +35,8 @@ pub struct TortureConfig {
     pub kill_after_ms_max: u64,
     /// Print a line per cycle on stderr.
     pub progress: bool,
+    /// End at the first violation (a negative control needs only one).
+    pub stop_at_first_violation: bool,
 }
 
 #[derive(Default, Debug)]
@@ -373,6 +375,9 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
         }
         report.final_commit = c;
         report.cycles += 1;
+        if cfg.stop_at_first_violation && report.violations > 0 {
+            break;
+        }
         progress
             .at(cycle + 1, format!("SIGKILL cycles, commit {c}, acked {last_acked}, violations {}", report.violations));
     }
