@@ -420,6 +420,13 @@ impl PageSet {
     pub fn clear(&mut self) {
         self.words.fill(0);
     }
+    /// Make room for `pages` pages (the new ones unset).
+    pub fn grow(&mut self, pages: u64) {
+        let words = pages.div_ceil(64) as usize;
+        if words > self.words.len() {
+            self.words.resize(words, 0);
+        }
+    }
 }
 
 impl LogWriter {
@@ -716,6 +723,43 @@ impl LogWriter {
     }
 
     /// Make the heap file hold everything logged so far, then free the log up to the head.
+    /// Grow the heap to `new_size` bytes, failure-atomically: extend the heap file with its disk
+    /// space reserved and make that durable, then write a superblock naming the new size (same
+    /// tail, same epoch) with one durable write. A crash before that write leaves the old size
+    /// and a longer file (harmless); after it, the new size over a file that already holds it.
+    /// Runs with no record in flight (the caller drained them), so nothing else writes the log.
+    /// A full disk fails the first step and changes nothing; a failed superblock write fails
+    /// the heap (the slot's content is then unknown).
+    pub(crate) fn grow(&mut self, new_size: u64) -> crate::Result<()> {
+        assert!(new_size >= self.heap_size_bytes && new_size % PAGE_SIZE as u64 == 0);
+        let heap_path = self.heap_path.clone();
+        let heap_err = |what: &'static str| {
+            let heap_path = heap_path.clone();
+            move |e: std::io::Error| Error::io(heap_path, what, e)
+        };
+        self.heap_file.reserve(HEADER_BYTES + new_size).map_err(heap_err("reserving disk space to grow the heap"))?;
+        self.heap_file.sync_data().map_err(heap_err("fdatasync of the grown heap file"))?;
+        let mut sb = self.superblock;
+        sb.sequence += 1;
+        sb.heap_size = new_size;
+        if !sb.counters_writable() {
+            return Err(Error::CorruptSuperblock {
+                path: self.log_path.clone(),
+                reason: format!("its counters are at their limit ({sb:?})"),
+            });
+        }
+        if let Err(e) = write_superblock(self.dev.as_mut(), &sb) {
+            let reason = format!("{}: writing the superblock of the grown heap: {e}", self.log_path.display());
+            self.shared.fail(reason.clone());
+            return Err(Error::io(&self.log_path, "writing the superblock of the grown heap", e));
+        }
+        self.superblock = sb;
+        self.heap_size_bytes = new_size;
+        self.full_image_logged.grow(new_size / PAGE_SIZE as u64);
+        self.shared.lock().io = self.dev.stats();
+        Ok(())
+    }
+
     fn checkpoint(&mut self) -> Result<(), String> {
         // The heap file must hold everything up to the new tail durably before the superblock
         // says replay may start there. (The mutation `checkpoint-without-heap-sync`, in

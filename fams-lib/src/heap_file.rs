@@ -11,16 +11,22 @@
 //! | off | size | field |
 //! |-----|------|-------|
 //! | 0   | 8    | magic `FAMSHEAP` |
-//! | 8   | 4    | format version (1) |
+//! | 8   | 4    | format version (2; version 1 is read too) |
 //! | 12  | 4    | page size (4096) |
 //! | 16  | 16   | heap identity: random; the log's superblock and every record carry it |
-//! | 32  | 8    | heap size in bytes (multiple of 4096) |
+//! | 32  | 8    | heap size in bytes when formatted (multiple of 4096) |
 //! | 40  | 8    | base address the heap is mapped at in every process |
 //! | 48  | 8    | log size in bytes |
 //! | 56  | 8    | creation time, seconds since the epoch |
 //! | 64  | 2    | length of the log path |
 //! | 66  | ≤1024| log path (UTF-8), absolute or relative to the heap file's directory |
+//! | 1096| 8    | version 2: maximum heap size (the address range reserved at the base); version 1: zero, the maximum is the size |
 //! | 4092| 4    | CRC32C of bytes 0..4092 |
+//!
+//! A heap grows (`Heap::grow`) without touching this header, which is never rewritten: its
+//! *current* size lives in the log's superblock (see `log_format.rs`), written durably after the
+//! file has been extended and its disk space reserved. A crash mid-grow therefore leaves the old
+//! size (and a file longer than it needs, which is harmless) or the new one.
 //!
 //! The image holds the state of the last checkpoint plus any commits written back since; it is
 //! only ever written with committed bytes (after their log record is durable), so a crash can
@@ -32,7 +38,9 @@ use std::path::{Path, PathBuf};
 pub const HEADER_BYTES: u64 = 4096;
 pub const PAGE_SIZE: usize = 4096;
 const MAGIC: &[u8; 8] = b"FAMSHEAP";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Where version 2 keeps the maximum size.
+const MAX_SIZE_AT: usize = 1096;
 pub const LOG_PATH_MAX: usize = 1024;
 const CRC_AT: usize = 4092;
 
@@ -78,7 +86,11 @@ impl std::fmt::Display for HeapId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeapHeader {
     pub heap_id: HeapId,
+    /// The size when formatted; the current size is in the log's superblock.
     pub heap_size: u64,
+    /// The largest the heap may grow to: the address range `[base, base + max)` is reserved at
+    /// every open, so pointers stay valid as it grows.
+    pub max_size: u64,
     pub base_addr: u64,
     pub log_size: u64,
     pub created_unix: u64,
@@ -101,6 +113,7 @@ impl HeapHeader {
         assert!(path.len() <= LOG_PATH_MAX, "log path checked by format");
         b[64..66].copy_from_slice(&(path.len() as u16).to_le_bytes());
         b[66..66 + path.len()].copy_from_slice(path);
+        b[MAX_SIZE_AT..MAX_SIZE_AT + 8].copy_from_slice(&self.max_size.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -119,8 +132,8 @@ impl HeapHeader {
         }
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(format!("heap format version {version}, this build reads {VERSION}"));
+        if version != 1 && version != VERSION {
+            return Err(format!("heap format version {version}, this build reads versions 1 and {VERSION}"));
         }
         let page = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
         if page as usize != PAGE_SIZE {
@@ -132,8 +145,14 @@ impl HeapHeader {
         }
         let log_path =
             std::str::from_utf8(&b[66..66 + path_len]).map_err(|_| "log path is not UTF-8".to_string())?.to_string();
+        // Past the log path, version 1 wrote zeros; the unused bytes must be zero in both.
+        let max_size = if version == 1 { 0 } else { u64_at(MAX_SIZE_AT) };
+        if b[66 + path_len..MAX_SIZE_AT].iter().chain(&b[MAX_SIZE_AT + 8..CRC_AT]).any(|&x| x != 0) {
+            return Err("unused heap header bytes are not zero".into());
+        }
         let h = HeapHeader {
             heap_id: HeapId(b[16..32].try_into().expect("16 bytes")),
+            max_size: if max_size == 0 { u64_at(32) } else { max_size },
             heap_size: u64_at(32),
             base_addr: u64_at(40),
             log_size: u64_at(48),
@@ -143,7 +162,10 @@ impl HeapHeader {
         if h.heap_size == 0 || h.heap_size % PAGE_SIZE as u64 != 0 {
             return Err(format!("heap size {} is not a positive multiple of {PAGE_SIZE}", h.heap_size));
         }
-        if h.base_addr % PAGE_SIZE as u64 != 0 || h.base_addr.checked_add(h.heap_size).is_none() {
+        if h.max_size < h.heap_size || h.max_size % PAGE_SIZE as u64 != 0 {
+            return Err(format!("maximum heap size {} is below the size {} or not a multiple of {PAGE_SIZE}", h.max_size, h.heap_size));
+        }
+        if h.base_addr % PAGE_SIZE as u64 != 0 || h.base_addr.checked_add(h.max_size).is_none() {
             return Err(format!("base address {:#x} is not usable", h.base_addr));
         }
         Ok(h)
@@ -159,6 +181,30 @@ impl HeapHeader {
             heap_path.parent().unwrap_or(Path::new(".")).join(p)
         }
     }
+}
+
+/// Make the heap file `len_total` bytes long (never shorter) with its blocks allocated, so that
+/// writing committed bytes back into it can never fail for lack of space: a full disk shows
+/// here, when formatting or growing, where it is refused cleanly, and not after a commit was
+/// acknowledged. Filesystems without fallocate keep the file sparse (and the guarantee is then
+/// theirs to keep). Not durable by itself: the caller syncs.
+pub(crate) fn reserve(file: &std::fs::File, len_total: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let len = libc::off_t::try_from(len_total)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "heap file size out of range"))?;
+    // SAFETY: fallocate on a descriptor the caller owns; no memory is involved. Mode 0 extends
+    // the file size when the range ends past it.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+        if file.metadata()?.len() < len_total {
+            file.set_len(len_total)?;
+        }
+    }
+    Ok(())
 }
 
 /// Read and check the header of the heap file at `path`.
@@ -195,6 +241,7 @@ mod tests {
         HeapHeader {
             heap_id: HeapId::random().unwrap(),
             heap_size: 1 << 30,
+            max_size: 4 << 30,
             base_addr: 0x6000_0000_0000,
             log_size: 64 << 20,
             created_unix: 1,

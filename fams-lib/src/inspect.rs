@@ -21,6 +21,10 @@ pub struct Inspection {
     pub pending: std::result::Result<RecoveryReport, String>,
     /// Whether another process holds the heap open.
     pub locked: bool,
+    /// The heap's current size (it may have grown since it was formatted).
+    pub heap_size_bytes: u64,
+    /// Disk space the heap file takes (allocated blocks).
+    pub disk_used_bytes: u64,
 }
 
 /// Inspect without locking, replaying or writing anything.
@@ -45,11 +49,18 @@ pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
     }
     let (log_path, mut dev) = open_log_of(path, &header, &opts, &mut crate::storage::RealStorage)?;
     let superblock = recovery::read_superblock(dev.as_mut(), &log_path)?;
-    let file = crate::storage::RealHeapFile::new(std::sync::Arc::new(file));
+    let file = crate::storage::RealHeapFile::new(std::sync::Arc::new(file), 0);
     let pending = recovery::recover(dev.as_mut(), &log_path, &file, path, &header, recovery::Mode::DryRun)
         .map(|r| r.report)
         .map_err(|e| e.to_string());
+    let heap_size_bytes = if superblock.heap_size == 0 { header.heap_size } else { superblock.heap_size };
+    let disk_used_bytes = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    };
     Ok(Inspection {
+        heap_size_bytes,
+        disk_used_bytes,
         heap_path: path.into(),
         header,
         log_kind: dev.kind().name(),

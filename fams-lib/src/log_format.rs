@@ -14,7 +14,7 @@
 //! | off | size | field |
 //! |-----|------|-------|
 //! | 0   | 8    | magic `FAMSLOG1` |
-//! | 8   | 4    | format version (1) |
+//! | 8   | 4    | superblock version (2; version 1 is read too) |
 //! | 12  | 4    | reserved, zero |
 //! | 16  | 16   | heap identity (random, shared with the heap file header) |
 //! | 32  | 8    | sequence number: the slot with the larger valid one is current |
@@ -25,7 +25,12 @@
 //! | 72  | 8    | tail offset: where replay starts |
 //! | 80  | 8    | tail LSN: the LSN of the record expected at the tail |
 //! | 88  | 8    | checkpoints taken over the log's life |
-//! | 96  | 4    | CRC32C of bytes 0..96 |
+//! | 96  | 8    | version 2: the heap's current size in bytes (version 1: absent, the header's size) |
+//! | 104 | 4    | CRC32C of bytes 0..104 (version 1: of bytes 0..96, at 96) |
+//!
+//! The heap's size lives here, not in the heap file's header, because growing must be atomic:
+//! `Heap::grow` extends the heap file and makes that durable first, then writes a superblock
+//! with the new size (same tail) — one durable write that either happened or did not.
 //!
 //! Slots are written alternately (sequence number parity picks the slot), each with one durable
 //! write. A torn superblock write leaves the other slot, which describes a tail whose records
@@ -77,7 +82,9 @@ pub const LOG_SIZE_MIN: u64 = AREA_START + 16 * BLOCK as u64;
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"FAMSLOG1";
 const RECORD_MAGIC: &[u8; 4] = b"FAMR";
 const FORMAT_VERSION: u32 = 1;
-const SUPERBLOCK_CRC_AT: usize = 96;
+const SUPERBLOCK_VERSION: u32 = 2;
+const SUPERBLOCK_CRC_AT: usize = 104;
+const SUPERBLOCK_V1_CRC_AT: usize = 96;
 pub const RECORD_HEADER_BYTES: usize = 72;
 pub const ENTRY_HEADER_BYTES: usize = 16;
 /// An entry never crosses a heap page.
@@ -113,6 +120,8 @@ pub struct Superblock {
     pub tail_offset: u64,
     pub tail_lsn: u64,
     pub checkpoints: u64,
+    /// The heap's current size (0 in a version-1 superblock: the heap header's size).
+    pub heap_size: u64,
 }
 
 impl Superblock {
@@ -129,6 +138,7 @@ impl Superblock {
             tail_offset: AREA_START,
             tail_lsn: 1,
             checkpoints: 0,
+            heap_size: 0,
         }
     }
 
@@ -153,7 +163,7 @@ impl Superblock {
         assert_eq!(out.len(), BLOCK);
         out.fill(0);
         out[0..8].copy_from_slice(SUPERBLOCK_MAGIC);
-        put_u32(out, 8, FORMAT_VERSION);
+        put_u32(out, 8, SUPERBLOCK_VERSION);
         out[16..32].copy_from_slice(&self.heap_id.0);
         put_u64(out, 32, self.sequence);
         put_u64(out, 40, self.epoch);
@@ -163,6 +173,7 @@ impl Superblock {
         put_u64(out, 72, self.tail_offset);
         put_u64(out, 80, self.tail_lsn);
         put_u64(out, 88, self.checkpoints);
+        put_u64(out, 96, self.heap_size);
         let crc = crc32c::crc32c(&out[..SUPERBLOCK_CRC_AT]);
         put_u32(out, SUPERBLOCK_CRC_AT, crc);
     }
@@ -176,16 +187,17 @@ impl Superblock {
         if &b[0..8] != SUPERBLOCK_MAGIC {
             return Err("no superblock magic".into());
         }
-        let crc = u32_at(b, SUPERBLOCK_CRC_AT);
-        if crc != crc32c::crc32c(&b[..SUPERBLOCK_CRC_AT]) {
+        let version = u32_at(b, 8);
+        let crc_at = match version {
+            1 => SUPERBLOCK_V1_CRC_AT,
+            SUPERBLOCK_VERSION => SUPERBLOCK_CRC_AT,
+            _ => return Err(format!("superblock version {version}, this build reads versions 1 and {SUPERBLOCK_VERSION}")),
+        };
+        if u32_at(b, crc_at) != crc32c::crc32c(&b[..crc_at]) {
             return Err("superblock checksum mismatch".into());
         }
-        let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
-            return Err(format!("log format version {version}, this build reads {FORMAT_VERSION}"));
-        }
-        // Reserved bytes are zero in every version-1 slot: anything else was not written by us.
-        if u32_at(b, 12) != 0 || b[SUPERBLOCK_CRC_AT + 4..BLOCK].iter().any(|&x| x != 0) {
+        // Reserved bytes are zero in every slot we write: anything else was not written by us.
+        if u32_at(b, 12) != 0 || b[crc_at + 4..BLOCK].iter().any(|&x| x != 0) {
             return Err("reserved superblock bytes are not zero".into());
         }
         let sb = Superblock {
@@ -198,6 +210,7 @@ impl Superblock {
             tail_offset: u64_at(b, 72),
             tail_lsn: u64_at(b, 80),
             checkpoints: u64_at(b, 88),
+            heap_size: if version == 1 { 0 } else { u64_at(b, 96) },
         };
         let block = BLOCK as u64;
         let sane = sb.area_start == AREA_START
@@ -215,7 +228,8 @@ impl Superblock {
             && sb.sequence < COUNTER_MAX
             && sb.epoch < COUNTER_MAX
             && sb.tail_lsn < COUNTER_MAX
-            && sb.checkpoints < COUNTER_MAX;
+            && sb.checkpoints < COUNTER_MAX
+            && sb.heap_size % crate::PAGE_SIZE as u64 == 0;
         if !sane {
             return Err(format!("superblock fields are inconsistent: {sb:?}"));
         }

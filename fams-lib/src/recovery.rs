@@ -36,6 +36,8 @@ pub struct RecoveryReport {
     pub duration: Duration,
     /// LSN the next commit will get.
     pub next_lsn: u64,
+    /// The heap's size after recovery (grown sizes are recorded in the log's superblock).
+    pub heap_size_bytes: u64,
     /// Why replay stopped, when it was not simply the end of what was written.
     pub torn_tail: Option<String>,
     /// Set when `salvage` dropped (or, in a dry run, would drop) records after damage.
@@ -57,6 +59,7 @@ pub enum Phase {
     Done,
 }
 
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 impl Phase {
     pub fn name(self) -> &'static str {
         match self {
@@ -203,6 +206,20 @@ pub(crate) fn recover(
             ),
         });
     }
+    // The current size: a version-1 superblock does not record it (the heap never grew).
+    let mut sb = sb;
+    if sb.heap_size == 0 {
+        sb.heap_size = header.heap_size;
+    }
+    if sb.heap_size < header.heap_size || sb.heap_size > header.max_size {
+        return Err(Error::LogMismatch {
+            path: log_path.into(),
+            reason: format!(
+                "the log says the heap is {} bytes, outside what its header allows ({} to {}): one of them was replaced or damaged",
+                sb.heap_size, header.heap_size, header.max_size
+            ),
+        });
+    }
     let log_err = |what: &'static str| move |e: std::io::Error| Error::io(log_path, what, e);
     let heap_err = |what: &'static str| move |e: std::io::Error| Error::io(heap_path, what, e);
 
@@ -243,7 +260,7 @@ pub(crate) fn recover(
                 if crc32c::crc32c(payload) != h.payload_crc && !mutations::is_on(Mutation::TrustRecordWithoutCrc) {
                     break Some(format!("record LSN {lsn} at offset {offset}: payload checksum mismatch"));
                 }
-                let entries = match log_format::decode_entries(payload, h.entry_count, header.heap_size) {
+                let entries = match log_format::decode_entries(payload, h.entry_count, sb.heap_size) {
                     Ok(e) => e,
                     Err(why) => break Some(format!("record LSN {lsn} at offset {offset}: {why}")),
                 };
@@ -286,6 +303,7 @@ pub(crate) fn recover(
     report.log_bytes_read = reader.bytes_read;
     drop(reader);
     report.next_lsn = lsn;
+    report.heap_size_bytes = sb.heap_size;
     if mode == Mode::DryRun {
         report.duration = started.elapsed();
         return Ok(Recovered { superblock: sb, head: pos, report });

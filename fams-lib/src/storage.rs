@@ -19,6 +19,9 @@ pub trait HeapStore: Send + Sync {
     fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
     /// fdatasync: every write before it is durable when it returns.
     fn sync_data(&self) -> std::io::Result<()>;
+    /// Make the file `len_total` bytes long with its blocks allocated (growing the heap; see
+    /// `heap_file::reserve`). Durable only after the next `sync_data`.
+    fn reserve(&self, len_total: u64) -> std::io::Result<()>;
 }
 
 /// The real heap file. Committed-image reads go through a read-only shared mapping of it — a
@@ -33,9 +36,13 @@ pub trait HeapStore: Send + Sync {
 /// bytes never overlap in time (see `Heap::capture` and the commit path's in-flight rule).
 pub struct RealHeapFile {
     file: Arc<File>,
-    /// Read-only shared mapping of the whole file, or null if mapping failed (then pread is used).
+    /// Read-only shared mapping of the file up to the heap's maximum size, or null if mapping
+    /// failed (then pread is used). Pages past the end of the file are never read (see `len`).
     map: *mut u8,
-    len: usize,
+    map_len: usize,
+    /// The file's length: reads stop here (past it, a shared mapping raises SIGBUS). Grows with
+    /// `reserve`.
+    len: std::sync::atomic::AtomicUsize,
 }
 
 // SAFETY: the mapping is owned by this value and unmapped on drop; the file is Send + Sync;
@@ -45,34 +52,38 @@ unsafe impl Send for RealHeapFile {}
 unsafe impl Sync for RealHeapFile {}
 
 impl RealHeapFile {
-    pub fn new(file: Arc<File>) -> RealHeapFile {
+    /// The heap file, whose length may grow (by `reserve`) up to `len_max` bytes.
+    pub fn new(file: Arc<File>, len_max: u64) -> RealHeapFile {
         use std::os::unix::io::AsRawFd;
         let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
-        let map = if len == 0 {
+        let map_len = len.max(usize::try_from(len_max).unwrap_or(0));
+        let map = if map_len == 0 {
             std::ptr::null_mut()
         } else {
             // SAFETY: a fresh shared mapping of a file we hold open, unmapped in Drop; the file is
-            // locked against other fams processes and never truncated by us.
+            // locked against other fams processes and never truncated by us. Only the part
+            // below the file's length is ever read (see `range`).
             let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
+                libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
             };
             if p == libc::MAP_FAILED {
                 std::ptr::null_mut()
             } else {
                 // SAFETY: advice on our own mapping; dirty pages are scattered, read-ahead wastes.
-                unsafe { libc::madvise(p, len, libc::MADV_RANDOM) };
+                unsafe { libc::madvise(p, map_len, libc::MADV_RANDOM) };
                 p.cast::<u8>()
             }
         };
-        RealHeapFile { file, map, len }
+        RealHeapFile { file, map, map_len, len: std::sync::atomic::AtomicUsize::new(len) }
     }
 
     fn range(&self, offset: u64, n: usize) -> std::io::Result<usize> {
+        let len = self.len.load(std::sync::atomic::Ordering::Acquire).min(self.map_len);
         match offset.checked_add(n as u64) {
-            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            Some(end) if end <= len as u64 => Ok(offset as usize),
             _ => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("heap file access of {n} bytes at {offset} runs past its end ({})", self.len),
+                format!("heap file access of {n} bytes at {offset} runs past its end ({len})"),
             )),
         }
     }
@@ -82,7 +93,7 @@ impl Drop for RealHeapFile {
     fn drop(&mut self) {
         if !self.map.is_null() {
             // SAFETY: unmapping the mapping made in `new`; no reference into it outlives self.
-            unsafe { libc::munmap(self.map.cast(), self.len) };
+            unsafe { libc::munmap(self.map.cast(), self.map_len) };
         }
     }
 }
@@ -104,14 +115,20 @@ impl HeapStore for RealHeapFile {
     fn sync_data(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
+    fn reserve(&self, len_total: u64) -> std::io::Result<()> {
+        crate::heap_file::reserve(&self.file, len_total)?;
+        let len = usize::try_from(self.file.metadata()?.len()).unwrap_or(usize::MAX);
+        self.len.fetch_max(len, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 /// Where a heap's log and heap-file I/O go.
 pub trait Storage {
     /// The log device at `path`.
     fn log(&mut self, path: &Path, opts: &LogOpenOptions) -> std::io::Result<Box<dyn LogDevice>>;
-    /// The heap file as the commit and recovery paths see it.
-    fn heap(&mut self, file: Arc<File>) -> Arc<dyn HeapStore>;
+    /// The heap file as the commit and recovery paths see it; it may grow to `len_max` bytes.
+    fn heap(&mut self, file: Arc<File>, len_max: u64) -> Arc<dyn HeapStore>;
 }
 
 /// Production storage: the real log device and the real heap file.
@@ -121,7 +138,7 @@ impl Storage for RealStorage {
     fn log(&mut self, path: &Path, opts: &LogOpenOptions) -> std::io::Result<Box<dyn LogDevice>> {
         io::open_log(path, opts)
     }
-    fn heap(&mut self, file: Arc<File>) -> Arc<dyn HeapStore> {
-        Arc::new(RealHeapFile::new(file))
+    fn heap(&mut self, file: Arc<File>, len_max: u64) -> Arc<dyn HeapStore> {
+        Arc::new(RealHeapFile::new(file, len_max))
     }
 }

@@ -31,9 +31,13 @@ famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw p
         /// The heap file to create (must not exist).
         #[arg(long)]
         heap: PathBuf,
-        /// Heap size, e.g. 64M, 1G, 1GiB, 4096 (rounded up to 4 KiB).
+        /// Heap size, e.g. 64M, 1G, 1GiB, 4096 (rounded up to 4 KiB). Disk space is reserved for it.
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// The largest the heap may grow to (`famsd grow`, `Heap::grow`), e.g. 1T. Only address
+        /// space is reserved for it, no disk (default: --size, a heap that never grows).
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
         /// The log: a file to create (default: <heap>.log beside the heap) or a block device
         /// (a raw partition; its contents are destroyed).
         #[arg(long)]
@@ -63,6 +67,22 @@ when it is stopped, the heap is opened to read them — which, like any open, fi
         #[arg(long)]
         heap: PathBuf,
         /// Use this log instead of the one recorded in the heap.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a heap (offline: no other process may have it open) up to the maximum size it was
+    /// formatted with. Disk space is reserved first; a crash part way leaves the old size or
+    /// the new one.
+    #[command(after_help = "Examples:\n  famsd format --heap data.heap --size 64M --max-size 1T\n  \
+famsd grow --heap data.heap --size 10G\n  famsd inspect --heap data.heap   # size, max size, disk used")]
+    Grow {
+        #[arg(long)]
+        heap: PathBuf,
+        /// The new size, e.g. 10G (rounded up to 4 KiB); at most the heap's maximum size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
         #[arg(long)]
         log: Option<PathBuf>,
         #[arg(long)]
@@ -584,8 +604,9 @@ fn print_json(v: &serde_json::Value) {
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
-        Cmd::Format { heap, size, log, log_size, base, force, json } => {
+        Cmd::Format { heap, size, max_size, log, log_size, base, force, json } => {
             let mut opts = FormatOptions::new(&heap, size);
+            opts.max_size_bytes = max_size;
             opts.log_path = log;
             opts.log_size_bytes = log_size;
             opts.base_addr = base;
@@ -595,13 +616,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             if json {
                 print_json(&serde_json::json!({
                     "heap": heap, "heap_id": h.heap_id.to_string(), "size_bytes": h.heap_size,
+                    "max_size_bytes": h.max_size,
                     "base_addr": format!("{:#x}", h.base_addr), "log": log_path, "log_size_bytes": h.log_size,
                 }));
             } else {
                 println!(
-                    "formatted {} ({} bytes at {:#x}, id {})",
+                    "formatted {} ({} bytes, growable to {}, at {:#x}, id {})",
                     heap.display(),
                     h.heap_size,
+                    h.max_size,
                     h.base_addr,
                     h.heap_id
                 );
@@ -621,7 +644,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             };
             let v = serde_json::json!({
                 "heap": i.heap_path, "heap_id": i.header.heap_id.to_string(),
-                "size_bytes": i.header.heap_size, "base_addr": format!("{:#x}", i.header.base_addr),
+                "size_bytes": i.heap_size_bytes, "formatted_size_bytes": i.header.heap_size,
+                "max_size_bytes": i.header.max_size, "disk_used_bytes": i.disk_used_bytes,
+                "base_addr": format!("{:#x}", i.header.base_addr),
                 "created_unix": i.header.created_unix, "locked": i.locked,
                 "log": { "path": i.log_path, "kind": i.log_kind, "size_bytes": i.header.log_size,
                          "superblock_sequence": sb.sequence, "epoch": sb.epoch,
@@ -637,8 +662,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 println!("heap      {} (id {})", i.heap_path.display(), i.header.heap_id);
                 println!(
-                    "size      {} bytes at {:#x}{}",
-                    i.header.heap_size,
+                    "size      {} bytes (max {}, {} on disk) at {:#x}{}",
+                    i.heap_size_bytes,
+                    i.header.max_size,
+                    i.disk_used_bytes,
                     i.header.base_addr,
                     if i.locked { ", open in another process" } else { "" }
                 );
@@ -663,6 +690,24 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     Err(e) => println!("pending   cannot replay: {e}"),
                 }
                 print_node_section(&node);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Grow { heap, size, log, json } => {
+            let opts = HeapOptions { log_path: log, ..HeapOptions::default() };
+            let mut h = Heap::open(&heap, &opts).map_err(|e| e.to_string())?;
+            let before = h.len();
+            h.grow(size).map_err(|e| e.to_string())?;
+            let (after, max) = (h.len(), h.max_len());
+            drop(h);
+            if json {
+                print_json(
+                    &serde_json::json!({ "heap": heap, "size_bytes_before": before, "size_bytes": after, "max_size_bytes": max }),
+                );
+            } else if after == before {
+                println!("{} is already {after} bytes (max {max}): nothing to do", heap.display());
+            } else {
+                println!("grew {} from {before} to {after} bytes (max {max})", heap.display());
             }
             Ok(ExitCode::SUCCESS)
         }

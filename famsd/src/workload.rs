@@ -140,7 +140,7 @@ pub fn recovered_image(heap_path: &std::path::Path, log: Option<&std::path::Path
     let (result, heap_after, _log_after) = fams::sim::recover_images(log_image, heap_file, false);
     let report = result.map_err(|e| format!("recovering {} in memory: {e}", heap_path.display()))?;
     let start = fams::heap_file::HEADER_BYTES as usize;
-    let bytes = heap_after[start..start + header.heap_size as usize].to_vec();
+    let bytes = heap_after[start..start + report.heap_size_bytes as usize].to_vec();
     Ok(RecoveredImage { bytes, report })
 }
 

@@ -126,7 +126,7 @@ fn the_harness_crc_is_the_formats() {
     sb.tail_lsn = 77;
     let mut out = vec![0u8; BLOCK];
     sb.encode(&mut out);
-    assert_eq!(harness::crc32c(&out[..96]).to_le_bytes(), out[96..100]);
+    assert_eq!(harness::crc32c(&out[..104]).to_le_bytes(), out[104..108]);
     assert_eq!(harness::crc32c(b"123456789"), 0xe306_9283);
 }
 
@@ -180,6 +180,7 @@ fn images(edit: impl FnOnce(&mut Superblock), lsn: Option<u64>) -> (Vec<u8>, Vec
     let header = fams::HeapHeader {
         heap_id: id,
         heap_size: 16 * 4096,
+        max_size: 16 * 4096,
         base_addr: 0x4000_0000_0000,
         log_size: MIN_LOG as u64,
         created_unix: 0,

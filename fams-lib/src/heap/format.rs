@@ -8,8 +8,11 @@ use super::*;
 #[derive(Clone, Debug)]
 pub struct FormatOptions {
     pub heap_path: PathBuf,
-    /// Heap size in bytes; rounded up to a multiple of 4096.
+    /// Heap size in bytes; rounded up to a multiple of 4096. Disk space is reserved for it.
     pub size_bytes: u64,
+    /// The largest the heap may grow to ([`Heap::grow`]); rounded up to a multiple of 4096.
+    /// Only address space is reserved for it (at every open), no disk. Default: `size_bytes`.
+    pub max_size_bytes: Option<u64>,
     /// The log: a file to create, or a block device to take over. Default: `<heap>.log` beside
     /// the heap file.
     pub log_path: Option<PathBuf>,
@@ -26,6 +29,7 @@ impl FormatOptions {
         FormatOptions {
             heap_path: heap_path.into(),
             size_bytes,
+            max_size_bytes: None,
             log_path: None,
             log_size_bytes: None,
             base_addr: None,
@@ -87,15 +91,23 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         return Err(Error::InvalidArgument("heap size must be more than 0 bytes".into()));
     }
     let size = opts.size_bytes.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+    let max_size = opts.max_size_bytes.unwrap_or(size).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+    if max_size < size {
+        return Err(Error::InvalidArgument(format!(
+            "the maximum size ({max_size} bytes) is smaller than the size ({size} bytes)"
+        )));
+    }
     let base = match opts.base_addr {
         Some(b) if b % PAGE_SIZE as u64 != 0 || b == 0 => {
             return Err(Error::InvalidArgument(format!("base address {b:#x} is not a nonzero multiple of 4096")))
         }
         Some(b) => b,
-        None => pick_base(size)?,
+        None => pick_base(max_size)?,
     };
-    if base.checked_add(size).is_none_or(|end| end > 0x7fff_ffff_f000) {
-        return Err(Error::InvalidArgument(format!("base {base:#x} + size {size} leaves the user address space")));
+    if base.checked_add(max_size).is_none_or(|end| end > 0x7fff_ffff_f000) {
+        return Err(Error::InvalidArgument(format!(
+            "base {base:#x} + maximum size {max_size} leaves the user address space"
+        )));
     }
     let default_log_name = || {
         let name = heap_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or("heap".into());
@@ -182,6 +194,7 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
     let header = HeapHeader {
         heap_id: HeapId::random().map_err(|e| Error::io("/dev/urandom", "getrandom", e))?,
         heap_size: size,
+        max_size,
         base_addr: base,
         log_size,
         created_unix: now_unix(),
@@ -196,18 +209,10 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
     let mut log_renamed = false;
     let result = (|| {
         file.write_all_at(&header.encode(), 0).map_err(|e| Error::io(heap_path, "writing the heap header", e))?;
-        file.set_len(HEADER_BYTES + size).map_err(|e| Error::io(heap_path, "sizing the heap file", e))?;
         // Reserve the blocks now, so a full disk is reported here and not later, when
-        // committed bytes are written back (the log would still hold them, but the heap would
-        // stop). Filesystems without fallocate keep the file sparse.
-        // SAFETY: fallocate on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, (HEADER_BYTES + size) as libc::off_t) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(Error::io(heap_path, "reserving disk space for the heap (fallocate)", e));
-            }
-        }
+        // committed bytes are written back.
+        crate::heap_file::reserve(&file, HEADER_BYTES + size)
+            .map_err(|e| Error::io(heap_path, "reserving disk space for the heap (fallocate)", e))?;
         file.sync_all().map_err(|e| Error::io(heap_path, "fsync", e))?;
         // A log file is made under its staging name too; a block device is written in place
         // (it has no name to stage, and a half-formatted device holds no valid superblock).
@@ -221,7 +226,9 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         // Zero both slots first so an old superblock on a reused device cannot win.
         io::zero_range_durable(dev.as_mut(), 0, 2 * PAGE_SIZE as u64)
             .map_err(|e| Error::io(&log_actual, "clearing the superblocks", e))?;
-        recovery::write_superblock(dev.as_mut(), &Superblock::new(header.heap_id, log_size))
+        let mut first = Superblock::new(header.heap_id, log_size);
+        first.heap_size = size;
+        recovery::write_superblock(dev.as_mut(), &first)
             .map_err(|e| Error::io(&log_actual, "writing the first superblock", e))?;
         drop(dev);
         if block.is_none() {

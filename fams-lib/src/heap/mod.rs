@@ -122,7 +122,10 @@ pub struct Heap {
     path: PathBuf,
     header: HeapHeader,
     base: *mut u8,
+    /// The current size: the heap file is mapped over `[base, base + size)`.
     size: usize,
+    /// The reserved address range is `[base, base + max_size)`.
+    max_size: usize,
     /// Holds the lock and backs the mapping.
     _file: Arc<File>,
     /// The heap file as the commit path reads it (the storage seam; the real file in production).
@@ -199,6 +202,70 @@ impl Heap {
 
     pub fn is_empty(&self) -> bool {
         self.size == 0
+    }
+
+    /// The largest this heap may grow to (set at format; the address range reserved for it).
+    pub fn max_len(&self) -> usize {
+        self.max_size
+    }
+
+    /// Grow the heap to `new_size_bytes` (rounded up to 4096; at most [`Heap::max_len`]). The new
+    /// bytes are zero and usable at once, right after the old end, so pointers into the heap
+    /// stay valid. Disk space for them is reserved first: a full disk is an error that changes
+    /// nothing. Failure-atomic: after a crash the heap opens with the old size or the new one,
+    /// holding the same committed bytes either way. Growing commits nothing: writes not yet
+    /// committed stay pending for the next commit (or rollback). It first waits until the commits
+    /// in flight have reached the heap file, and re-arms dirty tracking over the larger range
+    /// (for `uffd`, 3–4 ms per GiB). Asking for a size at or below the current one does nothing.
+    pub fn grow(&mut self, new_size_bytes: u64) -> Result<()> {
+        self.check_writer()?;
+        let new = new_size_bytes.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+        if new > self.max_size as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "{}: cannot grow the heap to {new} bytes: its maximum size is {} bytes (set when it was formatted)",
+                self.path.display(),
+                self.max_size
+            )));
+        }
+        let old = self.size;
+        if new <= old as u64 {
+            return Ok(());
+        }
+        let new = new as usize;
+        // The writer must be idle while the superblock is rewritten: no record in flight.
+        self.wait_applied(self.next_lsn - 1)?;
+        commit::lock_core(&self.writer_core).grow(new as u64)?;
+        if let Err(e) = open::map_file_over(&self._file, self.base, old, new - old) {
+            // The new size is durable; the next open maps it. This process cannot use it.
+            self.shared.fail(format!("mapping the grown heap failed: {e}"));
+            return Err(Error::io(&self.path, "mapping the grown part of the heap", e));
+        }
+        // Re-arm the tracker over the whole new range, carrying what the old one had seen.
+        let mut dirty = Vec::new();
+        self.collect_dirty(&mut dirty)?;
+        self.carried_pages.append(&mut dirty);
+        self.carried_pages.sort_unstable();
+        self.carried_pages.dedup();
+        let kind = self.tracker.kind();
+        // SAFETY: the old tracker is dropped once, here, and replaced below before any use; no
+        // thread writes to the heap while `grow` (which holds &mut self) runs.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.tracker) };
+        // SAFETY: [base, base + new) is the heap's own mapping (the file mapped over its
+        // reservation, just extended); the heap drops its tracker before unmapping (Drop).
+        let armed = unsafe { tracker::arm(Some(kind), self.base, new) };
+        self.size = new;
+        match armed {
+            Ok(t) => {
+                self.tracker = std::mem::ManuallyDrop::new(t);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("re-arming dirty tracking over the grown heap failed: {e}");
+                self.tracker = std::mem::ManuallyDrop::new(Box::new(tracker::Broken(reason.clone())));
+                self.shared.fail(reason);
+                Err(Error::Tracker(e))
+            }
+        }
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -640,9 +707,10 @@ impl Drop for Heap {
         }
         // SAFETY: the tracker is dropped exactly once, here, and never used afterwards.
         unsafe { std::mem::ManuallyDrop::drop(&mut self.tracker) };
-        // SAFETY: the mapping was created by open() with exactly this range and is no longer
-        // reachable: the tracker is dropped below, and no borrow of self outlives drop.
-        unsafe { libc::munmap(self.base.cast(), self.size) };
+        // SAFETY: the reservation (with the file mapped over its front) was created by open()
+        // with exactly this range and is no longer reachable: the tracker is dropped above, and
+        // no borrow of self outlives drop.
+        unsafe { libc::munmap(self.base.cast(), self.max_size) };
     }
 }
 

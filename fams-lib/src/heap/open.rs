@@ -1,7 +1,6 @@
 //! Opening a heap: lock the heap file, open its log, recover (replay the log into the heap file),
 //! map the heap at its base address and arm the dirty-page tracker.
 
-use super::format::range_is_free;
 use super::*;
 
 /// Who holds a flock on `file`, from /proc/locks (best effort, for the error message).
@@ -101,15 +100,19 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
     refuse_volatile("heap", path)?;
     let (log_path, mut dev) = open_log_of(path, &header, opts, storage)?;
     refuse_volatile("log", &log_path)?;
-    let size = usize::try_from(header.heap_size)
+    let max_size = usize::try_from(header.max_size)
         .map_err(|_| Error::BadHeap { path: path.into(), reason: "heap larger than the address space".into() })?;
 
-    // Claim the address range before replaying, so a taken range fails fast and changes nothing.
-    if !range_is_free(header.base_addr, header.heap_size) {
-        return Err(Error::AddressTaken { path: path.into(), base: header.base_addr as usize, size });
-    }
+    // Claim the whole address range the heap may grow into before replaying, so a taken range
+    // fails fast and changes nothing. The reservation is inaccessible anonymous memory; the
+    // heap file is mapped over the front of it below, and over more of it as the heap grows.
+    let reservation = Reservation::claim(header.base_addr, max_size).ok_or(Error::AddressTaken {
+        path: path.into(),
+        base: header.base_addr as usize,
+        size: max_size,
+    })?;
     let file = Arc::new(file);
-    let store = storage.heap(file.clone());
+    let store = storage.heap(file.clone(), HEADER_BYTES + header.max_size);
     let recovered = recovery::recover(
         dev.as_mut(),
         &log_path,
@@ -118,38 +121,23 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         &header,
         recovery::Mode::Replay { salvage: opts.salvage },
     )?;
-
-    // SAFETY: MAP_FIXED_NOREPLACE cannot clobber an existing mapping; the file is at least
-    // HEADER_BYTES + size long (checked by read_header), so every page is backed.
-    let base = unsafe {
-        libc::mmap(
-            header.base_addr as *mut libc::c_void,
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            HEADER_BYTES as libc::off_t,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Err(Error::AddressTaken { path: path.into(), base: header.base_addr as usize, size });
-        }
-        return Err(Error::io(path, "mapping the heap", e));
+    let size = recovered.report.heap_size_bytes as usize;
+    let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+    if file_len < HEADER_BYTES + size as u64 {
+        return Err(Error::BadHeap {
+            path: path.into(),
+            reason: format!(
+                "the file is {file_len} bytes but the heap has grown to {size} bytes (+{HEADER_BYTES} header); it was truncated"
+            ),
+        });
     }
-    if base as u64 != header.base_addr {
-        // SAFETY: unmapping the mapping we just made.
-        unsafe { libc::munmap(base, size) };
-        return Err(Error::AddressTaken { path: path.into(), base: header.base_addr as usize, size });
-    }
-    let base = base.cast::<u8>();
+    map_file_over(&file, reservation.base, 0, size).map_err(|e| Error::io(path, "mapping the heap", e))?;
+    let base = reservation.keep();
     let unmap = || {
-        // SAFETY: undoing the mapping made above on an error path; nothing else refers to it.
-        unsafe { libc::munmap(base.cast(), size) };
+        // SAFETY: undoing the reservation (and the file mapping over it) made above on an error
+        // path; nothing else refers to it.
+        unsafe { libc::munmap(base.cast(), max_size) };
     };
-    // SAFETY: advice on our own mapping; huge pages would coarsen tracking to 2 MiB.
-    unsafe { libc::madvise(base.cast(), size, libc::MADV_NOHUGEPAGE) };
     // SAFETY: [base, base+size) is the mapping made above, owned by the heap; the heap drops its
     // tracker before unmapping it (see `Drop for Heap`).
     let tracker = match unsafe { tracker::arm(opts.tracker, base, size) } {
@@ -180,8 +168,8 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         superblock: recovered.superblock,
         head: recovered.head,
         used_bytes: 0,
-        heap_size_bytes: header.heap_size,
-        full_image_logged: commit::PageSet::new(header.heap_size / PAGE_SIZE as u64),
+        heap_size_bytes: size as u64,
+        full_image_logged: commit::PageSet::new(size as u64 / PAGE_SIZE as u64),
         checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),
         shared: shared.clone(),
     };
@@ -205,6 +193,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         header,
         base,
         size,
+        max_size,
         _file: file,
         store,
         tracker: std::mem::ManuallyDrop::new(tracker),
@@ -229,4 +218,78 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         stats: Stats::default(),
         recovery: report,
     })
+}
+
+/// The address range a heap may grow into, claimed as inaccessible memory; released on drop
+/// unless kept.
+struct Reservation {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Reservation {
+    /// Claim `[base, base + len)`, or None if any of it is taken.
+    fn claim(base: u64, len: usize) -> Option<Reservation> {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the new one is
+        // anonymous, inaccessible and ours.
+        let p = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        let r = Reservation { base: p.cast(), len };
+        // Old kernels ignore the flag and may place the mapping elsewhere.
+        (p as u64 == base).then_some(r)
+    }
+
+    /// The heap owns the range from now on (it unmaps it when dropped).
+    fn keep(self) -> *mut u8 {
+        let base = self.base;
+        std::mem::forget(self);
+        base
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the range this value claimed, which nothing else refers to.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Map the heap file's bytes `[from, from + len)` of the image over the heap's reserved range at
+/// the same offsets, `MAP_PRIVATE` (the kernel can never write uncommitted bytes back to the
+/// file), without huge pages (they would coarsen dirty tracking to 2 MiB).
+pub(super) fn map_file_over(file: &File, base: *mut u8, from: usize, len: usize) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: [base + from, base + from + len) lies inside the heap's own reservation (callers
+    // pass ranges below the maximum size), so MAP_FIXED replaces only memory the heap owns and
+    // nothing refers to yet; the file is at least HEADER_BYTES + from + len long (checked by the
+    // callers), so every page is backed.
+    let p = unsafe {
+        libc::mmap(
+            base.add(from).cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            (HEADER_BYTES + from as u64) as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: advice on the mapping just made.
+    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+    Ok(())
 }

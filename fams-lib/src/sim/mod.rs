@@ -117,6 +117,16 @@ impl SimDisk {
         self.pending.push((offset, data.to_vec()));
     }
 
+    /// Grow the disk's image (a file extended with its space reserved) to `len` bytes of zeros.
+    /// The new length is modelled as durable at once: a cut that loses it leaves a file too
+    /// short only for a size that no superblock names yet, since growing writes the superblock
+    /// after the next flush (the real-kernel tests cover the length itself).
+    fn extend(&mut self, len: u64) {
+        if self.durable.len() < len as usize {
+            self.durable.resize(len as usize, 0);
+        }
+    }
+
     fn flush(&mut self) {
         for (o, data) in std::mem::take(&mut self.pending) {
             self.durable[o as usize..o as usize + data.len()].copy_from_slice(&data);
@@ -263,6 +273,8 @@ impl SimMachine {
         m.cut_at = None;
         let f = std::fs::OpenOptions::new().write(true).open(heap_file)?;
         f.write_all_at(&m.heap.durable, 0)?;
+        // The file's length is the disk's too (a grown heap file, or one restored to before).
+        f.set_len(m.heap.durable.len() as u64)?;
         Ok(())
     }
 
@@ -411,6 +423,12 @@ impl HeapStore for SimHeapFile {
         m.heap.flush();
         Ok(())
     }
+
+    fn reserve(&self, len_total: u64) -> std::io::Result<()> {
+        let mut m = self.machine.lock();
+        m.mutate(|m| m.heap.extend(len_total))?;
+        crate::heap_file::reserve(&self.file, len_total)
+    }
 }
 
 /// [`Storage`] on the simulated machine.
@@ -423,7 +441,7 @@ impl Storage for SimStorage {
         let size_bytes = self.machine.lock().log.durable.len() as u64;
         Ok(Box::new(SimLog { machine: self.machine.clone(), path: path.into(), size_bytes }))
     }
-    fn heap(&mut self, file: Arc<File>) -> Arc<dyn HeapStore> {
+    fn heap(&mut self, file: Arc<File>, _len_max: u64) -> Arc<dyn HeapStore> {
         Arc::new(SimHeapFile { machine: self.machine.clone(), file })
     }
 }
@@ -447,14 +465,22 @@ impl SimHeap {
     /// cut outcomes are seeded with `seed`. From then on the machine holds the log; the real log
     /// file is only what formatting left.
     pub fn format(heap_path: &Path, heap_size_bytes: u64, log_size_bytes: u64, seed: u64) -> crate::Result<SimHeap> {
+        let mut f = crate::FormatOptions::new(heap_path, heap_size_bytes);
+        f.log_size_bytes = Some(log_size_bytes);
+        SimHeap::format_with(&f, seed)
+    }
+
+    /// [`SimHeap::format`] with any format options (a growable heap, say); the log is always
+    /// `<heap>.log` beside the heap file.
+    pub fn format_with(opts: &crate::FormatOptions, seed: u64) -> crate::Result<SimHeap> {
+        let heap_path = opts.heap_path.as_path();
         let mut log_path = heap_path.as_os_str().to_owned();
         log_path.push(".log");
         let log_path = PathBuf::from(log_path);
         let _ = std::fs::remove_file(heap_path);
         let _ = std::fs::remove_file(&log_path);
-        let mut f = crate::FormatOptions::new(heap_path, heap_size_bytes);
+        let mut f = opts.clone();
         f.log_path = Some(log_path.clone());
-        f.log_size_bytes = Some(log_size_bytes);
         crate::Heap::format(&f)?;
         let read = |p: &Path| std::fs::read(p).map_err(|e| crate::Error::io(p, "reading the formatted image", e));
         let (log_image, heap_image) = (read(&log_path)?, read(heap_path)?);
@@ -507,6 +533,9 @@ impl HeapStore for SimMemHeap {
         m.mutate(|_| {})?;
         m.heap.flush();
         Ok(())
+    }
+    fn reserve(&self, len_total: u64) -> std::io::Result<()> {
+        self.machine.lock().mutate(|m| m.heap.extend(len_total))
     }
 }
 

@@ -161,6 +161,19 @@ pub trait DirtyTracker: Send {
     fn collect(&mut self, out: &mut Vec<usize>) -> io::Result<()>;
 }
 
+/// Stands in for a tracker that could not be re-armed (see `Heap::grow`): every collect fails,
+/// so nothing is ever committed from a range whose writes are not seen.
+pub(crate) struct Broken(pub String);
+
+impl DirtyTracker for Broken {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::Mprotect
+    }
+    fn collect(&mut self, _out: &mut Vec<usize>) -> io::Result<()> {
+        Err(io::Error::other(self.0.clone()))
+    }
+}
+
 /// Is the uffd WP-async + PAGEMAP_SCAN mechanism usable in this process? (probe once on a small
 /// anonymous scratch mapping; cache the answer in a OnceLock). Err carries a human-readable reason.
 pub fn uffd_available() -> Result<(), String> {

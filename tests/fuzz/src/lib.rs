@@ -61,8 +61,10 @@ pub fn decode_superblock(data: &[u8]) {
     if b.len() < BLOCK {
         b.resize(BLOCK, 0);
     }
-    let crc = crc32c(&b[..96]);
-    b[96..100].copy_from_slice(&crc.to_le_bytes());
+    // Where the checksum sits depends on the superblock version (1: at 96; 2: at 104).
+    let crc_at = if u32_at(&b, 8) == 1 { 96 } else { 104 };
+    let crc = crc32c(&b[..crc_at]);
+    b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
     check_superblock(&b);
 }
 
@@ -78,8 +80,13 @@ fn check_superblock(b: &[u8]) {
     let mut out = vec![0u8; BLOCK];
     sb.encode(&mut out);
     assert_eq!(Superblock::decode(&out), Ok(sb), "encode/decode round trip");
-    assert_eq!(out[0..12], b[0..12], "magic and version");
+    // (A version-1 slot is written back as version 2, with the size it did not record as 0.)
+    assert_eq!(out[0..8], b[0..8], "magic");
     assert_eq!(out[16..96], b[16..96], "fields");
+    if u32_at(b, 8) == 2 {
+        assert_eq!(out[8..12], b[8..12], "version");
+        assert_eq!(out[96..104], b[96..104], "heap size");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,6 +237,7 @@ pub fn build(data: &[u8]) -> Option<Built> {
     let header = HeapHeader {
         heap_id: id,
         heap_size: FUZZ_HEAP_PAGES * BLOCK as u64,
+        max_size: FUZZ_HEAP_PAGES * BLOCK as u64,
         base_addr: 0x4000_0000_0000,
         log_size: log.len() as u64,
         created_unix: 0,
