@@ -149,8 +149,8 @@ pub fn pingpong(dir: &Path, round_trips: u64, window: u64, touch_pages: usize) -
     initiator.join().map_err(|_| "the initiator panicked".to_string())??;
     responder.join().map_err(|_| "the responder panicked".to_string())??;
     let heap = Heap::open(&heaps[0], &HeapOptions::default()).map_err(|e| e.to_string())?;
-    let mut objects =
-        ObjectHeap::open(heap, &ObjectOptions { schema_version: None, create: false }).map_err(|e| e.to_string())?;
+    let mut objects = ObjectHeap::open(heap, &ObjectOptions { create: false, ..ObjectOptions::default() })
+        .map_err(|e| e.to_string())?;
     let root = objects
         .root::<PingPong>(|_| unreachable!("the initiator made its root in its first turn"))
         .map_err(|e| e.to_string())?;

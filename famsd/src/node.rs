@@ -194,7 +194,7 @@ pub fn run_pingpong(args: &NodeArgs, app: PingPongApp) -> Result<NodeStats, Stri
 
 fn open_objects(path: &Path) -> Result<ObjectHeap, String> {
     let heap = Heap::open(path, &HeapOptions::default()).map_err(|e| e.to_string())?;
-    ObjectHeap::open(heap, &ObjectOptions { schema_version: None, create: false }).map_err(|e| e.to_string())
+    ObjectHeap::open(heap, &ObjectOptions { create: false, ..ObjectOptions::default() }).map_err(|e| e.to_string())
 }
 
 /// The bank held by a (stopped) node's heap.
@@ -206,7 +206,7 @@ pub fn bank_report(path: &Path) -> Result<Option<BankReport>, String> {
 /// The turn state held by a (stopped) node's heap; `None` if it never ran as a node.
 pub fn turn_state(path: &Path) -> Result<Option<NodeSnapshot>, String> {
     let heap = Heap::open(path, &HeapOptions::default()).map_err(|e| e.to_string())?;
-    let mut objects = match ObjectHeap::open(heap, &ObjectOptions { schema_version: None, create: false }) {
+    let mut objects = match ObjectHeap::open(heap, &ObjectOptions { create: false, ..ObjectOptions::default() }) {
         Ok(o) => o,
         Err(fams::ObjectError::NotAnObjectHeap { .. }) => return Ok(None),
         Err(e) => return Err(e.to_string()),

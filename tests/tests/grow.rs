@@ -314,3 +314,160 @@ fn grow_is_failure_atomic_under_simulated_power_cuts() {
     eprintln!("{states} power-cut states over {ops} operations of three grow steps; {grown_only} recovered a grown size before its commit");
     assert!(grown_only > 0, "no cut landed between a grow's superblock and the commit after it");
 }
+
+/// What the allocation-heavy run writes into object `i`: its first and last bytes (up to 256
+/// each; the rest stays zero, allocated zeroed).
+fn object_byte(i: u64, at: usize) -> u8 {
+    ((i.wrapping_mul(31) as usize + at) % 253) as u8 + 1
+}
+
+fn object_size(i: u64) -> usize {
+    // Mostly small, a tail of large ones: ~16 KiB on average.
+    match i % 10 {
+        0..=5 => 16 + (i as usize * 7) % 2000,
+        6..=8 => 4096 + (i as usize * 13) % 20_000,
+        _ => 128 << 10,
+    }
+}
+
+fn written_ranges(size: usize) -> [std::ops::Range<usize>; 2] {
+    let head = size.min(256);
+    [0..head, size - size.min(256).min(size - head)..size]
+}
+
+#[test]
+fn allocation_heavy_growth_from_64_mib_to_gibs() {
+    if is_child() {
+        return;
+    }
+    use fams::{ObjectHeap, ObjectOptions};
+    use std::alloc::Layout;
+    const OBJECTS: u64 = 120_000;
+    let dir = TempDir::new("grow-alloc");
+    let path = dir.join("g.heap");
+    format_growable(&path, 64 * MIB, 8 << 30, 64 * MIB);
+    let started = Instant::now();
+    let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+    let mut objects = ObjectHeap::open(heap, &ObjectOptions::default()).unwrap();
+    let base = objects.heap().base() as usize;
+    let mut placed: Vec<(usize, usize)> = Vec::with_capacity(OBJECTS as usize);
+    let (mut grow_steps, mut last_len, mut bytes_allocated) = (0u64, objects.heap().len(), 0u64);
+    for i in 0..OBJECTS {
+        let size = object_size(i);
+        let p = objects
+            .alloc(Layout::from_size_align(size, 16).unwrap(), true)
+            .unwrap_or_else(|e| panic!("object {i}: {e}"));
+        // SAFETY: `p` is a fresh allocation of `size` bytes in the heap, used only here.
+        let obj = unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), size) };
+        for r in written_ranges(size) {
+            for at in r {
+                obj[at] = object_byte(i, at);
+            }
+        }
+        placed.push((p.as_ptr() as usize - base, size));
+        bytes_allocated += size as u64;
+        if objects.heap().len() != last_len {
+            grow_steps += 1;
+            last_len = objects.heap().len();
+        }
+        if i % 2000 == 1999 {
+            objects.commit().unwrap();
+            objects.release_committed().unwrap();
+        }
+    }
+    objects.commit().unwrap();
+    let len = objects.heap().len() as u64;
+    objects.close().unwrap();
+    let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+    assert_eq!(heap.len() as u64, len, "the grown size after a reopen");
+    for (i, &(off, size)) in placed.iter().enumerate() {
+        let obj = &heap.bytes()[off..off + size];
+        let [a, b] = written_ranges(size);
+        for (at, &byte) in obj.iter().enumerate() {
+            let want = if a.contains(&at) || b.contains(&at) { object_byte(i as u64, at) } else { 0 };
+            assert_eq!(byte, want, "object {i} ({size} bytes at {off:#x}) differs at byte {at}");
+        }
+    }
+    let disk = fams::inspect::inspect(&path, None).unwrap().disk_used_bytes;
+    eprintln!(
+        "{OBJECTS} objects, {bytes_allocated} bytes, in {:.1} s: the heap grew from 64 MiB to {} MiB in {grow_steps} steps; {} MiB on disk",
+        started.elapsed().as_secs_f64(),
+        len >> 20,
+        disk >> 20
+    );
+    assert!(grow_steps >= 20, "{grow_steps} grow steps");
+    assert!(len >= 2 << 30, "the heap should reach GiBs: {len}");
+    // The disk holds what was grown to, not the maximum: within the last growth step (64 MiB)
+    // plus the allocator's overhead of what was allocated.
+    assert!(
+        disk <= bytes_allocated + bytes_allocated / 8 + 128 * MIB,
+        "{disk} bytes on disk for {bytes_allocated} allocated"
+    );
+}
+
+/// Unmounts on drop.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_the_growth_and_loses_nothing() {
+    if is_child() {
+        return;
+    }
+    let dir = TempDir::new("grow-enospc");
+    // A 64 MiB ext4 on a loop device: room for a 16 MiB heap, its 8 MiB log and one growth
+    // step of 16 MiB, not for the next one (32 MiB).
+    let Some(dev) = LoopDevice::new(dir.join("disk"), 64 * MIB) else { return };
+    let ok = Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&dev.device).status();
+    assert!(ok.is_ok_and(|s| s.success()), "mkfs.ext4 on {}", dev.device.display());
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount").arg(&dev.device).arg(&mnt).status();
+    assert!(ok.is_ok_and(|s| s.success()), "mount {}", dev.device.display());
+    let mounted = Mounted(mnt.clone());
+    let path = mnt.join("g.heap");
+    format_growable(&path, 16 * MIB, 1 << 30, 8 * MIB);
+    {
+        let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+        let mut objects = fams::ObjectHeap::open(heap, &fams::ObjectOptions::default()).unwrap();
+        let layout = std::alloc::Layout::from_size_align(1 << 20, 16).unwrap();
+        let mut committed = Vec::new();
+        let err = loop {
+            match objects.alloc(layout, false) {
+                Ok(p) => {
+                    // SAFETY: a fresh allocation of 1 MiB in the heap, used only here.
+                    unsafe { std::ptr::write_bytes(p.as_ptr(), committed.len() as u8 + 1, 1 << 20) };
+                    objects.commit().unwrap();
+                    committed.push(p.as_ptr() as usize - objects.heap().base() as usize);
+                }
+                Err(e) => break e,
+            }
+            assert!(committed.len() < 1000, "the disk never filled");
+        };
+        let msg = err.to_string();
+        assert!(msg.contains("No space left") || msg.contains("disk space"), "a full disk must say so: {msg}");
+        // The heap still works: commit more into what is there, and it all survives a reopen.
+        let len = objects.heap().len();
+        assert!(len > 16 * MIB as usize, "the heap should have grown once before the disk filled");
+        let small = std::alloc::Layout::from_size_align(64, 8).unwrap();
+        let p = objects.alloc(small, true).expect("small objects still fit");
+        // SAFETY: a fresh 64-byte allocation.
+        unsafe { std::ptr::write_bytes(p.as_ptr(), 0xab, 64) };
+        objects.commit().expect("commits go on after a refused growth");
+        let small_off = p.as_ptr() as usize - objects.heap().base() as usize;
+        objects.close().unwrap();
+        let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+        assert_eq!(heap.len(), len);
+        for (i, &off) in committed.iter().enumerate() {
+            assert!(heap.bytes()[off..off + (1 << 20)].iter().all(|&b| b == i as u8 + 1), "object {i} lost");
+        }
+        assert!(heap.bytes()[small_off..small_off + 64].iter().all(|&b| b == 0xab));
+        eprintln!("a full disk refused growth past {} MiB ({msg}); {} MiB objects kept", len >> 20, committed.len());
+    }
+    drop(mounted);
+}

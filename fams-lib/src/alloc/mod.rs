@@ -97,7 +97,7 @@ pub enum ObjectError {
     #[error(transparent)]
     Heap(#[from] crate::Error),
 
-    #[error("heap exhausted: no free block holds {requested_bytes} bytes aligned to {align_bytes} ({top_bytes} bytes never used remain at the end); free objects or make a larger heap")]
+    #[error("heap exhausted: no free block holds {requested_bytes} bytes aligned to {align_bytes} ({top_bytes} bytes never used remain at the end, and the heap is at its maximum size); free objects, or format with a larger --max-size")]
     Exhausted { requested_bytes: u64, align_bytes: u64, top_bytes: u64 },
 
     #[error("{path}: not an object heap: {reason}")]
@@ -147,11 +147,16 @@ pub struct ObjectOptions {
     pub schema_version: Option<u64>,
     /// Create the object layer on a fresh heap (first two pages all zero). Default true.
     pub create: bool,
+    /// When an allocation does not fit, grow the heap ([`Heap::grow`]) by at least this many
+    /// bytes (and by at least the heap's current size, so growth steps double until they reach
+    /// this), up to its maximum size. Default 64 MiB. 0: never grow (allocations past the end
+    /// fail with [`ObjectError::Exhausted`]).
+    pub grow_step_bytes: u64,
 }
 
 impl Default for ObjectOptions {
     fn default() -> Self {
-        ObjectOptions { schema_version: None, create: true }
+        ObjectOptions { schema_version: None, create: true, grow_step_bytes: 64 << 20 }
     }
 }
 
@@ -177,6 +182,7 @@ pub struct RootInfo {
 pub struct ObjectHeap {
     heap: Heap,
     raw: Raw,
+    grow_step_bytes: u64,
 }
 
 impl ObjectHeap {
@@ -209,6 +215,18 @@ impl ObjectHeap {
             }
             MetaState::Ours => {}
         }
+        // The heap grew since the object layer last recorded its size (`famsd grow`, or a
+        // growth whose commit a crash lost): take the new space. Durable with the next commit;
+        // until then a crash simply leads here again.
+        let recorded = raw.recorded_heap_bytes();
+        let raw = if recorded < len && recorded >= raw::OBJECT_HEAP_BYTES_MIN && recorded % 4096 == 0 {
+            // SAFETY: [base, base + recorded) lies inside the mapped heap.
+            let old = unsafe { Raw::new(base, recorded) };
+            old.meta_sane().map_err(|p| ObjectError::Corrupt { path: path.clone(), problems: vec![p] })?;
+            old.extend_to(len)
+        } else {
+            raw
+        };
         let found = raw.format_version();
         if found != raw::OBJECT_FORMAT_VERSION {
             return Err(ObjectError::FormatVersion { path, found, supported: raw::OBJECT_FORMAT_VERSION });
@@ -234,7 +252,7 @@ impl ObjectHeap {
                 return Err(ObjectError::SchemaVersion { path, found, expected });
             }
         }
-        Ok(ObjectHeap { heap, raw })
+        Ok(ObjectHeap { heap, raw, grow_step_bytes: opts.grow_step_bytes })
     }
 
     /// The heap, for reading (`bytes()`, `stats()`, `path()`…). Writing is only through objects.
@@ -394,8 +412,43 @@ impl ObjectHeap {
 
     /// Allocate raw memory (`zeroed`: filled with zeros). The pointer stays valid across
     /// restarts; store it (or its offset from `heap().base()`) in the heap.
+    ///
+    /// When nothing free fits, the heap grows (see [`ObjectOptions::grow_step_bytes`]) up to its
+    /// maximum size; [`ObjectError::Exhausted`] only there. A growth that fails (a full disk)
+    /// is that error, and nothing committed is lost.
     pub fn alloc(&mut self, layout: Layout, zeroed: bool) -> Result<NonNull<u8>, ObjectError> {
-        self.allocator().try_alloc(layout, zeroed)
+        match self.allocator().try_alloc(layout, zeroed) {
+            Err(ObjectError::Exhausted { .. }) if self.can_grow() => {
+                let need = layout.size().max(layout.align()) as u64 * 2 + 2 * raw::PAGE_BYTES;
+                self.grow_by(need)?;
+                self.allocator().try_alloc(layout, zeroed)
+            }
+            r => r,
+        }
+    }
+
+    fn can_grow(&self) -> bool {
+        self.grow_step_bytes > 0 && self.heap.len() < self.heap.max_len()
+    }
+
+    /// Grow the heap by at least `need` bytes following the growth policy, and give the new
+    /// space to the allocator.
+    fn grow_by(&mut self, need: u64) -> Result<(), ObjectError> {
+        let len = self.heap.len() as u64;
+        let step = need.max(self.grow_step_bytes.min(len.max(raw::PAGE_BYTES)));
+        let new = len.saturating_add(step).min(self.heap.max_len() as u64);
+        self.grow(new)
+    }
+
+    /// Grow the heap to `new_size_bytes` ([`Heap::grow`]) and give the new space to the
+    /// allocator (recorded in the heap, durable with the next commit).
+    pub fn grow(&mut self, new_size_bytes: u64) -> Result<(), ObjectError> {
+        self.heap.grow(new_size_bytes)?;
+        let len = self.heap.len() as u64;
+        if len > self.raw.recorded_heap_bytes() {
+            self.raw = self.raw.extend_to(len);
+        }
+        Ok(())
     }
 
     /// Free raw memory.

@@ -370,6 +370,16 @@ impl Raw {
         Ok(())
     }
 
+    /// Take a grown heap's new space `[len, new_len)` into the block region (it joins the
+    /// never-carved space after the top). Written into the heap: durable with the next commit.
+    pub(crate) fn extend_to(&self, new_len: u64) -> Raw {
+        assert!(new_len >= self.len && new_len % PAGE_BYTES == 0);
+        let grown = Raw { base: self.base, len: new_len };
+        grown.wr_meta(M_HEAP_BYTES, new_len);
+        grown.wr_meta(M_REGION_END, new_len);
+        grown
+    }
+
     /// The cheap consistency test `open` runs (the full one is `check`).
     pub(crate) fn meta_sane(&self) -> Result<(), String> {
         let (rs, re, top) = (self.peek(M_REGION_START), self.peek(M_REGION_END), self.peek(M_TOP));

@@ -34,7 +34,7 @@ impl Drop for Dir {
 
 fn open(p: &Path, schema: Option<u64>) -> Result<ObjectHeap, ObjectError> {
     let heap = Heap::open(p, &HeapOptions::default())?;
-    ObjectHeap::open(heap, &ObjectOptions { schema_version: schema, create: true })
+    ObjectHeap::open(heap, &ObjectOptions { schema_version: schema, ..ObjectOptions::default() })
 }
 
 crate::persistent! {
@@ -543,7 +543,7 @@ fn damaged_metadata_is_an_error_never_a_panic() {
         }
         heap.commit().unwrap();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut o = match ObjectHeap::open(heap, &ObjectOptions { schema_version: None, create: false }) {
+            let mut o = match ObjectHeap::open(heap, &ObjectOptions { create: false, ..ObjectOptions::default() }) {
                 Ok(o) => o,
                 Err(_) => return (true, 0, false, false),
             };

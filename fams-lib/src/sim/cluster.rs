@@ -934,7 +934,7 @@ impl<'c, A: App> Run<'c, A> {
 
     fn recover(&mut self, i: usize, opts: &HeapOptions) -> Result<NodeCore<A>, String> {
         let heap = self.cluster.heaps[i].open(opts).map_err(|e| format!("heap: {e}"))?;
-        let mut objects = ObjectHeap::open(heap, &ObjectOptions { schema_version: None, create: true })
+        let mut objects = ObjectHeap::open(heap, &ObjectOptions::default())
             .map_err(|e| format!("object heap: {e}"))?;
         let snap = crate::turns::state::snapshot(&mut objects).map_err(|e| format!("turn state: {e}"))?;
         self.report.recoveries_checked += 1;
@@ -1007,7 +1007,7 @@ impl<'c, A: App> Run<'c, A> {
                 let _ = sim.reboot();
             }
             let opened = sim.open(&opts).map_err(|e| e.to_string()).and_then(|h| {
-                ObjectHeap::open(h, &ObjectOptions { schema_version: None, create: true }).map_err(|e| e.to_string())
+                ObjectHeap::open(h, &ObjectOptions::default()).map_err(|e| e.to_string())
             });
             match opened {
                 Ok(mut objects) => {

@@ -221,7 +221,7 @@ impl<A: App> NodeCore<A> {
                 config.limits.outbox_messages_max, config.limits.sends_per_turn_max
             )));
         }
-        let mut objects = ObjectHeap::open(heap, &ObjectOptions { schema_version: None, create: true })?;
+        let mut objects = ObjectHeap::open(heap, &ObjectOptions::default())?;
         objects.set_in_flight_limit(Some(config.turns_in_flight_max), None);
         let fresh = !objects.named_roots().iter().any(|r| r.name == state::STATE_ROOT);
         if fresh {
