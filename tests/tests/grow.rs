@@ -471,3 +471,54 @@ fn a_full_disk_refuses_the_growth_and_loses_nothing() {
     }
     drop(mounted);
 }
+
+fams::persistent! {
+    struct GrowRoot<'h> {
+        numbers: fams::alloc::PVec<'h, u64>,
+        map: fams::alloc::PHashMap<'h, u64, u64>,
+    }
+}
+
+#[test]
+fn collections_grow_the_heap_as_they_grow() {
+    if is_child() {
+        return;
+    }
+    use fams::alloc::{PHashMap, PVec};
+    use fams::{ObjectHeap, ObjectOptions};
+    let dir = TempDir::new("grow-collections");
+    let path = dir.join("g.heap");
+    format_growable(&path, MIB, 512 * MIB, 64 * MIB);
+    let opts = ObjectOptions { grow_step_bytes: 4 * MIB, ..ObjectOptions::default() };
+    const N: u64 = 3_000_000;
+    {
+        let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+        let mut objects = ObjectHeap::open(heap, &opts).unwrap();
+        // A vector of 24 MiB and a map of a few MiB, in a heap that starts at 1 MiB, committed
+        // in slices (each commit must fit in the log).
+        for chunk in (0..N).collect::<Vec<_>>().chunks(300_000) {
+            let root = objects.root_with_alloc(|a| GrowRoot { numbers: PVec::new_in(a), map: PHashMap::new_in(a) });
+            let (root, _) = root.unwrap();
+            for &i in chunk {
+                root.numbers.push(i * 3);
+                if i % 16 == 0 {
+                    root.map.insert(i, i + 1);
+                }
+            }
+            objects.commit().unwrap();
+        }
+        let len = objects.heap().len();
+        assert!(len as u64 > 32 * MIB, "the heap grew for the collections: {len}");
+        objects.close().unwrap();
+    }
+    let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+    let mut objects = ObjectHeap::open(heap, &opts).unwrap();
+    let (root, _) =
+        objects.root_with_alloc(|a| GrowRoot { numbers: PVec::new_in(a), map: PHashMap::new_in(a) }).unwrap();
+    assert_eq!(root.numbers.len() as u64, N);
+    assert!(root.numbers.iter().enumerate().all(|(i, &v)| v == i as u64 * 3));
+    assert_eq!(root.map.len() as u64, N.div_ceil(16));
+    assert!((0..N).step_by(16).all(|i| root.map.get(&i) == Some(&(i + 1))));
+    let problems = objects.check();
+    assert!(problems.is_ok(), "{problems:?}");
+}

@@ -88,6 +88,30 @@ pub(crate) fn clear_poison(base: NonNull<u8>) {
     ANY_POISONED.store(!list.is_empty(), Ordering::Release);
 }
 
+/// For each heap (by base address), the object heap that lent out the allocator handles in use,
+/// so that an allocation that does not fit can grow the heap. Set by every `ObjectHeap` method
+/// that makes a [`HeapAlloc`] (which borrows the object heap mutably for as long as it, or
+/// anything made with it, lives, so the object heap cannot move or be used otherwise while the
+/// entry is used); cleared when the object heap goes away.
+static GROWERS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+pub(crate) fn set_grower(base: NonNull<u8>, heap: *mut super::ObjectHeap) {
+    let mut list = GROWERS.lock().unwrap_or_else(|p| p.into_inner());
+    list.retain(|(b, _)| *b != base.as_ptr() as usize);
+    list.push((base.as_ptr() as usize, heap as usize));
+}
+
+/// Forget `heap` as the grower of `base` (if it still is).
+pub(crate) fn clear_grower(base: NonNull<u8>, heap: *mut super::ObjectHeap) {
+    let mut list = GROWERS.lock().unwrap_or_else(|p| p.into_inner());
+    list.retain(|&(b, h)| !(b == base.as_ptr() as usize && h == heap as usize));
+}
+
+fn grower_of(base: NonNull<u8>) -> Option<*mut super::ObjectHeap> {
+    let list = GROWERS.lock().unwrap_or_else(|p| p.into_inner());
+    list.iter().find(|(b, _)| *b == base.as_ptr() as usize).map(|&(_, h)| h as *mut super::ObjectHeap)
+}
+
 /// Marks the heap poisoned if dropped during a panic (a bug in the allocator).
 struct OpGuard(NonNull<u8>);
 
@@ -128,10 +152,21 @@ impl<'h> HeapAlloc<'h> {
         }
         self.refuse_if_poisoned()?;
         let _g = OpGuard(self.base);
-        let raw = self.raw();
-        let off = raw.alloc(layout, zeroed).inspect_err(|e| self.poison_if_damaged(e))?;
+        let off = match self.raw().alloc(layout, zeroed) {
+            Err(ObjectError::Exhausted { .. }) if grower_of(self.base).is_some() => {
+                let heap = grower_of(self.base).expect("checked");
+                // SAFETY: the entry names the object heap that lent out this handle: it is
+                // mutably borrowed for as long as the handle lives (see GROWERS), so it is alive,
+                // has not moved, and nothing else uses it on any thread (a HeapAlloc is not Send).
+                // Growing maps more memory after the heap's end and re-arms tracking; nothing a
+                // reference into the heap points at moves or changes.
+                unsafe { (*heap).grow_for(layout) }.and_then(|()| self.raw().alloc(layout, zeroed))
+            }
+            r => r,
+        }
+        .inspect_err(|e| self.poison_if_damaged(e))?;
         // SAFETY: raw.alloc returns an offset inside the heap, never 0 (page 0 is metadata).
-        Ok(unsafe { NonNull::new_unchecked(raw.ptr(off)) })
+        Ok(unsafe { NonNull::new_unchecked(self.raw().ptr(off)) })
     }
 
     /// After damage was found (or a panic), the metadata may be half updated: hand out nothing

@@ -166,6 +166,12 @@ impl ObjectOptions {
     }
 }
 
+impl Drop for ObjectHeap {
+    fn drop(&mut self) {
+        collections::clear_grower(self.raw.base(), self);
+    }
+}
+
 /// A named root, as listed by [`ObjectHeap::named_roots`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootInfo {
@@ -261,19 +267,23 @@ impl ObjectHeap {
     }
 
     /// Give the heap back (objects stay in it).
-    pub fn into_heap(self) -> Heap {
-        self.heap
+    pub fn into_heap(mut self) -> Heap {
+        collections::clear_grower(self.raw.base(), &mut self);
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so the heap is moved out exactly once; the other
+        // fields are plain data with nothing to drop.
+        unsafe { std::ptr::read(&this.heap) }
     }
 
     /// Close the heap, reporting a failed final checkpoint (see [`Heap::close`]). Uncommitted
     /// changes are lost.
     pub fn close(self) -> Result<(), ObjectError> {
-        Ok(self.heap.close()?)
+        Ok(self.into_heap().close()?)
     }
 
     /// Close as a crash would (see [`Heap::abandon`]): uncommitted changes are lost.
     pub fn abandon(self) {
-        self.heap.abandon()
+        self.into_heap().abandon()
     }
 
     fn check_poison(&self) -> Result<(), ObjectError> {
@@ -405,6 +415,7 @@ impl ObjectHeap {
     /// The allocator, for making collections. Borrows the heap mutably for as long as the
     /// handle (or anything made with it) lives.
     pub fn allocator(&mut self) -> HeapAlloc<'_> {
+        collections::set_grower(self.raw.base(), self);
         // SAFETY: the mutable borrow of self keeps the mapping alive and every other access to
         // the heap out for 'h.
         unsafe { HeapAlloc::new(self.raw.base()) }
@@ -417,14 +428,21 @@ impl ObjectHeap {
     /// maximum size; [`ObjectError::Exhausted`] only there. A growth that fails (a full disk)
     /// is that error, and nothing committed is lost.
     pub fn alloc(&mut self, layout: Layout, zeroed: bool) -> Result<NonNull<u8>, ObjectError> {
-        match self.allocator().try_alloc(layout, zeroed) {
-            Err(ObjectError::Exhausted { .. }) if self.can_grow() => {
-                let need = layout.size().max(layout.align()) as u64 * 2 + 2 * raw::PAGE_BYTES;
-                self.grow_by(need)?;
-                self.allocator().try_alloc(layout, zeroed)
-            }
-            r => r,
+        self.allocator().try_alloc(layout, zeroed)
+    }
+
+    /// Grow the heap (by the policy) so that an allocation of `layout` may fit, or say why not.
+    pub(crate) fn grow_for(&mut self, layout: Layout) -> Result<(), ObjectError> {
+        if !self.can_grow() {
+            let top = self.raw.region_end().saturating_sub(self.raw.top_unchecked());
+            return Err(ObjectError::Exhausted {
+                requested_bytes: layout.size() as u64,
+                align_bytes: layout.align() as u64,
+                top_bytes: top,
+            });
         }
+        let need = layout.size().max(layout.align()) as u64 * 2 + 2 * raw::PAGE_BYTES;
+        self.grow_by(need)
     }
 
     fn can_grow(&self) -> bool {
@@ -610,6 +628,7 @@ impl ObjectHeap {
         name: &str,
         init: impl FnOnce(HeapAlloc<'h>) -> T,
     ) -> Result<(&'h mut T, HeapAlloc<'h>), ObjectError> {
+        collections::set_grower(self.raw.base(), self);
         // SAFETY: as in `allocator`: the handle borrows self mutably for 'h.
         let alloc = unsafe { HeapAlloc::new(self.raw.base()) };
         let ptr = match self.raw.read_root(slot) {
