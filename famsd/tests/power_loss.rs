@@ -37,9 +37,21 @@ fn ten_thousand_simulated_power_cuts_without_a_violation() {
         "records_replayed",
         "recovered_unacknowledged",
         "rollbacks",
+        "cuts_between_log_write_and_flush",
+        "short_writes_injected",
+        "long_replay_states",
     ] {
         assert!(v[key].as_u64().unwrap() > 0, "{key} is zero: {v}");
     }
+    // Both flush modes of the log ran, recovery was cut in each of its phases, and some replay
+    // was long (a few hundred records).
+    for key in ["dsync", "fdatasync"] {
+        assert!(v["states_per_flush_mode"][key].as_u64().unwrap() > 0, "no state with a {key} log: {v}");
+    }
+    for key in ["replay_writes", "heap_sync", "superblock_write"] {
+        assert!(v["recovery_cuts"][key].as_u64().unwrap() > 0, "recovery was never cut in {key}: {v}");
+    }
+    assert!(v["longest_replay_records"].as_u64().unwrap() >= 100, "no long replay: {v}");
 }
 
 #[test]

@@ -114,7 +114,10 @@ impl SimDisk {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.pending.push((offset, data.to_vec()));
+        // A write of nothing (a short write that wrote no sector) leaves nothing to keep or tear.
+        if !data.is_empty() {
+            self.pending.push((offset, data.to_vec()));
+        }
     }
 
     fn flush(&mut self) {
