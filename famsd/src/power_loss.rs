@@ -7,13 +7,30 @@
 //!
 //! Two phases:
 //! 1. **Exhaustive**: a short synchronous workload from a fixed state, cut at every mutating I/O
-//!    operation in turn, each with several cache outcomes.
+//!    operation in turn, each with several cache outcomes — once with the log in each flush mode.
 //! 2. **Random**: a long chain of states; each runs a random mix of synchronous commits, grouped
 //!    async bursts and page releases until the power is cut at a random operation.
+//!
+//! The log runs in both flush modes of the real one ([`FlushMode`]), drawn per state (or forced
+//! with `--flush-mode`): `dsync`, one durable write per log write, and `fdatasync`, a write per
+//! segment and then a separate flush, so cuts land between a log write and its flush. Some states
+//! also get a short log write (a prefix cached, the call failed): the commits it carried must
+//! not be acknowledged, and recovery must cope with what reached the cache.
+//!
+//! Recovery is cut anywhere: a quarter of the states (and every long-log state) first recover
+//! with the power on from the rebooted images, recording each mutating operation; then the same
+//! images are recovered again and cut at an operation drawn from one of its phases — replay
+//! writes, the heap file's sync, the superblock write — chosen uniformly. One state in
+//! 80 (`LONG_REPLAY_EVERY`) first builds a long log (a few hundred commits, no checkpoint) so that
+//! the replay it cuts is long.
 //!
 //! Both phases also run failed turns ([`failed_turn`]): scribbles rolled back, some over commits
 //! still in flight. A rolled-back byte that reached the log or the heap file would make a
 //! recovered heap differ from every committed state.
+//!
+//! The report counts what was exercised: states per flush mode, cuts per kind of operation
+//! (those in an fdatasync-mode write or its flush are cuts between a write and its flush), short
+//! writes, recovery cuts per phase, long replays and the longest one.
 //!
 //! Everything is derived from the seed. The order of operations is exact for synchronous commits;
 //! grouped async commits depend on thread timing, so `--sync-only` makes a replay bit-exact.

@@ -1,5 +1,7 @@
 //! The crash explorer on the simulated machine: ≥ 10,000 power-cut states per CI run, each
-//! verified; and a seed replays exactly.
+//! verified, with the log in both flush modes, short log writes, and recovery cut in each of its
+//! phases (replay writes, heap sync, superblock write), some after a long log; and a seed
+//! replays exactly.
 
 use fams_tests::TempDir;
 use std::process::Command;

@@ -8,16 +8,34 @@
 //! each 512-byte sector it touches ends up old, new, or garbage. Everything is decided by a
 //! seeded generator, so a seed replays the same outcomes for the same sequence of operations.
 //!
-//! The power is cut *during* the Nth mutating operation (write, durable write, flush) counted
-//! across both disks: that operation's writes are in the cache when the lights go out, and it and
-//! everything after it fail with an error, as I/O to a dead disk would. Reads never count.
+//! The power is cut *during* the Nth mutating operation counted across both disks: that
+//! operation's writes are in the cache when the lights go out, and it and everything after it
+//! fail with an error, as I/O to a dead disk would. Reads never count. The operations ([`OpKind`])
+//! follow the real log's two flush modes ([`FlushMode`], chosen by the heap's options as in
+//! production):
+//!
+//! * **Dsync**: a log write is one operation — every segment into the cache, then durable (FUA).
+//!   A cut during it catches all its segments in the cache, each kept, dropped or torn on its own
+//!   (which covers segments the device had not started).
+//! * **Fdatasync**: each segment write (`pwrite`) is its own operation, and so is the
+//!   `fdatasync` after them: a cut can land after some segments reached the cache and before the
+//!   others were issued (a partial write), or after all of them and before the flush.
+//!
+//! The heap file's writes and its `fdatasync` are separate operations too. A **short write** can
+//! be injected ([`SimMachine::short_write_at`]): one log write request puts only a prefix of its
+//! segment (whole sectors, maybe none) in the cache and the call fails, without a flush — what the
+//! real log does when `pwritev2` or an io_uring write returns fewer bytes than asked (it reports
+//! an error: see `io/sync.rs`, `io/uring.rs`). [`SimMachine::trace_ops`] records the kinds of the
+//! operations as they run, so a caller can count an operation sequence with the power on and then
+//! cut the same sequence at a chosen operation of a chosen kind.
 //!
 //! Plugging in: [`SimStorage`] implements [`crate::storage::Storage`], so
 //! [`crate::Heap::open_on`] runs the unchanged heap over it. The heap's mapping still needs a real
-//! file: the simulated heap store passes reads and writes through to the real heap file (so the
-//! mapping sees committed bytes as usual) and keeps, beside it, what would be on the platter.
-//! After a cut, [`SimMachine::reboot`] writes the surviving image back into the real file, the
-//! equivalent of the machine coming back up.
+//! file: the simulated heap store keeps the production store, [`RealHeapFile`], inside it and
+//! passes reads and writes to it — so committed images are read through the same read-only
+//! shared mapping as in production, and the heap's mapping sees committed bytes as usual — and
+//! keeps, beside it, what would be on the platter. After a cut, [`SimMachine::reboot`] writes the
+//! surviving image back into the real file, the equivalent of the machine coming back up.
 
 pub mod cluster;
 
