@@ -20,7 +20,9 @@
 //! Recovery is cut anywhere: a quarter of the states (and every long-log state) first recover
 //! with the power on from the rebooted images, recording each mutating operation; then the same
 //! images are recovered again and cut at an operation drawn from one of its phases — replay
-//! writes, the heap file's sync, the superblock write — chosen uniformly. One state in
+//! writes, the heap file's sync, the superblock write — chosen uniformly. (A quarter of the
+//! superblock picks make that write short instead: recovery must fail with an error, and recover
+//! at the next open.) One state in
 //! 80 (`LONG_REPLAY_EVERY`) first builds a long log (a few hundred commits, no checkpoint) so that
 //! the replay it cuts is long.
 //!
@@ -93,6 +95,8 @@ pub struct PowerLossReport {
     pub cuts_during_recovery: u64,
     /// Of those, cuts in each phase: [replay writes, heap sync, superblock write].
     pub recovery_cuts_per_phase: [u64; 3],
+    /// Recoveries whose superblock write came back short (they must fail with an error).
+    pub recovery_short_writes: u64,
     /// States that first built a long log (many commits, no checkpoint) so recovery replays long.
     pub long_replay_states: u64,
     /// The longest replay seen: records, and bytes of log read.
@@ -135,6 +139,7 @@ impl PowerLossReport {
                 "heap_sync": self.recovery_cuts_per_phase[1],
                 "superblock_write": self.recovery_cuts_per_phase[2],
             },
+            "recovery_short_writes": self.recovery_short_writes,
             "long_replay_states": self.long_replay_states,
             "longest_replay_records": self.longest_replay_records,
             "longest_replay_log_bytes": self.longest_replay_log_bytes,
@@ -271,15 +276,25 @@ impl<'a> Explorer<'a> {
             if !phases.is_empty() {
                 let (phase, ops) = &phases[self.recovery_rng.below(phases.len() as u64) as usize];
                 let (phase, n) = (*phase, ops[self.recovery_rng.below(ops.len() as u64) as usize]);
-                self.sim.machine.cut_power_at(Some(n));
+                // Now and then the superblock write comes back short instead: recovery must fail
+                // with an error, and the next open (after the power goes) must recover.
+                let write = matches!(trace[n as usize - 1], OpKind::LogDurableWrite | OpKind::LogWrite);
+                let short = write && self.recovery_rng.below(4) == 0;
+                let shorts_before = self.sim.machine.short_writes();
+                if short {
+                    self.sim.machine.short_write_at(Some(n));
+                } else {
+                    self.sim.machine.cut_power_at(Some(n));
+                }
                 match self.open() {
                     Ok(_) => {
                         self.violation(
                             state,
                             format!(
-                                "recovery ran to its end although the power was cut at its operation {n} of {}: \
-                                 it did not repeat itself on the same images",
-                                trace.len()
+                                "recovery ran to its end although its operation {n} of {} was {}: it did \
+                                 not repeat itself on the same images",
+                                trace.len(),
+                                if short { "a short write" } else { "cut by the power" }
                             ),
                         );
                         self.sim.machine.cut_power_at(None);
@@ -288,6 +303,9 @@ impl<'a> Explorer<'a> {
                     Err(_) if !self.sim.machine.powered() => {
                         self.report.cuts_during_recovery += 1;
                         self.report.recovery_cuts_per_phase[phase as usize] += 1;
+                    }
+                    Err(_) if short && self.sim.machine.short_writes() > shorts_before => {
+                        self.report.recovery_short_writes += 1;
                     }
                     Err(e) => {
                         self.violation(state, format!("recovery failed without a power cut: {e}"));

@@ -42,6 +42,7 @@ fn ten_thousand_simulated_power_cuts_without_a_violation() {
         "cuts_between_log_write_and_flush",
         "short_writes_injected",
         "long_replay_states",
+        "recovery_short_writes",
     ] {
         assert!(v[key].as_u64().unwrap() > 0, "{key} is zero: {v}");
     }
