@@ -198,6 +198,7 @@ famsd torture --power-loss --states 2000 --mutation skip-full-page-image   (a `-
         #[arg(long)]
         io_path: Option<IoPath>,
         /// How log writes are made durable: dsync (RWF_DSYNC, FUA on a block device) or fdatasync.
+        /// With --power-loss: the simulated log's mode for every state (default: drawn per state).
         #[arg(long)]
         flush_mode: Option<FlushMode>,
         /// Take over a block device even if it holds a filesystem.
@@ -792,11 +793,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             if json {
                 print_json(&report.to_json());
             } else {
-                println!("{} power-loss states ({} exhaustive; dsync/fdatasync log {}/{}; {} cuts during recovery: replay/heap sync/superblock {}/{}/{}; {} long replays, the longest {} records), {} violations, seed {}; {} commits acknowledged; {} short log writes; unflushed writes kept/dropped/torn {}/{}/{}, {} garbage sectors",
+                println!("{} power-loss states ({} exhaustive; dsync/fdatasync log {}/{}; {} cuts during recovery: replay/heap sync/superblock {}/{}/{}; {} long replays, the longest {} records), {} violations, seed {}; {} commits acknowledged; {} short log writes ({} of them in recovery); unflushed writes kept/dropped/torn {}/{}/{}, {} garbage sectors",
                     report.states, report.exhaustive_states, report.states_per_flush_mode[0], report.states_per_flush_mode[1],
                     report.cuts_during_recovery, report.recovery_cuts_per_phase[0], report.recovery_cuts_per_phase[1],
                     report.recovery_cuts_per_phase[2], report.long_replay_states, report.longest_replay_records,
-                    report.violations, report.seed, report.commits_acknowledged, report.short_writes,
+                    report.violations, report.seed, report.commits_acknowledged, report.short_writes, report.recovery_short_writes,
                     report.writes_kept, report.writes_dropped, report.writes_torn, report.garbage_sectors);
                 for v in &report.violation_details {
                     println!("VIOLATION: {v}");
