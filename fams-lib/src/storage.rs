@@ -3,8 +3,9 @@
 //! so a simulated device with a volatile write cache ([`crate::sim`]) can stand in for the real
 //! ones in crash tests. Production uses [`RealStorage`]: the log through io_uring (or plain
 //! syscalls) and the heap file itself. The heap's *mapping* always uses the real heap file: a
-//! simulated store passes its reads and writes through to it and only models what would survive
-//! a power cut.
+//! simulated store wraps a [`RealHeapFile`], passes its reads and writes to it (so committed images
+//! are read the production way, through its mapping) and only models what would survive a power
+//! cut.
 
 use crate::io::{self, LogDevice, LogOpenOptions};
 use std::fs::File;

@@ -221,6 +221,7 @@ famsd torture --power-loss --states 2000 --mutation skip-full-page-image   (a `-
         #[arg(long)]
         io_path: Option<IoPath>,
         /// How log writes are made durable: dsync (RWF_DSYNC, FUA on a block device) or fdatasync.
+        /// With --power-loss: the simulated log's mode for every state (default: drawn per state).
         #[arg(long)]
         flush_mode: Option<FlushMode>,
         /// Take over a block device even if it holds a filesystem.
@@ -819,7 +820,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(if t.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
-        Cmd::Torture { power_loss: true, states, sync_only, tracker, dir, seed, json, mutation, .. } => {
+        Cmd::Torture {
+            power_loss: true, states, sync_only, tracker, dir, seed, json, mutation, flush_mode, ..
+        } => {
             if let Some(m) = &mutation {
                 fams::mutations::set(m)?;
             }
@@ -830,17 +833,23 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 dir: dir.path.clone(),
                 tracker,
                 heap_size_bytes: 256 << 10,
-                log_size_bytes: 640 << 10,
+                // Room for a replay of a few hundred records (the explorer checkpoints early
+                // except when it builds such a long log).
+                log_size_bytes: 4 << 20,
                 sync_only,
+                flush_mode,
                 progress: !json,
             };
             let report = famsd::power_loss::run(&cfg)?;
             if json {
                 print_json(&report.to_json());
             } else {
-                println!("{} power-loss states ({} exhaustive, {} cuts during recovery), {} violations, seed {}; {} commits acknowledged; unflushed writes kept/dropped/torn {}/{}/{}, {} garbage sectors",
-                    report.states, report.exhaustive_states, report.cuts_during_recovery, report.violations, report.seed,
-                    report.commits_acknowledged, report.writes_kept, report.writes_dropped, report.writes_torn, report.garbage_sectors);
+                println!("{} power-loss states ({} exhaustive; dsync/fdatasync log {}/{}; {} cuts during recovery: replay/heap sync/superblock {}/{}/{}; {} long replays, the longest {} records), {} violations, seed {}; {} commits acknowledged; {} short log writes ({} of them in recovery); unflushed writes kept/dropped/torn {}/{}/{}, {} garbage sectors",
+                    report.states, report.exhaustive_states, report.states_per_flush_mode[0], report.states_per_flush_mode[1],
+                    report.cuts_during_recovery, report.recovery_cuts_per_phase[0], report.recovery_cuts_per_phase[1],
+                    report.recovery_cuts_per_phase[2], report.long_replay_states, report.longest_replay_records,
+                    report.violations, report.seed, report.commits_acknowledged, report.short_writes, report.recovery_short_writes,
+                    report.writes_kept, report.writes_dropped, report.writes_torn, report.garbage_sectors);
                 for v in &report.violation_details {
                     println!("VIOLATION: {v}");
                 }

@@ -1,5 +1,7 @@
 //! The crash explorer on the simulated machine: ≥ 10,000 power-cut states per CI run, each
-//! verified; and a seed replays exactly.
+//! verified, with the log in both flush modes, short log writes, and recovery cut in each of its
+//! phases (replay writes, heap sync, superblock write), some after a long log; and a seed
+//! replays exactly.
 
 use fams_tests::TempDir;
 use std::process::Command;
@@ -37,9 +39,22 @@ fn ten_thousand_simulated_power_cuts_without_a_violation() {
         "records_replayed",
         "recovered_unacknowledged",
         "rollbacks",
+        "cuts_between_log_write_and_flush",
+        "short_writes_injected",
+        "long_replay_states",
+        "recovery_short_writes",
     ] {
         assert!(v[key].as_u64().unwrap() > 0, "{key} is zero: {v}");
     }
+    // Both flush modes of the log ran, recovery was cut in each of its phases, and some replay
+    // was long (a few hundred records).
+    for key in ["dsync", "fdatasync"] {
+        assert!(v["states_per_flush_mode"][key].as_u64().unwrap() > 0, "no state with a {key} log: {v}");
+    }
+    for key in ["replay_writes", "heap_sync", "superblock_write"] {
+        assert!(v["recovery_cuts"][key].as_u64().unwrap() > 0, "recovery was never cut in {key}: {v}");
+    }
+    assert!(v["longest_replay_records"].as_u64().unwrap() >= 100, "no long replay: {v}");
 }
 
 #[test]

@@ -8,21 +8,39 @@
 //! each 512-byte sector it touches ends up old, new, or garbage. Everything is decided by a
 //! seeded generator, so a seed replays the same outcomes for the same sequence of operations.
 //!
-//! The power is cut *during* the Nth mutating operation (write, durable write, flush) counted
-//! across both disks: that operation's writes are in the cache when the lights go out, and it and
-//! everything after it fail with an error, as I/O to a dead disk would. Reads never count.
+//! The power is cut *during* the Nth mutating operation counted across both disks: that
+//! operation's writes are in the cache when the lights go out, and it and everything after it
+//! fail with an error, as I/O to a dead disk would. Reads never count. The operations ([`OpKind`])
+//! follow the real log's two flush modes ([`FlushMode`], chosen by the heap's options as in
+//! production):
+//!
+//! * **Dsync**: a log write is one operation — every segment into the cache, then durable (FUA).
+//!   A cut during it catches all its segments in the cache, each kept, dropped or torn on its own
+//!   (which covers segments the device had not started).
+//! * **Fdatasync**: each segment write (`pwrite`) is its own operation, and so is the
+//!   `fdatasync` after them: a cut can land after some segments reached the cache and before the
+//!   others were issued (a partial write), or after all of them and before the flush.
+//!
+//! The heap file's writes and its `fdatasync` are separate operations too. A **short write** can
+//! be injected ([`SimMachine::short_write_at`]): one log write request puts only a prefix of its
+//! segment (whole sectors, maybe none) in the cache and the call fails, without a flush — what the
+//! real log does when `pwritev2` or an io_uring write returns fewer bytes than asked (it reports
+//! an error: see `io/sync.rs`, `io/uring.rs`). [`SimMachine::trace_ops`] records the kinds of the
+//! operations as they run, so a caller can count an operation sequence with the power on and then
+//! cut the same sequence at a chosen operation of a chosen kind.
 //!
 //! Plugging in: [`SimStorage`] implements [`crate::storage::Storage`], so
 //! [`crate::Heap::open_on`] runs the unchanged heap over it. The heap's mapping still needs a real
-//! file: the simulated heap store passes reads and writes through to the real heap file (so the
-//! mapping sees committed bytes as usual) and keeps, beside it, what would be on the platter.
-//! After a cut, [`SimMachine::reboot`] writes the surviving image back into the real file, the
-//! equivalent of the machine coming back up.
+//! file: the simulated heap store keeps the production store, [`RealHeapFile`], inside it and
+//! passes reads and writes to it — so committed images are read through the same read-only
+//! shared mapping as in production, and the heap's mapping sees committed bytes as usual — and
+//! keeps, beside it, what would be on the platter. After a cut, [`SimMachine::reboot`] writes the
+//! surviving image back into the real file, the equivalent of the machine coming back up.
 
 pub mod cluster;
 
 use crate::io::{FlushMode, IoPath, IoStats, LogDevice, LogKind, LogOpenOptions};
-use crate::storage::{HeapStore, Storage};
+use crate::storage::{HeapStore, RealHeapFile, Storage};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -114,7 +132,10 @@ impl SimDisk {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.pending.push((offset, data.to_vec()));
+        // A write of nothing (a short write that wrote no sector) leaves nothing to keep or tear.
+        if !data.is_empty() {
+            self.pending.push((offset, data.to_vec()));
+        }
     }
 
     /// Grow the disk's image (a file extended with its space reserved) to `len` bytes of zeros.
@@ -179,6 +200,37 @@ pub struct CutOutcome {
     pub writes_dropped: u64,
     pub writes_torn: u64,
     pub garbage_sectors: u64,
+    /// The operation the cut landed in; None for a cut between operations
+    /// ([`SimMachine::cut_power_now`], or a reboot with the power still on).
+    pub during: Option<OpKind>,
+}
+
+/// A mutating operation, as the machine counts them (reads never count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// A log write in [`FlushMode::Dsync`]: every segment into the cache, then durable (FUA) —
+    /// one operation, so a cut catches all its segments in the cache.
+    LogDurableWrite,
+    /// One segment of a log write in [`FlushMode::Fdatasync`] (a `pwrite`): into the cache only.
+    LogWrite,
+    /// The `fdatasync` ending a [`FlushMode::Fdatasync`] log write.
+    LogFlush,
+    /// A write into the heap file.
+    HeapWrite,
+    /// The heap file's `fdatasync`.
+    HeapSync,
+}
+
+impl OpKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::LogDurableWrite => "log-durable-write",
+            OpKind::LogWrite => "log-write",
+            OpKind::LogFlush => "log-flush",
+            OpKind::HeapWrite => "heap-write",
+            OpKind::HeapSync => "heap-sync",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -192,6 +244,12 @@ struct Machine {
     powered: bool,
     last_cut: Option<CutOutcome>,
     log_stats: IoStats,
+    /// The kinds of the mutating operations since [`SimMachine::trace_ops`], if tracing.
+    trace: Option<Vec<OpKind>>,
+    /// The first log write request at or after this operation number is short.
+    short_write_at: Option<u64>,
+    /// Short writes injected since the machine was made.
+    short_writes: u64,
 }
 
 /// The simulated machine: both disks and the power switch, shared by the devices handed out.
@@ -217,6 +275,9 @@ impl SimMachine {
                 powered: true,
                 last_cut: None,
                 log_stats: IoStats::default(),
+                trace: None,
+                short_write_at: None,
+                short_writes: 0,
             })),
         }
     }
@@ -230,6 +291,32 @@ impl SimMachine {
     pub fn cut_power_at(&self, n: Option<u64>) {
         let mut m = self.lock();
         m.cut_at = n.map(|n| m.ops + n.max(1));
+    }
+
+    /// Make the first log write request at or after the `n`th mutating operation from now (1 =
+    /// the next one) *short*: it puts only a prefix of its segment (whole 512-byte sectors, maybe
+    /// none) into the cache and fails, as a `pwritev2` or io_uring write returning fewer bytes
+    /// than asked does on the real log (which reports that as an error: see `io/sync.rs` and
+    /// `io/uring.rs`). Nothing of that log write is flushed. None cancels; a reboot cancels too.
+    pub fn short_write_at(&self, n: Option<u64>) {
+        let mut m = self.lock();
+        m.short_write_at = n.map(|n| m.ops + n.max(1));
+    }
+
+    /// Short writes injected so far (see [`SimMachine::short_write_at`]).
+    pub fn short_writes(&self) -> u64 {
+        self.lock().short_writes
+    }
+
+    /// Start recording the kind of every mutating operation, until [`SimMachine::take_trace`]:
+    /// with the power on, this tells which operation a later cut at the same count would hit.
+    pub fn trace_ops(&self) {
+        self.lock().trace = Some(Vec::new());
+    }
+
+    /// The operations recorded since [`SimMachine::trace_ops`] (and stop recording).
+    pub fn take_trace(&self) -> Vec<OpKind> {
+        self.lock().trace.take().unwrap_or_default()
     }
 
     /// Cut the power now (between operations).
@@ -271,6 +358,7 @@ impl SimMachine {
         m.powered = true;
         m.ops = 0;
         m.cut_at = None;
+        m.short_write_at = None;
         let f = std::fs::OpenOptions::new().write(true).open(heap_file)?;
         f.write_all_at(&m.heap.durable, 0)?;
         // The file's length is the disk's too (a grown heap file, or one restored to before).
@@ -310,26 +398,72 @@ impl Machine {
 
     /// Count a mutating operation; cut the power if this is the one. `apply` puts the
     /// operation's writes into the cache first, so a cut during it covers them.
-    fn mutate(&mut self, apply: impl FnOnce(&mut Machine)) -> std::io::Result<()> {
+    fn mutate(&mut self, kind: OpKind, apply: impl FnOnce(&mut Machine)) -> std::io::Result<()> {
         if !self.powered {
             return Err(powered_off());
         }
         self.ops += 1;
+        if let Some(t) = &mut self.trace {
+            t.push(kind);
+        }
         let cut_now = self.cut_at == Some(self.ops);
         apply(self);
         if cut_now {
             self.cut();
+            if let Some(o) = &mut self.last_cut {
+                o.during = Some(kind);
+            }
             return Err(powered_off());
         }
         Ok(())
     }
+
+    /// Whether the next operation, a log write request, is to be short (and disarm it).
+    fn short_write_due(&mut self) -> bool {
+        if self.powered && self.short_write_at.is_some_and(|n| self.ops + 1 >= n) {
+            self.short_write_at = None;
+            return true;
+        }
+        false
+    }
+
+    /// How much of a `len`-byte request a short write writes: whole sectors, fewer than asked.
+    fn short_len(&mut self, len: usize) -> usize {
+        let sectors = (len / SECTOR_BYTES) as u64;
+        self.rng.below(sectors.max(1)) as usize * SECTOR_BYTES
+    }
 }
 
-/// The log on the simulated machine.
+/// The error the real log returns for a short write (`io/sync.rs`, `io/uring.rs`).
+fn short_write_error(path: &Path, wrote: usize, len: usize, offset: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::WriteZero,
+        format!(
+            "fams log {}: simulated write of {len} bytes at offset {offset} wrote only {wrote} bytes; the \
+             device may be full, shrunk or failing",
+            path.display()
+        ),
+    )
+}
+
+/// The log on the simulated machine, in either flush mode of the real log:
+///
+/// * [`FlushMode::Dsync`] (`RWF_DSYNC`, a FUA write on a block device): one operation puts every
+///   segment into the cache and then makes them durable; a cut during it catches all of them in
+///   the cache (each then kept, dropped or torn on its own — which covers segments the device
+///   had not even started).
+/// * [`FlushMode::Fdatasync`] (`pwrite` per segment, then `fdatasync`, what the real log does on
+///   a log file when asked to): each segment write is its own operation and so is the flush, so
+///   a cut can land after some segments reached the cache and before the rest were issued, or
+///   after all of them and before the flush.
+///
+/// Either way a short write ([`SimMachine::short_write_at`]) fails the call after caching a
+/// prefix of one segment, without flushing.
 pub struct SimLog {
     machine: SimMachine,
     path: PathBuf,
     size_bytes: u64,
+    flush: FlushMode,
 }
 
 impl LogDevice for SimLog {
@@ -343,7 +477,7 @@ impl LogDevice for SimLog {
         IoPath::Sync
     }
     fn flush_mode(&self) -> FlushMode {
-        FlushMode::Dsync
+        self.flush
     }
     fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -357,20 +491,65 @@ impl LogDevice for SimLog {
         for (o, data) in segments {
             m.log.check_range(*o, data.len())?;
         }
-        // The writes go into the cache, then the flush (FUA) makes them durable; a cut during
-        // this operation catches them in the cache.
-        m.mutate(|m| {
-            for (o, data) in segments {
-                m.log.write(*o, data);
-                m.log_stats.writes += 1;
-                m.log_stats.bytes_written += data.len() as u64;
-                m.log_stats.dsync_writes += 1;
+        // As on the real log: empty segments are skipped, and with no bytes nothing is flushed.
+        let segments: Vec<(u64, &[u8])> = segments.iter().copied().filter(|(_, d)| !d.is_empty()).collect();
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let fdatasync = self.flush == FlushMode::Fdatasync;
+        match self.flush {
+            FlushMode::Dsync => {
+                // The writes go into the cache, then the flush (FUA) makes them durable; a cut
+                // during this operation catches them in the cache.
+                let short = m.short_write_due().then(|| m.rng.below(segments.len() as u64) as usize);
+                let short_len = short.map(|i| m.short_len(segments[i].1.len()));
+                m.mutate(OpKind::LogDurableWrite, |m| {
+                    for (i, (o, data)) in segments.iter().enumerate() {
+                        let n = if short == Some(i) { short_len.unwrap_or(0) } else { data.len() };
+                        m.log.write(*o, &data[..n]);
+                        if short != Some(i) {
+                            m.log_stats.writes += 1;
+                            m.log_stats.bytes_written += n as u64;
+                            m.log_stats.dsync_writes += 1;
+                        }
+                    }
+                })?;
+                if let (Some(i), Some(n)) = (short, short_len) {
+                    // The call failed: nothing of it is promised durable, so nothing is flushed
+                    // (the segments wait in the cache for the next flush or the cut).
+                    m.short_writes += 1;
+                    return Err(short_write_error(&self.path, n, segments[i].1.len(), segments[i].0));
+                }
             }
-        })?;
+            FlushMode::Fdatasync => {
+                // One operation per segment write, then the flush: a cut can fall anywhere
+                // between the first write and the flush's end.
+                for (o, data) in &segments {
+                    let short = m.short_write_due();
+                    let n = if short { m.short_len(data.len()) } else { data.len() };
+                    m.mutate(OpKind::LogWrite, |m| {
+                        m.log.write(*o, &data[..n]);
+                        if !short {
+                            m.log_stats.writes += 1;
+                            m.log_stats.bytes_written += n as u64;
+                        }
+                    })?;
+                    if short {
+                        // The real log stops at a short write and never issues the flush.
+                        m.short_writes += 1;
+                        return Err(short_write_error(&self.path, n, data.len(), *o));
+                    }
+                }
+                m.mutate(OpKind::LogFlush, |_| {})?;
+            }
+        }
         // The mutation `drive-ignores-flushes` (`mutations` builds only) makes this a drive that
         // acknowledges the flush without doing it: the writes stay in the volatile cache.
         if !crate::mutations::is_on(crate::mutations::Mutation::DriveIgnoresFlushes) {
             m.log.flush();
+        }
+        if fdatasync {
+            m.log_stats.fdatasyncs += 1;
         }
         Ok(())
     }
@@ -392,11 +571,14 @@ impl LogDevice for SimLog {
     }
 }
 
-/// The heap file on the simulated machine: reads and writes pass through to the real file the
-/// heap maps; the simulated disk remembers what would survive a cut.
+/// The heap file on the simulated machine. Reads and writes go to the real heap file through
+/// the production heap store, [`RealHeapFile`] — so committed images are read through the same
+/// read-only shared mapping as in production, and the heap's own mapping sees committed bytes as
+/// usual — while the simulated disk remembers what would survive a cut. Its flush is the
+/// simulated disk's: the real file's durability plays no part in the simulation.
 pub struct SimHeapFile {
     machine: SimMachine,
-    file: Arc<File>,
+    real: RealHeapFile,
 }
 
 impl HeapStore for SimHeapFile {
@@ -407,27 +589,29 @@ impl HeapStore for SimHeapFile {
         }
         m.heap.check_range(offset, buf.len())?;
         drop(m);
-        self.file.read_exact_at(buf, offset)
+        self.real.read_exact_at(buf, offset)
     }
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         let mut m = self.machine.lock();
         m.heap.check_range(offset, data.len())?;
-        m.mutate(|m| m.heap.write(offset, data))?;
-        self.file.write_all_at(data, offset)
+        m.mutate(OpKind::HeapWrite, |m| m.heap.write(offset, data))?;
+        self.real.write_all_at(data, offset)
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
         let mut m = self.machine.lock();
-        m.mutate(|_| {})?;
+        m.mutate(OpKind::HeapSync, |_| {})?;
         m.heap.flush();
         Ok(())
     }
 
+    /// Growing the file counts as a heap write (the model makes the new length durable at
+    /// once: see `SimDisk::extend`).
     fn reserve(&self, len_total: u64) -> std::io::Result<()> {
         let mut m = self.machine.lock();
-        m.mutate(|m| m.heap.extend(len_total))?;
-        crate::heap_file::reserve(&self.file, len_total)
+        m.mutate(OpKind::HeapWrite, |m| m.heap.extend(len_total))?;
+        self.real.reserve(len_total)
     }
 }
 
@@ -437,12 +621,15 @@ pub struct SimStorage {
 }
 
 impl Storage for SimStorage {
-    fn log(&mut self, path: &Path, _opts: &LogOpenOptions) -> std::io::Result<Box<dyn LogDevice>> {
+    /// The simulated log, in the flush mode asked for (default [`FlushMode::Dsync`], as
+    /// [`crate::io::open_log`]); the I/O path is not simulated.
+    fn log(&mut self, path: &Path, opts: &LogOpenOptions) -> std::io::Result<Box<dyn LogDevice>> {
         let size_bytes = self.machine.lock().log.durable.len() as u64;
-        Ok(Box::new(SimLog { machine: self.machine.clone(), path: path.into(), size_bytes }))
+        let flush = opts.flush_mode.unwrap_or(FlushMode::Dsync);
+        Ok(Box::new(SimLog { machine: self.machine.clone(), path: path.into(), size_bytes, flush }))
     }
-    fn heap(&mut self, file: Arc<File>, _len_max: u64) -> Arc<dyn HeapStore> {
-        Arc::new(SimHeapFile { machine: self.machine.clone(), file })
+    fn heap(&mut self, file: Arc<File>, len_max: u64) -> Arc<dyn HeapStore> {
+        Arc::new(SimHeapFile { machine: self.machine.clone(), real: RealHeapFile::new(file, len_max) })
     }
 }
 
@@ -526,16 +713,16 @@ impl HeapStore for SimMemHeap {
     fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         let mut m = self.machine.lock();
         m.heap.check_range(offset, data.len())?;
-        m.mutate(|m| m.heap.write(offset, data))
+        m.mutate(OpKind::HeapWrite, |m| m.heap.write(offset, data))
     }
     fn sync_data(&self) -> std::io::Result<()> {
         let mut m = self.machine.lock();
-        m.mutate(|_| {})?;
+        m.mutate(OpKind::HeapSync, |_| {})?;
         m.heap.flush();
         Ok(())
     }
     fn reserve(&self, len_total: u64) -> std::io::Result<()> {
-        self.machine.lock().mutate(|m| m.heap.extend(len_total))
+        self.machine.lock().mutate(OpKind::HeapWrite, |m| m.heap.extend(len_total))
     }
 }
 
@@ -561,8 +748,12 @@ pub fn recover_images(
     let mut log_image = log_image;
     log_image.truncate(log_len);
     let machine = SimMachine::new(log_image, heap_file_image, 0);
-    let mut log =
-        SimLog { machine: machine.clone(), path: PathBuf::from("<in-memory log>"), size_bytes: log_len as u64 };
+    let mut log = SimLog {
+        machine: machine.clone(),
+        path: PathBuf::from("<in-memory log>"),
+        size_bytes: log_len as u64,
+        flush: FlushMode::Dsync,
+    };
     let heap = SimMemHeap { machine: machine.clone() };
     let result = crate::recovery::recover(
         &mut log,
@@ -627,7 +818,7 @@ mod tests {
     #[test]
     fn a_cut_during_a_durable_write_fails_it_and_everything_after() {
         let m = SimMachine::new(vec![0u8; 8192], vec![0u8; 8192], 1);
-        let mut log = SimLog { machine: m.clone(), path: "sim".into(), size_bytes: 8192 };
+        let mut log = SimLog { machine: m.clone(), path: "sim".into(), size_bytes: 8192, flush: FlushMode::Dsync };
         log.write_durable(&[(0, &[7u8; 4096])]).unwrap();
         m.cut_power_at(Some(1));
         assert!(log.write_durable(&[(4096, &[8u8; 4096])]).is_err());
@@ -636,5 +827,72 @@ mod tests {
         assert!(log.read_exact_at(0, &mut buf).is_err(), "a dead disk cannot be read");
         let (log_image, _) = m.images();
         assert!(log_image[..4096].iter().all(|&b| b == 7), "a durable write survives a later cut");
+    }
+
+    fn log_on(m: &SimMachine, flush: FlushMode) -> SimLog {
+        SimLog { machine: m.clone(), path: "sim".into(), size_bytes: 4 * 4096, flush }
+    }
+
+    #[test]
+    fn an_fdatasync_write_is_cut_between_its_segments_and_before_its_flush() {
+        let segments: [(u64, &[u8]); 3] = [(0, &[1u8; 4096]), (4096, &[2u8; 4096]), (8192, &[3u8; 4096])];
+        // Three segment writes then the flush: four operations.
+        let m = SimMachine::new(vec![0u8; 4 * 4096], vec![0u8; 4096], 1);
+        m.trace_ops();
+        log_on(&m, FlushMode::Fdatasync).write_durable(&segments).unwrap();
+        use OpKind::*;
+        assert_eq!(m.take_trace(), [LogWrite, LogWrite, LogWrite, LogFlush]);
+        assert_eq!(m.images().0[..3 * 4096], [[1u8; 4096], [2; 4096], [3; 4096]].concat()[..]);
+
+        let (mut third_written, mut first_lost, mut all_lost) = (0, 0, 0);
+        for seed in 0..100 {
+            // Cut during the second segment's write: the third was never issued.
+            let m = SimMachine::new(vec![0u8; 4 * 4096], vec![0u8; 4096], seed);
+            m.cut_power_at(Some(2));
+            assert!(log_on(&m, FlushMode::Fdatasync).write_durable(&segments).is_err());
+            assert_eq!(m.take_last_cut().and_then(|o| o.during), Some(LogWrite));
+            let log = m.images().0;
+            third_written += log[8192..12288].iter().any(|&b| b != 0) as u32;
+            first_lost += log[..4096].iter().all(|&b| b == 0) as u32;
+            // Cut during the flush: every segment is in the cache, none durable yet.
+            let m = SimMachine::new(vec![0u8; 4 * 4096], vec![0u8; 4096], seed);
+            m.cut_power_at(Some(4));
+            assert!(log_on(&m, FlushMode::Fdatasync).write_durable(&segments).is_err());
+            assert_eq!(m.take_last_cut().and_then(|o| o.during), Some(LogFlush));
+            all_lost += m.images().0[..12288].iter().all(|&b| b == 0) as u32;
+        }
+        assert_eq!(third_written, 0, "a segment not yet issued reached the disk");
+        assert!(first_lost > 0 && all_lost > 0, "unflushed segments always survived");
+    }
+
+    #[test]
+    fn a_short_write_fails_the_call_and_caches_only_a_prefix() {
+        for flush in [FlushMode::Dsync, FlushMode::Fdatasync] {
+            let mut saw_partial = false;
+            for seed in 0..50 {
+                let m = SimMachine::new(vec![0u8; 4 * 4096], vec![0u8; 4096], seed);
+                let mut log = log_on(&m, flush);
+                m.short_write_at(Some(1));
+                let segments: [(u64, &[u8]); 2] = [(0, &[1u8; 4096]), (4096, &[2u8; 4096])];
+                let e = log.write_durable(&segments).unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::WriteZero, "{e}");
+                assert_eq!(m.short_writes(), 1);
+                assert!(m.powered(), "a short write is an error, not a power cut");
+                // Nothing was flushed: with the power on, a read sees the cache; the platter is
+                // untouched.
+                assert!(m.images().0.iter().all(|&b| b == 0), "a failed write was flushed ({flush})");
+                let mut buf = vec![0u8; 8192];
+                log.read_exact_at(0, &mut buf).unwrap();
+                let new = |r: &[u8], v: u8| r.iter().take_while(|&&b| b == v).count();
+                let (a, b) = (new(&buf[..4096], 1), new(&buf[4096..], 2));
+                assert!(a < 4096 || b < 4096, "no segment was short ({flush})");
+                assert!(a % SECTOR_BYTES == 0 && b % SECTOR_BYTES == 0);
+                saw_partial |= (a > 0 && a < 4096) || (b > 0 && b < 4096);
+                // The next write is whole again, and durable.
+                log.write_durable(&[(12288, &[9u8; 4096])]).unwrap();
+                assert!(m.images().0[12288..].iter().all(|&b| b == 9));
+            }
+            assert!(saw_partial, "short writes never wrote a non-empty prefix ({flush})");
+        }
     }
 }
