@@ -5,8 +5,10 @@
 //! version is bumped, refuse them with an error that names the version (and `famsd upgrade`,
 //! when it exists). A format change without a version bump fails here.
 //!
-//! Layout of the fixture (versions in the files): heap header version 1, log format version 1,
-//! object layer version 1.
+//! Layout of the fixtures (versions in the files): `format-v1` has heap header version 1, log
+//! superblock and record version 1, object layer version 1. `format-v2` (made by
+//! `make_the_v2_fixture`) has heap header version 2 (a maximum size), log superblock version 2
+//! (the current size: it was grown after formatting), records and object layer version 1.
 
 use fams::alloc::{ObjectHeap, ObjectOptions, PVec};
 use fams::{FormatOptions, Heap, HeapOptions};
@@ -27,7 +29,71 @@ fams::persistent! {
 }
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("format-v1")
+    fixture_dir_of("format-v1")
+}
+
+fn fixture_dir_of(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// The v2 fixture: formatted at 128 KiB with a maximum of 1 MiB, grown to 256 KiB, then ten
+/// commits left in the log (killed before the last checkpoint).
+const V2_BASE: u64 = 0x5f2e_0000_0000;
+const V2_HEAP_BYTES: u64 = 128 << 10;
+const V2_GROWN_BYTES: u64 = 256 << 10;
+const V2_MAX_BYTES: u64 = 1 << 20;
+const V2_LOG_BYTES: u64 = 128 << 10;
+
+/// Rebuild the v2 fixture:
+/// `cargo test --release -p fams-tests --test format_fixture -- --ignored make_the_v2_fixture`.
+#[test]
+#[ignore]
+fn make_the_v2_fixture() {
+    let dir = fixture_dir_of("format-v2");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let heap_path = dir.join("heap");
+    let mut f = FormatOptions::new(&heap_path, V2_HEAP_BYTES);
+    f.max_size_bytes = Some(V2_MAX_BYTES);
+    f.log_size_bytes = Some(V2_LOG_BYTES);
+    f.base_addr = Some(V2_BASE);
+    Heap::format(&f).unwrap();
+    let mut heap = Heap::open(&heap_path, &HeapOptions::default()).unwrap();
+    heap.grow(V2_GROWN_BYTES).unwrap();
+    let mut o = ObjectHeap::open(heap, &ObjectOptions::schema(7)).unwrap();
+    for i in 0..10u64 {
+        let (root, _) = o
+            .root_with_alloc(|a| FixtureRoot { commits: 0, greeting: PVec::new_in(a), squares: PVec::new_in(a) })
+            .unwrap();
+        root.commits += 1;
+        root.squares.push(i * i);
+        if i == 0 {
+            root.greeting.extend_from_slice(b"written by fams format v2");
+        }
+        o.commit().unwrap();
+    }
+    o.abandon();
+}
+
+#[test]
+fn a_heap_made_by_format_v2_opens_replays_and_reads_back() {
+    let dir = TempDir::new("fixture-v2");
+    for name in ["heap", "heap.log"] {
+        std::fs::copy(fixture_dir_of("format-v2").join(name), dir.0.join(name)).unwrap();
+    }
+    let heap =
+        Heap::open(dir.0.join("heap"), &HeapOptions::default()).unwrap_or_else(|e| panic!("the v2 fixture: {e}"));
+    assert!(heap.stats().recovery.records_replayed > 0, "the fixture's log holds its commits");
+    assert_eq!((heap.len() as u64, heap.max_len() as u64), (V2_GROWN_BYTES, V2_MAX_BYTES), "the grown size is kept");
+    let mut o = ObjectHeap::open(heap, &ObjectOptions::schema(7)).unwrap();
+    let root = o.root::<FixtureRoot>(|_| panic!("the fixture has its root")).unwrap();
+    assert_eq!(root.commits, 10);
+    assert_eq!(&root.greeting[..], b"written by fams format v2");
+    assert_eq!(&root.squares[..], &(0..10u64).map(|i| i * i).collect::<Vec<_>>()[..]);
+    o.check().expect("the fixture's allocator metadata is whole");
+    // It goes on growing.
+    o.grow(512 << 10).unwrap();
+    o.commit().unwrap();
 }
 
 /// Rebuild the fixture (only when a deliberate format change asks for a new one next to it):
