@@ -342,7 +342,7 @@ struct NodeFlags {
     /// Shared key (64 hex digits): every datagram carries a keyed MAC; others are rejected.
     #[arg(long, value_parser = famsd::node::parse_key)]
     key: Option<[u8; 32]>,
-    /// Heap size when the heap is made.
+    /// Heap size when the heap is made (it grows on demand, up to 64 GiB or this size if larger).
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     size: u64,
     #[arg(long)]

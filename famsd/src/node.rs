@@ -69,6 +69,9 @@ pub fn stop_on_signals() -> &'static AtomicBool {
     &STOP
 }
 
+/// How large a node's heap may grow (see `open_or_format`).
+pub const NODE_HEAP_MAX_BYTES: u64 = 64 << 30;
+
 /// Open the node's heap, making it first if it does not exist.
 pub fn open_or_format(path: &Path, size_bytes: u64, tracker: Option<TrackerKind>) -> Result<Heap, String> {
     if !path.exists() {
@@ -79,6 +82,9 @@ pub fn open_or_format(path: &Path, size_bytes: u64, tracker: Option<TrackerKind>
         // Recovery reads the whole log, so a node's restart time follows its size: an eighth of
         // the heap (at least 4 MiB, at most 64 MiB) holds many turns between checkpoints.
         opts.log_size_bytes = Some((size_bytes / 8).clamp(4 << 20, 64 << 20));
+        // A node's state grows with its peers' backlogs: let the heap grow on demand (address
+        // space only; disk is reserved as it grows).
+        opts.max_size_bytes = Some(size_bytes.max(NODE_HEAP_MAX_BYTES));
         Heap::format(&opts).map_err(|e| e.to_string())?;
     }
     let opts = HeapOptions { tracker, ..HeapOptions::default() };
