@@ -53,7 +53,7 @@ fn torture_with(
 #[test]
 fn sigkill_torture_with_a_file_log_for_each_tracker() {
     for t in trackers() {
-        let v = torture(110, t.name(), None, 11);
+        let v = torture(90, t.name(), None, 11);
         assert_eq!(v["log_kind"], "file");
     }
 }

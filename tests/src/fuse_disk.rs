@@ -27,7 +27,12 @@
 //! * `silence` — after a cut, answer writes and fsyncs with success (still changing nothing):
 //!   for the teardown, once the program under test is gone, so that ext4's unmount stays quiet;
 //! * `ignore-flushes DISK` — from now on DISK acknowledges fsyncs without flushing: a drive that
-//!   lies about its cache, for proving that a test notices lost "durable" data.
+//!   lies about its cache, for proving that a test notices lost "durable" data;
+//! * `sector-atomic DISK` — from now on a cut tears DISK's writes per sector into old or new
+//!   bytes only, never garbage (a drive that writes each 512-byte sector atomically). For the
+//!   drive under ext4: after one cut ext4 refused to mount ("probably corrupted filesystem");
+//!   metadata it rewrites in place, such as its journal superblock, cannot survive a garbage
+//!   sector — a limit of ext4 on such a drive, not of what fams is tested for. The fams log's own drive keeps the garbage model.
 //!
 //! The image files are written with plain `pwrite` and not fsynced: the host does not lose power
 //! in this test, only the simulated drive does; the image only has to outlive the FUSE process.
@@ -136,6 +141,8 @@ pub struct Disk {
     pub counters: DiskCounters,
     /// Acknowledge fsyncs without flushing (a lying drive; for proving the test can fail).
     pub ignore_flushes: bool,
+    /// A cut tears writes into old or new sectors only, never garbage.
+    pub sector_atomic: bool,
 }
 
 impl Disk {
@@ -149,6 +156,7 @@ impl Disk {
             image: None,
             counters: DiskCounters::default(),
             ignore_flushes: false,
+            sector_atomic: false,
         }
     }
 
@@ -359,7 +367,10 @@ pub fn cut(disks: &mut [Disk], seed: u64, mode: Option<CutMode>) -> Result<CutRe
                     let mut s = o;
                     while s < end {
                         let e = ((s / SECTOR + 1) * SECTOR).min(end);
-                        match rng.below(3) {
+                        let outcome = rng.below(3);
+                        // A sector-atomic drive leaves old bytes where another would leave garbage.
+                        let outcome = if outcome == 2 && d.sector_atomic { 0 } else { outcome };
+                        match outcome {
                             0 => r.sectors_old += 1,
                             1 => {
                                 r.sectors_new += 1;
@@ -777,6 +788,13 @@ fn control_command(state: &Mutex<State>, cmd: &str) -> serde_json::Value {
             s.silenced = true;
             serde_json::json!({"ok": true})
         }
+        (Some("sector-atomic"), Some(name)) => match s.disks.iter().position(|d| d.name == name) {
+            Some(i) => {
+                s.disks[i].sector_atomic = true;
+                serde_json::json!({"ok": true})
+            }
+            None => serde_json::json!({"error": format!("no disk {name:?}")}),
+        },
         (Some("ignore-flushes"), Some(name)) => match s.disks.iter().position(|d| d.name == name) {
             // A drive that lies: acknowledges flushes without making anything durable.
             Some(i) => {
@@ -803,7 +821,7 @@ fn control_command(state: &Mutex<State>, cmd: &str) -> serde_json::Value {
             serde_json::json!({"ok": true})
         }
         _ => {
-            serde_json::json!({"error": format!("unknown command {cmd:?}: stats | ping | cut SEED [MODE] | arm SEED N [DISK] | silence | ignore-flushes DISK")})
+            serde_json::json!({"error": format!("unknown command {cmd:?}: stats | ping | cut SEED [MODE] | arm SEED N [DISK] | silence | ignore-flushes DISK | sector-atomic DISK")})
         }
     }
 }
@@ -836,7 +854,7 @@ Serves each disk as MOUNTPOINT/NAME: a durable image (IMAGE) plus a volatile cac
 since the last fsync. Control socket commands: `stats`, `cut SEED` (power cut: cached writes kept,\n\
 dropped or torn per 512-byte sector; then every write/fsync fails with EIO; MODE lose-all, prefix or\n\
 random, default picked by SEED), `arm SEED N [DISK]` (cut right after the N-th next write),\n\
-`silence` (after a cut: fail nothing, change nothing), `ignore-flushes DISK` (a lying drive). Prints `ready` once mounted.";
+`silence` (after a cut: fail nothing, change nothing), `ignore-flushes DISK` (a lying drive), `sector-atomic DISK` (tears without garbage). Prints `ready` once mounted.";
 
 /// The `fams-fuse-disk` program.
 pub fn serve_main(args: Vec<String>) -> Result<(), String> {

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const KILLS: usize = 60;
+const KILLS: usize = 50;
 const KEYS: u64 = 300;
 /// Lines sent but not yet acknowledged, at most (the window S may fall in).
 const IN_FLIGHT_MAX: usize = 32;
@@ -91,7 +91,7 @@ fn acknowledged_writes_survive_sigkill_and_nothing_is_half_done() {
     let dir = TempDir::new("kv-crash");
     let heap = dir.join("store.heap");
     // Format first (formatting a heap file is not itself crash-atomic; recovering is).
-    kv(&bin, &heap, &["--size", "64M", "--log-size", "16M", "check"]);
+    kv(&bin, &heap, &["--size", "32M", "--log-size", "8M", "check"]);
     let mut rng = Rng::new(0x6b76);
     // The store as of the last recovery.
     let mut state: BTreeMap<String, String> = BTreeMap::new();
