@@ -28,11 +28,14 @@
 //!   for the teardown, once the program under test is gone, so that ext4's unmount stays quiet;
 //! * `ignore-flushes DISK` — from now on DISK acknowledges fsyncs without flushing: a drive that
 //!   lies about its cache, for proving that a test notices lost "durable" data;
-//! * `sector-atomic DISK` — from now on a cut tears DISK's writes per sector into old or new
-//!   bytes only, never garbage (a drive that writes each 512-byte sector atomically). For the
-//!   drive under ext4: after one cut ext4 refused to mount ("probably corrupted filesystem");
-//!   metadata it rewrites in place, such as its journal superblock, cannot survive a garbage
-//!   sector — a limit of ext4 on such a drive, not of what fams is tested for. The fams log's own drive keeps the garbage model.
+//! * `sector-atomic DISK [on|off]` — from now on a cut tears DISK's writes per sector into old
+//!   or new bytes only, never garbage (a drive that writes each 512-byte sector atomically). For the
+//!   drive under ext4 when ext4 holds a fams log file too: after one such cut ext4 refused to
+//!   mount ("probably corrupted filesystem"); metadata it rewrites in place, such as its
+//!   journal superblock, cannot be expected to survive a garbage sector — a limit of ext4 on
+//!   such a drive, not of what fams is tested for. (Garbage in the heap *file* is what fams's
+//!   full page images after a checkpoint exist for, so the power-cut test keeps garbage on
+//!   ext4's drive while only the heap file lives there.) The fams log's own drive keeps the garbage model.
 //!
 //! The image files are written with plain `pwrite` and not fsynced: the host does not lose power
 //! in this test, only the simulated drive does; the image only has to outlive the FUSE process.
@@ -788,13 +791,20 @@ fn control_command(state: &Mutex<State>, cmd: &str) -> serde_json::Value {
             s.silenced = true;
             serde_json::json!({"ok": true})
         }
-        (Some("sector-atomic"), Some(name)) => match s.disks.iter().position(|d| d.name == name) {
-            Some(i) => {
-                s.disks[i].sector_atomic = true;
-                serde_json::json!({"ok": true})
+        (Some("sector-atomic"), Some(name)) => {
+            let on = match words.next() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(w) => return serde_json::json!({"error": format!("sector-atomic DISK [on|off]: not {w:?}")}),
+            };
+            match s.disks.iter().position(|d| d.name == name) {
+                Some(i) => {
+                    s.disks[i].sector_atomic = on;
+                    serde_json::json!({"ok": true})
+                }
+                None => serde_json::json!({"error": format!("no disk {name:?}")}),
             }
-            None => serde_json::json!({"error": format!("no disk {name:?}")}),
-        },
+        }
         (Some("ignore-flushes"), Some(name)) => match s.disks.iter().position(|d| d.name == name) {
             // A drive that lies: acknowledges flushes without making anything durable.
             Some(i) => {
@@ -821,7 +831,7 @@ fn control_command(state: &Mutex<State>, cmd: &str) -> serde_json::Value {
             serde_json::json!({"ok": true})
         }
         _ => {
-            serde_json::json!({"error": format!("unknown command {cmd:?}: stats | ping | cut SEED [MODE] | arm SEED N [DISK] | silence | ignore-flushes DISK | sector-atomic DISK")})
+            serde_json::json!({"error": format!("unknown command {cmd:?}: stats | ping | cut SEED [MODE] | arm SEED N [DISK] | silence | ignore-flushes DISK | sector-atomic DISK [on|off]")})
         }
     }
 }
@@ -854,7 +864,7 @@ Serves each disk as MOUNTPOINT/NAME: a durable image (IMAGE) plus a volatile cac
 since the last fsync. Control socket commands: `stats`, `cut SEED` (power cut: cached writes kept,\n\
 dropped or torn per 512-byte sector; then every write/fsync fails with EIO; MODE lose-all, prefix or\n\
 random, default picked by SEED), `arm SEED N [DISK]` (cut right after the N-th next write),\n\
-`silence` (after a cut: fail nothing, change nothing), `ignore-flushes DISK` (a lying drive), `sector-atomic DISK` (tears without garbage). Prints `ready` once mounted.";
+`silence` (after a cut: fail nothing, change nothing), `ignore-flushes DISK` (a lying drive), `sector-atomic DISK [on|off]` (tears without garbage). Prints `ready` once mounted.";
 
 /// The `fams-fuse-disk` program.
 pub fn serve_main(args: Vec<String>) -> Result<(), String> {

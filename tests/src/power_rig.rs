@@ -200,9 +200,9 @@ impl Rig {
         if let (Some(d), false) = (&self.lying_drive, first) {
             fuse.command(&format!("ignore-flushes {d}"))?;
         }
-        // ext4's drive tears per sector without garbage (see `fuse_disk`: ext4 does not survive
-        // garbage in its journal superblock); the raw fams log's drive keeps the full model.
-        fuse.command("sector-atomic fs")?;
+        // ext4's drive tears per sector without garbage unless a test says otherwise (see
+        // `fuse_disk`); the raw fams log's drive keeps the full model.
+        fuse.command("sector-atomic fs on")?;
         let (log_file, fs_file) = (fuse.disk_path("log"), fuse.disk_path("fs"));
         self.fuse = Some(fuse);
         let fuse = self.fuse.as_ref().expect("just set");
