@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const KILLS: usize = 50;
+const KILLS: usize = 40;
 const KEYS: u64 = 300;
 /// Lines sent but not yet acknowledged, at most (the window S may fall in).
 const IN_FLIGHT_MAX: usize = 32;

@@ -694,7 +694,7 @@ fn power_cuts_on_a_fuse_backed_loop_device() {
         return;
     }
     let cfg = Config {
-        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 240),
+        cycles: env_u64("FAMS_POWER_CUT_CYCLES", 200),
         seed: env_u64("FAMS_POWER_CUT_SEED", 0x00f0_5e5e_d001),
         cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
         fsck_every: 20,
