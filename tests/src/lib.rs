@@ -241,6 +241,14 @@ impl Drop for LoopDevice {
     }
 }
 
+/// Count a violation a crash test found, keeping the first ten descriptions for its report.
+pub fn note_violation(violations: &mut u64, details: &mut Vec<String>, what: String) {
+    *violations += 1;
+    if details.len() < 10 {
+        details.push(what);
+    }
+}
+
 /// Deterministic randomness for tests (the same generator the torture workload uses).
 pub use famsd::workload::Rng;
 

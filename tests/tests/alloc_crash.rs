@@ -155,10 +155,7 @@ impl KillReport {
     }
 
     fn violation(&mut self, what: String) {
-        self.violations += 1;
-        if self.violation_details.len() < 10 {
-            self.violation_details.push(what);
-        }
+        note_violation(&mut self.violations, &mut self.violation_details, what);
     }
 }
 
@@ -505,10 +502,7 @@ impl SimReport {
     }
 
     fn violation(&mut self, what: String) {
-        self.violations += 1;
-        if self.violation_details.len() < 10 {
-            self.violation_details.push(what);
-        }
+        note_violation(&mut self.violations, &mut self.violation_details, what);
     }
 
     fn note_cut(&mut self, sim: &SimHeap) {

@@ -60,19 +60,8 @@ fn make_the_v2_fixture() {
     Heap::format(&f).unwrap();
     let mut heap = Heap::open(&heap_path, &HeapOptions::default()).unwrap();
     heap.grow(V2_GROWN_BYTES).unwrap();
-    let mut o = ObjectHeap::open(heap, &ObjectOptions::schema(7)).unwrap();
-    for i in 0..10u64 {
-        let (root, _) = o
-            .root_with_alloc(|a| FixtureRoot { commits: 0, greeting: PVec::new_in(a), squares: PVec::new_in(a) })
-            .unwrap();
-        root.commits += 1;
-        root.squares.push(i * i);
-        if i == 0 {
-            root.greeting.extend_from_slice(b"written by fams format v2");
-        }
-        o.commit().unwrap();
-    }
-    o.abandon();
+    let o = ObjectHeap::open(heap, &ObjectOptions::schema(7)).unwrap();
+    commit_ten_and_leave_them_in_the_log(o, b"written by fams format v2");
 }
 
 #[test]
@@ -110,20 +99,24 @@ fn make_the_v1_fixture() {
     f.force = true;
     Heap::format(&f).unwrap();
     let heap = Heap::open(&heap_path, &HeapOptions::default()).unwrap();
-    let mut o = ObjectHeap::open(heap, &ObjectOptions::schema(7)).unwrap();
+    let o = ObjectHeap::open(heap, &ObjectOptions::schema(7)).unwrap();
+    commit_ten_and_leave_them_in_the_log(o, b"written by fams format v1");
+}
+
+/// The fixtures' content: ten commits (a counter, squares, a greeting), then a close without the
+/// final checkpoint, so the log keeps the commits for the next open to replay.
+fn commit_ten_and_leave_them_in_the_log(mut o: ObjectHeap, greeting: &[u8]) {
     for i in 0..10u64 {
-        let (root, alloc) = o
+        let (root, _) = o
             .root_with_alloc(|a| FixtureRoot { commits: 0, greeting: PVec::new_in(a), squares: PVec::new_in(a) })
             .unwrap();
-        let _ = alloc;
         root.commits += 1;
         root.squares.push(i * i);
         if i == 0 {
-            root.greeting.extend_from_slice(b"written by fams format v1");
+            root.greeting.extend_from_slice(greeting);
         }
         o.commit().unwrap();
     }
-    // No final checkpoint: the log keeps the ten commits for the next open to replay.
     o.abandon();
 }
 

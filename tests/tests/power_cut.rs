@@ -645,10 +645,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Re
             }
         }
         if let Some(v) = violation {
-            report.violations += 1;
-            if report.violation_details.len() < 10 {
-                report.violation_details.push(v);
-            }
+            note_violation(&mut report.violations, &mut report.violation_details, v);
             // Resynchronise with what is there so later cycles are still checked.
             h.model.image.copy_from_slice(&recovered.bytes);
             h.model.at = c;
