@@ -7,7 +7,8 @@
 //!  +-----------------+-------------------------------------+
 //! ```
 //!
-//! Header (little-endian; written once by `format`, fsynced with its directory, never changed):
+//! Header (little-endian; written by `format`, fsynced with its directory; rewritten only by an
+//! upgrade, crash-safely through a side file — see `heap/upgrade.rs`):
 //! | off | size | field |
 //! |-----|------|-------|
 //! | 0   | 8    | magic `FAMSHEAP` |
@@ -23,7 +24,7 @@
 //! | 1096| 8    | version 2: maximum heap size (the address range reserved at the base); version 1: zero, the maximum is the size |
 //! | 4092| 4    | CRC32C of bytes 0..4092 |
 //!
-//! A heap grows (`Heap::grow`) without touching this header, which is never rewritten: its
+//! A heap grows (`Heap::grow`) without touching this header: its
 //! *current* size lives in the log's superblock (see `log_format.rs`), written durably after the
 //! file has been extended and its disk space reserved. A crash mid-grow therefore leaves the old
 //! size (and a file longer than it needs, which is harmless) or the new one.
@@ -38,7 +39,7 @@ use std::path::{Path, PathBuf};
 pub const HEADER_BYTES: u64 = 4096;
 pub const PAGE_SIZE: usize = 4096;
 const MAGIC: &[u8; 8] = b"FAMSHEAP";
-const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 2;
 /// Where version 2 keeps the maximum size.
 const MAX_SIZE_AT: usize = 1096;
 pub const LOG_PATH_MAX: usize = 1024;
@@ -209,6 +210,11 @@ pub(crate) fn reserve(file: &std::fs::File, len_total: u64) -> std::io::Result<(
 
 /// Read and check the header of the heap file at `path`.
 pub fn read_header(file: &std::fs::File, path: &Path) -> Result<HeapHeader> {
+    read_header_and_version(file, path).map(|(h, _)| h)
+}
+
+/// [`read_header`], and the format version the header was written in.
+pub fn read_header_and_version(file: &std::fs::File, path: &Path) -> Result<(HeapHeader, u32)> {
     use std::os::unix::fs::FileExt;
     let mut b = vec![0u8; HEADER_BYTES as usize];
     let mut got = 0;
@@ -219,7 +225,15 @@ pub fn read_header(file: &std::fs::File, path: &Path) -> Result<HeapHeader> {
         }
         got += n;
     }
-    let h = HeapHeader::decode(&b[..got]).map_err(|reason| Error::NotAHeap { path: path.into(), reason })?;
+    let h = HeapHeader::decode(&b[..got]).map_err(|mut reason| {
+        if crate::heap::upgrade::side_path(path).exists() {
+            reason.push_str(
+                "; an interrupted header upgrade left its new header beside the heap: opening the heap for writing (or `famsd upgrade` again) finishes it",
+            );
+        }
+        Error::NotAHeap { path: path.into(), reason }
+    })?;
+    let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
     let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
     if len < HEADER_BYTES + h.heap_size {
         return Err(Error::BadHeap {
@@ -230,7 +244,7 @@ pub fn read_header(file: &std::fs::File, path: &Path) -> Result<HeapHeader> {
             ),
         });
     }
-    Ok(h)
+    Ok((h, version))
 }
 
 #[cfg(test)]

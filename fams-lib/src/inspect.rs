@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub struct Inspection {
     pub heap_path: PathBuf,
     pub header: HeapHeader,
+    /// The format version the header was written in (`famsd upgrade` brings it to the current).
+    pub header_version: u32,
     pub log_path: PathBuf,
     pub log_kind: &'static str,
     pub superblock: Superblock,
@@ -30,7 +32,7 @@ pub struct Inspection {
 /// Inspect without locking, replaying or writing anything.
 pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
     let file = File::open(path).map_err(|e| Error::io(path, "opening the heap file", e))?;
-    let header = heap_file::read_header(&file, path)?;
+    let (header, header_version) = heap_file::read_header_and_version(&file, path)?;
     // SAFETY: flock on a descriptor we own; a shared probe lock released right away.
     let locked = unsafe {
         let rc = libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB);
@@ -63,6 +65,7 @@ pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
         disk_used_bytes,
         heap_path: path.into(),
         header,
+        header_version,
         log_kind: dev.kind().name(),
         log_path,
         superblock,

@@ -80,7 +80,7 @@ internal_modules! {
 pub use alloc::{ObjectError, ObjectHeap, ObjectOptions, Persistent};
 pub use commit::{DurabilityHandle, Ticket};
 pub use error::{Error, Result};
-pub use heap::{FormatOptions, Heap, HeapOptions, InFlight, RollbackReport, WriterMode};
+pub use heap::{FormatOptions, Heap, HeapOptions, InFlight, RollbackReport, UpgradeOptions, UpgradeReport, WriterMode};
 pub use heap_file::{HeapHeader, HeapId, PAGE_SIZE};
 pub use io::{FlushMode, IoPath, LogKind};
 pub use recovery::RecoveryReport;

@@ -88,6 +88,26 @@ famsd grow --heap data.heap --size 10G\n  famsd inspect --heap data.heap   # siz
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite a heap's header in the current format version, and raise the maximum size it may
+    /// grow to (offline: no other process may have it open). Heaps made by earlier versions open
+    /// without it; an upgrade lets them grow. Crash-safe: the new header is made durable beside
+    /// the heap first, so a crash leaves the old header or the new one (the next open finishes
+    /// an interrupted upgrade).
+    #[command(
+        after_help = "Examples:\n  famsd upgrade --heap data.heap                  # header to the current version\n  \
+famsd upgrade --heap data.heap --max-size 1T    # and let it grow to 1 TiB\n  \
+famsd grow --heap data.heap --size 10G"
+    )]
+    Upgrade {
+        #[arg(long)]
+        heap: PathBuf,
+        /// Raise the maximum size to this, e.g. 1T (rounded up to 4 KiB). It cannot be lowered,
+        /// and the address range [base, base + max) must be free: the base never moves.
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Replay the log into the heap file now (opening a heap does this too).
     Recover {
         #[arg(long)]
@@ -644,7 +664,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Err(e) => serde_json::json!({ "error": e }),
             };
             let v = serde_json::json!({
-                "heap": i.heap_path, "heap_id": i.header.heap_id.to_string(),
+                "heap": i.heap_path, "heap_id": i.header.heap_id.to_string(), "header_version": i.header_version,
                 "size_bytes": i.heap_size_bytes, "formatted_size_bytes": i.header.heap_size,
                 "max_size_bytes": i.header.max_size, "disk_used_bytes": i.disk_used_bytes,
                 "base_addr": format!("{:#x}", i.header.base_addr),
@@ -661,7 +681,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 v["node"] = node;
                 print_json(&v);
             } else {
-                println!("heap      {} (id {})", i.heap_path.display(), i.header.heap_id);
+                println!(
+                    "heap      {} (id {}, header version {})",
+                    i.heap_path.display(),
+                    i.header.heap_id,
+                    i.header_version
+                );
                 println!(
                     "size      {} bytes (max {}, {} on disk) at {:#x}{}",
                     i.heap_size_bytes,
@@ -709,6 +734,42 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 println!("{} is already {after} bytes (max {max}): nothing to do", heap.display());
             } else {
                 println!("grew {} from {before} to {after} bytes (max {max})", heap.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Upgrade { heap, max_size, json } => {
+            let mut opts = fams::UpgradeOptions::default();
+            opts.max_size_bytes = max_size;
+            let r = Heap::upgrade(&heap, &opts).map_err(|e| e.to_string())?;
+            if json {
+                print_json(&serde_json::json!({
+                    "heap": r.heap_path, "changed": r.changed, "finished_interrupted": r.finished_interrupted,
+                    "version_before": r.version_before, "version_after": r.version_after,
+                    "max_size_bytes_before": r.max_size_before, "max_size_bytes": r.max_size_after,
+                    "size_bytes": r.size_bytes,
+                }));
+            } else {
+                if r.finished_interrupted {
+                    println!("{}: finished an interrupted upgrade first", heap.display());
+                }
+                if r.changed {
+                    println!(
+                        "upgraded {}: header version {} -> {}, max size {} -> {} bytes (size {})",
+                        heap.display(),
+                        r.version_before,
+                        r.version_after,
+                        r.max_size_before,
+                        r.max_size_after,
+                        r.size_bytes
+                    );
+                } else {
+                    println!(
+                        "{} is already header version {} with max size {} bytes: nothing to do",
+                        heap.display(),
+                        r.version_after,
+                        r.max_size_after
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -169,6 +169,13 @@ impl Heap {
     }
 
     /// Open, lock, recover and map the heap at `path`.
+    /// Rewrite the header of the heap file at `path` (not open anywhere) in the current format
+    /// version, raising its maximum size if asked; crash-safe (see [`upgrade`]). Heaps written by
+    /// earlier versions open without it; an upgrade lets them grow past their old maximum.
+    pub fn upgrade(path: impl AsRef<Path>, opts: &UpgradeOptions) -> Result<UpgradeReport> {
+        upgrade::upgrade(path.as_ref(), opts)
+    }
+
     pub fn open(path: impl AsRef<Path>, opts: &HeapOptions) -> Result<Heap> {
         open::open(path.as_ref(), opts, &mut RealStorage)
     }
@@ -747,8 +754,14 @@ fn resident_bytes(base: *mut u8, size: usize) -> (u64, u64) {
 mod capture;
 mod format;
 mod open;
+// Its plan of file operations is public for the crash test that cuts the power inside it.
 #[cfg(test)]
 mod tests;
+#[cfg(any(test, feature = "testing"))]
+pub mod upgrade;
+#[cfg(not(any(test, feature = "testing")))]
+mod upgrade;
 
 pub use format::FormatOptions;
 pub(crate) use open::{lock_holder, open_log_of};
+pub use upgrade::{UpgradeOptions, UpgradeReport};

@@ -96,6 +96,7 @@ pub(super) fn refuse_volatile(what: &str, path: &Path) -> Result<()> {
 
 pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -> Result<Heap> {
     let file = open_locked(path)?;
+    super::upgrade::finish_interrupted(path, &file)?;
     let header = heap_file::read_header(&file, path)?;
     refuse_volatile("heap", path)?;
     let (log_path, mut dev) = open_log_of(path, &header, opts, storage)?;
