@@ -148,6 +148,9 @@ impl HeapHeader {
             std::str::from_utf8(&b[66..66 + path_len]).map_err(|_| "log path is not UTF-8".to_string())?.to_string();
         // Past the log path, version 1 wrote zeros; the unused bytes must be zero in both.
         let max_size = if version == 1 { 0 } else { u64_at(MAX_SIZE_AT) };
+        if version != 1 && max_size == 0 {
+            return Err("the maximum heap size is 0 (a version-2 header always records it)".into());
+        }
         if b[66 + path_len..MAX_SIZE_AT].iter().chain(&b[MAX_SIZE_AT + 8..CRC_AT]).any(|&x| x != 0) {
             return Err("unused heap header bytes are not zero".into());
         }
