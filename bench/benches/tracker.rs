@@ -6,13 +6,13 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use fams::tracker::{self, TrackerKind, PAGE_SIZE};
 use fams_bench::Target;
-use std::os::unix::io::AsRawFd;
 use std::time::{Duration, Instant};
 
 struct Mapping {
     base: *mut u8,
     len: usize,
-    _file: std::fs::File,
+    /// Unmapped on drop (after the tracker, which is dropped first).
+    _map: memmap2::MmapMut,
 }
 
 impl Mapping {
@@ -28,21 +28,11 @@ impl Mapping {
             .expect("map file");
         file.set_len(len as u64).expect("size map file");
         let _ = std::fs::remove_file(&path);
-        // SAFETY: a fresh private mapping of a file we own, unmapped in Drop.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED, "mmap");
-        // SAFETY: advice on our own mapping, as the heap does.
-        unsafe { libc::madvise(base, len, libc::MADV_NOHUGEPAGE) };
-        let m = Mapping { base: base.cast(), len, _file: file };
+        // SAFETY: a private (copy-on-write) mapping of a file this bench made and already
+        // unlinked: no one else can change it under the mapping.
+        let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.expect("mmap");
+        map.advise(memmap2::Advice::NoHugePage).expect("madvise");
+        let m = Mapping { base: map.as_mut_ptr(), len, _map: map };
         // Make every page resident (a private copy), as a heap in use would be.
         for p in 0..len / PAGE_SIZE {
             m.write(p, 1);
@@ -54,13 +44,6 @@ impl Mapping {
         assert!(page < self.len / PAGE_SIZE);
         // SAFETY: the byte lies inside the mapping.
         unsafe { self.base.add(page * PAGE_SIZE + 8).write_volatile(v) };
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `new`; the tracker was dropped before.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 

@@ -302,28 +302,16 @@ pub fn msync_shared(dir: &Path, iters: usize) -> std::io::Result<Samples> {
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p)?;
     let len = 64usize << 20;
     f.set_len(len as u64)?;
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: a fresh shared mapping of a file we own, unmapped below; no other reference to it.
-    let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0)
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    let base = base.cast::<u8>();
+    // SAFETY: a scratch file this function made and no other process opens; nothing else
+    // changes its length while it is mapped.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&f)? };
     let mut s = Samples::default();
     for i in 0..iters {
         let page = (i * 7) % (len / PAGE_SIZE);
-        // SAFETY: page < len / PAGE_SIZE, so the byte lies inside the mapping.
-        unsafe { *base.add(page * PAGE_SIZE + i % PAGE_SIZE) ^= 1 };
-        s.0.push(time_us(|| {
-            // SAFETY: the page-aligned range lies inside the mapping.
-            let rc = unsafe { libc::msync(base.add(page * PAGE_SIZE).cast(), PAGE_SIZE, libc::MS_SYNC) };
-            assert_eq!(rc, 0, "msync failed");
-        }));
+        map[page * PAGE_SIZE + i % PAGE_SIZE] ^= 1;
+        s.0.push(time_us(|| map.flush_range(page * PAGE_SIZE, PAGE_SIZE).expect("msync")));
     }
-    // SAFETY: unmapping the mapping made above.
-    unsafe { libc::munmap(base.cast(), len) };
+    drop(map);
     let _ = std::fs::remove_file(&p);
     Ok(s)
 }
@@ -446,7 +434,6 @@ pub fn recovery(target: &Target, log_mib: u64, heap_bytes: u64) -> fams::Result<
 
 /// Let one row's background write-back finish before the next row starts.
 pub fn settle() {
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
+    nix::unistd::sync();
     std::thread::sleep(Duration::from_millis(50));
 }

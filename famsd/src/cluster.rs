@@ -12,6 +12,7 @@ use crate::node::bank_report;
 use crate::relay::RelayFaults;
 use crate::workload::Rng;
 use fams::apps::bank::{self, BankReport};
+use nix::sys::signal::Signal;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -164,9 +165,8 @@ fn spawn(
     Ok(child)
 }
 
-fn kill(child: &mut Child, signal: libc::c_int) {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+fn kill(child: &mut Child, signal: Signal) {
+    crate::child::signal_child(child, signal);
 }
 
 /// A `famsd relay` child process and the faces it bound.
@@ -204,7 +204,7 @@ fn start_relay(cfg: &ClusterConfig, faults: &RelayFaults, addrs: &[SocketAddr]) 
         for _ in lines {}
     });
     let mut fail = |why: String| {
-        kill(&mut child, libc::SIGKILL);
+        kill(&mut child, Signal::SIGKILL);
         let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
         Err(format!("the relay did not start ({status}): {why}"))
     };
@@ -354,7 +354,7 @@ impl BankCluster {
     /// SIGKILL node `i` and reap it (counted as a kill); it stays down until [`Self::restart`].
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.procs[i].child.take() {
-            kill(&mut child, libc::SIGKILL);
+            kill(&mut child, Signal::SIGKILL);
             let _ = child.wait();
             self.kills[i] += 1;
         }
@@ -386,7 +386,7 @@ impl BankCluster {
     pub fn stop_all(&mut self, patience: Duration) -> Result<(), String> {
         for p in self.procs.iter_mut() {
             if let Some(child) = p.child.as_mut() {
-                kill(child, libc::SIGTERM);
+                kill(child, Signal::SIGTERM);
             }
         }
         for p in self.procs.iter_mut() {
@@ -397,7 +397,7 @@ impl BankCluster {
                         break;
                     }
                     if Instant::now() > deadline {
-                        kill(&mut child, libc::SIGKILL);
+                        kill(&mut child, Signal::SIGKILL);
                         let _ = child.wait();
                         break;
                     }
@@ -480,12 +480,12 @@ impl BankCluster {
         match child.try_wait() {
             Ok(Some(status)) => problems.push(format!("the relay ended during the run: {status}")),
             _ => {
-                kill(&mut child, libc::SIGTERM);
+                kill(&mut child, Signal::SIGTERM);
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while child.try_wait().ok().flatten().is_none() {
                     if Instant::now() > deadline {
                         problems.push("the relay did not stop within 5 s of SIGTERM; killed".into());
-                        kill(&mut child, libc::SIGKILL);
+                        kill(&mut child, Signal::SIGKILL);
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(10));
@@ -508,7 +508,7 @@ impl Drop for BankCluster {
         // A harness that failed half way must not leave node processes (or its relay) behind.
         let relay = self.relay.as_mut().and_then(|r| r.child.take());
         for mut child in self.procs.iter_mut().filter_map(|p| p.child.take()).chain(relay) {
-            kill(&mut child, libc::SIGKILL);
+            kill(&mut child, Signal::SIGKILL);
             let _ = child.wait();
         }
     }

@@ -2,6 +2,7 @@
 //! torture run, the power-loss explorer, the UDP fault relay, the benchmarks (heap and turns) and the demo.
 
 pub mod bench;
+pub mod child;
 pub mod cluster;
 pub mod demo;
 pub mod node;

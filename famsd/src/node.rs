@@ -55,16 +55,16 @@ pub fn parse_key(s: &str) -> Result<[u8; 32], String> {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_stop_signal(_: libc::c_int) {
+extern "C" fn on_stop_signal(_: std::ffi::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
 /// SIGTERM and SIGINT ask the node to stop cleanly (finish durable turns, then exit).
 pub fn stop_on_signals() -> &'static AtomicBool {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
-        // function pointer has the signature signal(2) expects.
-        unsafe { libc::signal(sig, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { signal(sig, SigHandler::Handler(on_stop_signal)) };
     }
     &STOP
 }

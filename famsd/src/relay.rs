@@ -31,10 +31,11 @@
 //! is gone; held datagrams are then discarded (counted in `queued_at_exit`).
 
 use crate::workload::Rng;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::BinaryHeap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -575,8 +576,6 @@ pub fn run(
         "relay up: node j reaches node i at face i; datagrams to i are sent from j's face"
     );
     ready(&faces);
-    let mut fds: Vec<libc::pollfd> =
-        sockets.iter().map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     let mut buf = vec![0u8; 65536];
     let mut out: Vec<Held> = Vec::new();
     let mut last_stats = Instant::now();
@@ -610,22 +609,17 @@ pub fn run(
             Some(due) => (due.saturating_duration_since(now).as_micros() as u64).div_ceil(1000).min(POLL_MS_MAX),
             None => POLL_MS_MAX,
         };
-        for f in fds.iter_mut() {
-            f.revents = 0;
+        let mut fds: Vec<PollFd> = sockets.iter().map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)).collect();
+        match poll(&mut fds, PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("poll: {e}")),
         }
-        // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd structs whose
-        // descriptors belong to `sockets`, which outlive the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms as libc::c_int) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("poll: {e}"));
-        }
+        let readable: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        drop(fds);
         let now = Instant::now();
         for (face, s) in sockets.iter().enumerate() {
-            if fds[face].revents == 0 {
+            if !readable[face] {
                 continue;
             }
             for _ in 0..RECV_BURST_MAX {

@@ -272,15 +272,14 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
             }
             Kill::InRecovery(phase) => read_until(&mut out, &format!("phase {}", phase.name()))?,
         };
-        // SAFETY: kill(2) on our own child's pid; no memory involved.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        crate::child::signal_child(&mut child, nix::sys::signal::Signal::SIGKILL);
         let status = child.wait().map_err(|e| format!("waiting for the child: {e}"))?;
         let mut rest = String::new();
         let _ = out.read_to_string(&mut rest);
         seen.push_str(&rest);
         let mut err = String::new();
         let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
-        if !reached || status.signal() != Some(libc::SIGKILL) {
+        if !reached || status.signal() != Some(nix::sys::signal::Signal::SIGKILL as i32) {
             return Err(format!(
                 "torture child ended on its own ({status}) in cycle {cycle} ({kill:?}): {}{}",
                 seen.lines().last().unwrap_or(""),

@@ -20,6 +20,7 @@ use crate::progress::Progress;
 use fams::io::FlushMode;
 use fams_bench::turns::{ken_pingpong, udp_round_trip, KenRun, MESSAGE_BYTES};
 use fams_bench::{Samples, Target};
+use nix::sys::signal::Signal;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -269,13 +270,8 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
 
 /// Send `sig` to our child unless it has already been reaped (then its pid may belong to
 /// another process by now).
-fn signal(child: &mut Child, sig: libc::c_int) {
-    if !matches!(child.try_wait(), Ok(None)) {
-        return;
-    }
-    // SAFETY: kill(2) on the pid of our own child, which has not been reaped (a child that exits
-    // meanwhile stays a zombie holding its pid until we wait for it); no memory is involved.
-    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+fn signal(child: &mut Child, sig: Signal) {
+    crate::child::signal_child(child, sig);
 }
 
 /// Wait for a child, killing it after `timeout`.
@@ -286,7 +282,7 @@ fn wait_for(child: &mut Child, timeout: Duration, what: &str) -> Result<std::pro
             return Ok(status);
         }
         if Instant::now() >= deadline {
-            signal(child, libc::SIGKILL);
+            signal(child, Signal::SIGKILL);
             let _ = child.wait();
             return Err(format!("{what}: still running after {:.0} s; killed", timeout.as_secs_f64()));
         }
@@ -297,7 +293,7 @@ fn wait_for(child: &mut Child, timeout: Duration, what: &str) -> Result<std::pro
 /// Stop a node cleanly (SIGTERM: it finishes its durable turns, lingers for acks, writes its
 /// stats), or kill it if it does not stop.
 fn stop(child: &mut Child, what: &str) -> Result<(), String> {
-    signal(child, libc::SIGTERM);
+    signal(child, Signal::SIGTERM);
     wait_for(child, Duration::from_secs(15), what).map(|_| ())
 }
 
@@ -328,7 +324,7 @@ fn wait_bound(child: &mut Child, port: u16, err_file: &Path, what: &str) -> Resu
             return Err(format!("{what} exited ({status}) before binding its socket:\n{}", tail(err_file)));
         }
         if Instant::now() >= deadline {
-            signal(child, libc::SIGKILL);
+            signal(child, Signal::SIGKILL);
             let _ = child.wait();
             return Err(format!("{what} did not bind 127.0.0.1:{port} within {} s", STARTUP_TIMEOUT.as_secs()));
         }
@@ -516,7 +512,7 @@ pub fn restarts(cfg: &TurnBenchConfig, count: usize) -> Result<RestartRun, Strin
             if let Some(status) = initiator.try_wait().map_err(|e| e.to_string())? {
                 return Err(format!("the initiator exited ({status}):\n{}", tail(&pair.file(1, "err"))));
             }
-            signal(&mut responder, libc::SIGKILL);
+            signal(&mut responder, Signal::SIGKILL);
             let _ = responder.wait();
             let spawned = Instant::now();
             responder = spawn_responder(generation)?;
@@ -549,7 +545,7 @@ pub fn restarts(cfg: &TurnBenchConfig, count: usize) -> Result<RestartRun, Strin
     })();
     // A last SIGKILL of the responder mid-run, then the initiator stops (it lingers for acks
     // that do not come, then writes its counters).
-    signal(&mut responder, libc::SIGKILL);
+    signal(&mut responder, Signal::SIGKILL);
     let _ = responder.wait();
     let a = stop(&mut initiator, "the initiator");
     result?;

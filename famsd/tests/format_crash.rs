@@ -31,8 +31,7 @@ fn a_format_killed_at_any_moment_leaves_no_heap_or_a_whole_one() {
     for i in 0..40 {
         let mut child = format_cmd(&dir).spawn().unwrap();
         std::thread::sleep(Duration::from_micros(rng.below(2 * format_us + 1)));
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        famsd::child::signal_child(&mut child, nix::sys::signal::Signal::SIGKILL);
         let _ = child.wait();
         let heap = dir.join("h.heap");
         if heap.exists() {

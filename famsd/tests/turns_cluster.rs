@@ -266,8 +266,7 @@ fn pingpong(window: u64, round_trips: u64) -> (String, serde_json::Value, serde_
     )
     .output()
     .expect("initiator");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(responder.id() as i32, libc::SIGTERM) };
+    famsd::child::signal_child(&mut responder, nix::sys::signal::Signal::SIGTERM);
     let _ = responder.wait();
     assert!(initiator.status.success(), "initiator failed: {}", String::from_utf8_lossy(&initiator.stderr));
     let read = |id: usize| -> serde_json::Value {
@@ -363,8 +362,7 @@ fn one_mib_messages_cross_a_1500_byte_mtu_between_namespaces() {
     let out = node(0, &["--initiator-of", "2", "--round-trips", "12", "--window", "2", "--message-bytes", "1048576"])
         .output()
         .expect("initiator");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(responder.id() as i32, libc::SIGTERM) };
+    famsd::child::signal_child(&mut responder, nix::sys::signal::Signal::SIGTERM);
     let _ = responder.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -1049,8 +1049,7 @@ pub fn abort_connection(connection: Option<u32>, pid: Option<u32>) -> String {
     }
     match pid {
         Some(pid) => {
-            // SAFETY: kill(2) on the FUSE program this process started; no memory is involved.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            crate::signal_pid(pid, nix::sys::signal::Signal::SIGKILL);
             format!("{tried}killed fams-fuse-disk (pid {pid}), which aborts its connection")
         }
         None => format!("{tried}nothing to abort"),
@@ -1298,20 +1297,19 @@ impl Drop for FuseDisk {
 
 /// umount(2) `path`, retrying while busy; in the end detach it lazily. True if it went cleanly.
 pub fn umount_retrying(path: &Path, patience: Duration) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    use nix::errno::Errno;
+    use nix::mount::{umount2, MntFlags};
     let deadline = Instant::now() + patience;
     loop {
-        // SAFETY: umount2 with a valid NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return true;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) || Instant::now() >= deadline {
-            if e.raw_os_error() == Some(libc::EINVAL) {
+        let e = match umount2(path, MntFlags::empty()) {
+            Ok(()) => return true,
+            Err(e) => e,
+        };
+        if e != Errno::EBUSY || Instant::now() >= deadline {
+            if e == Errno::EINVAL {
                 return true; // not mounted
             }
-            // SAFETY: as above.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = umount2(path, MntFlags::MNT_DETACH);
             return false;
         }
         std::thread::sleep(Duration::from_millis(5));

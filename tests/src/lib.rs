@@ -5,6 +5,10 @@ pub mod fuse_disk;
 pub mod power_rig;
 
 use fams::{FormatOptions, Heap, HeapOptions, TrackerKind};
+use nix::sys::signal::kill;
+pub use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -120,55 +124,53 @@ pub fn built_binary(package: &str, target_args: &[&str], rel: &Path) -> PathBuf 
 /// fails or panics part way never leaves an orphan behind. Take the pid from the
 /// `std::process::Child` and drop that (std's handle neither waits nor kills).
 pub struct ChildProc {
-    pub pid: libc::pid_t,
-    reaped: bool,
+    pub pid: Pid,
+    /// How it ended, once reaped.
+    reaped: Option<WaitStatus>,
 }
 
 impl ChildProc {
     pub fn new(child: &std::process::Child) -> ChildProc {
-        ChildProc { pid: child.id() as libc::pid_t, reaped: false }
+        ChildProc { pid: Pid::from_raw(child.id() as i32), reaped: None }
     }
-    pub fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid, which is not reaped yet (so not reused).
-        unsafe { libc::kill(self.pid, sig) };
+    /// Our own child's pid is not reaped until `reaped` is set, so it is not reused: the signal
+    /// reaches it, or it had already exited (a zombie ignores it).
+    pub fn signal(&self, sig: Signal) {
+        if self.reaped.is_none() {
+            let _ = kill(self.pid, sig);
+        }
     }
-    /// Stop it and wait until every thread is stopped. Err(status) if it had ended instead.
+    /// Stop it and wait until every thread is stopped. Err(how it ended) if it had ended instead.
     pub fn stop(&mut self) -> Result<(), String> {
-        self.signal(libc::SIGSTOP);
-        let mut status = 0;
-        // SAFETY: waitpid on our own child; WUNTRACED reports the stop without reaping.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WUNTRACED) };
-        if r == self.pid && libc::WIFSTOPPED(status) {
-            return Ok(());
+        self.signal(Signal::SIGSTOP);
+        match waitpid(self.pid, Some(WaitPidFlag::WUNTRACED)) {
+            Ok(WaitStatus::Stopped(..)) => Ok(()),
+            Ok(status) => {
+                self.reaped = Some(status);
+                Err(format!("the child ended by itself ({status:?})"))
+            }
+            Err(e) => Err(format!("waiting for the child to stop: {e}")),
         }
-        self.reaped = r == self.pid;
-        Err(format!("the child ended by itself (wait status {status:#x})"))
     }
-    /// Has it ended by itself? The wait status if so (and it is reaped).
-    pub fn ended(&mut self) -> Option<i32> {
-        if self.reaped {
-            return Some(0);
+    /// Has it ended by itself? How, if so (and it is reaped).
+    pub fn ended(&mut self) -> Option<WaitStatus> {
+        if self.reaped.is_none() {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => {}
+                Ok(status) => self.reaped = Some(status),
+            }
         }
-        let mut status = 0;
-        // SAFETY: non-blocking waitpid on our own child.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        if r == self.pid {
-            self.reaped = true;
-            return Some(status);
-        }
-        None
+        self.reaped
     }
-    /// SIGKILL it (if not reaped yet) and reap it. The wait status, None if it was reaped before.
-    pub fn kill(&mut self) -> Option<i32> {
-        if self.reaped {
+    /// SIGKILL it (if not reaped yet) and reap it. How it ended, None if it was reaped before.
+    pub fn kill(&mut self) -> Option<WaitStatus> {
+        if self.reaped.is_some() {
             return None;
         }
-        self.signal(libc::SIGKILL);
-        let mut status = 0;
-        // SAFETY: reaping our own child.
-        unsafe { libc::waitpid(self.pid, &mut status, 0) };
-        self.reaped = true;
-        Some(status)
+        self.signal(Signal::SIGKILL);
+        let status = waitpid(self.pid, None).ok();
+        self.reaped = status.or(Some(WaitStatus::StillAlive));
+        status
     }
 }
 
@@ -186,8 +188,20 @@ pub fn is_child() -> bool {
 pub fn crash_exit() -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    exit_now(0)
+}
+
+/// End the process at once with `code`: no destructors, no atexit handlers, nothing flushed.
+pub fn exit_now(code: i32) -> ! {
+    // raw libc: nix 0.31 has no _exit, and std's exit runs atexit handlers a crash would not.
     // SAFETY: _exit ends the process immediately; nothing runs after it.
-    unsafe { libc::_exit(0) }
+    unsafe { libc::_exit(code) }
+}
+
+/// Send `sig` to a process this test started by pid (and has not reaped). No error if it has
+/// ended: a zombie ignores signals.
+pub fn signal_pid(pid: u32, sig: Signal) {
+    let _ = kill(Pid::from_raw(pid as i32), sig);
 }
 
 /// A test that cannot run here says why and returns. Where every test must run — under CI
@@ -201,8 +215,7 @@ pub fn skip(why: &str) {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// A loop device over a fresh file, detached on drop. None (with the reason printed) when not root

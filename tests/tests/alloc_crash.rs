@@ -261,10 +261,7 @@ fn run_kills(cfg: &KillConfig) -> Result<KillReport, String> {
         report.kills += 1;
         if let Some(status) = ended {
             let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-            report.violation(format!(
-                "kill {cycle}: the child ended by itself (wait status {status:#x}): {}",
-                err.trim()
-            ));
+            report.violation(format!("kill {cycle}: the child ended by itself ({status:?}): {}", err.trim()));
             if cfg.stop_at_first_violation || !heard.ready {
                 break;
             }
@@ -374,8 +371,8 @@ fn alloc_kill_child() {
     if let Err(e) = child_main() {
         eprintln!("alloc kill child: {e}");
         let _ = std::io::stderr().flush();
-        // SAFETY: leave at once, as a crash would (the parent reports the exit as a failure).
-        unsafe { libc::_exit(3) };
+        // Leave at once, as a crash would (the parent reports the exit as a failure).
+        exit_now(3);
     }
 }
 

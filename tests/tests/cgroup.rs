@@ -93,7 +93,9 @@ fn child(path: &Path) {
                     for page in 0..pages_per_chunk {
                         // SAFETY: inside the fresh, zeroed 1 MiB allocation; no reference into
                         // the heap exists (the ObjectHeap is not borrowed here).
-                        unsafe { p.as_ptr().add(page as usize * PAGE_SIZE).cast::<u64>().write(word(c, page)) };
+                        unsafe {
+                            p.as_ptr().wrapping_add(page as usize * PAGE_SIZE).cast::<u64>().write(word(c, page))
+                        };
                     }
                     added.push(p.as_ptr() as u64 - o.heap().base() as u64);
                 }

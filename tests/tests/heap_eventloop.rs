@@ -19,11 +19,10 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 /// `poll(2)` the fd for readability with a timeout in milliseconds.
 fn readable_within(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd on the stack, for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
-    n == 1 && p.revents & libc::POLLIN != 0
+    use nix::poll::{poll, PollFd, PollFlags};
+    let mut p = [PollFd::new(fd, PollFlags::POLLIN)];
+    let n = poll(&mut p, u16::try_from(timeout_ms).expect("a short timeout")).expect("poll");
+    n == 1 && p[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
 }
 
 /// Poll in short steps until the fd is readable; false after PATIENCE.

@@ -152,8 +152,7 @@ fn acknowledged_writes_survive_sigkill_and_nothing_is_half_done() {
             }
             sent.push(c);
         }
-        // SAFETY: kill(2) on our own child's pid; no memory involved.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        famsd::child::signal_child(&mut child, Signal::SIGKILL);
         let status = child.wait().unwrap();
         drop(stdin);
         reader.join().unwrap();
@@ -161,7 +160,7 @@ fn acknowledged_writes_survive_sigkill_and_nothing_is_half_done() {
             acked = acked.max(n);
         }
         use std::os::unix::process::ExitStatusExt;
-        if status.signal() != Some(libc::SIGKILL) {
+        if status.signal() != Some(Signal::SIGKILL as i32) {
             let mut err = String::new();
             let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
             panic!("kill {kill}: kv load ended by itself: {status:?}\n{err}");

@@ -478,7 +478,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Re
         }
         let died_early = |child: &mut ChildProc| -> Option<String> {
             let status = child.ended()?;
-            Some(child_failed(&format!("the child ended before the cut (status {status:#x})")))
+            Some(child_failed(&format!("the child ended before the cut ({status:?})")))
         };
         let seed = rng.next_u64();
         let cut_result = match how {
@@ -854,6 +854,7 @@ fn the_fuse_drive_loses_unflushed_writes_and_keeps_flushed_ones() {
         f.write_all_at(block, 0).unwrap();
         f.sync_data().unwrap();
         block.fill(2);
+        // raw libc: nix 0.31 has no pwritev2 (per-write RWF_DSYNC, the flag under test here).
         let iov = libc::iovec { iov_base: buf.cast(), iov_len: 4096 };
         // SAFETY: one iovec over our 4096-byte, 4096-aligned buffer.
         let n = unsafe { libc::pwritev2(f.as_raw_fd(), &iov, 1, 4096, libc::RWF_DSYNC) };
@@ -905,12 +906,11 @@ fn the_watchdog_aborts_a_wedged_fuse_connection() {
     let mut fuse = FuseDisk::start(exe, &dir.join("m"), &spec, &dir.join("c.sock"), None).unwrap();
     let connection = fuse.connection();
     assert!(connection.is_some(), "the FUSE mount at {} is not in /proc/self/mountinfo", dir.join("m").display());
-    let pid = fuse.pid().expect("running") as libc::pid_t;
+    let pid = fuse.pid().expect("running");
     // Freeze the FUSE program: every request to it now waits.
-    // SAFETY: kill(2) on the FUSE program this test started; no memory is involved.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    signal_pid(pid, Signal::SIGSTOP);
     // Every thread of it, before the read is issued (a request it was just taking could pass).
-    wait_stopped(pid as u32, Duration::from_secs(10));
+    wait_stopped(pid, Duration::from_secs(10));
     let path = fuse.disk_path("d");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -922,8 +922,8 @@ fn the_watchdog_aborts_a_wedged_fuse_connection() {
     let watched = fuse.watch("reading from a frozen FUSE drive", Duration::from_secs(2), || {
         read = rx.recv_timeout(Duration::from_secs(60)).ok();
     });
-    // SAFETY: as above; let the program run again so it can see the aborted connection and end.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Let the program run again so it can see the aborted connection and end.
+    signal_pid(pid, Signal::SIGCONT);
     let err = match watched {
         Err(e) => e,
         Ok(()) => panic!("the watchdog did not fire: the read returned {read:?} within its patience"),
@@ -946,7 +946,7 @@ fn power_cut_child() {
         eprintln!("power-cut child: {e}");
         let _ = std::io::stderr().flush();
         // SAFETY: leave at once, as a crash would.
-        unsafe { libc::_exit(3) };
+        exit_now(3);
     }
 }
 

@@ -37,7 +37,7 @@ use fams::{Heap, HeapOptions};
 use fams_tests::TempDir;
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -332,11 +332,9 @@ fn record_stdout(bytes: &[u8], em: &mut Emitted, report: &mut Report, at: &str) 
 
 /// Wait (a little) until a heap's durability descriptor says a commit may have become durable.
 fn wait_durable(fds: &[BorrowedFd<'_>]) {
-    let mut polls: Vec<libc::pollfd> =
-        fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
-    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structures for the duration of the
-    // call, and each descriptor is borrowed from a live heap.
-    unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 5) };
+    use nix::poll::{poll, PollFd, PollFlags};
+    let mut polls: Vec<PollFd> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+    let _ = poll(&mut polls, 5u16);
 }
 
 /// When to cut A's power: after its `after`-th datagram since it was (re)opened, now or a few I/O

@@ -34,7 +34,7 @@
 
 use fams_tests::fuse_disk::{DiskCounters, FUSE_PATIENCE};
 use fams_tests::power_rig::{cannot_run, env_u64, say, wait_stopped, Rig};
-use fams_tests::{built_binary, Rng};
+use fams_tests::{built_binary, Rng, Signal};
 use famsd::cluster::{BankCluster, ClusterConfig};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -162,9 +162,8 @@ fn point_log_link(link: &Path, dev: &Path) -> Result<(), String> {
     std::os::unix::fs::symlink(dev, link).map_err(|e| format!("{} → {}: {e}", link.display(), dev.display()))
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) on a node process this test started and has not reaped; no memory involved.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
+fn signal(pid: u32, sig: Signal) {
+    fams_tests::signal_pid(pid, sig);
 }
 
 /// Follow the cluster for `d`: read the nodes' output, note nodes that ended by themselves.
@@ -269,7 +268,7 @@ fn run_turns_power_cuts(cfg: &Config) -> Result<Report, String> {
             "frozen" => {
                 let pids: Vec<u32> = ON_MACHINE_A.iter().filter_map(|&i| cluster.pid(i)).collect();
                 for &pid in &pids {
-                    signal(pid, libc::SIGSTOP);
+                    signal(pid, Signal::SIGSTOP);
                 }
                 for &pid in &pids {
                     wait_stopped(pid, Duration::from_secs(5));
