@@ -144,6 +144,7 @@ impl BenchReport {
                     "pages": c.pages, "tracker": c.tracker, "p50_us": c.samples.p50(), "p99_us": c.samples.p99(),
                     "floor_p50_us": c.floor.p50(), "floor_p99_us": c.floor.p99(),
                     "ratio_to_floor_p50": c.samples.p50() / c.floor.p50(),
+                    "overhead_above_floor_p50_us": c.samples.p50() - c.floor.p50(),
                     "log_bytes_per_commit": c.log_bytes_per_commit, "commits": c.samples.0.len(),
                 })
             })
@@ -181,18 +182,19 @@ impl BenchReport {
     pub fn print_table(&self) {
         println!("commit latency (one byte changed per dirty page), µs");
         println!(
-            "{:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>12}",
-            "pages", "tracker", "p50", "p99", "floor p50", "ratio", "log B/commit"
+            "{:>8} {:>9} {:>9} {:>9} {:>11} {:>8} {:>13} {:>12}",
+            "pages", "tracker", "p50", "p99", "floor p50", "ratio", "above floor", "log B/commit"
         );
         for c in &self.commits {
             println!(
-                "{:>8} {:>9} {:>9.0} {:>9.0} {:>11.0} {:>7.2}× {:>12.0}",
+                "{:>8} {:>9} {:>9.0} {:>9.0} {:>11.0} {:>7.2}× {:>10.0} µs {:>12.0}",
                 c.pages,
                 c.tracker,
                 c.samples.p50(),
                 c.samples.p99(),
                 c.floor.p50(),
                 c.samples.p50() / c.floor.p50(),
+                c.samples.p50() - c.floor.p50(),
                 c.log_bytes_per_commit
             );
         }
