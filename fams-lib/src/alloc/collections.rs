@@ -344,9 +344,9 @@ impl FixedState {
                 k1: u64::from_le_bytes(b[8..].try_into().unwrap()),
             };
         }
-        // SAFETY: getrandom writes at most b.len() bytes into b.
-        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        if n != b.len() as isize {
+        if let Ok(id) = crate::heap_file::HeapId::random() {
+            b = id.0;
+        } else {
             let t =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             b = (t ^ (std::process::id() as u128) << 64).to_le_bytes();
