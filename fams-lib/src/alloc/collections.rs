@@ -132,9 +132,12 @@ impl<'h> HeapAlloc<'h> {
     }
 
     fn raw(&self) -> Raw {
-        // SAFETY: the metadata block is at the base (HeapAlloc::new's contract); its heap-size
-        // word was checked against the mapping when the ObjectHeap was opened.
-        let len = unsafe { self.base.as_ptr().add(16).cast::<u64>().read() };
+        // SAFETY: the metadata block is at the base (HeapAlloc::new's contract) and its heap-size
+        // word, 16 bytes in, lies inside the mapping.
+        let word = unsafe { self.base.as_ptr().add(16) };
+        // SAFETY: that word was checked against the mapping when the ObjectHeap was opened; it is
+        // 8-aligned (the base is page-aligned).
+        let len = unsafe { word.cast::<u64>().read() };
         // SAFETY: [base, base+len) is the mapped heap for 'h.
         unsafe { Raw::new(self.base, len) }
     }

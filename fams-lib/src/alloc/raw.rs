@@ -244,10 +244,12 @@ impl Raw {
         if !self.word_inside(off) {
             return 0;
         }
-        // SAFETY: in bounds (checked) and 8-aligned (base is page-aligned); the heap is mapped
-        // for the life of self (Raw::new's contract); a plain read races with nothing because the
-        // heap is single-threaded.
-        unsafe { self.base.as_ptr().add(off as usize).cast::<u64>().read() }
+        // SAFETY: in bounds (checked); the heap is mapped for the life of self (Raw::new's
+        // contract).
+        let p = unsafe { self.base.as_ptr().add(off as usize) };
+        // SAFETY: a word inside the mapping, 8-aligned (base is page-aligned); a plain read races
+        // with nothing because the heap is single-threaded.
+        unsafe { p.cast::<u64>().read() }
     }
 
     /// Write a metadata word, skipping the write (and so the page fault that marks the page
@@ -257,12 +259,13 @@ impl Raw {
         if !self.word_inside(off) {
             return self.damaged(format!("a link in the metadata leads to {off:#x}, outside the heap"));
         }
-        // SAFETY: as in `peek`; the word belongs to allocator metadata, which no reference covers.
-        unsafe {
-            let p = self.base.as_ptr().add(off as usize).cast::<u64>();
-            if p.read() != v {
-                p.write(v);
-            }
+        // SAFETY: in bounds (checked), as in `peek`.
+        let p = unsafe { self.base.as_ptr().add(off as usize) }.cast::<u64>();
+        // SAFETY: as in `peek`.
+        if unsafe { p.read() } != v {
+            // SAFETY: as in `peek`; the word belongs to allocator metadata, which no reference
+            // covers.
+            unsafe { p.write(v) };
         }
         Ok(())
     }

@@ -543,10 +543,12 @@ impl Heap {
                     &self.page_scratch
                 }
             };
-            // SAFETY: page < size / PAGE_SIZE, so the page lies inside our mapping; &mut self
-            // means no reference into the heap is alive, and `image` is outside the mapping
-            // (a shadow box or the scratch buffer), so the two slices do not overlap.
-            let current = unsafe { std::slice::from_raw_parts_mut(self.base.add(page * PAGE_SIZE), PAGE_SIZE) };
+            // SAFETY: page < size / PAGE_SIZE, so the page lies inside our mapping.
+            let at = unsafe { self.base.add(page * PAGE_SIZE) };
+            // SAFETY: the page lies inside our mapping; &mut self means no reference into the
+            // heap is alive, and `image` is outside the mapping (a shadow box or the scratch
+            // buffer), so the two slices do not overlap.
+            let current = unsafe { std::slice::from_raw_parts_mut(at, PAGE_SIZE) };
             if current != image {
                 current.copy_from_slice(image);
                 report.pages_restored += 1;
