@@ -40,10 +40,29 @@ const UFFD_API: u64 = 0xAA;
 /// privilege even with `vm.unprivileged_userfaultfd = 0`. Kernel-mode writes are still tracked
 /// in WP-async mode, because the kernel resolves those faults itself.
 const UFFD_USER_MODE_ONLY: std::ffi::c_int = 1;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+bitflags::bitflags! {
+    /// `UFFD_FEATURE_*`: what `UFFDIO_API` is asked for and reports (bits we do not name are kept
+    /// as the kernel reported them).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct UffdFeatures: u64 {
+        const WP_UNPOPULATED = 1 << 13;
+        const WP_ASYNC = 1 << 15;
+    }
+}
+bitflags::bitflags! {
+    /// `UFFDIO_REGISTER_MODE_*`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct RegisterMode: u64 {
+        const WP = 1 << 1;
+    }
+}
+bitflags::bitflags! {
+    /// `UFFDIO_WRITEPROTECT_MODE_*`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct WriteprotectMode: u64 {
+        const WP = 1 << 0;
+    }
+}
 /// Bit number of `UFFDIO_WRITEPROTECT` in the `ioctls` mask returned by `UFFDIO_REGISTER`.
 const _UFFDIO_WRITEPROTECT: u64 = 0x06;
 
@@ -84,9 +103,21 @@ const UFFDIO_WRITEPROTECT: u32 = 0xc018_aa06;
 
 // ---- UAPI: include/uapi/linux/fs.h ----------------------------------------------------------
 
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
+bitflags::bitflags! {
+    /// `PM_SCAN_*` flags of `struct pm_scan_arg`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct PmScanFlags: u64 {
+        const WP_MATCHING = 1 << 0;
+        const CHECK_WPASYNC = 1 << 1;
+    }
+}
+bitflags::bitflags! {
+    /// `PAGE_IS_*` page categories of `PAGEMAP_SCAN`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct PageCategories: u64 {
+        const WRITTEN = 1 << 1;
+    }
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -210,22 +241,22 @@ fn new_uffd() -> io::Result<OwnedFd> {
 
 /// `UFFDIO_API` handshake asking for `features`; returns the features the kernel reports.
 /// The error is the bare OS error.
-fn enable_api(uffd: &OwnedFd, features: u64) -> io::Result<u64> {
-    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+fn enable_api(uffd: &OwnedFd, features: UffdFeatures) -> io::Result<UffdFeatures> {
+    let mut api = UffdioApi { api: UFFD_API, features: features.bits(), ioctls: 0 };
     // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is, live for the call.
     retry_eintr(|| unsafe { uffdio_api(uffd.as_raw_fd(), &mut api) })?;
-    Ok(api.features)
+    Ok(UffdFeatures::from_bits_retain(api.features))
 }
 
 /// Why UFFDIO_API refused `WP_ASYNC | WP_UNPOPULATED`: ask a second userfaultfd, with no
 /// features requested, what this kernel supports.
 fn explain_api_failure(e: io::Error) -> io::Error {
     let mut missing = Vec::new();
-    if let Ok(supported) = new_uffd().and_then(|fd| enable_api(&fd, 0)) {
-        if supported & UFFD_FEATURE_WP_ASYNC == 0 {
+    if let Ok(supported) = new_uffd().and_then(|fd| enable_api(&fd, UffdFeatures::empty())) {
+        if !supported.contains(UffdFeatures::WP_ASYNC) {
             missing.push("WP_ASYNC (needs Linux >= 6.7)");
         }
-        if supported & UFFD_FEATURE_WP_UNPOPULATED == 0 {
+        if !supported.contains(UffdFeatures::WP_UNPOPULATED) {
             missing.push("WP_UNPOPULATED (needs Linux >= 6.4)");
         }
     }
@@ -257,15 +288,16 @@ impl UffdTracker {
     }
 
     fn arm_with(base: usize, len: usize, regions: usize) -> io::Result<UffdTracker> {
-        let features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+        let features = UffdFeatures::WP_ASYNC | UffdFeatures::WP_UNPOPULATED;
         let uffd = new_uffd()?;
         let got = enable_api(&uffd, features).map_err(explain_api_failure)?;
-        if got & features != features {
+        if !got.contains(features) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(
                     "userfaultfd: UFFDIO_API accepted but did not enable WP_ASYNC|WP_UNPOPULATED \
-                     (features {got:#x}; needs Linux >= 6.7)"
+                     (features {:#x}; needs Linux >= 6.7)",
+                    got.bits()
                 ),
             ));
         }
@@ -273,7 +305,7 @@ impl UffdTracker {
         let pagemap = open_pagemap()?;
 
         let range = UffdioRange { start: base as u64, len: len as u64 };
-        let mut reg = UffdioRegister { range, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        let mut reg = UffdioRegister { range, mode: RegisterMode::WP.bits(), ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`, which `reg` is. The kernel
         // only changes how faults in the range are handled; it touches no memory of ours
         // besides `reg`.
@@ -302,7 +334,7 @@ impl UffdTracker {
                 ),
             ));
         }
-        let mut wp = UffdioWriteprotect { range, mode: UFFDIO_WRITEPROTECT_MODE_WP };
+        let mut wp = UffdioWriteprotect { range, mode: WriteprotectMode::WP.bits() };
         // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`, which `wp` is. Write
         // protection in async mode never blocks a writer: a later write just clears the bit.
         if let Err(e) = retry_eintr(|| unsafe { uffdio_writeprotect(t.uffd.as_raw_fd(), &mut wp) }) {
@@ -331,7 +363,7 @@ impl UffdTracker {
         while start < end {
             let mut arg = PmScanArg {
                 size: size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags: (PmScanFlags::WP_MATCHING | PmScanFlags::CHECK_WPASYNC).bits(),
                 start,
                 end,
                 walk_end: 0,
@@ -339,9 +371,9 @@ impl UffdTracker {
                 vec_len: self.regions.len() as u64,
                 max_pages: 0,
                 category_inverted: 0,
-                category_mask: PAGE_IS_WRITTEN,
+                category_mask: PageCategories::WRITTEN.bits(),
                 category_anyof_mask: 0,
-                return_mask: PAGE_IS_WRITTEN,
+                return_mask: PageCategories::WRITTEN.bits(),
             };
             // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` (`arg`, of the size it states)
             // and writes at most `vec_len` `struct page_region`s to `vec`, which points at our
