@@ -53,7 +53,7 @@ use crate::log_format::{self, RecordHeader, Superblock, RECORD_HEADER_BYTES};
 use crate::mutations::{self, Mutation};
 use crate::recovery::write_superblock;
 use crate::storage::HeapStore;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -136,7 +136,7 @@ pub(crate) struct Shared {
     pub progress: Condvar,
     /// Counts durable-LSN advances and failures, for event loops (see the module docs).
     /// Nonblocking, so neither the writer nor `poll_durable` can ever block on it.
-    durability_fd: OwnedFd,
+    durability_fd: nix::sys::eventfd::EventFd,
     /// Tests: make the next `commit_group` panic, wherever it runs.
     #[cfg(test)]
     pub panic_next_group: std::sync::atomic::AtomicBool,
@@ -149,14 +149,8 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn new(last_lsn: u64) -> std::io::Result<Shared> {
-        // SAFETY: eventfd has no memory arguments; on success it returns a new descriptor that
-        // nothing else owns, which OwnedFd takes over below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, valid descriptor owned by nobody else (see above).
-        let durability_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        let durability_fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         Ok(Shared {
             state: Mutex::new(WriterState {
                 queue: Vec::new(),
@@ -197,11 +191,9 @@ impl Shared {
 
     /// Make the durability descriptor readable.
     fn signal_fd(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live local buffer to our own eventfd. It is nonblocking;
-        // the only possible failure, EAGAIN when the counter would overflow 2^64 - 2, cannot
-        // happen before a reader drains it (and would mean it is readable anyway).
-        unsafe { libc::write(self.durability_fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        // Nonblocking; the only possible failure, EAGAIN when the counter would overflow
+        // 2^64 - 2, cannot happen before a reader drains it (and would mean it is readable anyway).
+        let _ = self.durability_fd.write(1);
     }
 
     /// Record the first failure (later ones keep the first reason: it is the cause) and wake
@@ -226,18 +218,12 @@ impl Shared {
 
     /// Reset the eventfd's counter: read until it would block. Never blocks.
     fn drain_fd(&self) {
-        let mut buf = [0u8; 8];
         loop {
-            // SAFETY: reads at most 8 bytes into a live local buffer of 8 bytes from our own
-            // nonblocking eventfd.
-            let n = unsafe { libc::read(self.durability_fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n == buf.len() as isize {
-                continue; // a non-semaphore eventfd is now 0; the next read says EAGAIN
+            match self.durability_fd.read() {
+                // A non-semaphore eventfd is now 0; the next read says EAGAIN.
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return, // EAGAIN: drained
             }
-            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return; // EAGAIN: drained
         }
     }
 

@@ -54,6 +54,7 @@ impl HeapId {
         let mut b = [0u8; 16];
         let mut filled = 0;
         while filled < b.len() {
+            // raw libc: nix has no wrapper for getrandom(2).
             // SAFETY: the pointer and length describe the unfilled tail of `b`, which we own.
             let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
             if n < 0 {
@@ -193,16 +194,13 @@ impl HeapHeader {
 /// acknowledged. Filesystems without fallocate keep the file sparse (and the guarantee is then
 /// theirs to keep). Not durable by itself: the caller syncs.
 pub(crate) fn reserve(file: &std::fs::File, len_total: u64) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
+    use nix::fcntl::{fallocate, FallocateFlags};
     let len = libc::off_t::try_from(len_total)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "heap file size out of range"))?;
-    // SAFETY: fallocate on a descriptor the caller owns; no memory is involved. Mode 0 extends
-    // the file size when the range ends past it.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
+    // Mode 0 extends the file size when the range ends past it.
+    if let Err(e) = fallocate(file, FallocateFlags::empty(), 0, len) {
+        if e != nix::errno::Errno::EOPNOTSUPP {
+            return Err(e.into());
         }
         if file.metadata()?.len() < len_total {
             file.set_len(len_total)?;

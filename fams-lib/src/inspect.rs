@@ -7,7 +7,6 @@ use crate::log_format::Superblock;
 use crate::recovery::{self, RecoveryReport};
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
@@ -31,15 +30,19 @@ pub struct Inspection {
 
 /// Inspect without locking, replaying or writing anything.
 pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
-    let file = File::open(path).map_err(|e| Error::io(path, "opening the heap file", e))?;
+    let mut file = File::open(path).map_err(|e| Error::io(path, "opening the heap file", e))?;
     let (header, header_version) = heap_file::read_header_and_version(&file, path)?;
-    // SAFETY: flock on a descriptor we own; a shared probe lock released right away.
-    let locked = unsafe {
-        let rc = libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB);
-        if rc == 0 {
-            libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+    // A shared probe lock, released right away (when the guard drops).
+    let locked = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        Ok(guard) => {
+            file = guard.unlock().map_err(|(_, e)| Error::io(path, "releasing the probe lock", e.into()))?;
+            false
         }
-        rc != 0
+        Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+            file = f;
+            true
+        }
+        Err((_, e)) => return Err(Error::io(path, "probing the heap's lock", e.into())),
     };
     let opts = HeapOptions { log_path, ..HeapOptions::default() };
     // A block-device log is opened exclusively by the process that has the heap open: rather than

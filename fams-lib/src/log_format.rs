@@ -92,6 +92,13 @@ pub const ENTRY_LEN_MAX: usize = crate::PAGE_SIZE;
 /// Superblock counters (sequence, epoch, LSNs, checkpoints) above this are refused as damage.
 pub const COUNTER_MAX: u64 = 1 << 62;
 
+bitflags::bitflags! {
+    /// The record header's flags (bytes 6..8). Format version 1 defines none: a record with any
+    /// bit set is refused as not ours.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RecordFlags: u16 {}
+}
+
 pub fn round_up_block(n: u64) -> u64 {
     n.div_ceil(BLOCK as u64) * BLOCK as u64
 }
@@ -269,6 +276,7 @@ impl RecordHeader {
         out[..RECORD_HEADER_BYTES].fill(0);
         out[0..4].copy_from_slice(RECORD_MAGIC);
         out[4..6].copy_from_slice(&(FORMAT_VERSION as u16).to_le_bytes());
+        out[6..8].copy_from_slice(&RecordFlags::empty().bits().to_le_bytes());
         put_u64(out, 8, self.lsn);
         put_u64(out, 16, self.group_first_lsn);
         out[24..40].copy_from_slice(&self.heap_id.0);
@@ -292,7 +300,7 @@ impl RecordHeader {
         if u32_at(b, 64) != crc32c::crc32c(&b[..64]) {
             return Err(HeaderProblem::NotARecord("header checksum mismatch"));
         }
-        if u32_at(b, 68) != 0 || b[6] != 0 || b[7] != 0 {
+        if u32_at(b, 68) != 0 || RecordFlags::from_bits(u16::from_le_bytes([b[6], b[7]])).is_none() {
             return Err(HeaderProblem::Foreign("reserved header bytes are not zero".into()));
         }
         let h = RecordHeader {
@@ -423,6 +431,23 @@ mod tests {
         };
         seal_record(&mut out, &h);
         out
+    }
+
+    #[test]
+    fn record_flags_are_zero_and_unknown_ones_are_refused() {
+        let rec = build(5, &[(0, vec![1; 8])]);
+        assert_eq!(&rec[6..8], &[0, 0], "version 1 records carry no flags");
+        assert!(RecordHeader::decode(&rec, id(), 3).is_ok());
+        for (at, bit) in [(6, 0x01u8), (7, 0x80)] {
+            let mut b = rec.clone();
+            b[at] |= bit;
+            let crc = crc32c::crc32c(&b[..64]);
+            b[64..68].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(
+                RecordHeader::decode(&b, id(), 3),
+                Err(HeaderProblem::Foreign("reserved header bytes are not zero".into()))
+            );
+        }
     }
 
     #[test]

@@ -37,49 +37,37 @@ pub trait HeapStore: Send + Sync {
 /// bytes never overlap in time (see `Heap::capture` and the commit path's in-flight rule).
 pub struct RealHeapFile {
     file: Arc<File>,
-    /// Read-only shared mapping of the file up to the heap's maximum size, or null if mapping
+    /// Read-only shared mapping of the file up to the heap's maximum size, or None if mapping
     /// failed (then pread is used). Pages past the end of the file are never read (see `len`).
-    map: *mut u8,
-    map_len: usize,
+    /// A raw mapping: no Rust reference to its bytes is ever made, reads copy out of it.
+    map: Option<memmap2::MmapRaw>,
     /// The file's length: reads stop here (past it, a shared mapping raises SIGBUS). Grows with
     /// `reserve`.
     len: std::sync::atomic::AtomicUsize,
 }
 
-// SAFETY: the mapping is owned by this value and unmapped on drop; the file is Send + Sync;
-// concurrent use is limited to disjoint byte ranges as documented on the type.
-unsafe impl Send for RealHeapFile {}
-// SAFETY: as above.
-unsafe impl Sync for RealHeapFile {}
-
 impl RealHeapFile {
     /// The heap file, whose length may grow (by `reserve`) up to `len_max` bytes.
     pub fn new(file: Arc<File>, len_max: u64) -> RealHeapFile {
-        use std::os::unix::io::AsRawFd;
         let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
         let map_len = len.max(usize::try_from(len_max).unwrap_or(0));
+        // A shared mapping of a file we hold open, unmapped on drop; the file is locked against
+        // other fams processes and never truncated by us. Only the part below the file's
+        // length is ever read (see `range`).
         let map = if map_len == 0 {
-            std::ptr::null_mut()
+            None
         } else {
-            // SAFETY: a fresh shared mapping of a file we hold open, unmapped in Drop; the file is
-            // locked against other fams processes and never truncated by us. Only the part
-            // below the file's length is ever read (see `range`).
-            let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
-            };
-            if p == libc::MAP_FAILED {
-                std::ptr::null_mut()
-            } else {
-                // SAFETY: advice on our own mapping; dirty pages are scattered, read-ahead wastes.
-                unsafe { libc::madvise(p, map_len, libc::MADV_RANDOM) };
-                p.cast::<u8>()
-            }
+            memmap2::MmapOptions::new().len(map_len).map_raw_read_only(&*file).ok()
         };
-        RealHeapFile { file, map, map_len, len: std::sync::atomic::AtomicUsize::new(len) }
+        if let Some(m) = &map {
+            // Dirty pages are scattered, read-ahead wastes.
+            let _ = m.advise(memmap2::Advice::Random);
+        }
+        RealHeapFile { file, map, len: std::sync::atomic::AtomicUsize::new(len) }
     }
 
-    fn range(&self, offset: u64, n: usize) -> std::io::Result<usize> {
-        let len = self.len.load(std::sync::atomic::Ordering::Acquire).min(self.map_len);
+    fn range(&self, map: &memmap2::MmapRaw, offset: u64, n: usize) -> std::io::Result<usize> {
+        let len = self.len.load(std::sync::atomic::Ordering::Acquire).min(map.len());
         match offset.checked_add(n as u64) {
             Some(end) if end <= len as u64 => Ok(offset as usize),
             _ => Err(std::io::Error::new(
@@ -90,24 +78,18 @@ impl RealHeapFile {
     }
 }
 
-impl Drop for RealHeapFile {
-    fn drop(&mut self) {
-        if !self.map.is_null() {
-            // SAFETY: unmapping the mapping made in `new`; no reference into it outlives self.
-            unsafe { libc::munmap(self.map.cast(), self.map_len) };
-        }
-    }
-}
-
 impl HeapStore for RealHeapFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if self.map.is_null() {
+        let Some(map) = &self.map else {
             return self.file.read_exact_at(buf, offset);
-        }
-        let at = self.range(offset, buf.len())?;
-        // SAFETY: [at, at + len) lies inside the mapping (checked); no thread writes these bytes
-        // concurrently (see the type's documentation); `buf` does not overlap the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(self.map.add(at), buf.as_mut_ptr(), buf.len()) };
+        };
+        let at = self.range(map, offset, buf.len())?;
+        // SAFETY: `at` is inside the mapping (checked by `range`).
+        let src = unsafe { map.as_ptr().add(at) };
+        // SAFETY: [at, at + len) lies inside the mapping and below the file's end (checked); no
+        // thread writes these bytes concurrently (see the type's documentation); `buf` does not
+        // overlap the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
     fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {

@@ -68,13 +68,14 @@ impl NodeArgs {
 /// Set by SIGINT/SIGTERM: the node finishes what is durable and stops.
 pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(_: std::ffi::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub fn stop_on_signals() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+        let _ = unsafe { signal(sig, SigHandler::Handler(on_signal)) };
     }
 }

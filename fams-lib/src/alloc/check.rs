@@ -9,12 +9,12 @@ use std::collections::{HashMap, HashSet};
 
 impl Raw {
     /// Every block from the first to the top, walking the tags backwards from the top.
-    fn blocks(&self, problems: &mut Vec<String>) -> Vec<(u64, u64, u64)> {
+    fn blocks(&self, problems: &mut Vec<String>) -> Vec<(u64, u64, TagFlags)> {
         let mut out = Vec::new();
         let (rs, mut end) = (self.region_start(), self.top_unchecked());
         while end > rs {
             let w0 = self.peek(end - 16);
-            let (size, flags) = (w0 & !FLAGS, w0 & FLAGS);
+            let (size, flags) = (w0 & !FLAGS, TagFlags::of(w0));
             let check = self.peek(end - 8);
             if size < 16 || size % 16 != 0 || size > end - rs || check != (end - size) ^ TAG_CHECK {
                 problems.push(format!(
@@ -44,15 +44,15 @@ impl Raw {
         let blocks = self.blocks(&mut p);
         r.blocks = blocks.len() as u64;
         let sentinel = self.peek(SENTINEL_TAG);
-        if sentinel & !F_NEXT_FREE != F_ALLOCATED {
+        if sentinel & !TagFlags::NEXT_FREE.bits() != TagFlags::ALLOCATED.bits() {
             p.push(format!("the sentinel tag is damaged ({sentinel:#x})"));
         }
         let mut listed: HashMap<u64, u64> = HashMap::new();
         let mut slabs: HashMap<u64, (usize, u64)> = HashMap::new();
         let mut prev_free = false;
-        let mut prev_next_free = sentinel & F_NEXT_FREE != 0;
+        let mut prev_next_free = TagFlags::of(sentinel).contains(TagFlags::NEXT_FREE);
         for (i, &(start, size, flags)) in blocks.iter().enumerate() {
-            let free = flags & F_ALLOCATED == 0;
+            let free = !flags.contains(TagFlags::ALLOCATED);
             if prev_next_free != free {
                 p.push(format!(
                     "block {start:#x}: the block before it says next-free={prev_next_free}, but it is {}",
@@ -63,8 +63,8 @@ impl Raw {
                 if prev_free {
                     p.push(format!("free blocks not coalesced at {start:#x}"));
                 }
-                if flags != 0 {
-                    p.push(format!("free block {start:#x} has flags {flags:#x}"));
+                if !flags.is_empty() {
+                    p.push(format!("free block {start:#x} has flags {:#x}", flags.bits()));
                 }
                 if self.peek(start) != size {
                     p.push(format!(
@@ -80,7 +80,7 @@ impl Raw {
                 if size >= LISTED_FREE_BYTES_MIN {
                     listed.insert(start, size);
                 }
-            } else if flags & F_SLAB != 0 {
+            } else if flags.contains(TagFlags::SLAB) {
                 if size != PAGE_BYTES || start % PAGE_BYTES != 0 {
                     p.push(format!("slab block {start:#x} is {size} bytes, not one aligned page"));
                     continue;
@@ -127,7 +127,7 @@ impl Raw {
                 }
             }
             prev_free = free;
-            prev_next_free = flags & F_NEXT_FREE != 0;
+            prev_next_free = flags.contains(TagFlags::NEXT_FREE);
         }
         if prev_next_free {
             p.push("the last block before the top says its next block is free".into());
@@ -214,9 +214,10 @@ impl Raw {
                             & 1 << ((e.offset - page) / c_bytes % 64)
                             != 0
                 }
-                Placement::Large { block_bytes } => blocks
-                    .binary_search_by_key(&e.offset, |b| b.0)
-                    .is_ok_and(|i| blocks[i].1 == block_bytes && blocks[i].2 & (F_ALLOCATED | F_SLAB) == F_ALLOCATED),
+                Placement::Large { block_bytes } => blocks.binary_search_by_key(&e.offset, |b| b.0).is_ok_and(|i| {
+                    blocks[i].1 == block_bytes
+                        && blocks[i].2 & (TagFlags::ALLOCATED | TagFlags::SLAB) == TagFlags::ALLOCATED
+                }),
             };
             if !live {
                 p.push(format!(

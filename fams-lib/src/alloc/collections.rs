@@ -132,9 +132,12 @@ impl<'h> HeapAlloc<'h> {
     }
 
     fn raw(&self) -> Raw {
-        // SAFETY: the metadata block is at the base (HeapAlloc::new's contract); its heap-size
-        // word was checked against the mapping when the ObjectHeap was opened.
-        let len = unsafe { self.base.as_ptr().add(16).cast::<u64>().read() };
+        // SAFETY: the metadata block is at the base (HeapAlloc::new's contract) and its heap-size
+        // word, 16 bytes in, lies inside the mapping.
+        let word = unsafe { self.base.as_ptr().add(16) };
+        // SAFETY: that word was checked against the mapping when the ObjectHeap was opened; it is
+        // 8-aligned (the base is page-aligned).
+        let len = unsafe { word.cast::<u64>().read() };
         // SAFETY: [base, base+len) is the mapped heap for 'h.
         unsafe { Raw::new(self.base, len) }
     }
@@ -344,9 +347,9 @@ impl FixedState {
                 k1: u64::from_le_bytes(b[8..].try_into().unwrap()),
             };
         }
-        // SAFETY: getrandom writes at most b.len() bytes into b.
-        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        if n != b.len() as isize {
+        if let Ok(id) = crate::heap_file::HeapId::random() {
+            b = id.0;
+        } else {
             let t =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             b = (t ^ (std::process::id() as u128) << 64).to_le_bytes();

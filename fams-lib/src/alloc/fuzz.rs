@@ -85,9 +85,11 @@ pub fn run(data: &[u8]) -> DamageOutcome {
             continue;
         }
         let value = u64::from_le_bytes(d[2..10].try_into().expect("8 bytes"));
-        // SAFETY: `word * 8` is inside the buffer (below the top, itself inside); metadata and
-        // objects alike are plain bytes that no reference covers.
-        unsafe { image.ptr.as_ptr().add(word as usize * 8).cast::<u64>().write(value) };
+        // SAFETY: `word * 8` is inside the buffer (below the top, itself inside).
+        let at = unsafe { image.ptr.as_ptr().add(word as usize * 8) };
+        // SAFETY: an 8-aligned word inside the buffer; metadata and objects alike are plain
+        // bytes that no reference covers.
+        unsafe { at.cast::<u64>().write(value) };
         out.damages += 1;
     }
     let mut ops = rest.iter().take(OPS_MAX).peekable();

@@ -672,9 +672,11 @@ impl ObjectHeap {
         // SAFETY: a live T (as in root_in); after the read the heap copy is freed and the entry
         // cleared, so the value is owned exactly once.
         let value = unsafe { ptr.read() };
-        if size_of::<T>() != 0 {
+        if let (true, Some(p)) = (size_of::<T>() != 0, NonNull::new(ptr.cast::<u8>())) {
+            // SAFETY: the base of this open heap, mapped for as long as `self` borrows it.
+            let alloc = unsafe { HeapAlloc::new(self.raw.base()) };
             // SAFETY: allocated by root_in with T's layout.
-            unsafe { HeapAlloc::new(self.raw.base()).dealloc(NonNull::new_unchecked(ptr.cast()), Layout::new::<T>()) };
+            unsafe { alloc.dealloc(p, Layout::new::<T>()) };
         }
         self.raw.write_root(slot, None);
         Ok(Some(value))

@@ -110,10 +110,30 @@ pub(super) const BIN_COUNT: usize = 48;
 /// Free blocks smaller than this are on no list (a listed block needs size, next, prev + tag).
 pub(super) const LISTED_FREE_BYTES_MIN: u64 = 48;
 
-pub(super) const F_ALLOCATED: u64 = 1;
-pub(super) const F_NEXT_FREE: u64 = 2;
-pub(super) const F_SLAB: u64 = 4;
+bitflags::bitflags! {
+    /// The flags of a boundary tag, in the low bits of its first word (`w0 = size | flags`), as
+    /// stored in the heap. Bit 3 is unused (sizes are multiples of 16): it is kept when read
+    /// ([`TagFlags::of`]) so `check` can report it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct TagFlags: u64 {
+        /// The block is allocated (else free).
+        const ALLOCATED = 1;
+        /// The block right after this one is free.
+        const NEXT_FREE = 2;
+        /// An allocated block holding a slab page.
+        const SLAB = 4;
+    }
+}
+
+/// The bits of `w0` that hold flags; the rest is the size.
 pub(super) const FLAGS: u64 = 15;
+
+impl TagFlags {
+    /// The flag bits of a tag's first word, unknown ones included.
+    pub(super) fn of(w0: u64) -> TagFlags {
+        TagFlags::from_bits_retain(w0 & FLAGS)
+    }
+}
 pub(super) const TAG_CHECK: u64 = 0x7a6b_5c4d_3e2f_1a0b;
 pub(super) const SENTINEL_CHECK: u64 = 0x5e47_1e7a_6f46_414d;
 
@@ -244,10 +264,12 @@ impl Raw {
         if !self.word_inside(off) {
             return 0;
         }
-        // SAFETY: in bounds (checked) and 8-aligned (base is page-aligned); the heap is mapped
-        // for the life of self (Raw::new's contract); a plain read races with nothing because the
-        // heap is single-threaded.
-        unsafe { self.base.as_ptr().add(off as usize).cast::<u64>().read() }
+        // SAFETY: in bounds (checked); the heap is mapped for the life of self (Raw::new's
+        // contract).
+        let p = unsafe { self.base.as_ptr().add(off as usize) };
+        // SAFETY: a word inside the mapping, 8-aligned (base is page-aligned); a plain read races
+        // with nothing because the heap is single-threaded.
+        unsafe { p.cast::<u64>().read() }
     }
 
     /// Write a metadata word, skipping the write (and so the page fault that marks the page
@@ -257,12 +279,13 @@ impl Raw {
         if !self.word_inside(off) {
             return self.damaged(format!("a link in the metadata leads to {off:#x}, outside the heap"));
         }
-        // SAFETY: as in `peek`; the word belongs to allocator metadata, which no reference covers.
-        unsafe {
-            let p = self.base.as_ptr().add(off as usize).cast::<u64>();
-            if p.read() != v {
-                p.write(v);
-            }
+        // SAFETY: in bounds (checked), as in `peek`.
+        let p = unsafe { self.base.as_ptr().add(off as usize) }.cast::<u64>();
+        // SAFETY: as in `peek`.
+        if unsafe { p.read() } != v {
+            // SAFETY: as in `peek`; the word belongs to allocator metadata, which no reference
+            // covers.
+            unsafe { p.write(v) };
         }
         Ok(())
     }
@@ -363,7 +386,7 @@ impl Raw {
         self.wr_meta(M_REGION_START, OBJECT_META_BYTES);
         self.wr_meta(M_REGION_END, self.len);
         self.wr_meta(M_TOP, OBJECT_META_BYTES);
-        self.wr_meta(SENTINEL_TAG, F_ALLOCATED);
+        self.wr_meta(SENTINEL_TAG, TagFlags::ALLOCATED.bits());
         self.wr_meta(SENTINEL_TAG + 8, SENTINEL_CHECK);
         // Last, so a crash (or an error) before the first commit leaves a fresh-looking heap.
         self.wr_meta(M_MAGIC, u64::from_le_bytes(MAGIC));
@@ -484,13 +507,13 @@ impl Raw {
     // and stops with `Damaged` at the first contradiction instead of trusting it.
 
     /// The tag of the block ending at `end`: (size, flags).
-    fn tag(&self, end: u64) -> Result<(u64, u64), Damaged> {
+    fn tag(&self, end: u64) -> Result<(u64, TagFlags), Damaged> {
         let w0 = self.rd(end.wrapping_sub(16))?;
-        Ok((w0 & !FLAGS, w0 & FLAGS))
+        Ok((w0 & !FLAGS, TagFlags::of(w0)))
     }
 
-    fn write_tag(&self, start: u64, end: u64, flags: u64) -> Result<(), Damaged> {
-        self.wr(end - 16, (end - start) | flags)?;
+    fn write_tag(&self, start: u64, end: u64, flags: TagFlags) -> Result<(), Damaged> {
+        self.wr(end - 16, (end - start) | flags.bits())?;
         self.wr(end - 8, start ^ TAG_CHECK)
     }
 
@@ -498,13 +521,14 @@ impl Raw {
     /// a free block's next is never free, so there is nothing to record for it).
     fn mark_before(&self, start: u64, next_free: bool) -> Result<(), Damaged> {
         let w0 = self.rd(start - 16)?;
-        if w0 & F_ALLOCATED == 0 {
+        if !TagFlags::of(w0).contains(TagFlags::ALLOCATED) {
             if next_free {
                 return self.damaged(format!("two adjacent free blocks at {start:#x}"));
             }
             return Ok(());
         }
-        self.wr(start - 16, if next_free { w0 | F_NEXT_FREE } else { w0 & !F_NEXT_FREE })
+        let next = TagFlags::NEXT_FREE.bits();
+        self.wr(start - 16, if next_free { w0 | next } else { w0 & !next })
     }
 
     /// The free block starting at `start`: its size, after checking its header against its tag.
@@ -513,7 +537,7 @@ impl Raw {
         let size = w0 & !FLAGS;
         let top = self.top()?;
         let inside = start >= self.region_start() && start.checked_add(size).is_some_and(|end| end <= top);
-        if w0 & F_ALLOCATED != 0 || size < 16 || size % 16 != 0 || !inside {
+        if TagFlags::of(w0).contains(TagFlags::ALLOCATED) || size < 16 || size % 16 != 0 || !inside {
             return self.damaged(format!("expected a free block at {start:#x}, found header {w0:#x}"));
         }
         if self.rd(start + size - 16)? != w0 || self.rd(start + size - 8)? != start ^ TAG_CHECK {
@@ -525,7 +549,7 @@ impl Raw {
     fn make_free(&self, start: u64, end: u64) -> Result<(), Damaged> {
         let size = end - start;
         debug_assert!(size >= 16 && size % 16 == 0);
-        self.write_tag(start, end, 0)?;
+        self.write_tag(start, end, TagFlags::empty())?;
         self.wr(start, size)?; // the header repeats w0 (for a 16-byte block it is w0)
         if size >= LISTED_FREE_BYTES_MIN {
             self.bin_insert(start, size)?;
@@ -533,8 +557,8 @@ impl Raw {
         self.mark_before(start, true)
     }
 
-    fn make_allocated(&self, start: u64, end: u64, flags: u64) -> Result<(), Damaged> {
-        self.write_tag(start, end, F_ALLOCATED | flags)?;
+    fn make_allocated(&self, start: u64, end: u64, flags: TagFlags) -> Result<(), Damaged> {
+        self.write_tag(start, end, TagFlags::ALLOCATED | flags)?;
         self.mark_before(start, false)
     }
 
@@ -633,7 +657,7 @@ impl Raw {
 
     /// Allocate a block of exactly `bytes` (a multiple of 16, tag included) whose first byte is
     /// aligned to `align` (absolute address).
-    pub(crate) fn alloc_block(&self, bytes: u64, align: u64, flags: u64) -> Result<u64, ObjectError> {
+    pub(crate) fn alloc_block(&self, bytes: u64, align: u64, flags: TagFlags) -> Result<u64, ObjectError> {
         assert!(bytes >= 16 && bytes % 16 == 0 && align.is_power_of_two());
         let align = align.max(16);
         if let Some((fs, size, p)) = self.find_free(bytes, align, FIT_SEARCH_STEPS_MAX)? {
@@ -662,7 +686,7 @@ impl Raw {
         })
     }
 
-    fn take_from_free(&self, fs: u64, size: u64, p: u64, bytes: u64, flags: u64) -> Result<(), Damaged> {
+    fn take_from_free(&self, fs: u64, size: u64, p: u64, bytes: u64, flags: TagFlags) -> Result<(), Damaged> {
         let fe = fs + size;
         self.unlist(fs, size)?;
         if p > fs {
@@ -678,7 +702,7 @@ impl Raw {
     /// Check that an allocated block of `bytes` with `flags` starts at `p`, and return its tag's
     /// flags; fails for a deallocation with the wrong layout, a pointer the allocator never
     /// returned, a double free, or a damaged tag.
-    fn expect_block(&self, p: u64, bytes: u64, flags: u64) -> Result<u64, Damaged> {
+    fn expect_block(&self, p: u64, bytes: u64, flags: TagFlags) -> Result<TagFlags, Damaged> {
         let top = self.top()?;
         if p < self.region_start() || p % 16 != 0 || p.checked_add(bytes).is_none_or(|e| e > top) {
             return self.damaged(format!(
@@ -687,7 +711,9 @@ impl Raw {
         }
         let end = p + bytes;
         let (size, f) = self.tag(end)?;
-        if size != bytes || f & (F_ALLOCATED | F_SLAB) != F_ALLOCATED | flags || self.rd(end - 8)? != p ^ TAG_CHECK {
+        let kind = f & (TagFlags::ALLOCATED | TagFlags::SLAB);
+        if size != bytes || kind != TagFlags::ALLOCATED | flags || self.rd(end - 8)? != p ^ TAG_CHECK {
+            let f = f.bits();
             return self.damaged(format!(
                 "no allocated block of {bytes} bytes at {p:#x} (tag says {size} bytes, flags {f:#x}): wrong pointer or layout, a double free, or a damaged tag"
             ));
@@ -695,11 +721,11 @@ impl Raw {
         Ok(f)
     }
 
-    pub(crate) fn free_block(&self, p: u64, bytes: u64, flags: u64) -> Result<(), Damaged> {
+    pub(crate) fn free_block(&self, p: u64, bytes: u64, flags: TagFlags) -> Result<(), Damaged> {
         let f = self.expect_block(p, bytes, flags)?;
         let (mut start, mut end) = (p, p + bytes);
         let prev_w0 = self.rd(start - 16)?;
-        if prev_w0 & F_ALLOCATED == 0 {
+        if !TagFlags::of(prev_w0).contains(TagFlags::ALLOCATED) {
             let psize = prev_w0 & !FLAGS;
             let ps = start.wrapping_sub(psize);
             if psize > start || self.free_block_at(ps)? != psize {
@@ -712,7 +738,7 @@ impl Raw {
             self.wr_meta(M_TOP, start);
             return self.mark_before(start, false);
         }
-        if f & F_NEXT_FREE != 0 {
+        if f.contains(TagFlags::NEXT_FREE) {
             let nsize = self.free_block_at(end)?;
             self.unlist(end, nsize)?;
             end += nsize;
@@ -722,27 +748,27 @@ impl Raw {
 
     /// Resize a large block in place if its neighbour allows; returns whether it did.
     fn resize_block_in_place(&self, p: u64, old: u64, new: u64) -> Result<bool, Damaged> {
-        let f = self.expect_block(p, old, 0)?;
+        let f = self.expect_block(p, old, TagFlags::empty())?;
         let end = p + old;
         if new == old {
             return Ok(true);
         }
         if new < old {
             // Shrink: the tail becomes an allocated block that is freed at once (merging it).
-            self.write_tag(p, p + new, F_ALLOCATED)?;
-            self.write_tag(p + new, end, F_ALLOCATED | (f & F_NEXT_FREE))?;
-            self.free_block(p + new, old - new, 0)?;
+            self.write_tag(p, p + new, TagFlags::ALLOCATED)?;
+            self.write_tag(p + new, end, TagFlags::ALLOCATED | (f & TagFlags::NEXT_FREE))?;
+            self.free_block(p + new, old - new, TagFlags::empty())?;
             return Ok(true);
         }
         if end == self.top()? {
             if p + new > self.region_end() {
                 return Ok(false);
             }
-            self.write_tag(p, p + new, F_ALLOCATED)?;
+            self.write_tag(p, p + new, TagFlags::ALLOCATED)?;
             self.wr_meta(M_TOP, p + new);
             return Ok(true);
         }
-        if f & F_NEXT_FREE == 0 {
+        if !f.contains(TagFlags::NEXT_FREE) {
             return Ok(false);
         }
         let nsize = self.free_block_at(end)?;
@@ -750,7 +776,7 @@ impl Raw {
             return Ok(false);
         }
         self.unlist(end, nsize)?;
-        self.write_tag(p, p + new, F_ALLOCATED)?;
+        self.write_tag(p, p + new, TagFlags::ALLOCATED)?;
         if p + new < end + nsize {
             self.make_free(p + new, end + nsize)?;
         }
@@ -822,7 +848,7 @@ impl Raw {
     }
 
     fn new_slab(&self, class: usize) -> Result<u64, ObjectError> {
-        let page = self.alloc_block(PAGE_BYTES, PAGE_BYTES, F_SLAB)?;
+        let page = self.alloc_block(PAGE_BYTES, PAGE_BYTES, TagFlags::SLAB)?;
         for w in 0..4 {
             self.wr(page + SLAB_HDR + SH_BITMAP + 8 * w, 0)?;
         }
@@ -900,7 +926,7 @@ impl Raw {
             if !sole {
                 self.partial_remove(class, page)?;
                 self.wr(page + SLAB_HDR + SH_WORD, 0)?;
-                self.free_block(page, PAGE_BYTES, F_SLAB)?;
+                self.free_block(page, PAGE_BYTES, TagFlags::SLAB)?;
             }
         }
         Ok(())
@@ -919,7 +945,7 @@ impl Raw {
             Placement::Empty => unreachable!("zero-size allocations never reach the heap"),
             Placement::Small { class } => self.alloc_small(class),
             Placement::Large { block_bytes } if block_bytes > self.len => Err(exhausted()),
-            Placement::Large { block_bytes } => self.alloc_block(block_bytes, layout.align() as u64, 0),
+            Placement::Large { block_bytes } => self.alloc_block(block_bytes, layout.align() as u64, TagFlags::empty()),
         }
         .map_err(|e| match e {
             ObjectError::Exhausted { .. } => exhausted(),
@@ -936,7 +962,7 @@ impl Raw {
         match placement(layout) {
             Placement::Empty => Ok(()),
             Placement::Small { class } => self.free_small(off, class),
-            Placement::Large { block_bytes } => self.free_block(off, block_bytes, 0),
+            Placement::Large { block_bytes } => self.free_block(off, block_bytes, TagFlags::empty()),
         }
     }
 

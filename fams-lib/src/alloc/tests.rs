@@ -555,9 +555,10 @@ fn damaged_metadata_is_an_error_never_a_panic() {
                         errors += 1;
                     }
                 } else if let Some(&(off, l)) = live.get(rng.below(live.len() as u64) as usize) {
+                    let p = NonNull::new((base + off) as *mut u8).expect("inside the heap");
                     // SAFETY: a committed live object of this layout (freed at most twice: a
                     // double free is one of the things the allocator must report, not act on).
-                    unsafe { o.dealloc(NonNull::new_unchecked((base + off) as *mut u8), l) };
+                    unsafe { o.dealloc(p, l) };
                 }
             }
             let problems = o.check().is_err();

@@ -28,8 +28,10 @@ impl Heap {
             debug_assert!(page * PAGE_SIZE < self.size);
             let offset = (page * PAGE_SIZE) as u64;
             // SAFETY: page < size / PAGE_SIZE (tracker pages are inside the range it tracks),
-            // so the slice lies inside the mapping; no &mut to it exists during this call.
-            let current = unsafe { std::slice::from_raw_parts(self.base.add(page * PAGE_SIZE), PAGE_SIZE) };
+            // so the page lies inside the mapping.
+            let at = unsafe { self.base.add(page * PAGE_SIZE) };
+            // SAFETY: the page lies inside the mapping; no &mut to it exists during this call.
+            let current = unsafe { std::slice::from_raw_parts(at, PAGE_SIZE) };
             let in_flight = self.page_last_lsn.get(&page).is_some_and(|&l| l > applied_lsn);
             if in_flight {
                 match self.shadow_pages.get(&page) {
@@ -75,7 +77,9 @@ impl Heap {
             last_lsn.insert(page, lsn);
             if keep_shadows {
                 // SAFETY: as above, the page lies inside the mapping.
-                let current = unsafe { std::slice::from_raw_parts(self.base.add(page * PAGE_SIZE), PAGE_SIZE) };
+                let at = unsafe { self.base.add(page * PAGE_SIZE) };
+                // SAFETY: as above.
+                let current = unsafe { std::slice::from_raw_parts(at, PAGE_SIZE) };
                 self.shadow_pages.entry(page).or_insert_with(|| Box::new([0u8; PAGE_SIZE])).copy_from_slice(current);
             } else {
                 // A stale shadow would be a wrong diff base.

@@ -52,23 +52,20 @@ pub(super) fn sync_parent_dir(path: &Path) -> Result<()> {
 
 /// Is [base, base+size) free in this process? Probe with MAP_FIXED_NOREPLACE.
 pub(super) fn range_is_free(base: u64, size: u64) -> bool {
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; a successful probe is
-    // unmapped at once and was never shared.
-    unsafe {
-        let p = libc::mmap(
-            base as *mut libc::c_void,
-            size as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return false;
-        }
-        libc::munmap(p, size as usize);
-        p as u64 == base
-    }
+    use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    let (Some(addr), Some(len)) =
+        (std::num::NonZeroUsize::new(base as usize), std::num::NonZeroUsize::new(size as usize))
+    else {
+        return false;
+    };
+    let flags = MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_FIXED_NOREPLACE;
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory in use changes.
+    let Ok(p) = (unsafe { mmap_anonymous(Some(addr), len, ProtFlags::PROT_NONE, flags) }) else {
+        return false;
+    };
+    // SAFETY: `p` is the probe mapping made just above, never shared; nothing refers into it.
+    let _ = unsafe { munmap(p, len.get()) };
+    p.as_ptr() as u64 == base
 }
 
 pub(super) fn pick_base(size: u64) -> Result<u64> {
@@ -278,15 +275,12 @@ pub(super) fn clear_interrupted_format(heap_staging: &Path, log_staging: &Path, 
 
 /// rename(2) that fails instead of replacing an existing file (renameat2 RENAME_NOREPLACE).
 pub(super) fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| Error::InvalidArgument(format!("{} contains a NUL byte", p.display())))
-    };
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: two NUL-terminated paths that outlive the call; renameat2 only reads them.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
-    if rc != 0 {
-        return Err(Error::io(to, "renaming the finished file into place", std::io::Error::last_os_error()));
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    for p in [from, to] {
+        if p.as_os_str().as_bytes().contains(&0) {
+            return Err(Error::InvalidArgument(format!("{} contains a NUL byte", p.display())));
+        }
     }
-    Ok(())
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
+        .map_err(|e| Error::io(to, "renaming the finished file into place", e.into()))
 }

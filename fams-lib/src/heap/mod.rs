@@ -22,11 +22,13 @@ use crate::storage::{HeapStore, RealStorage, Storage};
 use crate::tracker::{self, DirtyTracker, TrackerKind};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::num::NonZeroUsize;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -548,10 +550,12 @@ impl Heap {
                     &self.page_scratch
                 }
             };
-            // SAFETY: page < size / PAGE_SIZE, so the page lies inside our mapping; &mut self
-            // means no reference into the heap is alive, and `image` is outside the mapping
-            // (a shadow box or the scratch buffer), so the two slices do not overlap.
-            let current = unsafe { std::slice::from_raw_parts_mut(self.base.add(page * PAGE_SIZE), PAGE_SIZE) };
+            // SAFETY: page < size / PAGE_SIZE, so the page lies inside our mapping.
+            let at = unsafe { self.base.add(page * PAGE_SIZE) };
+            // SAFETY: the page lies inside our mapping; &mut self means no reference into the
+            // heap is alive, and `image` is outside the mapping (a shadow box or the scratch
+            // buffer), so the two slices do not overlap.
+            let current = unsafe { std::slice::from_raw_parts_mut(at, PAGE_SIZE) };
             if current != image {
                 current.copy_from_slice(image);
                 report.pages_restored += 1;
@@ -594,14 +598,16 @@ impl Heap {
         let mut start = 0usize;
         for &k in keep.iter().chain(std::iter::once(&pages)) {
             if k > start {
+                let at = NonNull::new(self.base.wrapping_add(start * PAGE_SIZE).cast())
+                    .ok_or_else(|| Error::InvalidArgument("the heap has no mapping".into()))?;
                 // SAFETY: [start, k) pages lie inside our mapping; they hold exactly their
                 // committed bytes (not dirty, not in flight), which the heap file's page cache
                 // also holds, so discarding the private copies loses nothing.
                 let rc = unsafe {
-                    libc::madvise(self.base.add(start * PAGE_SIZE).cast(), (k - start) * PAGE_SIZE, libc::MADV_DONTNEED)
+                    nix::sys::mman::madvise(at, (k - start) * PAGE_SIZE, nix::sys::mman::MmapAdvise::MADV_DONTNEED)
                 };
-                if rc != 0 {
-                    return Err(Error::io(&self.path, "madvise(MADV_DONTNEED)", std::io::Error::last_os_error()));
+                if let Err(e) = rc {
+                    return Err(Error::io(&self.path, "madvise(MADV_DONTNEED)", e.into()));
                 }
             }
             start = k + 1;
@@ -714,10 +720,12 @@ impl Drop for Heap {
         }
         // SAFETY: the tracker is dropped exactly once, here, and never used afterwards.
         unsafe { std::mem::ManuallyDrop::drop(&mut self.tracker) };
-        // SAFETY: the reservation (with the file mapped over its front) was created by open()
-        // with exactly this range and is no longer reachable: the tracker is dropped above, and
-        // no borrow of self outlives drop.
-        unsafe { libc::munmap(self.base.cast(), self.max_size) };
+        if let Some(p) = NonNull::new(self.base.cast()) {
+            // SAFETY: the reservation (with the file mapped over its front) was created by open()
+            // with exactly this range and is no longer reachable: the tracker is dropped above,
+            // and no borrow of self outlives drop.
+            let _ = unsafe { nix::sys::mman::munmap(p, self.max_size) };
+        }
     }
 }
 

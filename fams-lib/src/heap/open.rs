@@ -27,7 +27,7 @@ pub(crate) fn open_locked(path: &Path) -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(nix::fcntl::OFlag::O_CLOEXEC.bits())
         .open(path)
         .map_err(|e| Error::io(path, "opening the heap file", e))?;
     // A lock belongs to the open file description, and a process that forks (to exec a helper)
@@ -35,14 +35,14 @@ pub(crate) fn open_locked(path: &Path) -> Result<File> {
     // by the moment the child takes to exec. Retry for a short while before calling the heap taken.
     let deadline = Instant::now() + LOCK_RETRY_MAX;
     loop {
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(file);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(Error::io(path, "locking the heap file", e));
+        // nix's `Flock` guard would own the file and unlock (or panic) when dropped; the heap's
+        // lock lives exactly as long as its descriptor, so the plain call is what fits here.
+        #[allow(deprecated)]
+        let rc = nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock);
+        match rc {
+            Ok(()) => return Ok(file),
+            Err(nix::errno::Errno::EWOULDBLOCK) => {}
+            Err(e) => return Err(Error::io(path, "locking the heap file", e.into())),
         }
         if Instant::now() >= deadline {
             return Err(Error::Locked { path: path.into(), holder: lock_holder(&file) });
@@ -135,9 +135,11 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
     map_file_over(&file, reservation.base, 0, size).map_err(|e| Error::io(path, "mapping the heap", e))?;
     let base = reservation.keep();
     let unmap = || {
-        // SAFETY: undoing the reservation (and the file mapping over it) made above on an error
-        // path; nothing else refers to it.
-        unsafe { libc::munmap(base.cast(), max_size) };
+        if let Some(p) = NonNull::new(base.cast()) {
+            // SAFETY: undoing the reservation (and the file mapping over it) made above on an
+            // error path; nothing else refers to it.
+            let _ = unsafe { nix::sys::mman::munmap(p, max_size) };
+        }
     };
     // SAFETY: [base, base+size) is the mapping made above, owned by the heap; the heap drops its
     // tracker before unmapping it (see `Drop for Heap`).
@@ -231,24 +233,16 @@ struct Reservation {
 impl Reservation {
     /// Claim `[base, base + len)`, or None if any of it is taken.
     fn claim(base: u64, len: usize) -> Option<Reservation> {
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        let addr = NonZeroUsize::new(base as usize)?;
+        let size = NonZeroUsize::new(len)?;
+        let flags = MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_FIXED_NOREPLACE;
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the new one is
         // anonymous, inaccessible and ours.
-        let p = unsafe {
-            libc::mmap(
-                base as *mut libc::c_void,
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        let r = Reservation { base: p.cast(), len };
+        let p = unsafe { mmap_anonymous(Some(addr), size, ProtFlags::PROT_NONE, flags) }.ok()?;
+        let r = Reservation { base: p.as_ptr().cast(), len };
         // Old kernels ignore the flag and may place the mapping elsewhere.
-        (p as u64 == base).then_some(r)
+        (p.as_ptr() as u64 == base).then_some(r)
     }
 
     /// The heap owns the range from now on (it unmaps it when dropped).
@@ -261,8 +255,10 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        // SAFETY: unmapping the range this value claimed, which nothing else refers to.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        if let Some(p) = NonNull::new(self.base.cast()) {
+            // SAFETY: unmapping the range this value claimed, which nothing else refers to.
+            let _ = unsafe { nix::sys::mman::munmap(p, self.len) };
+        }
     }
 }
 
@@ -273,24 +269,27 @@ pub(super) fn map_file_over(file: &File, base: *mut u8, from: usize, len: usize)
     if len == 0 {
         return Ok(());
     }
+    use nix::sys::mman::{madvise, mmap, MapFlags, MmapAdvise, ProtFlags};
+    let (Some(addr), Some(size)) = (NonZeroUsize::new(base as usize + from), NonZeroUsize::new(len)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    let offset = libc::off_t::try_from(HEADER_BYTES + from as u64)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: [base + from, base + from + len) lies inside the heap's own reservation (callers
     // pass ranges below the maximum size), so MAP_FIXED replaces only memory the heap owns and
     // nothing refers to yet; the file is at least HEADER_BYTES + from + len long (checked by the
     // callers), so every page is backed.
     let p = unsafe {
-        libc::mmap(
-            base.add(from).cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            (HEADER_BYTES + from as u64) as libc::off_t,
+        mmap(
+            Some(addr),
+            size,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED | MapFlags::MAP_NORESERVE,
+            file,
+            offset,
         )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: advice on the mapping just made.
-    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+    }?;
+    // SAFETY: advice on the mapping just made; MADV_NOHUGEPAGE does not change its contents.
+    let _ = unsafe { madvise(p, len, MmapAdvise::MADV_NOHUGEPAGE) };
     Ok(())
 }

@@ -63,10 +63,10 @@ fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'sta
 }
 
 fn readable(fd: BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd on the stack; a zero timeout never blocks.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n == 1 && p.revents & libc::POLLIN != 0
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut p = [PollFd::new(fd, PollFlags::POLLIN)];
+    let n = poll(&mut p, PollTimeout::ZERO);
+    n == Ok(1) && p[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN))
 }
 
 fn fill(h: &mut Heap, pages: std::ops::Range<usize>, byte: u8) {

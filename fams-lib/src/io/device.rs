@@ -9,25 +9,25 @@ use std::path::{Path, PathBuf};
 
 use super::{log_aligned, LogKind, LOG_ALIGN};
 
-/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes (u64).
-#[cfg(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-const BLKGETSIZE64: libc::Ioctl = 0x4008_1272u32 as libc::Ioctl;
-#[cfg(not(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-const BLKGETSIZE64: libc::Ioctl = 0x8008_1272u32 as libc::Ioctl;
+nix::ioctl_read!(
+    /// `BLKGETSIZE64`, `_IOR(0x12, 114, size_t)`: the size of a block device in bytes (u64).
+    blk_get_size64,
+    0x12,
+    114,
+    u64
+);
+nix::ioctl_read_bad!(
+    /// `BLKSSZGET`, `_IO(0x12, 104)` though it writes an int: the logical block size.
+    blk_ssz_get,
+    libc::BLKSSZGET,
+    libc::c_int
+);
+// The numbers the kernel headers give (architectures with the common ioctl encoding).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+const _: () = {
+    assert!(nix::request_code_read!(0x12, 114, std::mem::size_of::<u64>()) == 0x8008_1272);
+    assert!(nix::request_code_none!(0x12, 104) == libc::BLKSSZGET);
+};
 
 /// An opened log target with everything `open_log` learnt about it.
 #[derive(Debug)]
@@ -43,26 +43,27 @@ pub(crate) struct Target {
 
 /// What to tell the operator for a given errno (appended to error messages).
 pub(crate) fn errno_hint(errno: i32) -> &'static str {
-    match errno {
-        libc::EIO => {
+    use nix::errno::Errno;
+    match Errno::from_raw(errno) {
+        Errno::EIO => {
             "; the device reported an I/O error: check `dmesg` and the device's health; \
              the data of this call may not be durable"
         }
-        libc::ENOSPC => {
+        Errno::ENOSPC => {
             "; no space left: a log file must be fully preallocated (create it with \
              create_log_file) on a file system that is not full"
         }
-        libc::EDQUOT => "; disk quota exceeded for the log file's owner",
-        libc::EINVAL => {
+        Errno::EDQUOT => "; disk quota exceeded for the log file's owner",
+        Errno::EINVAL => {
             "; the kernel rejected the O_DIRECT request (alignment or flags): check the \
              device's logical block size and that the file system supports O_DIRECT"
         }
-        libc::EOPNOTSUPP => "; not supported by this kernel or device: try flush mode 'fdatasync' or io path 'sync'",
-        libc::EROFS | libc::EACCES | libc::EPERM => {
+        Errno::EOPNOTSUPP => "; not supported by this kernel or device: try flush mode 'fdatasync' or io path 'sync'",
+        Errno::EROFS | Errno::EACCES | Errno::EPERM => {
             "; the log must be writable by this process (permissions, read-only mount or device)"
         }
-        libc::ENODEV | libc::ENXIO => "; the device has gone away (removed or detached)",
-        libc::ECANCELED => "; cancelled because an earlier linked request in the chain failed",
+        Errno::ENODEV | Errno::ENXIO => "; the device has gone away (removed or detached)",
+        Errno::ECANCELED => "; cancelled because an earlier linked request in the chain failed",
         _ => "",
     }
 }
@@ -141,20 +142,15 @@ pub(crate) fn check_segments(path: &Path, size: u64, segments: &[(u64, &[u8])]) 
 fn blk_size_bytes(file: &File, path: &Path) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live local.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if rc != 0 {
-        return Err(annotate(path, io::Error::last_os_error(), "ioctl(BLKGETSIZE64)"));
-    }
+    unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }
+        .map_err(|e| annotate(path, e.into(), "ioctl(BLKGETSIZE64)"))?;
     Ok(size)
 }
 
 fn logical_block_size(file: &File, path: &Path) -> io::Result<u32> {
     let mut lbs: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs as *mut libc::c_int) };
-    if rc != 0 {
-        return Err(annotate(path, io::Error::last_os_error(), "ioctl(BLKSSZGET)"));
-    }
+    unsafe { blk_ssz_get(file.as_raw_fd(), &mut lbs) }.map_err(|e| annotate(path, e.into(), "ioctl(BLKSSZGET)"))?;
     u32::try_from(lbs)
         .ok()
         .filter(|&v| v > 0)
@@ -168,6 +164,7 @@ fn logical_block_size(file: &File, path: &Path) -> io::Result<u32> {
 fn dio_alignment(file: &File, path: &Path, kind: LogKind) -> io::Result<(u32, u32)> {
     // SAFETY: `libc::statx` is a plain C struct of integers, for which all-zero is valid.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // raw libc: nix has no wrapper for statx (STATX_DIOALIGN).
     // SAFETY: the fd is open for the duration of the call; the empty C string with
     // AT_EMPTY_PATH makes statx describe the fd itself; `stx` is a valid, writable statx buffer.
     let rc =
@@ -216,26 +213,27 @@ pub(crate) fn open_target(path: &Path) -> io::Result<Target> {
     let kind = kind_of(&meta).ok_or_else(|| {
         invalid(path, "is neither a regular file nor a block device; a log must be one of them".into())
     })?;
-    let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
+    use nix::fcntl::OFlag;
+    let mut flags = OFlag::O_DIRECT | OFlag::O_CLOEXEC;
     if kind == LogKind::BlockDevice {
-        flags |= libc::O_EXCL;
+        flags |= OFlag::O_EXCL;
     }
     // A process killed while it held the device releases its exclusive claim only when the
     // kernel finishes tearing down its io_uring, which happens asynchronously after the exit: a
     // restart right after a crash can see EBUSY for a few milliseconds. Retry for a while before
     // concluding the device is really taken.
     let busy_retry_until = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    let open = || OpenOptions::new().read(true).write(true).custom_flags(flags).open(path);
+    let open = || OpenOptions::new().read(true).write(true).custom_flags(flags.bits()).open(path);
     let mut opened = open();
     while kind == LogKind::BlockDevice
-        && matches!(&opened, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+        && matches!(&opened, Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32))
         && std::time::Instant::now() < busy_retry_until
     {
         std::thread::sleep(std::time::Duration::from_millis(5));
         opened = open();
     }
-    let file = opened.map_err(|e| match e.raw_os_error() {
-        Some(libc::EINVAL) => io::Error::new(
+    let file = opened.map_err(|e| match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+        Some(nix::errno::Errno::EINVAL) => io::Error::new(
             io::ErrorKind::Unsupported,
             format!(
                 "fams log {}: cannot open with O_DIRECT ({e}): the file system does not \
@@ -243,7 +241,7 @@ pub(crate) fn open_target(path: &Path) -> io::Result<Target> {
                 path.display()
             ),
         ),
-        Some(libc::EBUSY) => io::Error::new(
+        Some(nix::errno::Errno::EBUSY) => io::Error::new(
             e.kind(),
             format!(
                 "fams log {}: the block device is in use ({e}): it is mounted, part of a \
@@ -316,7 +314,7 @@ pub(crate) fn create_log_file(path: &Path, size_bytes: u64) -> io::Result<()> {
         return Err(invalid(path, format!("log size {size_bytes} is not a positive multiple of {LOG_ALIGN} bytes")));
     }
     let file =
-        OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_CLOEXEC).open(path).map_err(
+        OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::fcntl::OFlag::O_CLOEXEC.bits()).open(path).map_err(
             |e| {
                 if e.kind() == io::ErrorKind::AlreadyExists {
                     io::Error::new(
@@ -345,13 +343,10 @@ pub(crate) fn create_log_file(path: &Path, size_bytes: u64) -> io::Result<()> {
 fn fill_and_sync(file: &File, path: &Path, size_bytes: u64) -> io::Result<()> {
     let len =
         libc::off_t::try_from(size_bytes).map_err(|_| invalid(path, format!("log size {size_bytes} is too large")))?;
-    // SAFETY: plain syscall on an open fd; no pointers.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
         // Without fallocate support the zero-fill below still allocates every block.
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(annotate(path, e, &format!("fallocate of {size_bytes} bytes")));
+        if e != nix::errno::Errno::EOPNOTSUPP {
+            return Err(annotate(path, e.into(), &format!("fallocate of {size_bytes} bytes")));
         }
     }
     // Write real zeros: fallocate leaves *unwritten* extents, and an O_DIRECT+RWF_DSYNC write
@@ -367,8 +362,7 @@ fn fill_and_sync(file: &File, path: &Path, size_bytes: u64) -> io::Result<()> {
     }
     file.sync_all().map_err(|e| annotate(path, e, "fsync of the new log file"))?;
     // The zeros need not stay in the page cache: the log is accessed with O_DIRECT. Advisory only.
-    // SAFETY: plain syscall on an open fd; no pointers.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let _ = nix::fcntl::posix_fadvise(file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -400,7 +394,7 @@ pub(crate) fn block_device_info(path: &Path) -> io::Result<Option<BlockDeviceInf
     }
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(nix::fcntl::OFlag::O_CLOEXEC.bits())
         .open(path)
         .map_err(|e| annotate(path, e, "open read-only"))?;
     let size_bytes = blk_size_bytes(&file, path)?;

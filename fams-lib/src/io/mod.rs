@@ -291,15 +291,7 @@ pub fn volatile_filesystem(path: &Path) -> Option<&'static str> {
             _ => Path::new(".").to_path_buf(),
         }
     };
-    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statfs fills the zeroed struct we own; `c` is a valid NUL-terminated path.
-    let f_type = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        if libc::statfs(c.as_ptr(), &mut st) != 0 {
-            return None;
-        }
-        st.f_type as i64
-    };
+    let f_type = nix::sys::statfs::statfs(probe.as_path()).ok()?.filesystem_type().0 as i64;
     match f_type {
         TMPFS_MAGIC => Some("tmpfs"),
         RAMFS_MAGIC => Some("ramfs"),

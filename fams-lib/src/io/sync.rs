@@ -12,10 +12,6 @@ use super::{Backend, FlushMode, IoPath, IoStats};
 
 pub(crate) struct SyncIo;
 
-fn last_errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-}
-
 impl Backend for SyncIo {
     const IO_PATH: IoPath = IoPath::Sync;
 
@@ -36,25 +32,27 @@ impl Backend for SyncIo {
                     data.len()
                 )
             };
-            let off = libc::off_t::try_from(offset).map_err(|_| errno_error(&t.path, libc::EOVERFLOW, &what()))?;
+            let off = libc::off_t::try_from(offset).map_err(|_| errno_error(&t.path, nix::errno::Errno::EOVERFLOW as i32, &what()))?;
             let n = loop {
                 let n = if dsync {
                     let iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+                    // raw libc: nix has no wrapper for pwritev2 (RWF_DSYNC).
                     // SAFETY: `iov` describes `data`, which is borrowed (alive, not mutated) for
                     // the whole call; the kernel only reads it. One iovec, count 1.
-                    unsafe { libc::pwritev2(fd, &iov, 1, off, libc::RWF_DSYNC) }
-                } else {
-                    // SAFETY: `data` is a live borrowed slice of `data.len()` readable bytes.
-                    unsafe { libc::pwrite(fd, data.as_ptr() as *const libc::c_void, data.len(), off) }
-                };
-                if n < 0 {
-                    let errno = last_errno();
-                    if errno == libc::EINTR {
-                        continue;
+                    let n = unsafe { libc::pwritev2(fd, &iov, 1, off, libc::RWF_DSYNC) };
+                    if n < 0 {
+                        Err(nix::errno::Errno::last())
+                    } else {
+                        Ok(n as usize)
                     }
-                    return Err(errno_error(&t.path, errno, &what()));
+                } else {
+                    nix::sys::uio::pwrite(&t.file, data, off)
+                };
+                match n {
+                    Ok(n) => break n,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(errno) => return Err(errno_error(&t.path, errno as i32, &what())),
                 }
-                break n as usize;
             };
             if n != data.len() {
                 return Err(io::Error::new(
@@ -75,13 +73,10 @@ impl Backend for SyncIo {
         }
         if !dsync {
             loop {
-                // SAFETY: plain syscall on an fd owned by `t.file`; no pointers.
-                if unsafe { libc::fdatasync(fd) } == 0 {
-                    break;
-                }
-                let errno = last_errno();
-                if errno != libc::EINTR {
-                    return Err(errno_error(&t.path, errno, "fdatasync"));
+                match nix::unistd::fdatasync(&t.file) {
+                    Ok(()) => break,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(errno) => return Err(errno_error(&t.path, errno as i32, "fdatasync")),
                 }
             }
             stats.fdatasyncs += 1;
@@ -90,26 +85,18 @@ impl Backend for SyncIo {
     }
 
     fn read(&mut self, t: &Target, pieces: &mut [(u64, &mut [u8])], stats: &mut IoStats) -> io::Result<()> {
-        let fd = t.file.as_raw_fd();
         for (offset, buf) in pieces.iter_mut() {
             let (offset, len) = (*offset, buf.len());
             let what = format!("pread of {len} bytes at offset {offset}");
-            let off = libc::off_t::try_from(offset).map_err(|_| errno_error(&t.path, libc::EOVERFLOW, &what))?;
+            let off = libc::off_t::try_from(offset).map_err(|_| errno_error(&t.path, nix::errno::Errno::EOVERFLOW as i32, &what))?;
             let mut done = 0usize;
             while done < len {
                 let rest = &mut buf[done..];
-                // SAFETY: `rest` is a live, exclusively borrowed slice of `rest.len()` writable
-                // bytes for the duration of the call.
-                let n = unsafe {
-                    libc::pread(fd, rest.as_mut_ptr() as *mut libc::c_void, rest.len(), off + done as libc::off_t)
+                let n = match nix::sys::uio::pread(&t.file, rest, off + done as libc::off_t) {
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(errno) => return Err(errno_error(&t.path, errno as i32, &what)),
                 };
-                if n < 0 {
-                    let errno = last_errno();
-                    if errno == libc::EINTR {
-                        continue;
-                    }
-                    return Err(errno_error(&t.path, errno, &what));
-                }
                 if n == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

@@ -52,8 +52,7 @@ fn pattern(len: usize, seed: u8) -> AlignedBuf {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 fn find_tool(name: &str) -> Option<PathBuf> {
@@ -351,7 +350,6 @@ const AUDIT_ARCH: Option<u32> = None;
 /// Make io_uring_setup fail with EPERM for the calling thread, as a container's seccomp
 /// profile does.
 fn block_io_uring_setup_for_this_thread(arch: u32) {
-    const PR_SET_NO_NEW_PRIVS: libc::c_int = 38;
     const PR_SET_SECCOMP: libc::c_int = 22;
     let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
     let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
@@ -364,9 +362,8 @@ fn block_io_uring_setup_for_this_thread(arch: u32) {
         stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
     ];
     let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
-    // SAFETY: prctl with integer arguments only.
-    let rc = unsafe { libc::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error());
+    nix::sys::prctl::set_no_new_privs().expect("PR_SET_NO_NEW_PRIVS");
+    // raw libc: nix has no wrapper for installing a seccomp filter (PR_SET_SECCOMP).
     // SAFETY: `prog` points to `filter`, both alive for the call; the kernel copies the program.
     let rc = unsafe { libc::prctl(PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) };
     assert_eq!(rc, 0, "PR_SET_SECCOMP: {}", std::io::Error::last_os_error());
@@ -518,7 +515,7 @@ fn loop_device_round_trip_and_info() {
             assert_eq!(dev.io_path(), io_path);
             // O_EXCL: a second opener is refused while the first holds the device.
             let e = open_log(&dev_path, &opts(io_path, mode)).err().expect("second open must fail");
-            assert_eq!(e.kind(), std::io::Error::from_raw_os_error(libc::EBUSY).kind(), "{e}");
+            assert_eq!(e.kind(), std::io::Error::from(nix::errno::Errno::EBUSY).kind(), "{e}");
             assert!(e.to_string().contains("in use"), "{e}");
             exercise(dev.as_mut(), io_path, mode);
             zero_range_durable(dev.as_mut(), 0, size).unwrap();

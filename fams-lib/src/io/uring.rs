@@ -31,13 +31,14 @@ impl UringIo {
     /// `fallback_reason` or an error message.
     pub(crate) fn new() -> Result<UringIo, String> {
         let ring = IoUring::new(RING_ENTRIES).map_err(|e| {
-            let why = match e.raw_os_error() {
-                Some(libc::ENOSYS) => " (the kernel has no io_uring)",
-                Some(libc::EPERM) => {
+            use nix::errno::Errno;
+            let why = match e.raw_os_error().map(Errno::from_raw) {
+                Some(Errno::ENOSYS) => " (the kernel has no io_uring)",
+                Some(Errno::EPERM) => {
                     " (blocked: a seccomp profile, e.g. a container's default, or \
                      kernel.io_uring_disabled)"
                 }
-                Some(libc::ENOMEM) => " (locked-memory limit too low?)",
+                Some(Errno::ENOMEM) => " (locked-memory limit too low?)",
                 _ => "",
             };
             format!("io_uring_setup failed: {e}{why}")
@@ -93,10 +94,10 @@ impl UringIo {
         while done < n {
             match self.ring.submit_and_wait(n - done) {
                 Ok(_) => {}
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EINTR) => {}
+                Err(e) => match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+                    Some(nix::errno::Errno::EINTR) => {}
                     // Out of kernel resources, or completions backed up: reap, pause, retry.
-                    Some(libc::EAGAIN) | Some(libc::EBUSY) => std::thread::sleep(Duration::from_micros(50)),
+                    Some(nix::errno::Errno::EAGAIN) | Some(nix::errno::Errno::EBUSY) => std::thread::sleep(Duration::from_micros(50)),
                     _ => return Err(self.fail(e, n, done)),
                 },
             }
@@ -108,7 +109,7 @@ impl UringIo {
                 }
             }
         }
-        Ok(results.into_iter().map(|r| r.unwrap_or(-libc::EIO)).collect())
+        Ok(results.into_iter().map(|r| r.unwrap_or(-(nix::errno::Errno::EIO as i32))).collect())
     }
 
     /// An unrecoverable io_uring_enter error. Entries the kernel has not consumed stay in the
@@ -152,6 +153,7 @@ impl Backend for UringIo {
             for (i, &(offset, data)) in batch.iter().enumerate() {
                 let mut w = opcode::Write::new(fd, data.as_ptr(), data.len() as u32).offset(offset);
                 if dsync {
+                    // libc constant: nix has no RWF_* flags (io_uring takes the raw value).
                     w = w.rw_flags(libc::RWF_DSYNC);
                 }
                 let mut e = w.build().user_data(i as u64);
@@ -186,8 +188,8 @@ impl Backend for UringIo {
                     if dsync {
                         stats.dsync_writes += 1;
                     }
-                } else if r == -libc::ECANCELED {
-                    cancelled.get_or_insert_with(|| errno_error(&t.path, libc::ECANCELED, &what()));
+                } else if r == -(nix::errno::Errno::ECANCELED as i32) {
+                    cancelled.get_or_insert_with(|| errno_error(&t.path, nix::errno::Errno::ECANCELED as i32, &what()));
                 } else if r < 0 {
                     error.get_or_insert_with(|| errno_error(&t.path, -r, &what()));
                 } else {
@@ -208,11 +210,11 @@ impl Backend for UringIo {
                 let r = results[batch.len()];
                 if r == 0 {
                     stats.fdatasyncs += 1;
-                } else if r == -libc::ECANCELED {
-                    cancelled.get_or_insert_with(|| errno_error(&t.path, libc::ECANCELED, "io_uring linked fdatasync"));
+                } else if r == -(nix::errno::Errno::ECANCELED as i32) {
+                    cancelled.get_or_insert_with(|| errno_error(&t.path, nix::errno::Errno::ECANCELED as i32, "io_uring linked fdatasync"));
                 } else {
                     error.get_or_insert_with(|| {
-                        errno_error(&t.path, if r < 0 { -r } else { libc::EIO }, "io_uring linked fdatasync")
+                        errno_error(&t.path, if r < 0 { -r } else { nix::errno::Errno::EIO as i32 }, "io_uring linked fdatasync")
                     });
                 }
             }

@@ -45,7 +45,7 @@ impl MprotectTracker {
 
     /// `mprotect(PROT_READ)` of pages `[first, first + n)` of the range.
     fn protect(&self, first: usize, n: usize) -> bool {
-        self.pages.protect(first, n, libc::PROT_READ)
+        self.pages.protect(first, n, nix::sys::mman::ProtFlags::PROT_READ)
     }
 }
 
@@ -101,9 +101,11 @@ impl DirtyTracker for MprotectTracker {
 
 #[cfg(test)]
 mod tests {
-    use super::super::segv::{SigactionFn, MAX_TRACKERS};
-    use super::super::test_util::{anon, in_child, max_map_count};
+    use super::super::segv::MAX_TRACKERS;
+    use super::super::test_util::{anon, at, in_child, max_map_count};
     use super::*;
+    use nix::sys::mman::{mprotect, munmap, ProtFlags};
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     use std::ptr;
 
     fn run_child(name: &str) -> std::process::ExitStatus {
@@ -121,7 +123,7 @@ mod tests {
         let t = MprotectTracker::arm(a + 4 * PAGE_SIZE, PAGE_SIZE).unwrap();
         drop(t);
         // SAFETY: unmapping our own mapping, no tracker left on it.
-        unsafe { libc::munmap(a as *mut libc::c_void, 8 * PAGE_SIZE) };
+        let _ = unsafe { munmap(at(a), 8 * PAGE_SIZE) };
     }
 
     #[test]
@@ -180,7 +182,8 @@ mod tests {
         Custom,
     }
 
-    extern "C" fn exit_42(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    extern "C" fn exit_42(_: std::ffi::c_int, _: *mut libc::siginfo_t, _: *mut std::ffi::c_void) {
+        // raw libc: nix has no wrapper for _exit(2) (std's exit is not async-signal-safe).
         // SAFETY: _exit is async-signal-safe and ends this disposable test child.
         unsafe { libc::_exit(42) }
     }
@@ -190,22 +193,16 @@ mod tests {
         if !in_child() {
             return;
         }
-        // SAFETY: an all-zero sigaction is valid; we set handler, flags and mask below.
-        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-        match before {
-            Before::Runtime => {}
-            Before::Default => act.sa_sigaction = libc::SIG_DFL,
+        let act = match before {
+            Before::Runtime => None,
+            Before::Default => Some(SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty())),
             Before::Custom => {
-                act.sa_sigaction = exit_42 as SigactionFn as libc::sighandler_t;
-                act.sa_flags = libc::SA_SIGINFO;
+                Some(SigAction::new(SigHandler::SigAction(exit_42), SaFlags::SA_SIGINFO, SigSet::empty()))
             }
-        }
-        if !matches!(before, Before::Runtime) {
+        };
+        if let Some(act) = act {
             // SAFETY: installing a valid action in a child process that has no tracker yet.
-            unsafe {
-                libc::sigemptyset(&mut act.sa_mask);
-                assert_eq!(libc::sigaction(libc::SIGSEGV, &act, ptr::null_mut()), 0);
-            }
+            unsafe { sigaction(Signal::SIGSEGV, &act) }.unwrap();
         }
         let a = anon(2);
         let mut t = MprotectTracker::arm(a, PAGE_SIZE).unwrap();
@@ -216,7 +213,7 @@ mod tests {
         assert_eq!(v, vec![0]);
         // SAFETY: page 1 is ours but not tracked; make it read-only so the write below is a
         // genuine protection fault (SEGV_ACCERR) that is not ours.
-        unsafe { libc::mprotect((a + PAGE_SIZE) as *mut libc::c_void, PAGE_SIZE, libc::PROT_READ) };
+        unsafe { mprotect(at(a + PAGE_SIZE), PAGE_SIZE, ProtFlags::PROT_READ) }.unwrap();
         eprintln!("about to fault outside any tracked range");
         // SAFETY: deliberately faulting; this process is a disposable test child.
         unsafe { ptr::write_volatile((a + PAGE_SIZE) as *mut u8, 1) };
@@ -246,9 +243,9 @@ mod tests {
     fn stray_faults_chain_to_the_previous_handler() {
         use std::os::unix::process::ExitStatusExt;
         let st = run_child("child_stray_fault_runtime");
-        assert_eq!(st.signal(), Some(libc::SIGSEGV), "runtime handler: {st:?}");
+        assert_eq!(st.signal(), Some(Signal::SIGSEGV as i32), "runtime handler: {st:?}");
         let st = run_child("child_stray_fault_default");
-        assert_eq!(st.signal(), Some(libc::SIGSEGV), "SIG_DFL: {st:?}");
+        assert_eq!(st.signal(), Some(Signal::SIGSEGV as i32), "SIG_DFL: {st:?}");
         let st = run_child("child_stray_fault_custom");
         assert_eq!(st.code(), Some(42), "custom handler: {st:?}");
     }

@@ -136,7 +136,7 @@ impl RegionsTracker {
             for r in first..first + n {
                 self.gates.clear(r);
             }
-            if !self.gates.protect(first, n, libc::PROT_READ) {
+            if !self.gates.protect(first, n, nix::sys::mman::ProtFlags::PROT_READ) {
                 // Part of the run may be read-only now, part not: mark all of it open again so
                 // it is scanned, and a write into a read-only part faults and opens it (again).
                 for r in first..first + n {
@@ -282,7 +282,7 @@ mod tests {
         drop(t);
         assert!((0..PAGES).all(|p| is_writable(a + p * PAGE_SIZE)), "drop restores RW");
         // SAFETY: unmapping our own mapping; the tracker is gone.
-        unsafe { libc::munmap(a as *mut libc::c_void, PAGES * PAGE_SIZE) };
+        let _ = unsafe { nix::sys::mman::munmap(super::super::test_util::at(a), PAGES * PAGE_SIZE) };
     }
 
     #[test]
@@ -299,7 +299,7 @@ mod tests {
         assert!(e.to_string().starts_with("regions dirty tracker"), "{e}");
         drop(t);
         // SAFETY: unmapping our own mapping; the tracker is gone.
-        unsafe { libc::munmap(a as *mut libc::c_void, 8 * PAGE_SIZE) };
+        let _ = unsafe { nix::sys::mman::munmap(super::super::test_util::at(a), 8 * PAGE_SIZE) };
     }
 
     #[test]

@@ -47,11 +47,16 @@
 //! instruction runs again and the process dies of `SIGSEGV` the normal way (with a core dump).
 //! The previous handler's `sa_mask` and `SA_RESETHAND` are not emulated.
 
+use std::ffi::{c_int, c_void};
 use std::io;
 use std::mem::MaybeUninit;
-use std::ptr;
+use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Mutex, OnceLock};
+
+use nix::errno::Errno;
+use nix::sys::mman::{mprotect, ProtFlags};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 use super::{TrackerKind, PAGE_SIZE};
 
@@ -61,7 +66,7 @@ pub(super) const MAX_TRACKERS: usize = 16;
 
 /// `si_code` of a fault on a mapped page whose protection forbids the access
 /// (not exported by the `libc` crate for Linux).
-const SEGV_ACCERR: libc::c_int = 2;
+const SEGV_ACCERR: c_int = 2;
 
 struct Slot {
     /// Start of the tracked range.
@@ -100,35 +105,29 @@ static PREV: PrevAction = PrevAction(std::cell::UnsafeCell::new(MaybeUninit::uni
 static PREV_READY: AtomicBool = AtomicBool::new(false);
 static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
-fn os_err(what: String) -> io::Error {
-    let e = io::Error::last_os_error();
-    io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
 /// Install our `SIGSEGV` handler once per process, keeping the previous one for chaining.
 /// `kind` only names the tracker in error messages.
 fn install_handler(kind: TrackerKind) -> io::Result<()> {
     let who = kind.name();
     let r = INSTALLED.get_or_init(|| {
+        // raw libc: nix's sigaction always installs a new action; this only queries the current
+        // one (a null new action), before ours is installed.
         // SAFETY: sigaction with a null new action only reads the current action into
         // `PREV`, which no one else reads or writes yet (PREV_READY is still false).
-        let r = unsafe { libc::sigaction(libc::SIGSEGV, ptr::null(), (*PREV.0.get()).as_mut_ptr()) };
+        let r = unsafe { libc::sigaction(libc::SIGSEGV, ptr::null(), PREV.0.get().cast::<libc::sigaction>()) };
         if r != 0 {
             return Err(format!("sigaction(SIGSEGV) query failed: {}", io::Error::last_os_error()));
         }
         PREV_READY.store(true, std::sync::atomic::Ordering::Release);
-        // SAFETY: an all-zero `sigaction` is a valid value (no handler, empty mask, no flags);
-        // we fill in the handler, mask and flags before use.
-        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-        act.sa_sigaction = our_handler();
-        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-        // SAFETY: `act.sa_mask` is a valid sigset_t to initialise.
-        unsafe { libc::sigemptyset(&mut act.sa_mask) };
+        let act = SigAction::new(
+            SigHandler::SigAction(on_segv),
+            SaFlags::SA_SIGINFO | SaFlags::SA_ONSTACK | SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
         // SAFETY: installs `on_segv`, an `extern "C"` function with the SA_SIGINFO signature that
         // only does async-signal-safe work.
-        let r = unsafe { libc::sigaction(libc::SIGSEGV, &act, ptr::null_mut()) };
-        if r != 0 {
-            return Err(format!("sigaction(SIGSEGV) install failed: {}", io::Error::last_os_error()));
+        if let Err(e) = unsafe { sigaction(Signal::SIGSEGV, &act) } {
+            return Err(format!("sigaction(SIGSEGV) install failed: {e}"));
         }
         Ok(())
     });
@@ -137,12 +136,15 @@ fn install_handler(kind: TrackerKind) -> io::Result<()> {
     }
     // Someone may have replaced our handler without chaining to it: tracked writes would then
     // crash the process, so refuse to arm.
-    // SAFETY: an all-zero `sigaction` is a valid buffer for the query below.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: query only (null new action); `cur` is a valid out-pointer.
-    if unsafe { libc::sigaction(libc::SIGSEGV, ptr::null(), &mut cur) } != 0 {
-        return Err(os_err(format!("{who} dirty tracker: sigaction(SIGSEGV) query failed")));
+    let mut cur = MaybeUninit::<libc::sigaction>::uninit();
+    // raw libc: a query only (null new action), which nix's sigaction cannot do.
+    // SAFETY: `cur` is a valid out-pointer for one sigaction.
+    if unsafe { libc::sigaction(libc::SIGSEGV, ptr::null(), cur.as_mut_ptr()) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{who} dirty tracker: sigaction(SIGSEGV) query failed: {e}")));
     }
+    // SAFETY: sigaction succeeded, so it filled `cur`.
+    let cur = unsafe { cur.assume_init() };
     if cur.sa_sigaction != our_handler() {
         return Err(io::Error::other(format!(
             "{who} dirty tracker: the SIGSEGV handler was replaced by other code after ours \
@@ -152,7 +154,7 @@ fn install_handler(kind: TrackerKind) -> io::Result<()> {
     Ok(())
 }
 
-pub(super) type SigactionFn = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+pub(super) type SigactionFn = extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void);
 
 /// `on_segv` as the integer `sigaction` stores.
 fn our_handler() -> libc::sighandler_t {
@@ -160,14 +162,13 @@ fn our_handler() -> libc::sighandler_t {
 }
 
 /// The `SIGSEGV` handler. Async-signal-safe: atomics, `mprotect`, `sigaction`, errno save/restore.
-extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: reading and writing this thread's errno location is async-signal-safe; we restore
-    // it so the interrupted code does not see errno changed by our system calls.
-    let errno = unsafe { *libc::__errno_location() };
+/// (The nix calls used here are thin wrappers: no allocation, no locks.)
+extern "C" fn on_segv(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // Restored below, so the interrupted code does not see errno changed by our system calls.
+    let errno = Errno::last_raw();
     // SAFETY: `info` is the siginfo the kernel passed to an SA_SIGINFO handler (or null).
     let handled = unsafe { handle_fault(info) };
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
+    Errno::set_raw(errno);
     if !handled {
         // SAFETY: forwarding the kernel's arguments unchanged to the previous handler.
         unsafe { chain(sig, info, ctx) };
@@ -180,11 +181,13 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
 /// # Safety
 /// `info` is null or points at the siginfo of the current SIGSEGV delivery.
 unsafe fn handle_fault(info: *mut libc::siginfo_t) -> bool {
-    if info.is_null() {
+    // SAFETY: `info` is null or points at a valid siginfo (caller's contract).
+    let Some(info) = (unsafe { info.as_ref() }) else {
         return false;
-    }
-    // SAFETY: `info` points at a valid siginfo (caller's contract).
-    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    };
+    let code = info.si_code;
+    // SAFETY: a SIGSEGV siginfo carries the faulting address in its `si_addr` field.
+    let addr = unsafe { info.si_addr() } as usize;
     if code != SEGV_ACCERR {
         return false;
     }
@@ -204,23 +207,30 @@ unsafe fn handle_fault(info: *mut libc::siginfo_t) -> bool {
         let unit = (addr - base) >> shift;
         let start = unit << shift;
         let end = ((unit + 1) << shift).min(len);
+        let nunits = len.div_ceil(1 << shift);
         // SAFETY: the slot is published (len != 0 was seen after registering as a reader), so
-        // `bits` is a live bitmap of at least `len.div_ceil(1 << shift)` bits that `drop` will
-        // not free until `readers` falls back to zero; `unit` is below that count.
-        unsafe { (*bits.add(unit / 64)).fetch_or(1 << (unit % 64), SeqCst) };
-        // SAFETY: mprotect of one unit inside the tracked range, which is mapped while it is
-        // tracked; it only widens access to what the mapping was created with (RW).
-        let mut ok = unsafe {
-            libc::mprotect((base + start) as *mut libc::c_void, end - start, libc::PROT_READ | libc::PROT_WRITE)
-        } == 0;
+        // `bits` is a live bitmap of `nunits.div_ceil(64)` words that `drop` will not free until
+        // `readers` falls back to zero.
+        let words = unsafe { std::slice::from_raw_parts(bits, nunits.div_ceil(64)) };
+        let rw = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+        let mut ok = match (words.get(unit / 64), NonNull::new((base + start) as *mut c_void)) {
+            (Some(word), Some(at)) => {
+                word.fetch_or(1 << (unit % 64), SeqCst);
+                // SAFETY: mprotect of one unit inside the tracked range, which is mapped while it
+                // is tracked; it only widens access to what the mapping was created with (RW).
+                unsafe { mprotect(at, end - start, rw) }.is_ok()
+            }
+            _ => false,
+        };
         if !ok {
             // Most likely ENOMEM: splitting the VMA would exceed vm.max_map_count. Set every bit
             // and unprotect the whole range, which merges it back into one VMA. The invariant
             // "writable => bit set" holds because the bits are set first.
-            // SAFETY: same bitmap as above, `len.div_ceil(1 << shift)` bits long.
-            unsafe { set_all(bits, len.div_ceil(1 << shift)) };
-            // SAFETY: mprotect of exactly the tracked range, back to the mapping's own RW.
-            ok = unsafe { libc::mprotect(base as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE) } == 0;
+            set_all(words, nunits);
+            if let Some(at) = NonNull::new(base as *mut c_void) {
+                // SAFETY: mprotect of exactly the tracked range, back to the mapping's own RW.
+                ok = unsafe { mprotect(at, len, rw) }.is_ok();
+            }
         }
         slot.readers.fetch_sub(1, SeqCst);
         // If even that failed, let the fault be fatal rather than loop on it forever.
@@ -229,16 +239,13 @@ unsafe fn handle_fault(info: *mut libc::siginfo_t) -> bool {
     false
 }
 
-/// Set the first `nunits` bits of the bitmap at `bits`.
-///
-/// # Safety
-/// `bits` points at a live bitmap of at least `nunits` bits (rounded up to words).
-unsafe fn set_all(bits: *const AtomicU64, nunits: usize) {
-    for w in 0..nunits.div_ceil(64) {
+/// Set the first `nunits` bits of the bitmap `words` (at most as many as it holds). Called from
+/// the signal handler: no panics (no indexing).
+fn set_all(words: &[AtomicU64], nunits: usize) {
+    for (w, word) in words.iter().enumerate().take(nunits.div_ceil(64)) {
         let n = (nunits - w * 64).min(64);
         let mask = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-        // SAFETY: `w < nunits.div_ceil(64)`, within the bitmap (caller's contract).
-        unsafe { (*bits.add(w)).fetch_or(mask, SeqCst) };
+        word.fetch_or(mask, SeqCst);
     }
 }
 
@@ -246,35 +253,26 @@ unsafe fn set_all(bits: *const AtomicU64, nunits: usize) {
 ///
 /// # Safety
 /// Called from the SIGSEGV handler with the kernel's arguments.
-unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+unsafe fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     let prev = if PREV_READY.load(std::sync::atomic::Ordering::Acquire) {
-        // SAFETY: PREV was fully written before PREV_READY was set and is never written again.
-        Some(unsafe { (*PREV.0.get()).assume_init_ref() })
+        // SAFETY: PREV was fully written before PREV_READY was set and is never written again;
+        // `MaybeUninit<libc::sigaction>` has the layout of `libc::sigaction`, of which
+        // `SigAction` is a `repr(transparent)` wrapper.
+        Some(unsafe { &*PREV.0.get().cast::<SigAction>() })
     } else {
         None
     };
-    match prev {
-        Some(p) if p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN => {
-            if p.sa_flags & libc::SA_SIGINFO != 0 {
-                // SAFETY: with SA_SIGINFO the stored handler has this three-argument signature.
-                let f: SigactionFn = unsafe { std::mem::transmute(p.sa_sigaction) };
-                f(sig, info, ctx);
-            } else {
-                // SAFETY: without SA_SIGINFO the stored handler takes only the signal number.
-                let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(p.sa_sigaction) };
-                f(sig);
-            }
-        }
+    // `handler()` tells the two handler signatures apart by `SA_SIGINFO`.
+    match prev.map(SigAction::handler) {
+        Some(SigHandler::SigAction(f)) => f(sig, info, ctx),
+        Some(SigHandler::Handler(f)) => f(sig),
         _ => {
-            // Default action: restore SIG_DFL and return; the faulting instruction runs again
-            // and the kernel kills the process with SIGSEGV as if we had never been installed.
-            // SAFETY: an all-zero sigaction with sa_sigaction = SIG_DFL is a valid action, and
-            // sigaction(2) is async-signal-safe.
-            unsafe {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(libc::SIGSEGV, &dfl, ptr::null_mut());
-            }
+            // Default action (SIG_DFL, or SIG_IGN, which the kernel does not honour for a real
+            // fault): restore SIG_DFL and return; the faulting instruction runs again and the
+            // kernel kills the process with SIGSEGV as if we had never been installed.
+            let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+            // SAFETY: SIG_DFL is a valid action, and sigaction(2) is async-signal-safe.
+            let _ = unsafe { sigaction(Signal::SIGSEGV, &dfl) };
         }
     }
 }
@@ -382,25 +380,29 @@ impl SegvRange {
 
     /// `mprotect(prot)` of units `[first, first + n)`; false (with errno set) on failure.
     /// `prot` is `PROT_READ` or `PROT_READ | PROT_WRITE`.
-    pub(super) fn protect(&self, first: usize, n: usize, prot: libc::c_int) -> bool {
+    pub(super) fn protect(&self, first: usize, n: usize, prot: ProtFlags) -> bool {
         debug_assert!(first + n <= self.units());
-        debug_assert!(prot == libc::PROT_READ || prot == libc::PROT_READ | libc::PROT_WRITE);
+        debug_assert!(prot == ProtFlags::PROT_READ || prot == ProtFlags::PROT_READ | ProtFlags::PROT_WRITE);
         let (start, end) = self.span(first, n);
+        let Some(at) = NonNull::new(start as *mut c_void) else {
+            Errno::set_raw(Errno::EINVAL as i32);
+            return false;
+        };
         // SAFETY: the units lie inside the published range, which the caller keeps mapped while
         // it is tracked; read-only is what tracking uses and read-write is what the mapping was
         // created with. Making a unit writable only after its bit is set is the caller's part.
-        unsafe { libc::mprotect(start as *mut libc::c_void, end - start, prot) == 0 }
+        unsafe { mprotect(at, end - start, prot) }.is_ok()
     }
 
     /// `mprotect(PROT_READ)` of the whole range, as trackers do when they arm; any write to it
     /// then faults into the handler, which finds this published range. The error says why.
     pub(super) fn protect_all(&self) -> io::Result<()> {
-        if self.protect(0, self.units(), libc::PROT_READ) {
+        if self.protect(0, self.units(), ProtFlags::PROT_READ) {
             return Ok(());
         }
         let e = io::Error::last_os_error();
-        let hint = match e.raw_os_error() {
-            Some(libc::ENOMEM) => " (is the whole range mapped? vm.max_map_count reached?)",
+        let hint = match e.raw_os_error().map(Errno::from_raw) {
+            Some(Errno::ENOMEM) => " (is the whole range mapped? vm.max_map_count reached?)",
             _ => "",
         };
         Err(io::Error::new(
@@ -422,9 +424,11 @@ impl SegvRange {
 
 impl Drop for SegvRange {
     fn drop(&mut self) {
-        // SAFETY: gives the caller's mapping its original PROT_READ|PROT_WRITE back; harmless if
-        // the range is already gone (fails with ENOMEM and changes nothing).
-        unsafe { libc::mprotect(self.base as *mut libc::c_void, self.len, libc::PROT_READ | libc::PROT_WRITE) };
+        if let Some(at) = NonNull::new(self.base as *mut c_void) {
+            // SAFETY: gives the caller's mapping its original PROT_READ|PROT_WRITE back; harmless
+            // if the range is already gone (fails with ENOMEM and changes nothing).
+            let _ = unsafe { mprotect(at, self.len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE) };
+        }
         let s = &SLOTS[self.slot];
         let guard = TABLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         s.len.store(0, SeqCst); // withdraw: handlers arriving from now on skip the slot
@@ -450,8 +454,7 @@ mod tests {
     #[test]
     fn set_all_sets_exactly_nunits_bits() {
         let words: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
-        // SAFETY: 3 words = 192 bits >= 130.
-        unsafe { set_all(words.as_ptr(), 130) };
+        set_all(&words, 130);
         assert_eq!(words[0].load(SeqCst), u64::MAX);
         assert_eq!(words[1].load(SeqCst), u64::MAX);
         assert_eq!(words[2].load(SeqCst), 0b11);

@@ -5,21 +5,19 @@ use super::PAGE_SIZE;
 /// A fresh private anonymous read-write mapping of `pages` pages, chosen by the kernel. The
 /// caller unmaps it (or lets the test process end) after dropping every tracker on it.
 pub(super) fn anon(pages: usize) -> usize {
+    use nix::sys::mman::{madvise, mmap_anonymous, MapFlags, MmapAdvise, ProtFlags};
+    let len = std::num::NonZeroUsize::new(pages * PAGE_SIZE).expect("at least one page");
+    let rw = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
     // SAFETY: a fresh private anonymous mapping chosen by the kernel; it overlaps nothing.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            pages * PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
+    let p = unsafe { mmap_anonymous(None, len, rw, MapFlags::MAP_PRIVATE) }.expect("mmap of a test mapping");
     // SAFETY: advice on the mapping just made; huge pages would coarsen uffd tracking to 2 MiB.
-    unsafe { libc::madvise(p, pages * PAGE_SIZE, libc::MADV_NOHUGEPAGE) };
-    p as usize
+    let _ = unsafe { madvise(p, len.get(), MmapAdvise::MADV_NOHUGEPAGE) };
+    p.as_ptr() as usize
+}
+
+/// The address `a` (of a test mapping) as the pointer nix's memory calls take.
+pub(super) fn at(a: usize) -> std::ptr::NonNull<std::ffi::c_void> {
+    std::ptr::NonNull::new(a as *mut std::ffi::c_void).expect("a mapping is never at address 0")
 }
 
 /// Run the `#[ignore]`d test `name` of the test module `module` (pass `module_path!()`) alone in

@@ -2,8 +2,10 @@
 
 use super::*;
 
+use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +29,18 @@ fn fill(page: usize) -> u8 {
     (page % 251) as u8 + 1
 }
 
+/// A private read-write mapping of the first `len` bytes of `f`, without huge pages.
+fn map_file(f: &std::fs::File, len: usize) -> *mut u8 {
+    let size = NonZeroUsize::new(len).expect("a test map has pages");
+    let rw = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+    // SAFETY: mapping a fresh region chosen by the kernel (addr = None) of a file we own, of
+    // exactly its length; no existing memory is affected.
+    let p = unsafe { mmap(None, size, rw, MapFlags::MAP_PRIVATE, f, 0) }.expect("mmap");
+    // SAFETY: advising the mapping we just created.
+    unsafe { madvise(p, len, MmapAdvise::MADV_NOHUGEPAGE) }.expect("madvise");
+    p.as_ptr().cast()
+}
+
 impl TestMap {
     fn new(pages: usize) -> TestMap {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -43,56 +57,47 @@ impl TestMap {
             f.write_all(&buf).expect("fill temp file");
         }
         let len = pages * PAGE_SIZE;
-        // SAFETY: mapping a fresh region chosen by the kernel (addr = NULL) of a file we own,
-        // of exactly its length; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
-        // SAFETY: advising the mapping we just created.
-        let r = unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-        assert_eq!(r, 0, "madvise: {}", io::Error::last_os_error());
-        TestMap { base: p as *mut u8, len, path }
+        TestMap { base: map_file(&f, len), len, path }
     }
 
     fn pages(&self) -> usize {
         self.len / PAGE_SIZE
     }
 
+    /// Byte `off` of page `page`.
+    fn at(&self, page: usize, off: usize) -> *mut u8 {
+        assert!(page < self.pages() && off < PAGE_SIZE);
+        // SAFETY: in bounds of our mapping (checked above).
+        unsafe { self.base.add(page * PAGE_SIZE + off) }
+    }
+
     fn write(&self, page: usize, byte: u8) {
-        assert!(page < self.pages());
+        let p = self.at(page, 17);
         // SAFETY: in bounds of our live RW mapping (tracking only intercepts the write).
-        unsafe { std::ptr::write_volatile(self.base.add(page * PAGE_SIZE + 17), byte) }
+        unsafe { std::ptr::write_volatile(p, byte) }
     }
 
     fn read(&self, page: usize, off: usize) -> u8 {
-        assert!(page < self.pages() && off < PAGE_SIZE);
+        let p = self.at(page, off);
         // SAFETY: in bounds of our live readable mapping.
-        unsafe { std::ptr::read_volatile(self.base.add(page * PAGE_SIZE + off)) }
+        unsafe { std::ptr::read_volatile(p) }
     }
 
     fn dontneed(&self, page: usize) {
+        let p = std::ptr::NonNull::new(self.at(page, 0).cast()).expect("mapped");
         // SAFETY: drops the private copy of one page of our own mapping; the next access
         // faults the file's page in again.
-        let r = unsafe {
-            libc::madvise(self.base.add(page * PAGE_SIZE) as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED)
-        };
-        assert_eq!(r, 0, "madvise(DONTNEED): {}", io::Error::last_os_error());
+        unsafe { madvise(p, PAGE_SIZE, MmapAdvise::MADV_DONTNEED) }.expect("madvise(DONTNEED)");
     }
 }
 
 impl Drop for TestMap {
     fn drop(&mut self) {
-        // SAFETY: unmapping the region we mapped; every tracker on it was dropped first
-        // (trackers are declared after the map in each test, so they drop before it).
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        if let Some(p) = std::ptr::NonNull::new(self.base.cast()) {
+            // SAFETY: unmapping the region we mapped; every tracker on it was dropped first
+            // (trackers are declared after the map in each test, so they drop before it).
+            let _ = unsafe { munmap(p, self.len) };
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -383,8 +388,9 @@ fn regions_boundaries_and_many_regions() {
     assert_eq!(collect(&mut t), run);
     // A single store straddling a region boundary opens both regions.
     let buf = [3u8; 64];
+    let dst = m.at(3 * RP - 1, PAGE_SIZE - 32);
     // SAFETY: 64 bytes across the boundary of regions 2 and 3, inside our mapping.
-    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), m.base.add(3 * RP * PAGE_SIZE - 32), 64) };
+    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, 64) };
     assert_eq!(collect(&mut t), vec![3 * RP - 1, 3 * RP]);
 }
 
@@ -397,13 +403,16 @@ fn regions_kernel_writes_fail_in_closed_regions_and_are_tracked_in_open_ones() {
     let mut t = arm(Some(TrackerKind::Regions), m.base, m.len).expect("arm");
     let f = std::fs::File::open(&m.path).unwrap();
     let pread = |page: usize| {
+        let dst = m.at(page, 0);
+        // raw libc: the kernel must write into tracked memory through a raw pointer (nix's
+        // pread takes a `&mut [u8]`, which must not point at memory the kernel may refuse).
         // SAFETY: reading 100 bytes into `page` of our live mapping; when the page is
         // read-only the kernel refuses and no memory is touched.
-        unsafe { libc::pread(f.as_raw_fd(), m.base.add(page * PAGE_SIZE) as *mut libc::c_void, 100, 0) }
+        unsafe { libc::pread(f.as_raw_fd(), dst.cast(), 100, 0) }
     };
     // Closed region: like the mprotect tracker, the kernel's write fails.
     assert_eq!(pread(RP + 5), -1);
-    assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
+    assert_eq!(io::Error::last_os_error().raw_os_error(), Some(nix::errno::Errno::EFAULT as i32));
     assert_eq!(collect(&mut t), Vec::<usize>::new());
     // Open the region with a store; now a kernel write into it is tracked like uffd's.
     m.write(RP, 1);
@@ -420,8 +429,10 @@ fn uffd_tracks_kernel_writes() {
     let m = TestMap::new(16);
     let mut t = arm(Some(TrackerKind::Uffd), m.base, m.len).expect("arm");
     let f = std::fs::File::open(&m.path).unwrap();
+    let dst = m.at(5, 0);
+    // raw libc: a kernel write into tracked memory through a raw pointer (see above).
     // SAFETY: reading 100 bytes into page 5 of our live RW mapping.
-    let n = unsafe { libc::pread(f.as_raw_fd(), m.base.add(5 * PAGE_SIZE) as *mut libc::c_void, 100, 0) };
+    let n = unsafe { libc::pread(f.as_raw_fd(), dst.cast(), 100, 0) };
     assert_eq!(n, 100, "pread into tracked memory: {}", io::Error::last_os_error());
     assert_eq!(collect(&mut t), vec![5]);
 }
@@ -432,11 +443,13 @@ fn mprotect_kernel_writes_fail_with_efault() {
     let m = TestMap::new(16);
     let mut t = arm(Some(TrackerKind::Mprotect), m.base, m.len).expect("arm");
     let f = std::fs::File::open(&m.path).unwrap();
+    let dst = m.at(5, 0);
+    // raw libc: a kernel write into tracked memory through a raw pointer (see above).
     // SAFETY: reading into page 5 of our live mapping (currently PROT_READ: the kernel
     // refuses to write there and fails the call; no memory is touched).
-    let n = unsafe { libc::pread(f.as_raw_fd(), m.base.add(5 * PAGE_SIZE) as *mut libc::c_void, 100, 0) };
+    let n = unsafe { libc::pread(f.as_raw_fd(), dst.cast(), 100, 0) };
     assert_eq!(n, -1);
-    assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
+    assert_eq!(io::Error::last_os_error().raw_os_error(), Some(nix::errno::Errno::EFAULT as i32));
     assert_eq!(collect(&mut t), Vec::<usize>::new());
 }
 
@@ -873,20 +886,6 @@ impl TestMap {
         let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
         let len = pages * PAGE_SIZE;
         f.set_len(len as u64).unwrap();
-        // SAFETY: as in `new`.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: advising the mapping we just created.
-        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-        TestMap { base: p as *mut u8, len, path }
+        TestMap { base: map_file(&f, len), len, path }
     }
 }

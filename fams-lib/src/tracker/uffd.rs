@@ -17,14 +17,19 @@
 //! reporting nothing.
 //!
 //! The kernel UAPI definitions are not in Debian 12's headers nor in the `libc` crate, so they
-//! are declared here; each ioctl number is checked at compile time against its `_IOWR`/`_IOR`
-//! encoding and each struct against its size.
+//! are declared here; the ioctls are typed wrappers from nix's `ioctl_*!` macros, each request
+//! number nix encodes is checked at compile time against the number in the kernel headers, and
+//! each struct against its size.
 
-use std::ffi::CStr;
 use std::io;
 use std::mem::size_of;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::OnceLock;
+
+use nix::errno::Errno;
+use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
 
 use super::{DirtyTracker, TrackerKind, PAGE_SIZE};
 
@@ -34,11 +39,30 @@ const UFFD_API: u64 = 0xAA;
 /// `userfaultfd(2)` flag: only faults raised by user-mode accesses are handled. Needs no
 /// privilege even with `vm.unprivileged_userfaultfd = 0`. Kernel-mode writes are still tracked
 /// in WP-async mode, because the kernel resolves those faults itself.
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFD_USER_MODE_ONLY: std::ffi::c_int = 1;
+bitflags::bitflags! {
+    /// `UFFD_FEATURE_*`: what `UFFDIO_API` is asked for and reports (bits we do not name are kept
+    /// as the kernel reported them).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct UffdFeatures: u64 {
+        const WP_UNPOPULATED = 1 << 13;
+        const WP_ASYNC = 1 << 15;
+    }
+}
+bitflags::bitflags! {
+    /// `UFFDIO_REGISTER_MODE_*`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct RegisterMode: u64 {
+        const WP = 1 << 1;
+    }
+}
+bitflags::bitflags! {
+    /// `UFFDIO_WRITEPROTECT_MODE_*`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct WriteprotectMode: u64 {
+        const WP = 1 << 0;
+    }
+}
 /// Bit number of `UFFDIO_WRITEPROTECT` in the `ioctls` mask returned by `UFFDIO_REGISTER`.
 const _UFFDIO_WRITEPROTECT: u64 = 0x06;
 
@@ -79,9 +103,21 @@ const UFFDIO_WRITEPROTECT: u32 = 0xc018_aa06;
 
 // ---- UAPI: include/uapi/linux/fs.h ----------------------------------------------------------
 
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
+bitflags::bitflags! {
+    /// `PM_SCAN_*` flags of `struct pm_scan_arg`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct PmScanFlags: u64 {
+        const WP_MATCHING = 1 << 0;
+        const CHECK_WPASYNC = 1 << 1;
+    }
+}
+bitflags::bitflags! {
+    /// `PAGE_IS_*` page categories of `PAGEMAP_SCAN`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct PageCategories: u64 {
+        const WRITTEN = 1 << 1;
+    }
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -110,12 +146,41 @@ struct PageRegion {
 
 const PAGEMAP_SCAN: u32 = 0xc060_6610;
 
-/// Linux's `_IOC(dir, type, nr, size)` on x86-64 and the other asm-generic architectures.
-const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
-    (dir << 30) | ((size as u32) << 16) | (ty << 8) | nr
-}
-const IOC_WRITE: u32 = 1;
-const IOC_READ: u32 = 2;
+nix::ioctl_readwrite!(
+    /// `UFFDIO_API`: the feature handshake.
+    uffdio_api,
+    0xAA,
+    0x3F,
+    UffdioApi
+);
+nix::ioctl_readwrite!(
+    /// `UFFDIO_REGISTER`: register a range (here in write-protect mode).
+    uffdio_register,
+    0xAA,
+    0x00,
+    UffdioRegister
+);
+nix::ioctl_read!(
+    /// `UFFDIO_UNREGISTER`: end the registration of a range.
+    uffdio_unregister,
+    0xAA,
+    0x01,
+    UffdioRange
+);
+nix::ioctl_readwrite!(
+    /// `UFFDIO_WRITEPROTECT`: write-protect (or unprotect) a registered range.
+    uffdio_writeprotect,
+    0xAA,
+    0x06,
+    UffdioWriteprotect
+);
+nix::ioctl_readwrite!(
+    /// `PAGEMAP_SCAN` on `/proc/self/pagemap`.
+    pagemap_scan,
+    b'f',
+    16,
+    PmScanArg
+);
 
 const _: () = {
     assert!(size_of::<UffdioApi>() == 24);
@@ -124,11 +189,15 @@ const _: () = {
     assert!(size_of::<UffdioWriteprotect>() == 24);
     assert!(size_of::<PmScanArg>() == 96);
     assert!(size_of::<PageRegion>() == 24);
-    assert!(UFFDIO_API == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x3F, size_of::<UffdioApi>()));
-    assert!(UFFDIO_REGISTER == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x00, size_of::<UffdioRegister>()));
-    assert!(UFFDIO_UNREGISTER == ioc(IOC_READ, 0xAA, 0x01, size_of::<UffdioRange>()));
-    assert!(UFFDIO_WRITEPROTECT == ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, size_of::<UffdioWriteprotect>()));
-    assert!(PAGEMAP_SCAN == ioc(IOC_READ | IOC_WRITE, b'f' as u32, 16, size_of::<PmScanArg>()));
+};
+// The request numbers nix encodes are the kernel's (x86-64 and the asm-generic architectures).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+const _: () = {
+    assert!(nix::request_code_readwrite!(0xAA, 0x3F, size_of::<UffdioApi>()) as u32 == UFFDIO_API);
+    assert!(nix::request_code_readwrite!(0xAA, 0x00, size_of::<UffdioRegister>()) as u32 == UFFDIO_REGISTER);
+    assert!(nix::request_code_read!(0xAA, 0x01, size_of::<UffdioRange>()) as u32 == UFFDIO_UNREGISTER);
+    assert!(nix::request_code_readwrite!(0xAA, 0x06, size_of::<UffdioWriteprotect>()) as u32 == UFFDIO_WRITEPROTECT);
+    assert!(nix::request_code_readwrite!(b'f', 16, size_of::<PmScanArg>()) as u32 == PAGEMAP_SCAN);
 };
 
 /// Regions fetched per `PAGEMAP_SCAN` call; more dirty runs than this take several calls.
@@ -136,67 +205,58 @@ const REGIONS_PER_SCAN: usize = 512;
 
 // ---- helpers --------------------------------------------------------------------------------
 
-fn os_err(what: &str) -> io::Error {
-    let e = io::Error::last_os_error();
-    io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
-/// `ioctl(fd, req, arg)` retried on `EINTR`; `Ok(return value)` when it is not negative.
+/// Run one ioctl, again while it fails with `EINTR`; `Ok(return value)` when it is not negative.
 /// (Not used for `PAGEMAP_SCAN`, whose partial progress must not be repeated blindly.)
-///
-/// # Safety
-/// `arg` must point to the struct the kernel expects for `req`, valid for reads and writes.
-unsafe fn ioctl_retry<T>(fd: libc::c_int, req: u32, arg: *mut T) -> Result<libc::c_int, io::Error> {
+fn retry_eintr(mut ioctl: impl FnMut() -> nix::Result<std::ffi::c_int>) -> io::Result<std::ffi::c_int> {
     loop {
-        // SAFETY: the caller guarantees `arg` is the right, live struct for `req`.
-        let r = unsafe { libc::ioctl(fd, req as _, arg) };
-        if r >= 0 {
-            return Ok(r);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
+        match ioctl() {
+            Err(Errno::EINTR) => {}
+            r => return r.map_err(io::Error::from),
         }
     }
 }
 
 /// Open a userfaultfd. The error says why the system call failed.
 fn new_uffd() -> io::Result<OwnedFd> {
+    use nix::fcntl::OFlag;
+    let flags = (OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).bits() | UFFD_USER_MODE_ONLY;
+    // raw libc: nix has no wrapper for the userfaultfd(2) system call.
     // SAFETY: userfaultfd(2) takes one int of flags and returns a new fd or -1; no memory is
     // passed.
-    let r = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY) };
+    let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
     if r < 0 {
-        let e = io::Error::last_os_error();
-        let hint = match e.raw_os_error() {
-            Some(libc::ENOSYS) => " (kernel built without CONFIG_USERFAULTFD, or filtered)",
-            Some(libc::EPERM) => " (blocked by seccomp or vm.unprivileged_userfaultfd)",
-            Some(libc::EINVAL) => " (UFFD_USER_MODE_ONLY needs Linux >= 5.11)",
+        let errno = Errno::last();
+        let e = io::Error::from(errno);
+        let hint = match errno {
+            Errno::ENOSYS => " (kernel built without CONFIG_USERFAULTFD, or filtered)",
+            Errno::EPERM => " (blocked by seccomp or vm.unprivileged_userfaultfd)",
+            Errno::EINVAL => " (UFFD_USER_MODE_ONLY needs Linux >= 5.11)",
             _ => "",
         };
         return Err(io::Error::new(e.kind(), format!("userfaultfd: the userfaultfd(2) system call failed: {e}{hint}")));
     }
     // SAFETY: `r` is a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as libc::c_int) })
+    Ok(unsafe { OwnedFd::from_raw_fd(r as std::ffi::c_int) })
 }
 
 /// `UFFDIO_API` handshake asking for `features`; returns the features the kernel reports.
 /// The error is the bare OS error.
-fn enable_api(uffd: &OwnedFd, features: u64) -> io::Result<u64> {
-    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+fn enable_api(uffd: &OwnedFd, features: UffdFeatures) -> io::Result<UffdFeatures> {
+    let mut api = UffdioApi { api: UFFD_API, features: features.bits(), ioctls: 0 };
     // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is, live for the call.
-    unsafe { ioctl_retry(uffd.as_raw_fd(), UFFDIO_API, &mut api) }?;
-    Ok(api.features)
+    retry_eintr(|| unsafe { uffdio_api(uffd.as_raw_fd(), &mut api) })?;
+    Ok(UffdFeatures::from_bits_retain(api.features))
 }
 
 /// Why UFFDIO_API refused `WP_ASYNC | WP_UNPOPULATED`: ask a second userfaultfd, with no
 /// features requested, what this kernel supports.
 fn explain_api_failure(e: io::Error) -> io::Error {
     let mut missing = Vec::new();
-    if let Ok(supported) = new_uffd().and_then(|fd| enable_api(&fd, 0)) {
-        if supported & UFFD_FEATURE_WP_ASYNC == 0 {
+    if let Ok(supported) = new_uffd().and_then(|fd| enable_api(&fd, UffdFeatures::empty())) {
+        if !supported.contains(UffdFeatures::WP_ASYNC) {
             missing.push("WP_ASYNC (needs Linux >= 6.7)");
         }
-        if supported & UFFD_FEATURE_WP_UNPOPULATED == 0 {
+        if !supported.contains(UffdFeatures::WP_UNPOPULATED) {
             missing.push("WP_UNPOPULATED (needs Linux >= 6.4)");
         }
     }
@@ -228,15 +288,16 @@ impl UffdTracker {
     }
 
     fn arm_with(base: usize, len: usize, regions: usize) -> io::Result<UffdTracker> {
-        let features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+        let features = UffdFeatures::WP_ASYNC | UffdFeatures::WP_UNPOPULATED;
         let uffd = new_uffd()?;
         let got = enable_api(&uffd, features).map_err(explain_api_failure)?;
-        if got & features != features {
+        if !got.contains(features) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(
                     "userfaultfd: UFFDIO_API accepted but did not enable WP_ASYNC|WP_UNPOPULATED \
-                     (features {got:#x}; needs Linux >= 6.7)"
+                     (features {:#x}; needs Linux >= 6.7)",
+                    got.bits()
                 ),
             ));
         }
@@ -244,16 +305,16 @@ impl UffdTracker {
         let pagemap = open_pagemap()?;
 
         let range = UffdioRange { start: base as u64, len: len as u64 };
-        let mut reg = UffdioRegister { range, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        let mut reg = UffdioRegister { range, mode: RegisterMode::WP.bits(), ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`, which `reg` is. The kernel
         // only changes how faults in the range are handled; it touches no memory of ours
         // besides `reg`.
-        if let Err(e) = unsafe { ioctl_retry(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } {
-            let hint = match e.raw_os_error() {
-                Some(libc::EINVAL) | Some(libc::ENOMEM) => {
+        if let Err(e) = retry_eintr(|| unsafe { uffdio_register(uffd.as_raw_fd(), &mut reg) }) {
+            let hint = match e.raw_os_error().map(Errno::from_raw) {
+                Some(Errno::EINVAL) | Some(Errno::ENOMEM) => {
                     " (is the whole range mapped, and of a kind userfaultfd supports?)"
                 }
-                Some(libc::EBUSY) => " (already registered with another userfaultfd?)",
+                Some(Errno::EBUSY) => " (already registered with another userfaultfd?)",
                 _ => "",
             };
             return Err(io::Error::new(
@@ -273,10 +334,10 @@ impl UffdTracker {
                 ),
             ));
         }
-        let mut wp = UffdioWriteprotect { range, mode: UFFDIO_WRITEPROTECT_MODE_WP };
+        let mut wp = UffdioWriteprotect { range, mode: WriteprotectMode::WP.bits() };
         // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`, which `wp` is. Write
         // protection in async mode never blocks a writer: a later write just clears the bit.
-        if let Err(e) = unsafe { ioctl_retry(t.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) } {
+        if let Err(e) = retry_eintr(|| unsafe { uffdio_writeprotect(t.uffd.as_raw_fd(), &mut wp) }) {
             return Err(io::Error::new(
                 e.kind(),
                 format!("userfaultfd: UFFDIO_WRITEPROTECT of {base:#x}+{len:#x} failed: {e}"),
@@ -302,7 +363,7 @@ impl UffdTracker {
         while start < end {
             let mut arg = PmScanArg {
                 size: size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags: (PmScanFlags::WP_MATCHING | PmScanFlags::CHECK_WPASYNC).bits(),
                 start,
                 end,
                 walk_end: 0,
@@ -310,29 +371,31 @@ impl UffdTracker {
                 vec_len: self.regions.len() as u64,
                 max_pages: 0,
                 category_inverted: 0,
-                category_mask: PAGE_IS_WRITTEN,
+                category_mask: PageCategories::WRITTEN.bits(),
                 category_anyof_mask: 0,
-                return_mask: PAGE_IS_WRITTEN,
+                return_mask: PageCategories::WRITTEN.bits(),
             };
             // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` (`arg`, of the size it states)
             // and writes at most `vec_len` `struct page_region`s to `vec`, which points at our
             // vector of exactly that many. The scanned range is ours; the kernel only reads and
             // write-protects its page tables.
-            let n = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
-            if n < 0 {
-                // Not retried: a failure after part of the walk may already have re-protected
-                // pages it could not report (see the trait's contract on errors).
-                let e = io::Error::last_os_error();
-                let hint = if e.raw_os_error() == Some(libc::EPERM) {
-                    " (part of the range is not registered in async write-protect mode)"
-                } else {
-                    ""
-                };
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("PAGEMAP_SCAN of {:#x}..{end:#x} failed: {e}{hint}", start),
-                ));
-            }
+            let n = match unsafe { pagemap_scan(self.pagemap.as_raw_fd(), &mut arg) } {
+                Ok(n) => n,
+                Err(errno) => {
+                    // Not retried: a failure after part of the walk may already have re-protected
+                    // pages it could not report (see the trait's contract on errors).
+                    let e = io::Error::from(errno);
+                    let hint = if errno == Errno::EPERM {
+                        " (part of the range is not registered in async write-protect mode)"
+                    } else {
+                        ""
+                    };
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("PAGEMAP_SCAN of {:#x}..{end:#x} failed: {e}{hint}", start),
+                    ));
+                }
+            };
             let n = n as usize;
             if n > self.regions.len() {
                 return Err(io::Error::other(format!(
@@ -380,20 +443,16 @@ impl Drop for UffdTracker {
         // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`, which `range` is. It removes
         // the write protection so later writes are ordinary. Failure (the mapping is already
         // gone) leaves nothing to undo: closing the fd below ends the registration anyway.
-        let _ = unsafe { ioctl_retry(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
+        let _ = retry_eintr(|| unsafe { uffdio_unregister(self.uffd.as_raw_fd(), &mut range) });
         // `uffd` and `pagemap` are closed when their OwnedFds drop.
     }
 }
 
 fn open_pagemap() -> io::Result<OwnedFd> {
-    const PATH: &CStr = c"/proc/self/pagemap";
-    // SAFETY: `PATH` is a NUL-terminated string; open(2) returns a new fd or -1.
-    let fd = unsafe { libc::open(PATH.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(os_err("userfaultfd tracker: cannot open /proc/self/pagemap"));
-    }
-    // SAFETY: `fd` is a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // std opens with O_CLOEXEC.
+    std::fs::File::open("/proc/self/pagemap").map(OwnedFd::from).map_err(|e| {
+        io::Error::new(e.kind(), format!("userfaultfd tracker: cannot open /proc/self/pagemap: {e}"))
+    })
 }
 
 // ---- availability probe ---------------------------------------------------------------------
@@ -408,32 +467,22 @@ pub(super) fn available() -> Result<(), String> {
 fn probe() -> Result<(), String> {
     const PAGES: usize = 4;
     let len = PAGES * PAGE_SIZE;
+    let size = NonZeroUsize::new(len).ok_or("probe: empty scratch mapping")?;
     // SAFETY: a fresh private anonymous mapping chosen by the kernel; it overlaps nothing.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("probe: mmap of a scratch page failed: {}", io::Error::last_os_error()));
-    }
+    let p = unsafe { mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE) }
+        .map_err(|e| format!("probe: mmap of a scratch page failed: {e}"))?;
     // Unmap on every path out, after the tracker (declared later) has been dropped.
-    struct Unmap(*mut libc::c_void, usize);
+    struct Unmap(NonNull<std::ffi::c_void>, usize);
     impl Drop for Unmap {
         fn drop(&mut self) {
             // SAFETY: unmapping exactly the scratch mapping made above, which nothing else uses.
-            unsafe { libc::munmap(self.0, self.1) };
+            let _ = unsafe { munmap(self.0, self.1) };
         }
     }
     let _unmap = Unmap(p, len);
     // SAFETY: advising our own scratch mapping; failure only means THP may stay on.
-    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-    let base = p as usize;
+    let _ = unsafe { madvise(p, len, MmapAdvise::MADV_NOHUGEPAGE) };
+    let base = p.as_ptr() as usize;
 
     let mut t = UffdTracker::arm(base, len).map_err(|e| e.to_string())?;
     let mut v = Vec::new();
@@ -468,20 +517,12 @@ mod tests {
         }
         const PAGES: usize = 300;
         let len = PAGES * PAGE_SIZE;
+        let size = NonZeroUsize::new(len).unwrap();
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         // SAFETY: a fresh private anonymous mapping, unmapped at the end of this test after the
         // tracker is dropped.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = p as usize;
+        let p = unsafe { mmap_anonymous(None, size, prot, MapFlags::MAP_PRIVATE) }.unwrap();
+        let base = p.as_ptr() as usize;
         let mut t = UffdTracker::arm_with(base, len, 1).unwrap();
         let want: Vec<usize> = (0..PAGES).filter(|i| i % 3 != 1).collect(); // runs of 2 pages, gaps of 1
         for &i in &want {
@@ -496,7 +537,7 @@ mod tests {
         assert!(v.is_empty(), "{v:?}");
         drop(t);
         // SAFETY: unmapping our own mapping; the tracker is gone.
-        unsafe { libc::munmap(p, len) };
+        unsafe { munmap(p, len) }.unwrap();
     }
 
     /// On anonymous memory only WP_UNPOPULATED keeps never-touched pages protected: without it a
@@ -509,20 +550,12 @@ mod tests {
         }
         const PAGES: usize = 8;
         let len = PAGES * PAGE_SIZE;
+        let size = NonZeroUsize::new(len).unwrap();
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         // SAFETY: a fresh private anonymous mapping, unmapped at the end of this test after the
         // tracker is dropped.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = p as usize;
+        let p = unsafe { mmap_anonymous(None, size, prot, MapFlags::MAP_PRIVATE) }.unwrap();
+        let base = p.as_ptr() as usize;
         let mut t = UffdTracker::arm(base, len).unwrap();
         let mut sum = 0u32;
         for i in 0..PAGES {
@@ -539,7 +572,7 @@ mod tests {
         assert_eq!(v, vec![4]);
         drop(t);
         // SAFETY: unmapping our own mapping; the tracker is gone.
-        unsafe { libc::munmap(p, len) };
+        unsafe { munmap(p, len) }.unwrap();
     }
 
     #[test]

@@ -80,8 +80,11 @@ pub fn run_with_status<A: App>(
         move |source| NodeError::Io { what, source }
     };
     let mut socket = UdpSocket::bind(options.listen).map_err(io(&format!("binding UDP {}", options.listen)))?;
-    set_buffer(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
-    set_buffer(&socket, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    {
+        use nix::sys::socket::sockopt::{RcvBuf, RcvBufForce, SndBuf, SndBufForce};
+        set_buffer(&socket, RcvBufForce, RcvBuf);
+        set_buffer(&socket, SndBufForce, SndBuf);
+    }
     let mut poll = Poll::new().map_err(io("creating the event loop"))?;
     poll.registry().register(&mut socket, SOCKET, Interest::READABLE).map_err(io("registering the socket"))?;
 
@@ -216,27 +219,25 @@ pub fn run_with_status<A: App>(
 /// Ask for large socket buffers: the `FORCE` option (allowed with CAP_NET_ADMIN) passes
 /// net.core.{r,w}mem_max, the plain one is capped by it. Failure only costs retransmissions,
 /// so it is not an error.
-fn set_buffer(socket: &UdpSocket, force: libc::c_int, plain: libc::c_int) {
-    if !setsockopt_int(socket, force) {
-        setsockopt_int(socket, plain);
+fn set_buffer<F, P>(socket: &UdpSocket, force: F, plain: P)
+where
+    F: nix::sys::socket::SetSockOpt<Val = usize> + std::fmt::Debug + Copy,
+    P: nix::sys::socket::SetSockOpt<Val = usize> + std::fmt::Debug + Copy,
+{
+    if !setsockopt_bytes(socket, force) {
+        setsockopt_bytes(socket, plain);
     }
 }
 
-fn setsockopt_int(socket: &UdpSocket, option: libc::c_int) -> bool {
-    let bytes = SOCKET_BUFFER_BYTES as libc::c_int;
-    // SAFETY: a valid socket descriptor, a pointer to a c_int that outlives the call, and its
-    // exact size; setsockopt only reads it.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(option, error = %std::io::Error::last_os_error(), "setsockopt(socket buffer) failed");
+fn setsockopt_bytes<O: nix::sys::socket::SetSockOpt<Val = usize> + std::fmt::Debug + Copy>(
+    socket: &UdpSocket,
+    option: O,
+) -> bool {
+    match nix::sys::socket::setsockopt(socket, option, &SOCKET_BUFFER_BYTES) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::debug!(?option, %error, "setsockopt(socket buffer) failed");
+            false
+        }
     }
-    rc == 0
 }
