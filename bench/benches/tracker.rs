@@ -42,8 +42,10 @@ impl Mapping {
 
     fn write(&self, page: usize, v: u8) {
         assert!(page < self.len / PAGE_SIZE);
-        // SAFETY: the byte lies inside the mapping.
-        unsafe { self.base.add(page * PAGE_SIZE + 8).write_volatile(v) };
+        // The address is computed without unsafe; the write below needs it in bounds.
+        let byte = self.base.wrapping_add(page * PAGE_SIZE + 8);
+        // SAFETY: page < len / PAGE_SIZE (asserted), so the byte lies inside the live mapping.
+        unsafe { byte.write_volatile(v) };
     }
 }
 
