@@ -39,6 +39,12 @@
 //! # Ok::<(), fams::Error>(())
 //! ```
 
+/// The README's Rust examples, compiled as doctests (not run: they use a deployment's paths),
+/// so the front page cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExamples;
+
 pub mod alloc;
 pub mod apps;
 pub mod error;
