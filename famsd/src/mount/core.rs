@@ -3,7 +3,7 @@
 //! handle. Independent of FUSE: every method takes plain values and returns a result that the
 //! request handlers ([`super::fs`]) turn into a reply.
 
-use super::layout::{Attr, Fail, FileChanges, MetaChange, NewInode, Store, BLOCK, KIND_DIR, KIND_FILE};
+use super::layout::{Attr, DirEntry, Fail, FileChanges, MetaChange, NewInode, Store, BLOCK, KIND_DIR, KIND_FILE};
 use super::staging::{Committed, StageError, Staging};
 use std::collections::HashMap;
 
@@ -38,7 +38,7 @@ pub struct Core {
     /// Handle → inode.
     handles: HashMap<u64, u64>,
     /// Directory handle → its listing, taken at opendir.
-    listings: HashMap<u64, Vec<(u64, u32, Vec<u8>)>>,
+    listings: HashMap<u64, Vec<DirEntry>>,
     next_fh: u64,
     pub stats: CoreStats,
 }
@@ -142,7 +142,7 @@ impl Core {
     }
 
     /// Directory entries of handle `fh` from index `offset` on.
-    pub fn listing(&self, fh: u64) -> Option<&[(u64, u32, Vec<u8>)]> {
+    pub fn listing(&self, fh: u64) -> Option<&[DirEntry]> {
         self.listings.get(&fh).map(Vec::as_slice)
     }
 

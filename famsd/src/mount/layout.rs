@@ -121,6 +121,9 @@ fn full(what: &str) -> Fail {
     Fail::NoSpace(format!("no room in the store for {what} (it is at its maximum size or its disk is full)"))
 }
 
+/// A directory entry: (inode, kind, name).
+pub type DirEntry = (u64, u32, Vec<u8>);
+
 /// What `stat` shows of an inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
@@ -351,10 +354,10 @@ impl Store {
     }
 
     /// The entries of a directory: (inode, kind, name).
-    pub fn list(&mut self, ino: u64) -> Result<(u64, Vec<(u64, u32, Vec<u8>)>), Fail> {
+    pub fn list(&mut self, ino: u64) -> Result<(u64, Vec<DirEntry>), Fail> {
         self.read(|r| {
             let d = dir(r, ino)?;
-            let mut out: Vec<(u64, u32, Vec<u8>)> = d
+            let mut out: Vec<DirEntry> = d
                 .entries
                 .iter()
                 .map(|(name, &c)| (c, r.inodes.get(&c).map_or(KIND_FILE, |i| i.kind), name.to_vec()))

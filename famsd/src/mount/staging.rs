@@ -266,6 +266,15 @@ mod tests {
         }
     }
 
+    /// Where two byte strings differ (without printing them whole).
+    fn diff(got: &[u8], want: &[u8]) -> Option<String> {
+        if got == want {
+            return None;
+        }
+        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        Some(format!("lengths {} and {}, first difference at {at}", got.len(), want.len()))
+    }
+
     /// The model: a plain byte vector with the same operations.
     fn commit(st: &Staged, c: &Mem) -> Vec<u8> {
         let mut v = c.0.clone();
@@ -291,12 +300,14 @@ mod tests {
             let mut c = Mem(base.clone());
             let mut model = base;
             let mut s = Staging::new(1 << 30);
+            let mut ops = vec![format!("committed {}", model.len())];
             for _ in 0..12 {
                 match rng.below(3) {
                     0 | 1 => {
                         let off = rng.below(24_000);
                         let data: Vec<u8> = (0..rng.below(9000)).map(|_| rng.next_u64() as u8).collect();
                         s.write(5, off, &data, 0, &mut c).unwrap();
+                        ops.push(format!("write {off}+{}", data.len()));
                         let end = off as usize + data.len();
                         if model.len() < end && !data.is_empty() {
                             model.resize(end, 0);
@@ -306,19 +317,26 @@ mod tests {
                     _ => {
                         let size = rng.below(24_000);
                         s.truncate(5, size, 0, &mut c).unwrap();
+                        ops.push(format!("truncate {size}"));
                         model.resize(size as usize, 0);
                     }
                 }
-                let got = s.read(5, 0, 30_000, &mut c);
-                assert_eq!(got, model, "round {round}");
+                let got = s.read(5, 0, 40_000, &mut c);
+                if let Some(d) = diff(&got, &model) {
+                    panic!("round {round}: {d}; ops {ops:?}");
+                }
                 let off = rng.below(25_000);
                 let got = s.read(5, off, 5000, &mut c);
                 let want = model.get(off as usize..(off as usize + 5000).min(model.len())).unwrap_or(&[]);
-                assert_eq!(got, want, "round {round} partial read at {off}");
+                if let Some(d) = diff(&got, want) {
+                    panic!("round {round}, read at {off}: {d}; ops {ops:?}");
+                }
             }
             let st = s.take(5).unwrap();
             assert_eq!(s.bytes(), 0);
-            assert_eq!(commit(&st, &c), model, "round {round}: committing");
+            if let Some(d) = diff(&commit(&st, &c), &model) {
+                panic!("round {round}, committing: {d}; ops {ops:?}");
+            }
         }
     }
 
