@@ -189,6 +189,12 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
 /// return once it has mounted (or say why it could not).
 pub fn run_background(args: &MountArgs, log_file: &Path) -> Result<(), String> {
     check_mountpoint(&args.mountpoint)?;
+    if let Err(e) = std::fs::metadata(&args.store) {
+        return Err(format!(
+            "{}: cannot open the store: {e} (make one with `famsd format --heap STORE --size 64M --max-size 64G`)",
+            args.store.display()
+        ));
+    }
     let exe = std::env::current_exe().map_err(|e| format!("finding famsd itself: {e}"))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
