@@ -631,3 +631,123 @@ fn bad_stores_and_mount_points_and_a_full_store_give_clear_errors() {
     let (ok, err) = run(&["umount".as_ref(), mp.as_os_str()]);
     assert!(!ok && err.contains("nothing is mounted"), "{err}");
 }
+
+/// Without `--foreground`, `famsd mount` returns once the daemon has mounted; SIGTERM makes
+/// the daemon unmount and end; after a SIGKILL the mount point answers ENOTCONN until
+/// `famsd umount` detaches it, and the store mounts again with everything synced.
+#[test]
+fn a_background_daemon_stops_on_sigterm_and_a_dead_one_is_cleaned_up() {
+    if !can_mount() {
+        return;
+    }
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-background");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "8M", Some("1G"));
+    std::fs::create_dir_all(&mp).unwrap();
+    let start = || -> (i32, Watchdog) {
+        let out = Command::new(&famsd).arg("mount").arg(&store).arg(&mp).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        let pid: i32 = text
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no daemon pid in {text:?}"));
+        let wd = Watchdog::new();
+        wd.set_target(fuse_connection_of(&mp), Some(pid as u32));
+        (pid, wd)
+    };
+    let gone = |pid: i32| {
+        let deadline = Instant::now() + PATIENCE;
+        while kill(Pid::from_raw(pid), None).is_ok() {
+            assert!(Instant::now() < deadline, "daemon {pid} still there after {} s", PATIENCE.as_secs());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let (pid, wd) = start();
+    wd.watch("writing", PATIENCE, || write_synced(&mp.join("f"), b"background").unwrap()).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    gone(pid);
+    assert!(fuse_connection_of(&mp).is_none(), "SIGTERM unmounted");
+    let log = std::fs::read_to_string(dir.join("files.heap.mount.log")).unwrap();
+    assert!(log.contains("SIGTERM: unmounting"), "{log}");
+    // A daemon that dies: ENOTCONN, then famsd umount, then a new mount.
+    let (pid, _wd) = start();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    gone(pid);
+    let e = std::fs::metadata(&mp).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    let out = Command::new(&famsd).arg("mount").arg(&store).arg(&mp).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("famsd umount"));
+    let out = Command::new(&famsd).arg("umount").arg(&mp).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("daemon was gone"), "{out:?}");
+    let (pid, wd) = start();
+    wd.watch("reading", PATIENCE, || assert_eq!(std::fs::read(mp.join("f")).unwrap(), b"background")).unwrap();
+    let out = Command::new(&famsd).arg("umount").arg(&mp).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    gone(pid);
+}
+
+/// Dirty mapped pages the kernel writes back on its own (here forced with sync(2), as its
+/// ~30 s background writeback would) reach the daemon as WRITEs but are only staged: killing
+/// the program — or the daemon — leaves the file at its last msync.
+#[test]
+fn pages_written_back_without_msync_never_become_durable() {
+    if !can_mount() {
+        return;
+    }
+    const WRITER: &str = r#"
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+mm = mmap.mmap(fd, 8 * 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+mm[:] = b"S" * (8 * 4096); mm.flush()
+mm[:] = b"U" * (8 * 4096)
+os.sync()
+print("done", flush=True)
+sys.stdin.read()
+"#;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-writeback");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "8M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    m.watch("setup", || {
+        let f = std::fs::File::create(m.path("w")).unwrap();
+        f.set_len(8 * PAGE as u64).unwrap();
+        f.sync_all().unwrap();
+    });
+    for kill_daemon in [false, true] {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(WRITER)
+            .arg(m.path("w"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut writer = ChildProc::new(&child);
+        let mut line = String::new();
+        m.watch("the writer", || BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap());
+        assert_eq!(line.trim(), "done");
+        let status = m.status("w");
+        assert!(status.contains("staged_pages=8"), "sync(2) wrote the dirty pages back to the daemon: {status}");
+        if kill_daemon {
+            m.kill_daemon();
+            writer.kill();
+            drop(child);
+            m.unmount().unwrap();
+            m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+        } else {
+            writer.kill();
+            drop(child);
+            m.wait_closed("w").unwrap();
+        }
+        let data = m.watch("reading", || std::fs::read(m.path("w")).unwrap());
+        assert!(data == b"S".repeat(8 * PAGE), "not the msynced content (daemon killed: {kill_daemon})");
+    }
+    m.unmount().unwrap();
+}
