@@ -751,3 +751,187 @@ sys.stdin.read()
     }
     m.unmount().unwrap();
 }
+
+/// SQLite (Python's `sqlite3`) with `journal_mode=OFF`, `synchronous=FULL` on the mount: with no
+/// journal, SQLite's only protection is the file system's — each COMMIT writes its pages and
+/// fsyncs once, so the mount's sync must make the whole transaction durable or none of it.
+/// Transactions of many rows are killed at random (in every other cycle the daemon first);
+/// after each kill `PRAGMA integrity_check` must say ok and the database must hold exactly the
+/// transactions up to one at or after the last acknowledged, each complete.
+#[test]
+fn sqlite_without_a_journal_keeps_whole_transactions() {
+    if !can_mount() {
+        return;
+    }
+    const SPAWNER: &str = r#"
+import os, sqlite3, sys
+path, rows = sys.argv[1], int(sys.argv[2])
+def connect():
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=OFF"); db.execute("PRAGMA synchronous=FULL")
+    return db
+def writer():
+    db = connect()
+    n = db.execute("SELECT last FROM meta").fetchone()[0] + 1
+    os.write(1, b"start\n")
+    while True:
+        db.execute("BEGIN")
+        for k in range(rows):
+            db.execute("INSERT INTO t VALUES (?, ?, ?)", (n, k, bytes([n % 251]) * 200))
+        db.execute("UPDATE meta SET last = ?", (n,))
+        db.execute("COMMIT")
+        os.write(1, b"%d\n" % n)
+        n += 1
+def check():
+    try:
+        db = connect()
+        ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+        last = db.execute("SELECT last FROM meta").fetchone()[0]
+        bad = db.execute("SELECT count(*) FROM (SELECT txn, count(*) AS c, min(length(v)) AS l FROM t GROUP BY txn HAVING c != ? OR l != 200)", (rows,)).fetchone()[0]
+        txns, hi = db.execute("SELECT count(DISTINCT txn), coalesce(max(txn), 0) FROM t").fetchone()
+        db.close()
+        os.write(1, ("check %s last=%d txns=%d max=%d bad=%d\n" % (ok.replace(" ", "_"), last, txns, hi, bad)).encode())
+    except Exception as e:
+        os.write(1, ("check error %s\n" % str(e).replace("\n", " ")).encode())
+def forked(f):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            f()
+        finally:
+            os._exit(1)
+    return pid
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "setup":
+        db = connect()
+        db.execute("CREATE TABLE t (txn INTEGER, k INTEGER, v BLOB)")
+        db.execute("CREATE TABLE meta (last INTEGER)")
+        db.execute("INSERT INTO meta VALUES (0)")
+        db.close()
+        os.write(1, b"ready\n")
+    elif cmd == "go":
+        os.write(1, b"pid %d\n" % forked(writer))
+    elif cmd == "reap":
+        os.waitpid(int(arg), 0)
+        os.write(1, b"dead %s\n" % arg.encode())
+    elif cmd == "check":
+        os.waitpid(forked(check), 0)
+"#;
+    let kills_wanted: u64 = std::env::var("FAMS_MOUNT_SQLITE_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let rows = 40;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-sqlite");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "16M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    let mut spawner = Command::new("python3")
+        .arg("-S")
+        .arg("-c")
+        .arg(SPAWNER)
+        .arg(m.path("db.sqlite"))
+        .arg(rows.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _spawner_proc = ChildProc::new(&spawner);
+    let mut to_spawner = spawner.stdin.take().unwrap();
+    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
+    let from_spawner = spawner.stdout.take().unwrap();
+    drop(spawner);
+    std::thread::spawn(move || {
+        for l in BufReader::new(from_spawner).lines().map_while(Result::ok) {
+            if line_tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let next_line = |what: &str| -> String {
+        lines.recv_timeout(PATIENCE).unwrap_or_else(|e| panic!("waiting for the Python SQLite program ({what}): {e}"))
+    };
+    writeln!(to_spawner, "setup -").unwrap();
+    assert_eq!(next_line("setup"), "ready");
+    let mut rng = Rng::new(0x5117e);
+    let started = Instant::now();
+    let (mut kills, mut daemon_kills, mut violations, mut details) = (0u64, 0u64, 0u64, Vec::new());
+    let (mut committed_unacked, mut verified) = (0u64, 0u64);
+    while kills < kills_wanted {
+        let kill_daemon = kills % 2 == 1;
+        writeln!(to_spawner, "go -").unwrap();
+        let (mut pid, mut writing, mut acked) = (None, false, None::<u64>);
+        while pid.is_none() || !writing {
+            let l = next_line("start");
+            if let Some(p) = l.strip_prefix("pid ") {
+                pid = p.parse::<i32>().ok();
+            } else if l == "start" {
+                writing = true;
+            } else if let Ok(g) = l.parse::<u64>() {
+                acked = Some(g);
+            } else {
+                panic!("the SQLite program said {l:?}");
+            }
+        }
+        let pid = pid.unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(60_000)));
+        if kill_daemon {
+            m.kill_daemon();
+            daemon_kills += 1;
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        kills += 1;
+        writeln!(to_spawner, "reap {pid}").unwrap();
+        loop {
+            let l = next_line("reaping");
+            if l == format!("dead {pid}") {
+                break;
+            }
+            if let Ok(g) = l.parse::<u64>() {
+                acked = Some(g);
+            }
+        }
+        let floor = acked.unwrap_or(verified).max(verified);
+        if kill_daemon {
+            m.unmount().unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
+            m = Mounted::start(&famsd, &store, &mp, &[]).unwrap_or_else(|e| panic!("cycle {kills}: remount: {e}"));
+        } else {
+            m.wait_closed("db.sqlite").unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
+        }
+        let check = m.watch("checking the database", || {
+            writeln!(to_spawner, "check -").unwrap();
+            next_line("check")
+        });
+        let field = |k: &str| -> u64 {
+            check.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
+        };
+        let (last, txns, max, bad) = (field("last="), field("txns="), field("max="), field("bad="));
+        let ok = check.starts_with("check ok ")
+            && bad == 0
+            && last == txns
+            && last == max
+            && last >= floor
+            && last <= floor + 1;
+        if ok {
+            committed_unacked += u64::from(last == floor + 1);
+            verified = last;
+        } else {
+            let msg = format!(
+                "cycle {kills} ({}): {check} (last acknowledged {floor})",
+                if kill_daemon { "daemon and writer killed" } else { "writer killed" }
+            );
+            eprintln!("VIOLATION {msg}");
+            note_violation(&mut violations, &mut details, msg);
+            break; // a damaged database stays damaged: later cycles would only repeat it
+        }
+    }
+    drop(to_spawner);
+    m.unmount().unwrap();
+    let report = serde_json::json!({
+        "kills": kills, "daemon_kills": daemon_kills, "violations": violations,
+        "transactions": verified, "committed_but_unacknowledged": committed_unacked,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("mount SQLite SIGKILL: {report}");
+    assert_eq!(violations, 0, "{details:#?}\n{report}");
+    assert!(verified > 0, "no transaction was ever committed: {report}");
+}
