@@ -619,6 +619,9 @@ fn bad_stores_and_mount_points_and_a_full_store_give_clear_errors() {
         f.write_all(&pattern(8 << 20, 4)).unwrap();
         let e = f.sync_all().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        // Past the largest file size the mount takes (2^50 bytes).
+        let e = f.write_all_at(b"x", 1 << 51).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
     });
     m.unmount().unwrap();
     let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();

@@ -71,7 +71,7 @@ fn stage_fail(e: StageError, ino: u64) -> Fail {
             );
             Fail::NoSpace(format!("staging budget of {max_bytes} bytes is full"))
         }
-        StageError::TooLarge => Fail::Invalid,
+        StageError::TooLarge => Fail::TooBig,
     }
 }
 

@@ -60,6 +60,7 @@ pub fn errno(f: &Fail) -> Errno {
         Fail::NotEmpty => Errno::ENOTEMPTY,
         Fail::Invalid => Errno::EINVAL,
         Fail::NameTooLong => Errno::ENAMETOOLONG,
+        Fail::TooBig => Errno::EFBIG,
         Fail::NoSpace(_) => Errno::ENOSPC,
         Fail::Io(e) => {
             tracing::error!("{e}");

@@ -93,6 +93,8 @@ pub enum Fail {
     /// E.g. moving a directory into itself.
     Invalid,
     NameTooLong,
+    /// Past the largest file size.
+    TooBig,
     /// The store is full (at its maximum size, or its disk is full). Nothing was changed.
     NoSpace(String),
     /// The heap failed (I/O error, damaged metadata); the message says what.
