@@ -624,6 +624,24 @@ fn bad_stores_and_mount_points_and_a_full_store_give_clear_errors() {
         assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
     });
     m.unmount().unwrap();
+    // A sync larger than the store's log (16 MiB here): ENOSPC too, nothing committed.
+    let roomy = dir.join("roomy.heap");
+    format_store(&roomy, "8M", Some("1G"));
+    let mut r = Mounted::start(&famsd, &roomy, &mp2, &[]).unwrap();
+    r.watch("a sync larger than the log", || {
+        let mut f = std::fs::File::create(r.path("large")).unwrap();
+        f.write_all(&pattern(20 << 20, 5)).unwrap();
+        let e = f.sync_all().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        f.set_len(1 << 20).unwrap();
+        f.sync_all().unwrap(); // a smaller one then fits
+    });
+    r.unmount().unwrap();
+    let mut r = Mounted::start(&famsd, &roomy, &mp2, &[]).unwrap();
+    r.watch("after the sync larger than the log", || {
+        assert!(std::fs::read(r.path("large")).unwrap() == pattern(20 << 20, 5)[..1 << 20]);
+    });
+    r.unmount().unwrap();
     let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
     m.watch("after the full store", || {
         assert_eq!(std::fs::read(m.path("keep")).unwrap(), b"kept");

@@ -114,6 +114,7 @@ impl std::fmt::Display for Fail {
 fn from_object(e: ObjectError) -> Fail {
     match e {
         e @ ObjectError::Exhausted { .. } => Fail::NoSpace(e.to_string()),
+        ObjectError::Heap(h @ fams::Error::CommitTooLarge { .. }) => Fail::NoSpace(h.to_string()),
         ObjectError::Heap(h) if h.to_string().contains("No space left") => Fail::NoSpace(h.to_string()),
         e => Fail::Io(e.to_string()),
     }
@@ -198,8 +199,10 @@ pub struct StoreStats {
 /// The mounted store: the heap with the file system in it. Lives on one thread (a heap is not
 /// `Send`).
 pub struct Store {
-    objects: ObjectHeap,
+    /// None only after a failed reopen (see [`Store::reopen`]): every operation is then EIO.
+    objects: Option<ObjectHeap>,
     path: PathBuf,
+    log: Option<PathBuf>,
     pub stats: StoreStats,
 }
 
@@ -258,6 +261,13 @@ impl Store {
     /// Open the store at `path` (its redo log: the one recorded in the heap, or `log`), creating
     /// the file system in a fresh heap, and removing inodes a crash left unlinked but not freed.
     pub fn open(path: &Path, log: Option<PathBuf>) -> Result<Store, String> {
+        let objects = Self::open_objects(path, log.clone())?;
+        let mut store = Store { objects: Some(objects), path: path.to_path_buf(), log, stats: StoreStats::default() };
+        store.init().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(store)
+    }
+
+    fn open_objects(path: &Path, log: Option<PathBuf>) -> Result<ObjectHeap, String> {
         let opts = HeapOptions { log_path: log, ..HeapOptions::default() };
         let heap = Heap::open(path, &opts).map_err(|e| {
             format!(
@@ -275,9 +285,26 @@ impl Store {
             }
             e => format!("{}: not a usable famsd mount store: {e}", path.display()),
         })?;
-        let mut store = Store { objects, path: path.to_path_buf(), stats: StoreStats::default() };
-        store.init().map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(store)
+        Ok(objects)
+    }
+
+    fn objects(&mut self) -> Result<&mut ObjectHeap, Fail> {
+        self.objects.as_mut().ok_or_else(|| {
+            Fail::Io("the store could not be reopened after a failed rollback; unmount and mount again".into())
+        })
+    }
+
+    /// Drop the heap's uncommitted state the way a crash would and open it again: the way back
+    /// when a rollback fails. (The object layer cannot roll back an operation during which the
+    /// heap grew: the growth itself is durable, the allocator's record of it was not. Opening
+    /// takes the grown space.) Nothing committed is lost; staged file data is not in the heap.
+    fn reopen(&mut self) -> Result<(), String> {
+        if let Some(o) = self.objects.take() {
+            o.abandon();
+        }
+        let objects = Self::open_objects(&self.path, self.log.clone())?;
+        self.objects = Some(objects);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -313,7 +340,7 @@ impl Store {
 
     /// Run `f` on the file system without changing it.
     fn read<R>(&mut self, f: impl for<'h> FnOnce(&'h mut FsRoot<'h>) -> R) -> Result<R, Fail> {
-        let (root, _) = self.objects.named_root(ROOT_NAME, new_root).map_err(from_object)?;
+        let (root, _) = self.objects()?.named_root(ROOT_NAME, new_root).map_err(from_object)?;
         Ok(f(root))
     }
 
@@ -323,11 +350,12 @@ impl Store {
         &mut self,
         f: impl for<'h> FnOnce(&'h mut FsRoot<'h>, HeapAlloc<'h>) -> Result<R, Fail>,
     ) -> Result<R, Fail> {
-        let r = match self.objects.named_root(ROOT_NAME, new_root) {
+        let objects = self.objects()?;
+        let r = match objects.named_root(ROOT_NAME, new_root) {
             Ok((root, a)) => f(root, a),
             Err(e) => Err(from_object(e)),
         };
-        let r = r.and_then(|v| self.objects.commit().map(|_| v).map_err(from_object));
+        let r = r.and_then(|v| self.objects()?.commit().map(|_| v).map_err(from_object));
         match r {
             Ok(v) => {
                 self.stats.commits += 1;
@@ -335,9 +363,16 @@ impl Store {
             }
             Err(e) => {
                 self.stats.rollbacks += 1;
-                if let Err(re) = self.objects.rollback() {
-                    tracing::error!("rolling back after {e}: {re}");
-                    return Err(Fail::Io(format!("{e}; and the rollback failed: {re}")));
+                let rolled_back = match self.objects() {
+                    Ok(o) => o.rollback().map(|_| ()).map_err(|re| re.to_string()),
+                    Err(re) => Err(re.to_string()),
+                };
+                if let Err(re) = rolled_back {
+                    tracing::warn!("rolling back after {e} failed ({re}); reopening the store");
+                    if let Err(oe) = self.reopen() {
+                        tracing::error!("reopening the store failed: {oe}");
+                        return Err(Fail::Io(format!("{e}; the rollback failed ({re}) and so did reopening ({oe})")));
+                    }
                 }
                 Err(e)
             }
@@ -633,12 +668,15 @@ impl Store {
 
     /// The heap's size and maximum size (for statfs).
     pub fn space(&self) -> (u64, u64) {
-        (self.objects.heap().len() as u64, self.objects.heap().max_len() as u64)
+        self.objects.as_ref().map_or((0, 0), |o| (o.heap().len() as u64, o.heap().max_len() as u64))
     }
 
     /// Close the heap cleanly (a final checkpoint). Uncommitted changes are lost.
     pub fn close(self) -> Result<(), String> {
-        self.objects.close().map_err(|e| e.to_string())
+        match self.objects {
+            Some(o) => o.close().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 }
 
