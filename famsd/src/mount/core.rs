@@ -40,8 +40,13 @@ pub struct Core {
     /// Directory handle → its listing, taken at opendir.
     listings: HashMap<u64, Vec<DirEntry>>,
     next_fh: u64,
+    /// Pages committed since the heap's memory was last given back.
+    pages_since_release: u64,
     pub stats: CoreStats,
 }
+
+/// Give the heap's committed pages' memory back after this many pages were committed.
+const RELEASE_AFTER_PAGES: u64 = 8192;
 
 /// The committed state of one file, read from the store on demand.
 struct CommittedFile<'a> {
@@ -85,6 +90,7 @@ impl Core {
             handles: HashMap::new(),
             listings: HashMap::new(),
             next_fh: 1,
+            pages_since_release: 0,
             stats: CoreStats::default(),
         }
     }
@@ -212,6 +218,11 @@ impl Core {
         match r {
             Ok(()) => {
                 self.stats.sync_commits += 1;
+                self.pages_since_release += pages.len() as u64;
+                if self.pages_since_release >= RELEASE_AFTER_PAGES {
+                    self.pages_since_release = 0;
+                    self.store.release_committed();
+                }
                 Ok(())
             }
             Err(e) => {

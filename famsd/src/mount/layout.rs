@@ -666,6 +666,16 @@ impl Store {
         })
     }
 
+    /// Give back the memory of heap pages that equal their committed image (the heap is mapped
+    /// privately, so every page written stays resident until released).
+    pub fn release_committed(&mut self) {
+        match self.objects().map(|o| o.release_committed()) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("releasing committed heap pages: {e}"),
+            Err(e) => tracing::warn!("releasing committed heap pages: {e}"),
+        }
+    }
+
     /// The heap's size and maximum size (for statfs).
     pub fn space(&self) -> (u64, u64) {
         self.objects.as_ref().map_or((0, 0), |o| (o.heap().len() as u64, o.heap().max_len() as u64))
