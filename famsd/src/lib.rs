@@ -5,6 +5,7 @@ pub mod bench;
 pub mod child;
 pub mod cluster;
 pub mod demo;
+pub mod mount;
 pub mod node;
 pub mod power_loss;
 mod progress;

@@ -322,6 +322,59 @@ Or let the cluster harness run it: famsd node cluster --relay 0.2,0.1,0.1,0..20,
         #[arg(long)]
         json: bool,
     },
+    /// Mount a store (a heap made by `famsd format`) as a file system whose fsync, fdatasync and
+    /// msync(MS_SYNC) are failure-atomic per file. DEFAULT: a file's changes that were never
+    /// synced are DISCARDED when its last opener closes it (see --commit-on-close).
+    #[command(
+        long_about = "Mount a store (a heap made by `famsd format`) as a FUSE file system whose fsync, fdatasync \
+and msync(MS_SYNC) are failure-atomic per file, for unmodified programs.\n\n\
+What is durable when:\n\
+- create, mkdir, unlink, rmdir, rename, chmod, chown, utimes: durable when they return;\n\
+- file data and size changes (write, mapped pages, ftruncate) are staged in the daemon's memory and \
+become durable together at the file's next fsync/fdatasync/msync(MS_SYNC): one commit per sync with \
+all of that file's staged changes and nothing of other files. After a crash (process kill, kernel \
+panic, power cut) every file holds exactly its state at one of its syncs, never a mix.\n\n\
+DEFAULT ON CLOSE: when the last opener of a file closes (and unmaps) it without syncing, its unsynced \
+changes are DISCARDED and no process sees them again. Tools that never fsync (cp, echo >, tar) \
+therefore leave nothing behind unless the mount has --commit-on-close.\n\n\
+If the daemon dies, the mount point answers ENOTCONN: run `famsd umount MOUNTPOINT`, then mount again; \
+everything synced is there.",
+        after_help = "Examples:\n  famsd format --heap files.heap --size 64M --max-size 64G\n  \
+famsd mount files.heap /mnt/fams            # in the background; log in files.heap.mount.log\n  \
+famsd mount files.heap /mnt/fams --foreground --commit-on-close\n  \
+famsd umount /mnt/fams"
+    )]
+    Mount {
+        /// The store: a heap made by `famsd format` (use --max-size so it can grow).
+        store: PathBuf,
+        /// An existing, empty directory.
+        mountpoint: PathBuf,
+        /// Stay in the foreground (logs on stderr; FAMS_LOG=debug for more).
+        #[arg(long)]
+        foreground: bool,
+        /// Commit a file's unsynced changes when it is closed (every close and the last release),
+        /// instead of DISCARDING them at the last close (the default). For tools that never fsync.
+        #[arg(long)]
+        commit_on_close: bool,
+        /// Unsynced data of all files together, at most (e.g. 512M). A write that needs more is
+        /// refused with ENOSPC (nothing spills to disk).
+        #[arg(long, value_parser = parse_size, default_value = "512M")]
+        staging_max: u64,
+        /// The store's redo log, if not the one recorded in the heap.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// In the background: append the daemon's log to this file (default: STORE.mount.log).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+    },
+    /// Unmount a `famsd mount`; a mount whose daemon died (ENOTCONN) is detached so it can be
+    /// mounted again.
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach even if files are open in it (it goes once they are closed).
+        #[arg(long)]
+        lazy: bool,
+    },
     #[command(hide = true)]
     TortureChild {
         #[arg(long)]
@@ -966,6 +1019,32 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(if report.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Cmd::Node(cmd) => run_node(cmd),
+        Cmd::Mount { store, mountpoint, foreground, commit_on_close, staging_max, log, log_file } => {
+            let args = famsd::mount::MountArgs {
+                store: store.clone(),
+                mountpoint,
+                log,
+                commit_on_close,
+                staging_max_bytes: staging_max,
+                log_file: log_file.clone(),
+            };
+            if foreground {
+                init_logging();
+                famsd::mount::run_foreground(&args)?;
+            } else {
+                let log_file = log_file.unwrap_or_else(|| {
+                    let mut p = store.into_os_string();
+                    p.push(".mount.log");
+                    PathBuf::from(p)
+                });
+                famsd::mount::run_background(&args, &log_file)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Umount { mountpoint, lazy } => {
+            println!("{}", famsd::mount::umount(&mountpoint, lazy)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Relay {
             nodes,
             faces,
@@ -1092,7 +1171,12 @@ fn init_logging() {
         "trace" => tracing::Level::TRACE,
         _ => tracing::Level::INFO,
     };
-    let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 fn run_node(cmd: NodeCmd) -> Result<ExitCode, String> {

@@ -945,8 +945,11 @@ pub struct FuseDisk {
 pub const FUSE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The watchdog of one FUSE mount: a thread that aborts the connection when an armed step
-/// outlives its deadline. Armed through [`FuseDisk::watch`] / [`FuseDisk::guard`].
-struct Watchdog {
+/// outlives its deadline. Armed through [`Watchdog::watch`] / [`Watchdog::guard`] (for a
+/// `FuseDisk`, [`FuseDisk::watch`] / [`FuseDisk::guard`]); any test that runs a FUSE program
+/// (the `famsd mount` tests too) uses it, so that a wedged connection fails the test instead
+/// of hanging CI.
+pub struct Watchdog {
     shared: Arc<(Mutex<WatchState>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -965,8 +968,14 @@ struct WatchState {
     stop: bool,
 }
 
+impl Default for Watchdog {
+    fn default() -> Self {
+        Watchdog::new()
+    }
+}
+
 impl Watchdog {
-    fn new() -> Watchdog {
+    pub fn new() -> Watchdog {
         let shared = Arc::new((Mutex::new(WatchState::default()), std::sync::Condvar::new()));
         let thread = {
             let shared = shared.clone();
@@ -981,6 +990,48 @@ impl Watchdog {
 
     fn state(&self) -> std::sync::MutexGuard<'_, WatchState> {
         self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What to abort when a step hangs: the FUSE connection number (see
+    /// [`fuse_connection_of`]) and, if that cannot be aborted, the FUSE program to kill.
+    pub fn set_target(&self, connection: Option<u32>, pid: Option<u32>) {
+        let mut s = self.state();
+        s.connection = connection;
+        s.pid = pid;
+    }
+
+    /// Arm the watchdog for a step: if the guard is still alive after `patience`, the
+    /// connection is aborted (requests waiting on it fail with ENOTCONN).
+    pub fn guard(&self, what: &str, patience: Duration) -> WatchGuard {
+        let mut s = self.state();
+        let id = s.next_id;
+        s.next_id += 1;
+        // Unique, so a guard can tell its own firing from another's.
+        let what = format!("{what} (step {id})");
+        s.armed.insert(id, (Instant::now() + patience, what.clone()));
+        drop(s);
+        self.shared.1.notify_all();
+        WatchGuard { shared: self.shared.clone(), id, what }
+    }
+
+    /// Run `step` under the watchdog. If it outlived `patience`, the connection was aborted and
+    /// this is an error saying which step hung, whatever `step` returned after the abort.
+    pub fn watch<T>(&self, what: &str, patience: Duration, step: impl FnOnce() -> T) -> Result<T, String> {
+        let guard = self.guard(what, patience);
+        let r = step();
+        if guard.fired() {
+            return Err(format!(
+                "{what}: no answer from the FUSE program within {} s; the watchdog aborted the FUSE connection \
+                 (a wedged FUSE program or kernel; see `dmesg` for hung tasks)",
+                patience.as_secs()
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The steps whose patience ran out so far.
+    pub fn fired(&self) -> Vec<String> {
+        self.state().fired.clone()
     }
 }
 
@@ -1140,11 +1191,7 @@ impl FuseDisk {
                 mountpoint.display()
             );
         }
-        {
-            let mut s = fd.watchdog.state();
-            s.connection = connection;
-            s.pid = Some(pid);
-        }
+        fd.watchdog.set_target(connection, Some(pid));
         Ok(fd)
     }
 
@@ -1156,15 +1203,7 @@ impl FuseDisk {
     /// Arm the watchdog for a step that depends on the FUSE program: if the guard is still alive
     /// after `patience`, the connection is aborted (requests waiting on it fail with ENOTCONN).
     pub fn guard(&self, what: &str, patience: Duration) -> WatchGuard {
-        let mut s = self.watchdog.state();
-        let id = s.next_id;
-        s.next_id += 1;
-        // Unique, so a guard can tell its own firing from another's.
-        let what = format!("{what} (step {id} on {})", self.mountpoint.display());
-        s.armed.insert(id, (Instant::now() + patience, what.clone()));
-        drop(s);
-        self.watchdog.shared.1.notify_all();
-        WatchGuard { shared: self.watchdog.shared.clone(), id, what }
+        self.watchdog.guard(&format!("{what} on {}", self.mountpoint.display()), patience)
     }
 
     /// Run `step` under the watchdog (see [`Self::guard`]). If it outlived `patience`, the
@@ -1186,7 +1225,7 @@ impl FuseDisk {
 
     /// The steps whose patience ran out so far.
     pub fn watchdog_fired(&self) -> Vec<String> {
-        self.watchdog.state().fired.clone()
+        self.watchdog.fired()
     }
 
     /// The program's pid while it runs. Killing it aborts the FUSE connection: every request

@@ -1,0 +1,958 @@
+//! `famsd mount`: failure-atomic fsync/msync for unmodified programs, tested through real
+//! clients (std::fs, Python's `mmap` and `os` modules) on a real FUSE mount, with SIGKILLs of
+//! the clients and of the daemon itself.
+//!
+//! Needs root (the daemon mounts with mount(2)) and /dev/fuse; where every test must run (CI,
+//! or FAMS_REQUIRE_ROOT_TESTS) a missing one fails instead of skipping. Every step that waits on
+//! the FUSE daemon runs under the FUSE watchdog (`fams_tests::fuse_disk::Watchdog`), which aborts
+//! a wedged connection so that the test fails instead of hanging; every wait has a deadline.
+
+use fams_tests::fuse_disk::{fuse_connection_of, Watchdog};
+use fams_tests::{built_binary, is_root, note_violation, skip, ChildProc, Rng, TempDir};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+const PAGE: usize = 4096;
+
+fn famsd() -> PathBuf {
+    built_binary("famsd", &["--bin", "famsd"], Path::new("famsd"))
+}
+
+/// Can this machine run the mount tests? Says why not (and fails where every test must run).
+fn can_mount() -> bool {
+    if !is_root() {
+        skip("famsd mount tests need root (mount(2) of a FUSE file system)");
+        return false;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        skip("famsd mount tests need /dev/fuse");
+        return false;
+    }
+    if Command::new("python3").arg("-c").arg("pass").status().map(|s| !s.success()).unwrap_or(true) {
+        skip("famsd mount tests need python3");
+        return false;
+    }
+    true
+}
+
+fn format_store(store: &Path, size: &str, max: Option<&str>) {
+    let mut cmd = Command::new(famsd());
+    cmd.args(["format", "--heap"]).arg(store).args(["--size", size, "--log-size", "16M"]);
+    if let Some(m) = max {
+        cmd.args(["--max-size", m]);
+    }
+    let out = cmd.output().expect("famsd format");
+    assert!(out.status.success(), "famsd format: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A running `famsd mount --foreground`. Dropping it unmounts (lazily) and kills the daemon.
+struct Mounted {
+    famsd: PathBuf,
+    mountpoint: PathBuf,
+    daemon: Option<ChildProc>,
+    /// Still mounted (alive or dead): Drop detaches it.
+    mounted: bool,
+    watchdog: Watchdog,
+}
+
+impl Mounted {
+    fn start(famsd: &Path, store: &Path, mountpoint: &Path, extra: &[&str]) -> Result<Mounted, String> {
+        std::fs::create_dir_all(mountpoint).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(famsd);
+        cmd.arg("mount").arg(store).arg(mountpoint).arg("--foreground").args(extra);
+        cmd.env("FAMS_LOG", std::env::var("FAMS_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("starting famsd mount: {e}"))?;
+        let proc = ChildProc::new(&child);
+        let (stdout, stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+        drop(child);
+        // The daemon's log goes on to our stderr (warnings and errors only, unless FAMS_LOG).
+        let (err_tx, err_rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("famsd mount: {line}");
+                let _ = err_tx.send(line);
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let mut m = Mounted {
+            famsd: famsd.into(),
+            mountpoint: mountpoint.into(),
+            daemon: Some(proc),
+            mounted: true,
+            watchdog: Watchdog::new(),
+        };
+        match rx.recv_timeout(PATIENCE) {
+            Ok(line) if line.starts_with("famsd: mounted ") => {}
+            other => {
+                let status = m.daemon.as_mut().and_then(|d| d.kill());
+                std::thread::sleep(Duration::from_millis(50));
+                let log: Vec<String> = err_rx.try_iter().collect();
+                m.daemon = None;
+                m.mounted = false;
+                return Err(format!(
+                    "famsd mount did not mount ({other:?}, wait status {status:?}): {}",
+                    log.join(" | ")
+                ));
+            }
+        }
+        m.watchdog.set_target(fuse_connection_of(mountpoint), m.daemon.as_ref().map(|d| d.pid as u32));
+        Ok(m)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(name)
+    }
+
+    /// Run a step that needs the daemon under the watchdog.
+    fn watch<T>(&self, what: &str, step: impl FnOnce() -> T) -> T {
+        self.watchdog.watch(what, PATIENCE, step).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// SIGKILL the daemon: the mount point then answers ENOTCONN until `famsd umount`.
+    fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill();
+        }
+    }
+
+    /// `famsd umount`; then wait for the daemon (if alive) to end by itself.
+    fn unmount(&mut self) -> Result<String, String> {
+        let out = self.watch("famsd umount", || Command::new(&self.famsd).arg("umount").arg(&self.mountpoint).output());
+        let out = out.map_err(|e| format!("famsd umount: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(format!("famsd umount failed: {text}"));
+        }
+        self.mounted = false;
+        if let Some(mut d) = self.daemon.take() {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if let Some(status) = d.ended() {
+                    if status != 0 {
+                        return Err(format!("the daemon ended with wait status {status:#x} after the unmount"));
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    d.kill();
+                    return Err("the daemon did not end after the unmount; killed".into());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(text)
+    }
+
+    /// The daemon's status attribute of a file (open handles, staged bytes).
+    fn status(&self, name: &str) -> String {
+        let path = self.path(name);
+        self.watch(&format!("getxattr {name}"), || xattr(&path, "user.fams.status")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Wait until the daemon has processed every release of `name` (RELEASE is asynchronous
+    /// to close(), and to the death of a process).
+    fn wait_closed(&self, name: &str) -> Result<(), String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = self.status(name);
+            if s.starts_with("openers=0 ") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{name} still open in the daemon after {} s: {s}", PATIENCE.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new(&self.famsd).arg("umount").arg("--lazy").arg(&self.mountpoint).output();
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.ended().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            d.kill();
+        }
+    }
+}
+
+fn xattr(path: &Path, name: &str) -> Result<String, String> {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let n = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: getxattr with NUL-terminated strings and a buffer of the length passed.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(format!("getxattr {} {name}: {}", path.display(), std::io::Error::last_os_error()));
+    }
+    buf.truncate(r as usize);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.next_u64() as u8).collect()
+}
+
+#[test]
+fn file_system_operations_and_what_survives_a_remount() {
+    if !can_mount() {
+        return;
+    }
+    let famsd = famsd();
+    let dir = TempDir::new("mount-basic");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "8M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    let big = pattern(300_000, 1);
+    m.watch("file system operations", || {
+        // create, write, fsync, read back
+        std::fs::create_dir(m.path("dir")).unwrap();
+        write_synced(&m.path("dir/f1"), b"one").unwrap();
+        assert_eq!(std::fs::read(m.path("dir/f1")).unwrap(), b"one");
+        write_synced(&m.path("big"), &big).unwrap();
+        assert_eq!(std::fs::read(m.path("big")).unwrap(), big);
+        // rename, readdir
+        std::fs::rename(m.path("dir/f1"), m.path("f1b")).unwrap();
+        let mut names: Vec<String> =
+            std::fs::read_dir(&m.mountpoint).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["big", "dir", "f1b"]);
+        assert_eq!(std::fs::read_dir(m.path("dir")).unwrap().count(), 0);
+        // unlink, mkdir, rmdir
+        write_synced(&m.path("gone"), b"x").unwrap();
+        std::fs::remove_file(m.path("gone")).unwrap();
+        assert!(!m.path("gone").exists());
+        std::fs::create_dir(m.path("dir/sub")).unwrap();
+        std::fs::remove_dir(m.path("dir/sub")).unwrap();
+        std::fs::write(m.path("dir/x"), b"").unwrap();
+        let e = std::fs::remove_dir(m.path("dir")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY), "{e}");
+        assert_eq!(std::fs::remove_file(m.path("nothing")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        // truncate and extend, synced
+        let f = std::fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
+        f.set_len(100_000).unwrap();
+        f.sync_all().unwrap();
+        f.set_len(200_000).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let b = std::fs::read(m.path("big")).unwrap();
+        assert_eq!(b.len(), 200_000);
+        assert_eq!(&b[..100_000], &big[..100_000]);
+        assert!(b[100_000..].iter().all(|&x| x == 0), "extended bytes read as zero");
+        // stat, chmod (durable at once)
+        std::fs::set_permissions(m.path("f1b"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let md = std::fs::metadata(m.path("f1b")).unwrap();
+        assert_eq!((md.len(), md.permissions().mode() & 0o777, md.is_file()), (3, 0o600, true));
+        assert!(std::fs::metadata(m.path("dir")).unwrap().is_dir());
+    });
+    // Unsynced changes: visible while open, gone at the last close.
+    m.watch("unsynced changes", || {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(m.path("f1b")).unwrap();
+        f.write_all_at(b"UNSYNCED", 0).unwrap();
+        assert_eq!(std::fs::read(m.path("f1b")).unwrap(), b"UNSYNCED", "staged data is seen while the file is open");
+        assert!(m.status("f1b").contains("staged_pages=1"), "{}", m.status("f1b"));
+        drop(f);
+        m.wait_closed("f1b").unwrap();
+        assert_eq!(std::fs::read(m.path("f1b")).unwrap(), b"one", "discarded at the last close");
+        std::fs::write(m.path("fresh"), b"never synced").unwrap(); // cp/echo-like: no fsync
+        m.wait_closed("fresh").unwrap();
+        assert_eq!(std::fs::read(m.path("fresh")).unwrap(), b"", "the name is durable, the data was discarded");
+    });
+    // An unsynced change still open when the file system is unmounted... (the test closes it
+    // first: a busy mount does not unmount) — and one left staged on a file that stays open
+    // until the daemon is killed.
+    let f = std::fs::OpenOptions::new().write(true).open(m.path("big")).unwrap();
+    m.watch("an unsynced write", || f.write_all_at(b"LOST", 0).unwrap());
+    m.kill_daemon();
+    drop(f);
+    m.unmount().unwrap();
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    m.watch("checking after a remount", || {
+        assert_eq!(std::fs::read(m.path("f1b")).unwrap(), b"one");
+        assert_eq!(std::fs::metadata(m.path("f1b")).unwrap().permissions().mode() & 0o777, 0o600);
+        let b = std::fs::read(m.path("big")).unwrap();
+        assert_eq!((b.len(), &b[..100_000]), (200_000, &big[..100_000]));
+        assert!(b[100_000..].iter().all(|&x| x == 0));
+        assert!(m.path("dir/x").exists() && !m.path("gone").exists() && !m.path("dir/f1").exists());
+        assert_eq!(std::fs::read(m.path("fresh")).unwrap(), b"");
+    });
+    m.unmount().unwrap();
+    // --commit-on-close: tools that never fsync keep what they wrote.
+    let mut m = Mounted::start(&famsd, &store, &mp, &["--commit-on-close"]).unwrap();
+    m.watch("commit on close", || std::fs::write(m.path("copied"), b"kept by close").unwrap());
+    m.unmount().unwrap();
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    m.watch("after commit on close", || assert_eq!(std::fs::read(m.path("copied")).unwrap(), b"kept by close"));
+    m.unmount().unwrap();
+}
+
+/// Two files written alternately, only A synced: whoever dies — the writer or the daemon —
+/// B's staged changes are gone and A holds its last synced state.
+#[test]
+fn a_sync_of_one_file_never_makes_another_durable() {
+    if !can_mount() {
+        return;
+    }
+    const WRITER: &str = r#"
+import os, sys
+a = os.open(sys.argv[1], os.O_RDWR); b = os.open(sys.argv[2], os.O_RDWR)
+for g in range(1, int(sys.argv[3]) + 1):
+    os.pwrite(a, b"A%06d" % g * 1000, 0); os.fsync(a)
+    os.pwrite(b, b"B%06d" % g * 1000, 0)
+print("done", flush=True)
+sys.stdin.read()
+"#;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-per-file");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "8M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    let initial_b = b"B000000".repeat(1000);
+    m.watch("setup", || {
+        write_synced(&m.path("a"), &b"A000000".repeat(1000)).unwrap();
+        write_synced(&m.path("b"), &initial_b).unwrap();
+    });
+    for kill_daemon in [false, true] {
+        let n = 20;
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(WRITER)
+            .arg(m.path("a"))
+            .arg(m.path("b"))
+            .arg(n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut writer = ChildProc::new(&child);
+        let mut line = String::new();
+        m.watch("the writer", || BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap());
+        assert_eq!(line.trim(), "done");
+        let staged_b = format!("B{n:06}").repeat(1000).into_bytes();
+        m.watch("reading B while staged", || assert_eq!(std::fs::read(m.path("b")).unwrap(), staged_b));
+        if kill_daemon {
+            m.kill_daemon();
+            writer.kill();
+            drop(child);
+            m.unmount().unwrap();
+            m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+        } else {
+            writer.kill();
+            drop(child);
+            m.wait_closed("a").unwrap();
+            m.wait_closed("b").unwrap();
+        }
+        m.watch("checking", || {
+            let a = std::fs::read(m.path("a")).unwrap();
+            assert_eq!(
+                a,
+                format!("A{n:06}").repeat(1000).into_bytes(),
+                "A: its last sync (daemon killed: {kill_daemon})"
+            );
+            let b = std::fs::read(m.path("b")).unwrap();
+            assert!(
+                b == initial_b,
+                "B was never synced, yet holds {:?}… (daemon killed: {kill_daemon})",
+                &b[..14.min(b.len())]
+            );
+        });
+    }
+    m.unmount().unwrap();
+}
+
+/// Python's mmap: a child maps a file MAP_SHARED and applies updates that each write one
+/// generation number into every other page (so the kernel writes the dirty pages back as many
+/// separate WRITEs), with `flush()` (msync(MS_SYNC)) after each, printing each generation once
+/// flush returned. It is SIGKILLed at a random moment; in every other cycle the daemon is
+/// SIGKILLed first (often mid-msync), then the writer, and the store is mounted again. After
+/// each kill the file must hold exactly one generation — all written pages the same number,
+/// the other pages zero — and never an older one than the last acknowledged.
+///
+/// The writers are forked by one long-lived Python process (starting Python costs more than a
+/// whole cycle on a loaded machine); it reaps each killed writer and says so, so every
+/// acknowledgement of a writer is read before the cycle is checked.
+#[test]
+fn python_mmap_survives_sigkill_of_the_writer_and_of_the_daemon() {
+    if !can_mount() {
+        return;
+    }
+    const SPAWNER: &str = r#"
+import mmap, os, struct, sys
+path, npages = sys.argv[1], int(sys.argv[2])
+def writer(g):
+    fd = os.open(path, os.O_RDWR)
+    mm = mmap.mmap(fd, npages * 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    os.write(1, b"start\n")
+    while True:
+        g += 1
+        page = struct.pack("<Q", g) * 512
+        for p in range(0, npages, 2):
+            mm[p * 4096:(p + 1) * 4096] = page
+        mm.flush()
+        os.write(1, b"%d\n" % g)
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "go":
+        pid = os.fork()
+        if pid == 0:
+            try:
+                writer(int(arg))
+            finally:
+                os._exit(1)
+        os.write(1, b"pid %d\n" % pid)
+    elif cmd == "reap":
+        os.waitpid(int(arg), 0)
+        os.write(1, b"dead %s\n" % arg.encode())
+"#;
+    let kills_wanted: u64 = std::env::var("FAMS_MOUNT_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let budget =
+        Duration::from_secs(std::env::var("FAMS_MOUNT_KILL_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(75));
+    let npages = 32usize;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-mmap");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "16M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    m.watch("setup", || {
+        let f = std::fs::File::create(m.path("m")).unwrap();
+        f.set_len((npages * PAGE) as u64).unwrap();
+        f.sync_all().unwrap();
+    });
+    let mut spawner = Command::new("python3")
+        .arg("-S")
+        .arg("-c")
+        .arg(SPAWNER)
+        .arg(m.path("m"))
+        .arg(npages.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _spawner_proc = ChildProc::new(&spawner);
+    let mut to_spawner = spawner.stdin.take().unwrap();
+    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
+    let from_spawner = spawner.stdout.take().unwrap();
+    drop(spawner);
+    std::thread::spawn(move || {
+        for l in BufReader::new(from_spawner).lines().map_while(Result::ok) {
+            if line_tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let next_line = |what: &str| -> String {
+        lines.recv_timeout(PATIENCE).unwrap_or_else(|e| panic!("waiting for the Python writer ({what}): {e}"))
+    };
+    let mut rng = Rng::new(0x6d6d6170);
+    let started = Instant::now();
+    let (mut kills, mut daemon_kills, mut violations, mut details) = (0u64, 0u64, 0u64, Vec::new());
+    let (mut acked_total, mut in_flight_kept, mut no_ack_cycles) = (0u64, 0u64, 0u64);
+    let mut verified = 0u64; // the generation the file held after the last kill
+    while kills < kills_wanted && started.elapsed() < budget {
+        let kill_daemon = kills % 2 == 1;
+        writeln!(to_spawner, "go {verified}").unwrap();
+        let (mut pid, mut writing, mut acked) = (None, false, None::<u64>);
+        while pid.is_none() || !writing {
+            let l = next_line("start");
+            if let Some(p) = l.strip_prefix("pid ") {
+                pid = p.parse::<i32>().ok();
+            } else if l == "start" {
+                writing = true;
+            } else if let Ok(g) = l.parse::<u64>() {
+                acked = Some(g);
+            } else {
+                panic!("the Python writer said {l:?}");
+            }
+        }
+        let pid = pid.unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        if kill_daemon {
+            m.kill_daemon();
+            std::thread::sleep(Duration::from_micros(rng.below(3_000)));
+            daemon_kills += 1;
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        kills += 1;
+        // Every acknowledgement the writer printed (only after flush() returned), up to its death.
+        writeln!(to_spawner, "reap {pid}").unwrap();
+        loop {
+            let l = next_line("reaping");
+            if l == format!("dead {pid}") {
+                break;
+            }
+            if let Ok(g) = l.parse::<u64>() {
+                acked = Some(g);
+            }
+        }
+        if acked.is_none() {
+            no_ack_cycles += 1;
+        }
+        acked_total += acked.map_or(0, |a| a.saturating_sub(verified));
+        let floor = acked.unwrap_or(verified).max(verified);
+        if kill_daemon {
+            m.unmount().unwrap_or_else(|e| panic!("cycle {kills}: cleaning up after the daemon's death: {e}"));
+            m = Mounted::start(&famsd, &store, &mp, &[]).unwrap_or_else(|e| panic!("cycle {kills}: remount: {e}"));
+        } else {
+            m.wait_closed("m").unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
+        }
+        let data = m.watch("reading the file", || std::fs::read(m.path("m")).unwrap());
+        // Exactly one generation: every written page the same number, every other page zero.
+        let mut what = None;
+        let g = if data.len() == npages * PAGE { u64::from_le_bytes(data[..8].try_into().unwrap()) } else { u64::MAX };
+        let want = g.to_le_bytes().repeat(PAGE / 8);
+        if data.len() != npages * PAGE {
+            what = Some(format!("size {} instead of {}", data.len(), npages * PAGE));
+        } else {
+            for (p, page) in data.chunks(PAGE).enumerate() {
+                let ok = if p % 2 == 0 { page == &want[..] } else { page.iter().all(|&b| b == 0) };
+                if !ok {
+                    let found = u64::from_le_bytes(page[..8].try_into().unwrap());
+                    what = Some(format!("a mix: page 0 holds generation {g}, page {p} holds {found}"));
+                    break;
+                }
+            }
+        }
+        if what.is_none() && g < floor {
+            what = Some(format!("generation {g}, older than the last acknowledged {floor}"));
+        }
+        if what.is_none() && g > floor + 1 {
+            what = Some(format!("generation {g}, newer than any written (last acknowledged {floor})"));
+        }
+        match what {
+            Some(w) => {
+                let msg = format!(
+                    "cycle {kills} ({}): {w}",
+                    if kill_daemon { "daemon and writer killed" } else { "writer killed" }
+                );
+                eprintln!("VIOLATION {msg}");
+                note_violation(&mut violations, &mut details, msg);
+                verified = floor.max(g.min(u64::MAX / 2));
+            }
+            None => {
+                if g == floor + 1 {
+                    in_flight_kept += 1; // committed, killed before the acknowledgement
+                }
+                verified = g;
+            }
+        }
+    }
+    drop(to_spawner);
+    m.unmount().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "kills": kills, "daemon_kills": daemon_kills, "writer_only_kills": kills - daemon_kills,
+        "violations": violations, "acknowledged_generations": acked_total,
+        "committed_but_unacknowledged": in_flight_kept, "cycles_without_an_acknowledgement": no_ack_cycles,
+        "last_generation": verified, "seconds": secs,
+    });
+    println!("mount mmap SIGKILL: {report}");
+    assert_eq!(violations, 0, "{details:#?}\n{report}");
+    assert!(kills >= 20, "only {kills} kills in {secs:.0} s: {report}");
+    assert!(daemon_kills * 2 >= kills, "{report}");
+    assert!(acked_total > 0, "the writer never got an acknowledgement: {report}");
+}
+
+/// Bad input: not a store, a mount point that is not a directory or is already mounted, a
+/// store too small for a file: clear errors, nothing lost.
+#[test]
+fn bad_stores_and_mount_points_and_a_full_store_give_clear_errors() {
+    if !can_mount() {
+        return;
+    }
+    let famsd = famsd();
+    let dir = TempDir::new("mount-bad");
+    let mp = dir.join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(&famsd).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Not a heap.
+    let junk = dir.join("junk");
+    std::fs::write(&junk, pattern(1 << 16, 3)).unwrap();
+    let (ok, err) = run(&["mount".as_ref(), junk.as_os_str(), mp.as_os_str(), "--foreground".as_ref()]);
+    assert!(!ok && err.contains("cannot open the store"), "{err}");
+    assert!(fuse_connection_of(&mp).is_none(), "nothing was mounted");
+    // The mount point is a file.
+    let store = dir.join("small.heap");
+    format_store(&store, "2M", None); // cannot grow
+    let (ok, err) = run(&["mount".as_ref(), store.as_os_str(), junk.as_os_str(), "--foreground".as_ref()]);
+    assert!(!ok && err.contains("not a directory"), "{err}");
+    // Already mounted.
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    let other = dir.join("other.heap");
+    format_store(&other, "2M", None);
+    let (ok, err) = run(&["mount".as_ref(), other.as_os_str(), mp.as_os_str(), "--foreground".as_ref()]);
+    assert!(!ok && err.contains("already a mount point"), "{err}");
+    // The same store twice: the heap is locked.
+    let mp2 = dir.join("mnt2");
+    std::fs::create_dir_all(&mp2).unwrap();
+    let (ok, err) = run(&["mount".as_ref(), store.as_os_str(), mp2.as_os_str(), "--foreground".as_ref()]);
+    assert!(!ok && err.contains("cannot open the store"), "{err}");
+    // A full store: the sync fails with ENOSPC, commits nothing, and the file keeps its
+    // last synced content.
+    m.watch("filling the store", || {
+        write_synced(&m.path("keep"), b"kept").unwrap();
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(m.path("huge")).unwrap();
+        f.write_all(&pattern(8 << 20, 4)).unwrap();
+        let e = f.sync_all().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        // Past the largest file size the mount takes (2^50 bytes).
+        let e = f.write_all_at(b"x", 1 << 51).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
+    });
+    m.unmount().unwrap();
+    // A sync larger than the store's log (16 MiB here): ENOSPC too, nothing committed.
+    let roomy = dir.join("roomy.heap");
+    format_store(&roomy, "8M", Some("1G"));
+    let mut r = Mounted::start(&famsd, &roomy, &mp2, &[]).unwrap();
+    r.watch("a sync larger than the log", || {
+        let mut f = std::fs::File::create(r.path("large")).unwrap();
+        f.write_all(&pattern(20 << 20, 5)).unwrap();
+        let e = f.sync_all().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        f.set_len(1 << 20).unwrap();
+        f.sync_all().unwrap(); // a smaller one then fits
+    });
+    r.unmount().unwrap();
+    let mut r = Mounted::start(&famsd, &roomy, &mp2, &[]).unwrap();
+    r.watch("after the sync larger than the log", || {
+        assert!(std::fs::read(r.path("large")).unwrap() == pattern(20 << 20, 5)[..1 << 20]);
+    });
+    r.unmount().unwrap();
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    m.watch("after the full store", || {
+        assert_eq!(std::fs::read(m.path("keep")).unwrap(), b"kept");
+        assert_eq!(std::fs::metadata(m.path("huge")).unwrap().len(), 0);
+    });
+    m.unmount().unwrap();
+    // famsd umount of something that is not mounted.
+    let (ok, err) = run(&["umount".as_ref(), mp.as_os_str()]);
+    assert!(!ok && err.contains("nothing is mounted"), "{err}");
+}
+
+/// Without `--foreground`, `famsd mount` returns once the daemon has mounted; SIGTERM makes
+/// the daemon unmount and end; after a SIGKILL the mount point answers ENOTCONN until
+/// `famsd umount` detaches it, and the store mounts again with everything synced.
+#[test]
+fn a_background_daemon_stops_on_sigterm_and_a_dead_one_is_cleaned_up() {
+    if !can_mount() {
+        return;
+    }
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-background");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "8M", Some("1G"));
+    std::fs::create_dir_all(&mp).unwrap();
+    let start = || -> (i32, Watchdog) {
+        let out = Command::new(&famsd).arg("mount").arg(&store).arg(&mp).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        let pid: i32 = text
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no daemon pid in {text:?}"));
+        let wd = Watchdog::new();
+        wd.set_target(fuse_connection_of(&mp), Some(pid as u32));
+        (pid, wd)
+    };
+    let gone = |pid: i32| {
+        let deadline = Instant::now() + PATIENCE;
+        while kill(Pid::from_raw(pid), None).is_ok() {
+            assert!(Instant::now() < deadline, "daemon {pid} still there after {} s", PATIENCE.as_secs());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let (pid, wd) = start();
+    wd.watch("writing", PATIENCE, || write_synced(&mp.join("f"), b"background").unwrap()).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    gone(pid);
+    assert!(fuse_connection_of(&mp).is_none(), "SIGTERM unmounted");
+    let log = std::fs::read_to_string(dir.join("files.heap.mount.log")).unwrap();
+    assert!(log.contains("SIGTERM: unmounting"), "{log}");
+    // A daemon that dies: ENOTCONN, then famsd umount, then a new mount.
+    let (pid, _wd) = start();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    gone(pid);
+    let e = std::fs::metadata(&mp).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    let out = Command::new(&famsd).arg("mount").arg(&store).arg(&mp).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("famsd umount"));
+    let out = Command::new(&famsd).arg("umount").arg(&mp).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("daemon was gone"), "{out:?}");
+    let (pid, wd) = start();
+    wd.watch("reading", PATIENCE, || assert_eq!(std::fs::read(mp.join("f")).unwrap(), b"background")).unwrap();
+    let out = Command::new(&famsd).arg("umount").arg(&mp).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    gone(pid);
+}
+
+/// Dirty mapped pages the kernel writes back on its own (here forced with sync(2), as its
+/// ~30 s background writeback would) reach the daemon as WRITEs but are only staged: killing
+/// the program — or the daemon — leaves the file at its last msync.
+#[test]
+fn pages_written_back_without_msync_never_become_durable() {
+    if !can_mount() {
+        return;
+    }
+    const WRITER: &str = r#"
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+mm = mmap.mmap(fd, 8 * 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+mm[:] = b"S" * (8 * 4096); mm.flush()
+mm[:] = b"U" * (8 * 4096)
+os.sync()
+print("done", flush=True)
+sys.stdin.read()
+"#;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-writeback");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "8M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    m.watch("setup", || {
+        let f = std::fs::File::create(m.path("w")).unwrap();
+        f.set_len(8 * PAGE as u64).unwrap();
+        f.sync_all().unwrap();
+    });
+    for kill_daemon in [false, true] {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(WRITER)
+            .arg(m.path("w"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut writer = ChildProc::new(&child);
+        let mut line = String::new();
+        m.watch("the writer", || BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap());
+        assert_eq!(line.trim(), "done");
+        let status = m.status("w");
+        assert!(status.contains("staged_pages=8"), "sync(2) wrote the dirty pages back to the daemon: {status}");
+        if kill_daemon {
+            m.kill_daemon();
+            writer.kill();
+            drop(child);
+            m.unmount().unwrap();
+            m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+        } else {
+            writer.kill();
+            drop(child);
+            m.wait_closed("w").unwrap();
+        }
+        let data = m.watch("reading", || std::fs::read(m.path("w")).unwrap());
+        assert!(data == b"S".repeat(8 * PAGE), "not the msynced content (daemon killed: {kill_daemon})");
+    }
+    m.unmount().unwrap();
+}
+
+/// SQLite (Python's `sqlite3`) with `journal_mode=OFF`, `synchronous=FULL` on the mount: with no
+/// journal, SQLite's only protection is the file system's — each COMMIT writes its pages and
+/// fsyncs once, so the mount's sync must make the whole transaction durable or none of it.
+/// Transactions of many rows are killed at random (in every other cycle the daemon first);
+/// after each kill `PRAGMA integrity_check` must say ok and the database must hold exactly the
+/// transactions up to one at or after the last acknowledged, each complete.
+#[test]
+fn sqlite_without_a_journal_keeps_whole_transactions() {
+    if !can_mount() {
+        return;
+    }
+    const SPAWNER: &str = r#"
+import os, sqlite3, sys
+path, rows = sys.argv[1], int(sys.argv[2])
+def connect():
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=OFF"); db.execute("PRAGMA synchronous=FULL")
+    return db
+def writer():
+    db = connect()
+    n = db.execute("SELECT last FROM meta").fetchone()[0] + 1
+    os.write(1, b"start\n")
+    while True:
+        db.execute("BEGIN")
+        for k in range(rows):
+            db.execute("INSERT INTO t VALUES (?, ?, ?)", (n, k, bytes([n % 251]) * 200))
+        db.execute("UPDATE meta SET last = ?", (n,))
+        db.execute("COMMIT")
+        os.write(1, b"%d\n" % n)
+        n += 1
+def check():
+    try:
+        db = connect()
+        ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+        last = db.execute("SELECT last FROM meta").fetchone()[0]
+        bad = db.execute("SELECT count(*) FROM (SELECT txn, count(*) AS c, min(length(v)) AS l FROM t GROUP BY txn HAVING c != ? OR l != 200)", (rows,)).fetchone()[0]
+        txns, hi = db.execute("SELECT count(DISTINCT txn), coalesce(max(txn), 0) FROM t").fetchone()
+        db.close()
+        os.write(1, ("check %s last=%d txns=%d max=%d bad=%d\n" % (ok.replace(" ", "_"), last, txns, hi, bad)).encode())
+    except Exception as e:
+        os.write(1, ("check error %s\n" % str(e).replace("\n", " ")).encode())
+def forked(f):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            f()
+        finally:
+            os._exit(1)
+    return pid
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "setup":
+        db = connect()
+        db.execute("CREATE TABLE t (txn INTEGER, k INTEGER, v BLOB)")
+        db.execute("CREATE TABLE meta (last INTEGER)")
+        db.execute("INSERT INTO meta VALUES (0)")
+        db.close()
+        os.write(1, b"ready\n")
+    elif cmd == "go":
+        os.write(1, b"pid %d\n" % forked(writer))
+    elif cmd == "reap":
+        os.waitpid(int(arg), 0)
+        os.write(1, b"dead %s\n" % arg.encode())
+    elif cmd == "check":
+        os.waitpid(forked(check), 0)
+"#;
+    let kills_wanted: u64 = std::env::var("FAMS_MOUNT_SQLITE_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let rows = 40;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-sqlite");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "16M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    let mut spawner = Command::new("python3")
+        .arg("-S")
+        .arg("-c")
+        .arg(SPAWNER)
+        .arg(m.path("db.sqlite"))
+        .arg(rows.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _spawner_proc = ChildProc::new(&spawner);
+    let mut to_spawner = spawner.stdin.take().unwrap();
+    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
+    let from_spawner = spawner.stdout.take().unwrap();
+    drop(spawner);
+    std::thread::spawn(move || {
+        for l in BufReader::new(from_spawner).lines().map_while(Result::ok) {
+            if line_tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let next_line = |what: &str| -> String {
+        lines.recv_timeout(PATIENCE).unwrap_or_else(|e| panic!("waiting for the Python SQLite program ({what}): {e}"))
+    };
+    writeln!(to_spawner, "setup -").unwrap();
+    assert_eq!(next_line("setup"), "ready");
+    let mut rng = Rng::new(0x5117e);
+    let started = Instant::now();
+    let (mut kills, mut daemon_kills, mut violations, mut details) = (0u64, 0u64, 0u64, Vec::new());
+    let (mut committed_unacked, mut verified) = (0u64, 0u64);
+    while kills < kills_wanted {
+        let kill_daemon = kills % 2 == 1;
+        writeln!(to_spawner, "go -").unwrap();
+        let (mut pid, mut writing, mut acked) = (None, false, None::<u64>);
+        while pid.is_none() || !writing {
+            let l = next_line("start");
+            if let Some(p) = l.strip_prefix("pid ") {
+                pid = p.parse::<i32>().ok();
+            } else if l == "start" {
+                writing = true;
+            } else if let Ok(g) = l.parse::<u64>() {
+                acked = Some(g);
+            } else {
+                panic!("the SQLite program said {l:?}");
+            }
+        }
+        let pid = pid.unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(60_000)));
+        if kill_daemon {
+            m.kill_daemon();
+            daemon_kills += 1;
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        kills += 1;
+        writeln!(to_spawner, "reap {pid}").unwrap();
+        loop {
+            let l = next_line("reaping");
+            if l == format!("dead {pid}") {
+                break;
+            }
+            if let Ok(g) = l.parse::<u64>() {
+                acked = Some(g);
+            }
+        }
+        let floor = acked.unwrap_or(verified).max(verified);
+        if kill_daemon {
+            m.unmount().unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
+            m = Mounted::start(&famsd, &store, &mp, &[]).unwrap_or_else(|e| panic!("cycle {kills}: remount: {e}"));
+        } else {
+            m.wait_closed("db.sqlite").unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
+        }
+        let check = m.watch("checking the database", || {
+            writeln!(to_spawner, "check -").unwrap();
+            next_line("check")
+        });
+        let field = |k: &str| -> u64 {
+            check.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
+        };
+        let (last, txns, max, bad) = (field("last="), field("txns="), field("max="), field("bad="));
+        let ok = check.starts_with("check ok ")
+            && bad == 0
+            && last == txns
+            && last == max
+            && last >= floor
+            && last <= floor + 1;
+        if ok {
+            committed_unacked += u64::from(last == floor + 1);
+            verified = last;
+        } else {
+            let msg = format!(
+                "cycle {kills} ({}): {check} (last acknowledged {floor})",
+                if kill_daemon { "daemon and writer killed" } else { "writer killed" }
+            );
+            eprintln!("VIOLATION {msg}");
+            note_violation(&mut violations, &mut details, msg);
+            break; // a damaged database stays damaged: later cycles would only repeat it
+        }
+    }
+    drop(to_spawner);
+    m.unmount().unwrap();
+    let report = serde_json::json!({
+        "kills": kills, "daemon_kills": daemon_kills, "violations": violations,
+        "transactions": verified, "committed_but_unacknowledged": committed_unacked,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("mount SQLite SIGKILL: {report}");
+    assert_eq!(violations, 0, "{details:#?}\n{report}");
+    assert!(verified > 0, "no transaction was ever committed: {report}");
+}
