@@ -762,9 +762,9 @@ fn resident_bytes(base: *mut u8, size: usize) -> (u64, u64) {
 mod capture;
 mod format;
 mod open;
-// Its plan of file operations is public for the crash test that cuts the power inside it.
 #[cfg(test)]
 mod tests;
+// Its plan of file operations is public for the crash test that cuts the power inside it.
 #[cfg(any(test, feature = "testing"))]
 pub mod upgrade;
 #[cfg(not(any(test, feature = "testing")))]

@@ -17,7 +17,16 @@ use super::LOG_ALIGN;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Buffers of [`MAPPED_BYTES_MIN`] or more are anonymous mappings of their own (`ptr` points
+    /// into it), returned to the kernel when dropped. From the allocator, large blocks freed by
+    /// one thread and allocated by another stay in malloc's arenas: a commit path that allocates
+    /// a record-sized buffer per commit then grows the process by the size of its commits (the
+    /// cgroup test saw it OOM at four times less memory than the heap).
+    map: Option<memmap2::MmapMut>,
 }
+
+/// From this size on, a buffer is its own anonymous mapping (see [`AlignedBuf`]).
+const MAPPED_BYTES_MIN: usize = 256 << 10;
 
 // SAFETY: `AlignedBuf` uniquely owns its allocation (like `Box<[u8]>`); it has no interior
 // mutability and no thread-affine state, so moving it to or sharing `&AlignedBuf` with another
@@ -41,7 +50,15 @@ impl AlignedBuf {
             // A zero-length buffer owns no allocation; any non-null, 4096-aligned pointer is a
             // valid base for an empty slice.
             let ptr = NonNull::new(LOG_ALIGN as *mut u8).expect("LOG_ALIGN is nonzero");
-            return AlignedBuf { ptr, len: 0 };
+            return AlignedBuf { ptr, len: 0, map: None };
+        }
+        if len >= MAPPED_BYTES_MIN {
+            // Anonymous mappings are zero-filled and page-aligned (4096 here, = LOG_ALIGN).
+            if let Ok(mut map) = memmap2::MmapMut::map_anon(len) {
+                let ptr = NonNull::new(map.as_mut_ptr()).expect("a mapping is never at address 0");
+                debug_assert_eq!(ptr.as_ptr() as usize % LOG_ALIGN, 0);
+                return AlignedBuf { ptr, len, map: Some(map) };
+            }
         }
         let layout = Self::layout(len);
         // SAFETY: `layout` has a nonzero size (len > 0) and a valid power-of-two alignment.
@@ -50,7 +67,7 @@ impl AlignedBuf {
             Some(p) => p,
             None => alloc::handle_alloc_error(layout),
         };
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, map: None }
     }
 
     /// Length in bytes (a multiple of 4096).
@@ -70,7 +87,8 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
+        // A mapped buffer is unmapped when `map` drops.
+        if self.len != 0 && self.map.is_none() {
             // SAFETY: `ptr` was returned by `alloc_zeroed` with exactly this layout (same `len`,
             // which never changes) and has not been freed: `drop` runs once.
             unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
