@@ -105,7 +105,7 @@ impl Mounted {
                 ));
             }
         }
-        m.watchdog.set_target(fuse_connection_of(mountpoint), m.daemon.as_ref().map(|d| d.pid as u32));
+        m.watchdog.set_target(fuse_connection_of(mountpoint), m.daemon.as_ref().map(|d| d.pid.as_raw() as u32));
         Ok(m)
     }
 
@@ -138,8 +138,8 @@ impl Mounted {
             let deadline = Instant::now() + PATIENCE;
             loop {
                 if let Some(status) = d.ended() {
-                    if status != 0 {
-                        return Err(format!("the daemon ended with wait status {status:#x} after the unmount"));
+                    if status != nix::sys::wait::WaitStatus::Exited(d.pid, 0) {
+                        return Err(format!("the daemon ended with {status:?} after the unmount"));
                     }
                     break;
                 }
