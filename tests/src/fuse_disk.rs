@@ -1111,22 +1111,7 @@ pub fn abort_connection(connection: Option<u32>, pid: Option<u32>) -> String {
 /// mount, read from /proc/self/mountinfo (a `stat` of the mount point would ask the FUSE
 /// program, which may be the thing that hangs).
 pub fn fuse_connection_of(mountpoint: &Path) -> Option<u32> {
-    // Canonicalize the parent only: looking up the mount point itself would ask FUSE.
-    let want = match (mountpoint.parent().and_then(|p| std::fs::canonicalize(p).ok()), mountpoint.file_name()) {
-        (Some(dir), Some(name)) => dir.join(name),
-        _ => mountpoint.to_path_buf(),
-    };
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // "36 25 0:32 / /mnt/point rw,… - fuse fams-fuse-disk rw,…": the last fuse mount at that path.
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|w| *w == "-")?;
-            let fstype = f.get(sep + 1)?;
-            let point = f.get(4)?.replace("\\040", " ");
-            (fstype.starts_with("fuse") && Path::new(&point) == want).then(|| f[2].split_once(':')?.1.parse().ok())?
-        })
-        .next_back()
+    famsd::mount::mount_entry(mountpoint).filter(|m| m.fstype.starts_with("fuse")).and_then(|m| m.minor)
 }
 
 /// An armed watchdog step; disarmed when dropped.

@@ -44,9 +44,19 @@ pub struct MountArgs {
 /// The line `famsd mount --foreground` prints on stdout once the file system is mounted.
 pub const READY_PREFIX: &str = "famsd: mounted ";
 
-/// Where a mount point stands, from /proc/self/mountinfo (never asking the file system itself,
-/// which may be dead or hung).
-fn mount_at(path: &Path) -> Option<String> {
+/// What /proc/self/mountinfo says is mounted at a path (the last mount there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    /// E.g. `fuse`, `ext4`.
+    pub fstype: String,
+    /// The minor device number: for a FUSE mount, its connection number under
+    /// `/sys/fs/fuse/connections/`.
+    pub minor: Option<u32>,
+}
+
+/// Where a mount point stands, from /proc/self/mountinfo — never asking the file system itself,
+/// which may be dead or hung (so only the parent directory is canonicalized).
+pub fn mount_entry(path: &Path) -> Option<MountEntry> {
     let want = match (
         path.parent()
             .and_then(|p| std::fs::canonicalize(if p.as_os_str().is_empty() { Path::new(".") } else { p }).ok()),
@@ -56,15 +66,21 @@ fn mount_at(path: &Path) -> Option<String> {
         _ => path.to_path_buf(),
     };
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // "36 25 0:32 / /mnt/point rw,… - fuse famsd rw,…"
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let sep = f.iter().position(|w| *w == "-")?;
-            let fstype = f.get(sep + 1)?;
+            let fstype = f.get(sep + 1)?.to_string();
             let point = f.get(4)?.replace("\\040", " ");
-            (Path::new(&point) == want).then(|| fstype.to_string())
+            let minor = f.get(2).and_then(|d| d.split_once(':')).and_then(|(_, m)| m.parse().ok());
+            (Path::new(&point) == want).then_some(MountEntry { fstype, minor })
         })
         .next_back()
+}
+
+fn mount_at(path: &Path) -> Option<String> {
+    mount_entry(path).map(|m| m.fstype)
 }
 
 fn check_mountpoint(mp: &Path) -> Result<(), String> {
