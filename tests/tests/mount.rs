@@ -773,20 +773,13 @@ sys.stdin.read()
     m.unmount().unwrap();
 }
 
-/// SQLite (Python's `sqlite3`) with `journal_mode=OFF`, `synchronous=FULL` on the mount: with no
-/// journal, SQLite's only protection is the file system's — each COMMIT writes its pages and
-/// fsyncs once, so the mount's sync must make the whole transaction durable or none of it.
-/// Transactions of many rows are killed at random (in every other cycle the daemon first);
-/// after each kill `PRAGMA integrity_check` must say ok and the database must hold exactly the
-/// transactions up to one at or after the last acknowledged, each complete.
-#[test]
-fn sqlite_without_a_journal_keeps_whole_transactions() {
-    if !can_mount() {
-        return;
-    }
-    const SPAWNER: &str = r#"
+/// A Python program that runs SQLite (`journal_mode=OFF`, `synchronous=FULL`) on one database:
+/// `setup` (re)creates it, `go` forks a writer that commits transactions of `rows` rows of
+/// `blob`-byte values forever and prints each committed transaction's number, `reap` waits for a
+/// killed writer, `check` opens the database in a fresh process and reports what it holds.
+const SQLITE_PROGRAM: &str = r#"
 import os, sqlite3, sys
-path, rows = sys.argv[1], int(sys.argv[2])
+path, rows, blob = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def connect():
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=OFF"); db.execute("PRAGMA synchronous=FULL")
@@ -798,7 +791,7 @@ def writer():
     while True:
         db.execute("BEGIN")
         for k in range(rows):
-            db.execute("INSERT INTO t VALUES (?, ?, ?)", (n, k, bytes([n % 251]) * 200))
+            db.execute("INSERT INTO t VALUES (?, ?, ?)", (n, k, bytes([n % 251]) * blob))
         db.execute("UPDATE meta SET last = ?", (n,))
         db.execute("COMMIT")
         os.write(1, b"%d\n" % n)
@@ -808,7 +801,7 @@ def check():
         db = connect()
         ok = db.execute("PRAGMA integrity_check").fetchone()[0]
         last = db.execute("SELECT last FROM meta").fetchone()[0]
-        bad = db.execute("SELECT count(*) FROM (SELECT txn, count(*) AS c, min(length(v)) AS l FROM t GROUP BY txn HAVING c != ? OR l != 200)", (rows,)).fetchone()[0]
+        bad = db.execute("SELECT count(*) FROM (SELECT txn, count(*) AS c, min(length(v)) AS l, max(length(v)) AS h, count(DISTINCT v) AS d FROM t GROUP BY txn HAVING c != ? OR l != ? OR h != ? OR d != 1)", (rows, blob, blob)).fetchone()[0]
         txns, hi = db.execute("SELECT count(DISTINCT txn), coalesce(max(txn), 0) FROM t").fetchone()
         db.close()
         os.write(1, ("check %s last=%d txns=%d max=%d bad=%d\n" % (ok.replace(" ", "_"), last, txns, hi, bad)).encode())
@@ -825,6 +818,8 @@ def forked(f):
 for line in sys.stdin:
     cmd, arg = line.split()
     if cmd == "setup":
+        if os.path.exists(path):
+            os.remove(path)
         db = connect()
         db.execute("CREATE TABLE t (txn INTEGER, k INTEGER, v BLOB)")
         db.execute("CREATE TABLE meta (last INTEGER)")
@@ -839,50 +834,72 @@ for line in sys.stdin:
     elif cmd == "check":
         os.waitpid(forked(check), 0)
 "#;
-    let kills_wanted: u64 = std::env::var("FAMS_MOUNT_SQLITE_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let rows = 40;
-    let famsd = famsd();
-    let dir = TempDir::new("mount-sqlite");
-    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
-    format_store(&store, "16M", Some("1G"));
-    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
-    let mut spawner = Command::new("python3")
-        .arg("-S")
-        .arg("-c")
-        .arg(SPAWNER)
-        .arg(m.path("db.sqlite"))
-        .arg(rows.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _spawner_proc = ChildProc::new(&spawner);
-    let mut to_spawner = spawner.stdin.take().unwrap();
-    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
-    let from_spawner = spawner.stdout.take().unwrap();
-    drop(spawner);
-    std::thread::spawn(move || {
-        for l in BufReader::new(from_spawner).lines().map_while(Result::ok) {
-            if line_tx.send(l).is_err() {
-                return;
+
+/// What `check` found after a kill.
+enum SqliteOutcome {
+    /// `integrity_check` ok and exactly the transactions up to one at or after the last
+    /// acknowledged, each complete: the number of the last one.
+    Whole(u64),
+    /// `integrity_check` ok but not a committed state (a partial or missing transaction, or
+    /// older than the last acknowledged).
+    Torn,
+    /// `integrity_check` fails or the database cannot be read.
+    Corrupt,
+}
+
+/// [`SQLITE_PROGRAM`] running on `db`, its output read line by line with a deadline.
+struct SqliteProgram {
+    to: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    _proc: ChildProc,
+}
+
+impl SqliteProgram {
+    fn start(db: &Path, rows: usize, blob: usize) -> SqliteProgram {
+        let mut child = Command::new("python3")
+            .arg("-S")
+            .arg("-c")
+            .arg(SQLITE_PROGRAM)
+            .arg(db)
+            .arg(rows.to_string())
+            .arg(blob.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let proc = ChildProc::new(&child);
+        let to = child.stdin.take().unwrap();
+        let from = child.stdout.take().unwrap();
+        drop(child);
+        let (line_tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for l in BufReader::new(from).lines().map_while(Result::ok) {
+                if line_tx.send(l).is_err() {
+                    return;
+                }
             }
-        }
-    });
-    let next_line = |what: &str| -> String {
-        lines.recv_timeout(PATIENCE).unwrap_or_else(|e| panic!("waiting for the Python SQLite program ({what}): {e}"))
-    };
-    writeln!(to_spawner, "setup -").unwrap();
-    assert_eq!(next_line("setup"), "ready");
-    let mut rng = Rng::new(0x5117e);
-    let started = Instant::now();
-    let (mut kills, mut daemon_kills, mut violations, mut details) = (0u64, 0u64, 0u64, Vec::new());
-    let (mut committed_unacked, mut verified) = (0u64, 0u64);
-    while kills < kills_wanted {
-        let kill_daemon = kills % 2 == 1;
-        writeln!(to_spawner, "go -").unwrap();
+        });
+        SqliteProgram { to, lines, _proc: proc }
+    }
+
+    fn line(&self, what: &str) -> String {
+        self.lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|e| panic!("waiting for the Python SQLite program ({what}): {e}"))
+    }
+
+    /// Creates a fresh database (removing any old one).
+    fn setup(&mut self) {
+        writeln!(self.to, "setup -").unwrap();
+        assert_eq!(self.line("setup"), "ready");
+    }
+
+    /// Starts a writer; returns its pid once it writes, and the last transaction it acknowledged.
+    fn go(&mut self) -> (i32, Option<u64>) {
+        writeln!(self.to, "go -").unwrap();
         let (mut pid, mut writing, mut acked) = (None, false, None::<u64>);
         while pid.is_none() || !writing {
-            let l = next_line("start");
+            let l = self.line("start");
             if let Some(p) = l.strip_prefix("pid ") {
                 pid = p.parse::<i32>().ok();
             } else if l == "start" {
@@ -893,24 +910,79 @@ for line in sys.stdin:
                 panic!("the SQLite program said {l:?}");
             }
         }
-        let pid = pid.unwrap();
-        std::thread::sleep(Duration::from_micros(rng.below(60_000)));
-        if kill_daemon {
-            m.kill_daemon();
-            daemon_kills += 1;
-        }
+        (pid.unwrap(), acked)
+    }
+
+    /// SIGKILLs the writer `pid` (which may already be dead) and reaps it; returns the last
+    /// transaction acknowledged, `acked` if none after it.
+    fn kill(&mut self, pid: i32, mut acked: Option<u64>) -> Option<u64> {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-        kills += 1;
-        writeln!(to_spawner, "reap {pid}").unwrap();
+        writeln!(self.to, "reap {pid}").unwrap();
         loop {
-            let l = next_line("reaping");
+            let l = self.line("reaping");
             if l == format!("dead {pid}") {
-                break;
+                return acked;
             }
             if let Ok(g) = l.parse::<u64>() {
                 acked = Some(g);
             }
         }
+    }
+
+    /// Opens the database in a fresh process and classifies it against `floor`, the last
+    /// transaction acknowledged; also returns the program's report.
+    fn check(&mut self, floor: u64) -> (SqliteOutcome, String) {
+        writeln!(self.to, "check -").unwrap();
+        let check = self.line("check");
+        let field = |k: &str| -> u64 {
+            check.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
+        };
+        let (last, txns, max, bad) = (field("last="), field("txns="), field("max="), field("bad="));
+        let outcome = if !check.starts_with("check ok ") {
+            SqliteOutcome::Corrupt
+        } else if bad == 0 && last == txns && last == max && last >= floor && last <= floor + 1 {
+            SqliteOutcome::Whole(last)
+        } else {
+            SqliteOutcome::Torn
+        };
+        (outcome, check)
+    }
+}
+
+/// SQLite (Python's `sqlite3`) with `journal_mode=OFF`, `synchronous=FULL` on the mount: with no
+/// journal, SQLite's only protection is the file system's — each COMMIT writes its pages and
+/// fsyncs once, so the mount's sync must make the whole transaction durable or none of it.
+/// Transactions of many rows are killed at random (in every other cycle the daemon first);
+/// after each kill `PRAGMA integrity_check` must say ok and the database must hold exactly the
+/// transactions up to one at or after the last acknowledged, each complete.
+#[test]
+fn sqlite_without_a_journal_keeps_whole_transactions() {
+    if !can_mount() {
+        return;
+    }
+    let kills_wanted: u64 = std::env::var("FAMS_MOUNT_SQLITE_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let rows = 40;
+    let famsd = famsd();
+    let dir = TempDir::new("mount-sqlite");
+    let (store, mp) = (dir.join("files.heap"), dir.join("mnt"));
+    format_store(&store, "16M", Some("1G"));
+    let mut m = Mounted::start(&famsd, &store, &mp, &[]).unwrap();
+    let mut sqlite = SqliteProgram::start(&m.path("db.sqlite"), rows, 200);
+    sqlite.setup();
+    let mut rng = Rng::new(0x5117e);
+    let started = Instant::now();
+    let (mut kills, mut daemon_kills, mut violations, mut details) = (0u64, 0u64, 0u64, Vec::new());
+    let (mut committed_unacked, mut verified) = (0u64, 0u64);
+    while kills < kills_wanted {
+        let kill_daemon = kills % 2 == 1;
+        let (pid, acked) = sqlite.go();
+        std::thread::sleep(Duration::from_micros(rng.below(60_000)));
+        if kill_daemon {
+            m.kill_daemon();
+            daemon_kills += 1;
+        }
+        let acked = sqlite.kill(pid, acked);
+        kills += 1;
         let floor = acked.unwrap_or(verified).max(verified);
         if kill_daemon {
             m.unmount().unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
@@ -918,21 +990,8 @@ for line in sys.stdin:
         } else {
             m.wait_closed("db.sqlite").unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
         }
-        let check = m.watch("checking the database", || {
-            writeln!(to_spawner, "check -").unwrap();
-            next_line("check")
-        });
-        let field = |k: &str| -> u64 {
-            check.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
-        };
-        let (last, txns, max, bad) = (field("last="), field("txns="), field("max="), field("bad="));
-        let ok = check.starts_with("check ok ")
-            && bad == 0
-            && last == txns
-            && last == max
-            && last >= floor
-            && last <= floor + 1;
-        if ok {
+        let (outcome, check) = m.watch("checking the database", || sqlite.check(floor));
+        if let SqliteOutcome::Whole(last) = outcome {
             committed_unacked += u64::from(last == floor + 1);
             verified = last;
         } else {
@@ -945,7 +1004,7 @@ for line in sys.stdin:
             break; // a damaged database stays damaged: later cycles would only repeat it
         }
     }
-    drop(to_spawner);
+    drop(sqlite);
     m.unmount().unwrap();
     let report = serde_json::json!({
         "kills": kills, "daemon_kills": daemon_kills, "violations": violations,
@@ -955,4 +1014,60 @@ for line in sys.stdin:
     println!("mount SQLite SIGKILL: {report}");
     assert_eq!(violations, 0, "{details:#?}\n{report}");
     assert!(verified > 0, "no transaction was ever committed: {report}");
+}
+
+/// The same SQLite workload (`journal_mode=OFF`, `synchronous=FULL`) on a plain ext4 directory,
+/// without the mount, with large transactions (64 rows of 32 KiB, about 2 MiB each, so the
+/// write phase is long): SIGKILLs of the writer at random times must leave at least one torn or
+/// corrupt database — the comparison that shows what the mount adds. Each cycle starts from a
+/// fresh database; the counts and the rate are printed.
+#[test]
+fn sqlite_without_a_journal_tears_on_plain_ext4() {
+    if Command::new("python3").arg("-c").arg("pass").status().map(|s| !s.success()).unwrap_or(true) {
+        skip("the plain-ext4 SQLite comparison needs python3");
+        return;
+    }
+    let dir = TempDir::new("ext4-sqlite");
+    let fs = Command::new("stat").args(["-f", "-c", "%T"]).arg(dir.path()).output().expect("stat -f");
+    let fs = String::from_utf8_lossy(&fs.stdout).trim().to_string();
+    if fs != "ext2/ext3" {
+        skip(&format!("the plain-ext4 SQLite comparison needs ext4 under /var/tmp, not {fs:?}"));
+        return;
+    }
+    let kills_wanted: u64 = std::env::var("FAMS_EXT4_SQLITE_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let mut sqlite = SqliteProgram::start(&dir.join("db.sqlite"), 64, 32 * 1024);
+    let mut rng = Rng::new(0xe4704);
+    let started = Instant::now();
+    let (mut kills, mut whole, mut torn, mut corrupt, mut transactions) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut examples = Vec::new();
+    while kills < kills_wanted {
+        sqlite.setup();
+        let (pid, acked) = sqlite.go();
+        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        let floor = sqlite.kill(pid, acked).unwrap_or(0);
+        kills += 1;
+        let (outcome, check) = sqlite.check(floor);
+        match outcome {
+            SqliteOutcome::Whole(last) => {
+                whole += 1;
+                transactions += last;
+            }
+            SqliteOutcome::Torn => torn += 1,
+            SqliteOutcome::Corrupt => corrupt += 1,
+        }
+        if !matches!(outcome, SqliteOutcome::Whole(_)) && examples.len() < 3 {
+            examples.push(format!("cycle {kills}: {check} (last acknowledged {floor})"));
+        }
+    }
+    drop(sqlite);
+    let rate = 100.0 * (torn + corrupt) as f64 / kills as f64;
+    println!(
+        "plain ext4, journal_mode=OFF: {kills} kills, {corrupt} corrupt, {torn} torn ({rate:.1} %), {whole} whole \
+         ({transactions} transactions committed) in {:.1} s; e.g. {examples:#?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        torn + corrupt > 0,
+        "no torn or corrupt database in {kills} kills on plain ext4: the comparison shows nothing"
+    );
 }
