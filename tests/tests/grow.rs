@@ -528,3 +528,53 @@ fn collections_grow_the_heap_as_they_grow() {
     let problems = objects.check();
     assert!(problems.is_ok(), "{problems:?}");
 }
+
+/// An operation during which the heap grew, rolled back: the growth stays (a heap's size is
+/// durable when `grow` returns), the allocator's record of it was rolled back with the rest, so
+/// the object layer must take the space again — and allocate from it, commit, and reopen.
+#[test]
+fn rolling_back_an_operation_that_grew_the_heap_keeps_the_space() {
+    if is_child() {
+        return;
+    }
+    use fams::alloc::PVec;
+    use fams::{ObjectHeap, ObjectOptions};
+    let dir = TempDir::new("grow-rollback");
+    let path = dir.join("g.heap");
+    format_growable(&path, MIB, 256 * MIB, 64 * MIB);
+    let opts = ObjectOptions { grow_step_bytes: 4 * MIB, ..ObjectOptions::default() };
+    let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+    let mut objects = ObjectHeap::open(heap, &opts).unwrap();
+    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    for i in 0..1000u64 {
+        root.push(i);
+    }
+    objects.commit().unwrap();
+    let len_before = objects.heap().len();
+    // 2 MiB of numbers do not fit in the 1 MiB heap: it grows during the operation.
+    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    for i in 1000..300_000u64 {
+        root.push(i);
+    }
+    let len_grown = objects.heap().len();
+    assert!(len_grown > len_before, "the operation grew the heap: {len_before} -> {len_grown}");
+    objects.rollback().expect("rolling back an operation that grew the heap");
+    assert_eq!(objects.heap().len(), len_grown, "the growth stays");
+    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    assert_eq!(root.len(), 1000, "the rolled-back pushes are gone");
+    // The grown space is the allocator's again: the same operation now fits without growing.
+    for i in 1000..200_000u64 {
+        root.push(i);
+    }
+    assert_eq!(objects.heap().len(), len_grown, "allocated from the space taken back");
+    objects.commit().unwrap();
+    let problems = objects.check();
+    assert!(problems.is_ok(), "{problems:?}");
+    objects.close().unwrap();
+    let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
+    let mut objects = ObjectHeap::open(heap, &opts).unwrap();
+    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    assert!(root.len() == 200_000 && root.iter().enumerate().all(|(i, &v)| v == i as u64));
+    let problems = objects.check();
+    assert!(problems.is_ok(), "{problems:?}");
+}

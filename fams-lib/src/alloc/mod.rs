@@ -72,6 +72,22 @@ pub mod collections;
 pub mod fuzz;
 pub mod persistent;
 pub mod raw;
+/// If the heap is larger than the object layer's recorded size (`famsd grow`, a growth whose
+/// commit a crash lost, or one inside a rolled-back operation), give the new space to the
+/// allocator. Written into the heap: durable with the next commit; until then a crash leads here
+/// again. `raw` spans the whole heap of `len` bytes.
+fn take_grown_space(raw: Raw, base: NonNull<u8>, len: u64, path: &std::path::Path) -> Result<Raw, ObjectError> {
+    let recorded = raw.recorded_heap_bytes();
+    if recorded < len && recorded >= raw::OBJECT_HEAP_BYTES_MIN && recorded % 4096 == 0 {
+        // SAFETY: recorded < len, so [base, base + recorded) lies inside the mapped heap.
+        let old = unsafe { Raw::new(base, recorded) };
+        old.meta_sane().map_err(|p| ObjectError::Corrupt { path: path.to_path_buf(), problems: vec![p] })?;
+        Ok(old.extend_to(len))
+    } else {
+        Ok(raw)
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -221,18 +237,7 @@ impl ObjectHeap {
             }
             MetaState::Ours => {}
         }
-        // The heap grew since the object layer last recorded its size (`famsd grow`, or a
-        // growth whose commit a crash lost): take the new space. Durable with the next commit;
-        // until then a crash simply leads here again.
-        let recorded = raw.recorded_heap_bytes();
-        let raw = if recorded < len && recorded >= raw::OBJECT_HEAP_BYTES_MIN && recorded % 4096 == 0 {
-            // SAFETY: [base, base + recorded) lies inside the mapped heap.
-            let old = unsafe { Raw::new(base, recorded) };
-            old.meta_sane().map_err(|p| ObjectError::Corrupt { path: path.clone(), problems: vec![p] })?;
-            old.extend_to(len)
-        } else {
-            raw
-        };
+        let raw = take_grown_space(raw, base, len, &path)?;
         let found = raw.format_version();
         if found != raw::OBJECT_FORMAT_VERSION {
             return Err(ObjectError::FormatVersion { path, found, supported: raw::OBJECT_FORMAT_VERSION });
@@ -374,6 +379,9 @@ impl ObjectHeap {
     pub fn rollback(&mut self) -> Result<RollbackReport, ObjectError> {
         let report = self.heap.rollback()?;
         let path = self.heap.path().to_path_buf();
+        // A growth inside the rolled-back operation stays (the heap's size is durable at once),
+        // while the allocator's record of it was rolled back with the rest: take the space again.
+        self.raw = take_grown_space(self.raw, self.raw.base(), self.heap.len() as u64, &path)?;
         match self.raw.meta_state() {
             MetaState::Ours => {}
             MetaState::Fresh | MetaState::Foreign(_) => {

@@ -295,9 +295,8 @@ impl Store {
     }
 
     /// Drop the heap's uncommitted state the way a crash would and open it again: the way back
-    /// when a rollback fails. (The object layer cannot roll back an operation during which the
-    /// heap grew: the growth itself is durable, the allocator's record of it was not. Opening
-    /// takes the grown space.) Nothing committed is lost; staged file data is not in the heap.
+    /// when a rollback fails (a poisoned heap: its dirty pages cannot be known, so its writes
+    /// cannot be undone). Nothing committed is lost; staged file data is not in the heap.
     fn reopen(&mut self) -> Result<(), String> {
         if let Some(o) = self.objects.take() {
             o.abandon();
