@@ -204,6 +204,21 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
 /// again with `--foreground` in its own process group, its log appended to `log_file`, and
 /// return once it has mounted (or say why it could not).
 pub fn run_background(args: &MountArgs, log_file: &Path) -> Result<(), String> {
+    let child = spawn_daemon(args, log_file)?;
+    println!(
+        "mounted {} at {} (daemon pid {}, log {})",
+        args.store.display(),
+        args.mountpoint.display(),
+        child.id(),
+        log_file.display()
+    );
+    Ok(())
+}
+
+/// Run `famsd mount --foreground` (this program) as a child in its own process group, its log
+/// appended to `log_file`, and return it once it has mounted — or the end of its log if it could
+/// not. The caller owns the child: to stop it, SIGTERM (unmounts) or SIGKILL (a crash).
+pub fn spawn_daemon(args: &MountArgs, log_file: &Path) -> Result<std::process::Child, String> {
     check_mountpoint(&args.mountpoint)?;
     if let Err(e) = std::fs::metadata(&args.store) {
         return Err(format!(
@@ -232,13 +247,7 @@ pub fn run_background(args: &MountArgs, log_file: &Path) -> Result<(), String> {
     let mut line = String::new();
     let read = BufReader::new(child.stdout.take().ok_or("no pipe")?).read_line(&mut line);
     if read.is_ok() && line.starts_with(READY_PREFIX) {
-        println!(
-            "{} (daemon pid {}, log {})",
-            line.trim_end().trim_start_matches("famsd: "),
-            child.id(),
-            log_file.display()
-        );
-        return Ok(());
+        return Ok(child);
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     let tail = std::fs::read_to_string(log_file).unwrap_or_default();

@@ -1,6 +1,9 @@
 //! `famsd demo`: the tour on a fresh machine. Formats a heap in a data directory, measures commit
 //! latency next to the device floor, runs grouped async commits, then kills a committing child
-//! with SIGKILL several times, recovering and verifying after each kill.
+//! with SIGKILL several times, recovering and verifying after each kill; then the same promise for
+//! unmodified programs through `famsd mount` ([`mount`]), and a turn-based cluster.
+
+mod mount;
 
 use crate::torture::{self, TortureConfig};
 use fams::io::{self, AlignedBuf, LogOpenOptions};
@@ -137,6 +140,7 @@ pub fn run(dir: &Path) -> Result<(), String> {
         }
         return Err(format!("{} violations", report.violations));
     }
+    mount::run(dir)?;
     bank_cluster(dir)
 }
 
