@@ -419,6 +419,47 @@ pub(crate) fn block_device_info(path: &Path) -> io::Result<Option<BlockDeviceInf
     }))
 }
 
+/// What the kernel says about the write cache of the block device under a path (the device
+/// itself, or the one holding the file system a file lives on). Read from sysfs
+/// (`/sys/dev/block/MAJ:MIN`, the whole disk's `queue/` for a partition); durability figures
+/// mean something only if the drive honours the flushes and FUA writes these imply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteCacheState {
+    /// The kernel's name of the whole disk (`nvme0n1`, `vda`, `zram0`, `loop3`).
+    pub disk: String,
+    /// `queue/write_cache`: true for "write back" (a volatile cache: data is durable only after
+    /// a flush or a FUA write), false for "write through".
+    pub volatile_cache: bool,
+    /// `queue/fua`: the device takes FUA writes (else the kernel follows a write with a flush).
+    pub fua: bool,
+    /// `queue/rotational`.
+    pub rotational: bool,
+    /// `device/model`, where the driver has one.
+    pub model: Option<String>,
+}
+
+/// See [`WriteCacheState`]. None when the path lives on no single block device (tmpfs, overlay,
+/// a multi-device file system) or sysfs does not say.
+pub fn write_cache_state(path: &Path) -> Option<WriteCacheState> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).ok()?;
+    let dev = if meta.file_type().is_block_device() { meta.rdev() } else { meta.dev() };
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let mut sys = fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    if sys.join("partition").exists() {
+        sys = sys.parent()?.to_path_buf();
+    }
+    let read = |rel: &str| fs::read_to_string(sys.join(rel)).ok().map(|s| s.trim().to_string());
+    let cache = read("queue/write_cache")?;
+    Some(WriteCacheState {
+        disk: sys.file_name()?.to_string_lossy().into_owned(),
+        volatile_cache: cache == "write back",
+        fua: read("queue/fua").as_deref() == Some("1"),
+        rotational: read("queue/rotational").as_deref() == Some("1"),
+        model: read("device/model").filter(|m| !m.is_empty()),
+    })
+}
+
 fn bytes_at(head: &[u8], off: usize, len: usize) -> Option<&[u8]> {
     head.get(off..off.checked_add(len)?)
 }

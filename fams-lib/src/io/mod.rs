@@ -46,7 +46,7 @@ mod sync;
 mod uring;
 
 pub use aligned::AlignedBuf;
-pub use device::BlockDeviceInfo;
+pub use device::{write_cache_state, BlockDeviceInfo, WriteCacheState};
 
 use device::Target;
 
