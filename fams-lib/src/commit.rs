@@ -25,7 +25,10 @@
 //!    fdatasync the heap file, then move the tail in a new superblock (see `log_format`).
 //!
 //! Only one group is in flight at a time: that is what lets recovery tell a torn write (damage
-//! inside the last group) from corruption (damage followed by a later group).
+//! inside the last group) from corruption (damage followed by a later group). And no group is
+//! written past the durable superblock's written limit (raised first when needed, see
+//! `log_format`): that is what lets recovery look for such a later group without reading the
+//! whole log.
 //!
 //! # Learning that commits are durable
 //!
@@ -102,6 +105,7 @@ pub struct WriterStats {
     pub records: u64,
     pub log_bytes_written: u64,
     pub checkpoints: u64,
+    pub written_limit_raises: u64,
     pub heap_fdatasyncs: u64,
     /// Pages logged whole because it was their first change since a checkpoint.
     pub full_images_after_checkpoint: u64,
@@ -550,6 +554,13 @@ impl LogWriter {
             self.superblock.capacity_bytes()
         );
 
+        // Every record stays inside the durable superblock's written limit (see `log_format`):
+        // raise it first, with one durable superblock write, when this group would end past it.
+        let group_end_bytes = self.used_bytes + group_bytes + skipped;
+        if group_end_bytes > self.superblock.written_limit_bytes {
+            self.raise_written_limit(group_end_bytes, group_bytes)?;
+        }
+
         // Two contiguous segments at most: before and after the wrap.
         let split = layout.iter().position(|&o| o < self.head).unwrap_or(group.len());
         let seg_len = |rs: &[QueuedRecord]| rs.iter().map(|r| r.total_len()).sum::<u64>() as usize;
@@ -746,6 +757,25 @@ impl LogWriter {
         Ok(())
     }
 
+    /// Write a superblock whose written limit covers a group ending `group_end_bytes` past the
+    /// tail, and wait until it is durable: only then may the group be written.
+    fn raise_written_limit(&mut self, group_end_bytes: u64, group_bytes: u64) -> Result<(), String> {
+        let mut sb = self.superblock;
+        sb.sequence += 1;
+        sb.written_limit_bytes = sb.raised_written_limit(group_end_bytes, group_bytes);
+        assert!(sb.written_limit_bytes >= group_end_bytes, "a group never runs past the tail (checkpoint first)");
+        if !sb.counters_writable() {
+            return Err(format!("{}: the log's counters are at their limit ({sb:?})", self.log_path.display()));
+        }
+        write_superblock(self.dev.as_mut(), &sb)
+            .map_err(|e| format!("{}: writing the superblock to raise its written limit: {e}", self.log_path.display()))?;
+        self.superblock = sb;
+        let mut st = self.shared.lock();
+        st.stats.written_limit_raises += 1;
+        st.io = self.dev.stats();
+        Ok(())
+    }
+
     fn checkpoint(&mut self) -> Result<(), String> {
         // The heap file must hold everything up to the new tail durably before the superblock
         // says replay may start there. (The mutation `checkpoint-without-heap-sync`, in
@@ -761,6 +791,7 @@ impl LogWriter {
         sb.tail_offset = self.head;
         sb.tail_lsn = next_lsn;
         sb.checkpoints += 1;
+        sb.written_limit_bytes = sb.fresh_written_limit();
         if !sb.counters_writable() {
             return Err(format!("{}: the log's counters are at their limit ({sb:?})", self.log_path.display()));
         }

@@ -26,7 +26,8 @@
 //! | 80  | 8    | tail LSN: the LSN of the record expected at the tail |
 //! | 88  | 8    | checkpoints taken over the log's life |
 //! | 96  | 8    | version 2: the heap's current size in bytes (version 1: absent, the header's size) |
-//! | 104 | 4    | CRC32C of bytes 0..104 (version 1: of bytes 0..96, at 96) |
+//! | 104 | 8    | version 3: written limit — bytes from the tail (ring distance) at and past which no record of this epoch was written; 0: not recorded (versions 1 and 2) |
+//! | 112 | 4    | CRC32C of bytes 0..112 (version 2: of bytes 0..104, at 104; version 1: of 0..96, at 96) |
 //!
 //! The heap's size lives here, not in the heap file's header, because growing must be atomic:
 //! `Heap::grow` extends the heap file and makes that durable first, then writes a superblock
@@ -70,6 +71,17 @@
 //!   record followed by an intact record of the *same* group is a torn write (power cut mid
 //!   write); followed by an intact record of a *later* group, the damaged one had been durable,
 //!   so the damage is corruption and recovery refuses to guess.
+//! - The written limit bounds where such a later record can be, so recovery reads what it
+//!   replays plus at most the rest of the limit, not the whole area (an 8 GiB log once meant
+//!   8 GiB read at every open). The writer keeps every record it writes inside the limit of the
+//!   durable superblock: before a group would end past it, it raises the limit (by at least
+//!   [`WRITTEN_LIMIT_STEP_BYTES`], and by a few groups' worth for large groups) with one durable
+//!   superblock write, and only then writes the group. A checkpoint or a recovery writes a new
+//!   superblock anyway and starts a fresh limit from its new tail: records of this epoch past
+//!   that limit are all older than the tail LSN and can never count as later. Under power cuts
+//!   the newest readable slot's limit is right: a raise whose write was torn or lost was never
+//!   acknowledged, so nothing was written past it. If a slot is damaged (not merely never
+//!   written), recovery cannot know whether it held a larger limit and scans the whole area.
 
 use crate::heap_file::HeapId;
 
@@ -82,9 +94,18 @@ pub const LOG_SIZE_MIN: u64 = AREA_START + 16 * BLOCK as u64;
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"FAMSLOG1";
 const RECORD_MAGIC: &[u8; 4] = b"FAMR";
 const FORMAT_VERSION: u32 = 1;
-const SUPERBLOCK_VERSION: u32 = 2;
-const SUPERBLOCK_CRC_AT: usize = 104;
+const SUPERBLOCK_VERSION: u32 = 3;
+const SUPERBLOCK_CRC_AT: usize = 112;
+const SUPERBLOCK_V2_CRC_AT: usize = 104;
 const SUPERBLOCK_V1_CRC_AT: usize = 96;
+/// The least a written limit is raised by, and where it starts after a checkpoint or recovery,
+/// in a log of 32 MiB or more (smaller logs step by 1/32 of their area, at least 16 KiB): the
+/// writer makes one extra durable superblock write per this many bytes of small records, and
+/// recovery reads at most about this much past what it replays.
+pub const WRITTEN_LIMIT_STEP_BYTES: u64 = 1 << 20;
+const WRITTEN_LIMIT_STEP_MIN_BYTES: u64 = 4 * BLOCK as u64;
+/// A raise covers this many times the group that needs it, so large groups raise it rarely.
+pub const WRITTEN_LIMIT_GROUPS_AHEAD: u64 = 4;
 pub const RECORD_HEADER_BYTES: usize = 72;
 pub const ENTRY_HEADER_BYTES: usize = 16;
 /// An entry never crosses a heap page.
@@ -129,6 +150,10 @@ pub struct Superblock {
     pub checkpoints: u64,
     /// The heap's current size (0 in a version-1 superblock: the heap header's size).
     pub heap_size: u64,
+    /// Ring distance from the tail at and past which no record of this epoch was written; 0
+    /// when not recorded (superblocks before version 3): recovery then scans the whole area.
+    /// At most the area's capacity.
+    pub written_limit_bytes: u64,
 }
 
 impl Superblock {
@@ -146,6 +171,29 @@ impl Superblock {
             tail_lsn: 1,
             checkpoints: 0,
             heap_size: 0,
+            written_limit_bytes: written_limit_step(area_end - AREA_START),
+        }
+    }
+
+    /// The limit to start from at a new tail (after a checkpoint or a recovery).
+    pub fn fresh_written_limit(&self) -> u64 {
+        written_limit_step(self.capacity_bytes())
+    }
+
+    /// The raised limit for a group ending `group_end_bytes` from the tail, `group_bytes` long.
+    pub fn raised_written_limit(&self, group_end_bytes: u64, group_bytes: u64) -> u64 {
+        let step = written_limit_step(self.capacity_bytes());
+        let ahead = step.max(group_bytes.saturating_mul(WRITTEN_LIMIT_GROUPS_AHEAD));
+        group_end_bytes.saturating_add(ahead).min(self.capacity_bytes())
+    }
+
+    /// How far past the tail recovery must look for records: the written limit, or the whole
+    /// area when it is not recorded.
+    pub fn scan_limit_bytes(&self) -> u64 {
+        if self.written_limit_bytes == 0 {
+            self.capacity_bytes()
+        } else {
+            self.written_limit_bytes
         }
     }
 
@@ -181,6 +229,7 @@ impl Superblock {
         put_u64(out, 80, self.tail_lsn);
         put_u64(out, 88, self.checkpoints);
         put_u64(out, 96, self.heap_size);
+        put_u64(out, 104, self.written_limit_bytes);
         let crc = crc32c::crc32c(&out[..SUPERBLOCK_CRC_AT]);
         put_u32(out, SUPERBLOCK_CRC_AT, crc);
     }
@@ -197,8 +246,9 @@ impl Superblock {
         let version = u32_at(b, 8);
         let crc_at = match version {
             1 => SUPERBLOCK_V1_CRC_AT,
+            2 => SUPERBLOCK_V2_CRC_AT,
             SUPERBLOCK_VERSION => SUPERBLOCK_CRC_AT,
-            _ => return Err(format!("superblock version {version}, this build reads versions 1 and {SUPERBLOCK_VERSION}")),
+            _ => return Err(format!("superblock version {version}, this build reads versions 1 to {SUPERBLOCK_VERSION}")),
         };
         if u32_at(b, crc_at) != crc32c::crc32c(&b[..crc_at]) {
             return Err("superblock checksum mismatch".into());
@@ -218,6 +268,7 @@ impl Superblock {
             tail_lsn: u64_at(b, 80),
             checkpoints: u64_at(b, 88),
             heap_size: if version == 1 { 0 } else { u64_at(b, 96) },
+            written_limit_bytes: if version < 3 { 0 } else { u64_at(b, 104) },
         };
         let block = BLOCK as u64;
         let sane = sb.area_start == AREA_START
@@ -236,12 +287,20 @@ impl Superblock {
             && sb.epoch < COUNTER_MAX
             && sb.tail_lsn < COUNTER_MAX
             && sb.checkpoints < COUNTER_MAX
-            && sb.heap_size % crate::PAGE_SIZE as u64 == 0;
+            && sb.heap_size % crate::PAGE_SIZE as u64 == 0
+            && sb.written_limit_bytes <= sb.area_end - sb.area_start;
         if !sane {
             return Err(format!("superblock fields are inconsistent: {sb:?}"));
         }
         Ok(sb)
     }
+}
+
+/// The written limit's step for a record area of `capacity_bytes` (see
+/// [`WRITTEN_LIMIT_STEP_BYTES`]); never more than the area.
+pub fn written_limit_step(capacity_bytes: u64) -> u64 {
+    let step = (capacity_bytes / 32).clamp(WRITTEN_LIMIT_STEP_MIN_BYTES, WRITTEN_LIMIT_STEP_BYTES);
+    (step / BLOCK as u64 * BLOCK as u64).min(capacity_bytes)
 }
 
 /// The fixed-size front of a record.

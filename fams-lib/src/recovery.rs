@@ -11,7 +11,9 @@
 //!    device write (its group started after the missing LSN) proves the missing record had been
 //!    durable, so the log is damaged; we refuse to open rather than silently drop commits
 //!    (`salvage` truncates there instead, saying what is lost). Intact records of the *same*
-//!    group are a torn write from a power cut, which is expected.
+//!    group are a torn write from a power cut, which is expected. Only the superblock's written
+//!    limit past the tail is looked at (see `log_format`): no record was ever written beyond it,
+//!    so an open reads what it replays plus the rest of that limit, whatever the log's size.
 //! 4. fdatasync the heap file, then write a new superblock: tail = end, next epoch. Only then may
 //!    new records be written, so the new history can never be confused with leftovers of the old
 //!    one. A crash anywhere in here is harmless: replay is idempotent and the old superblock still
@@ -137,13 +139,21 @@ impl<'a> LogReader<'a> {
 
 /// Read both superblock slots and return the current one.
 pub(crate) fn read_superblock(dev: &mut dyn LogDevice, log_path: &Path) -> Result<Superblock> {
+    read_superblock_slots(dev, log_path).map(|(sb, _)| sb)
+}
+
+/// The current superblock, and whether the other slot is damaged — unreadable but not blank, so
+/// it may have held a newer superblock (a torn write, or media damage) whose written limit is
+/// unknown.
+fn read_superblock_slots(dev: &mut dyn LogDevice, log_path: &Path) -> Result<(Superblock, bool)> {
     let mut buf = AlignedBuf::zeroed(2 * BLOCK);
     dev.read_exact_at(0, &mut buf).map_err(|e| Error::io(log_path, "reading the log superblocks", e))?;
-    let a = Superblock::decode(&buf[..BLOCK]);
-    let b = Superblock::decode(&buf[BLOCK..]);
-    match (a, b) {
-        (Ok(a), Ok(b)) => Ok(if a.sequence >= b.sequence { a } else { b }),
-        (Ok(s), Err(_)) | (Err(_), Ok(s)) => Ok(s),
+    let (slot_a, slot_b) = buf.split_at(BLOCK);
+    let blank = |slot: &[u8]| slot.iter().all(|&b| b == 0);
+    match (Superblock::decode(slot_a), Superblock::decode(slot_b)) {
+        (Ok(a), Ok(b)) => Ok((if a.sequence >= b.sequence { a } else { b }, false)),
+        (Ok(s), Err(_)) => Ok((s, !blank(slot_b))),
+        (Err(_), Ok(s)) => Ok((s, !blank(slot_a))),
         (Err(ea), Err(eb)) => {
             Err(Error::CorruptSuperblock { path: log_path.into(), reason: format!("slot A: {ea}; slot B: {eb}") })
         }
@@ -180,7 +190,7 @@ pub(crate) fn recover(
     mode: Mode,
 ) -> Result<Recovered> {
     let started = Instant::now();
-    let sb = read_superblock(dev, log_path)?;
+    let (sb, other_slot_damaged) = read_superblock_slots(dev, log_path)?;
     if sb.heap_id != header.heap_id {
         return Err(Error::LogMismatch {
             path: log_path.into(),
@@ -240,8 +250,13 @@ pub(crate) fn recover(
             write_superblock(&mut *reader.dev, &early).map_err(log_err("writing the superblock"))?;
         }
     }
+    // How far past the tail records can be: the written limit — or anywhere, when the limit is
+    // not recorded or the other slot is damaged and may have held a larger one.
+    let scan_limit = if other_slot_damaged { sb.capacity_bytes() } else { sb.scan_limit_bytes() };
     let end_why = loop {
-        match next_step(&mut reader, &sb, pos, lsn).map_err(log_err("reading log records"))? {
+        // The next record may have wrapped to the area start only if that lies inside the limit.
+        let wrap_possible = consumed_bytes + (sb.area_end - pos) < scan_limit;
+        match next_step(&mut reader, &sb, pos, lsn, wrap_possible).map_err(log_err("reading log records"))? {
             Step::End { why } => break why,
             Step::Record { offset, header: h } => {
                 if offset != pos {
@@ -284,7 +299,8 @@ pub(crate) fn recover(
     };
 
     if let Some(Later { lsn: later, newer_epoch }) =
-        later_group_after(&mut reader, &sb, pos, lsn).map_err(log_err("scanning the log"))?
+        later_group_after(&mut reader, &sb, pos, consumed_bytes, scan_limit, lsn)
+            .map_err(log_err("scanning the log"))?
     {
         let reason = match newer_epoch {
             Some(e) => format!(
@@ -316,6 +332,7 @@ pub(crate) fn recover(
     next.epoch += 1;
     next.tail_offset = pos;
     next.tail_lsn = lsn;
+    next.written_limit_bytes = next.fresh_written_limit();
     if !next.counters_writable() {
         // Only a damaged or crafted superblock gets here (the counters grow by one per open,
         // checkpoint or commit): a superblock written with them could not be read back.
@@ -332,8 +349,15 @@ pub(crate) fn recover(
     Ok(Recovered { superblock: next, head: pos, report })
 }
 
-/// Where the record with `lsn` is, if anywhere: at `pos`, or at the area start after a wrap.
-fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) -> std::io::Result<Step> {
+/// Where the record with `lsn` is, if anywhere: at `pos`, or (if `wrap_possible`) at the area
+/// start after a wrap.
+fn next_step(
+    reader: &mut LogReader<'_>,
+    sb: &Superblock,
+    pos: u64,
+    lsn: u64,
+    wrap_possible: bool,
+) -> std::io::Result<Step> {
     let found = |offset: u64, h: RecordHeader| {
         if offset + h.total_len as u64 > sb.area_end {
             Step::End { why: Some(format!("record LSN {lsn} at offset {offset} runs past the end of the log")) }
@@ -356,7 +380,7 @@ fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) ->
         | Err(HeaderProblem::OtherHeap)
         | Err(HeaderProblem::OtherEpoch(_)) => None,
     };
-    if pos != sb.area_start {
+    if pos != sb.area_start && wrap_possible {
         if let Ok(h) = RecordHeader::decode(reader.get(sb.area_start, BLOCK)?, sb.heap_id, sb.epoch) {
             if h.lsn == lsn {
                 return Ok(found(sb.area_start, h));
@@ -366,8 +390,9 @@ fn next_step(reader: &mut LogReader<'_>, sb: &Superblock, pos: u64, lsn: u64) ->
     Ok(Step::End { why })
 }
 
-/// Look through the part of the log that was not replayed for an intact record of this epoch
-/// that was written in a device write *after* the one holding `lsn`. Returns its LSN.
+/// Look through the part of the log that was not replayed, from `end` (`end_bytes` past the
+/// tail) up to `limit_bytes` past the tail, for an intact record of this epoch that was written
+/// in a device write *after* the one holding `lsn`. Returns its LSN.
 /// An intact record that proves the end of replay is not the end of what was durable.
 struct Later {
     lsn: u64,
@@ -379,13 +404,15 @@ fn later_group_after(
     reader: &mut LogReader<'_>,
     sb: &Superblock,
     end: u64,
+    end_bytes: u64,
+    limit_bytes: u64,
     lsn: u64,
 ) -> std::io::Result<Option<Later>> {
-    // Everything from the end around to the tail was not replayed.
+    debug_assert!(limit_bytes <= sb.capacity_bytes());
     let mut offset = end;
-    let mut first = true;
-    while first || offset != sb.tail_offset {
-        first = false;
+    let mut distance = end_bytes;
+    while distance < limit_bytes {
+        distance += BLOCK as u64;
         let block = reader.get(offset, BLOCK)?;
         match RecordHeader::decode(block, sb.heap_id, sb.epoch) {
             Ok(h) if h.lsn >= lsn && h.group_first_lsn > lsn => {

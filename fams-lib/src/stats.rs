@@ -36,6 +36,8 @@ pub struct Stats {
     pub groups: u64,
     pub log_bytes_written: u64,
     pub checkpoints: u64,
+    /// Superblock writes that raised the log's written limit before a group (see `log_format`).
+    pub written_limit_raises: u64,
     pub heap_fdatasyncs: u64,
     /// Pages logged whole because it was their first change since a checkpoint (so that replay
     /// never depends on a heap-file page a power cut may have torn).

@@ -725,7 +725,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 "log": { "path": i.log_path, "kind": i.log_kind, "size_bytes": i.header.log_size,
                          "superblock_sequence": sb.sequence, "epoch": sb.epoch,
                          "tail_offset": sb.tail_offset, "tail_lsn": sb.tail_lsn,
-                         "area_bytes": sb.capacity_bytes(), "checkpoints": sb.checkpoints },
+                         "area_bytes": sb.capacity_bytes(), "checkpoints": sb.checkpoints,
+                         "written_limit_bytes": sb.written_limit_bytes },
                 "pending": pending,
             });
             let node = node_section(&heap, i.locked);
@@ -750,8 +751,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 );
                 println!("log       {} ({}, {} bytes)", i.log_path.display(), i.log_kind, i.header.log_size);
                 println!(
-                    "superblock seq {} epoch {}, tail LSN {} at offset {}, {} checkpoints",
-                    sb.sequence, sb.epoch, sb.tail_lsn, sb.tail_offset, sb.checkpoints
+                    "superblock seq {} epoch {}, tail LSN {} at offset {}, {} checkpoints, records within {} bytes of the tail{}",
+                    sb.sequence, sb.epoch, sb.tail_lsn, sb.tail_offset, sb.checkpoints,
+                    sb.scan_limit_bytes(),
+                    if sb.written_limit_bytes == 0 { " (limit not recorded: an older log)" } else { "" }
                 );
                 match &i.pending {
                     Ok(r) => {

@@ -110,6 +110,8 @@ pub struct PowerLossReport {
     pub garbage_sectors: u64,
     pub records_replayed: u64,
     pub checkpoints: u64,
+    /// Superblock writes that raised the log's written limit (each a place a cut can land).
+    pub written_limit_raises: u64,
     /// Failed turns rolled back (and checked to leave the heap as it was).
     pub rollbacks: u64,
     pub final_commit: u64,
@@ -151,6 +153,7 @@ impl PowerLossReport {
             "garbage_sectors": self.garbage_sectors,
             "records_replayed": self.records_replayed,
             "checkpoints": self.checkpoints,
+            "written_limit_raises": self.written_limit_raises,
             "rollbacks": self.rollbacks,
             "final_commit": self.final_commit,
         })
@@ -368,6 +371,7 @@ impl<'a> Explorer<'a> {
     /// issued; updates `acked`.
     fn run_workload(&mut self, heap: &mut Heap, rng: &mut SimRng, max_commits: u64, sync_only: bool) -> u64 {
         let checkpoints_before = heap.stats().checkpoints;
+        let raises_before = heap.stats().written_limit_raises;
         let mut k = commit_number(heap.bytes());
         let mut done = 0;
         while done < max_commits && self.sim.machine.powered() {
@@ -411,6 +415,7 @@ impl<'a> Explorer<'a> {
             }
         }
         self.report.checkpoints += heap.stats().checkpoints - checkpoints_before;
+        self.report.written_limit_raises += heap.stats().written_limit_raises - raises_before;
         k
     }
 

@@ -208,6 +208,7 @@ fn a_log_whose_size_disagrees_with_the_heap_header_is_refused() {
         if let Ok(mut sb) = fams::log_format::Superblock::decode(&b) {
             sb.log_size -= 4096;
             sb.area_end = sb.area_end.min(sb.log_size);
+            sb.written_limit_bytes = sb.written_limit_bytes.min(sb.capacity_bytes());
             sb.encode(&mut b);
             log.write_all_at(&b, slot).unwrap();
         }

@@ -681,6 +681,7 @@ impl Heap {
         s.log_bytes_written = st.stats.log_bytes_written;
         s.checkpoints = st.stats.checkpoints;
         s.heap_fdatasyncs = st.stats.heap_fdatasyncs;
+        s.written_limit_raises = st.stats.written_limit_raises;
         s.full_images_after_checkpoint = st.stats.full_images_after_checkpoint;
         s.device_write_ns = st.stats.device_write_ns;
         s.io = st.io;

@@ -61,8 +61,12 @@ pub fn decode_superblock(data: &[u8]) {
     if b.len() < BLOCK {
         b.resize(BLOCK, 0);
     }
-    // Where the checksum sits depends on the superblock version (1: at 96; 2: at 104).
-    let crc_at = if u32_at(&b, 8) == 1 { 96 } else { 104 };
+    // Where the checksum sits depends on the superblock version (1: at 96; 2: at 104; 3: at 112).
+    let crc_at = match u32_at(&b, 8) {
+        1 => 96,
+        2 => 104,
+        _ => 112,
+    };
     let crc = crc32c(&b[..crc_at]);
     b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
     check_superblock(&b);
@@ -80,12 +84,16 @@ fn check_superblock(b: &[u8]) {
     let mut out = vec![0u8; BLOCK];
     sb.encode(&mut out);
     assert_eq!(Superblock::decode(&out), Ok(sb), "encode/decode round trip");
-    // (A version-1 slot is written back as version 2, with the size it did not record as 0.)
+    // (Older slots are written back as version 3, with what they did not record as 0.)
+    assert!(sb.written_limit_bytes <= sb.capacity_bytes());
     assert_eq!(out[0..8], b[0..8], "magic");
     assert_eq!(out[16..96], b[16..96], "fields");
-    if u32_at(b, 8) == 2 {
-        assert_eq!(out[8..12], b[8..12], "version");
+    if u32_at(b, 8) >= 2 {
         assert_eq!(out[96..104], b[96..104], "heap size");
+    }
+    if u32_at(b, 8) == 3 {
+        assert_eq!(out[8..12], b[8..12], "version");
+        assert_eq!(out[104..112], b[104..112], "written limit");
     }
 }
 

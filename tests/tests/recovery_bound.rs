@@ -1,0 +1,148 @@
+//! Recovery reads what it replays, not the whole log — and still tells damage from a torn tail.
+//!
+//! The log's superblock records a *written limit*: how far past the tail records of this epoch
+//! were ever written (see `fams::log_format`). The writer raises it, durably, before a group
+//! would run past it; recovery looks for later groups (the proof that a damaged record had been
+//! durable) only up to it. These tests run a real child process that commits and crashes
+//! (`exit` without closing, so nothing is checkpointed), then open the heap in this process:
+//!
+//! - the same records recover reading about the same bytes whether the log is 64 MiB or 256 MiB
+//!   (before the limit, every open read the whole log: 256 MiB here);
+//! - a damaged span of records that reaches past the first limit step, followed by intact
+//!   records of later device writes, is still refused as media corruption — which needs the
+//!   writer to have raised the limit (with the raise switched off, this test fails: see the
+//!   closing note of the change that added it).
+
+use fams::log_format::{Superblock, BLOCK, WRITTEN_LIMIT_STEP_BYTES};
+use fams::{Error, Heap, HeapOptions, PAGE_SIZE};
+use fams_tests::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const HEAP_BYTES: u64 = 8 << 20;
+/// Pages each commit rewrites whole: a record of about 32 KiB.
+const PAGES_PER_COMMIT: usize = 8;
+
+fn log_of(heap: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.log", heap.display()))
+}
+
+/// A heap whose log holds `commits` records of ~32 KiB each, never checkpointed.
+fn heap_with_records(dir: &TempDir, name: &str, log_bytes: u64, commits: u64) -> PathBuf {
+    let path = dir.join(name);
+    format(&path, HEAP_BYTES, Some(log_bytes));
+    run_child("child_commits_and_crashes", &[("HEAP", path.display().to_string()), ("N", commits.to_string())]);
+    path
+}
+
+#[test]
+fn child_commits_and_crashes() {
+    if !is_child() {
+        return;
+    }
+    let path = PathBuf::from(std::env::var("HEAP").unwrap());
+    let n: u64 = std::env::var("N").unwrap().parse().unwrap();
+    let opts = HeapOptions { checkpoint_threshold_bytes: Some(u64::MAX), ..HeapOptions::default() };
+    let mut h = Heap::open(&path, &opts).unwrap();
+    for i in 1..=n {
+        h.bytes_mut()[0..8].copy_from_slice(&i.to_le_bytes());
+        for p in 0..PAGES_PER_COMMIT {
+            let page = 1 + (i as usize * PAGES_PER_COMMIT + p) % (HEAP_BYTES as usize / PAGE_SIZE - 1);
+            h.bytes_mut()[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(i as u8 ^ p as u8);
+        }
+        h.commit().unwrap();
+    }
+    assert!(h.stats().written_limit_raises > 0, "{n} commits of ~32 KiB raised the written limit");
+    crash_exit();
+}
+
+fn counter(h: &Heap) -> u64 {
+    u64::from_le_bytes(h.bytes()[0..8].try_into().unwrap())
+}
+
+/// The current superblock of a log file.
+fn superblock(log: &Path) -> Superblock {
+    let f = std::fs::File::open(log).unwrap();
+    let mut b = vec![0u8; 2 * BLOCK];
+    f.read_exact_at(&mut b, 0).unwrap();
+    let slots = [Superblock::decode(&b[..BLOCK]), Superblock::decode(&b[BLOCK..])];
+    slots.into_iter().flatten().max_by_key(|s| s.sequence).expect("a valid superblock")
+}
+
+/// Offsets of every record header of the current epoch, by LSN.
+fn record_offsets(log: &Path, epoch: u64) -> Vec<(u64, u64)> {
+    let bytes = std::fs::read(log).unwrap();
+    let mut found: Vec<(u64, u64)> = (2 * BLOCK..bytes.len())
+        .step_by(BLOCK)
+        .filter(|&at| {
+            &bytes[at..at + 4] == b"FAMR" && u64::from_le_bytes(bytes[at + 40..at + 48].try_into().unwrap()) == epoch
+        })
+        .map(|at| (u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()), at as u64))
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn recovery_reads_about_what_it_replays_whatever_the_log_size() {
+    if is_child() {
+        return;
+    }
+    let dir = TempDir::new("recovery-bound");
+    const COMMITS: u64 = 64; // about 2 MiB of records
+    let mut read = Vec::new();
+    for (name, log_bytes) in [("small", 64u64 << 20), ("large", 256 << 20)] {
+        let path = heap_with_records(&dir, name, log_bytes, COMMITS);
+        let sb = superblock(&log_of(&path));
+        assert!(sb.written_limit_bytes > WRITTEN_LIMIT_STEP_BYTES, "the writer raised the limit: {sb:?}");
+        let h = Heap::open(&path, &HeapOptions::default()).unwrap();
+        let r = h.stats().recovery;
+        assert_eq!((r.records_replayed, counter(&h)), (COMMITS, COMMITS), "{name}: {r:?}");
+        eprintln!(
+            "{name} log ({} MiB): replayed {} records, read {} KiB of log (written limit {} KiB)",
+            log_bytes >> 20,
+            r.records_replayed,
+            r.log_bytes_read >> 10,
+            sb.written_limit_bytes >> 10
+        );
+        // What was replayed, what is left of the written limit, and one read window (1 MiB).
+        assert!(
+            r.log_bytes_read <= sb.written_limit_bytes + (1 << 20),
+            "{name}: read {} bytes: {r:?}",
+            r.log_bytes_read
+        );
+        read.push(r.log_bytes_read);
+    }
+    assert_eq!(read[0], read[1], "the same records cost the same reads in a 64 MiB and a 256 MiB log");
+}
+
+#[test]
+fn damage_reaching_past_the_first_limit_step_before_later_records_is_media_corruption() {
+    if is_child() {
+        return;
+    }
+    let dir = TempDir::new("recovery-bound-damage");
+    const COMMITS: u64 = 120; // about 3.8 MiB of records, each its own device write
+    let path = heap_with_records(&dir, "h", 64 << 20, COMMITS);
+    let log = log_of(&path);
+    let sb = superblock(&log);
+    let records = record_offsets(&log, sb.epoch);
+    assert_eq!(records.len() as u64, COMMITS, "every record is in the log");
+    // Zero records 3.. up to 1.5 limit steps past the tail: the damage alone looks like a log
+    // that ends at LSN 3; the intact records after it prove LSN 3 had been durable.
+    let damage_end = sb.tail_offset + WRITTEN_LIMIT_STEP_BYTES * 3 / 2;
+    let (first, first_at) = records[2];
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    f.write_all_at(&vec![0u8; (damage_end - first_at) as usize], first_at).unwrap();
+    let later = records.iter().find(|(_, at)| *at >= damage_end).expect("records after the damage").0;
+    match Heap::open(&path, &HeapOptions::default()) {
+        Err(Error::MediaCorruption { lsn, later_lsn, .. }) => {
+            assert_eq!((lsn, later_lsn), (first, later), "the first damaged record and the first intact later one")
+        }
+        Err(e) => panic!("expected media corruption at LSN {first}, got {e}"),
+        Ok(h) => panic!(
+            "recovery took the damage for a torn tail and dropped commits {first}..={COMMITS}: {:?}",
+            h.stats().recovery
+        ),
+    }
+}
