@@ -545,14 +545,14 @@ fn rolling_back_an_operation_that_grew_the_heap_keeps_the_space() {
     let opts = ObjectOptions { grow_step_bytes: 4 * MIB, ..ObjectOptions::default() };
     let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
     let mut objects = ObjectHeap::open(heap, &opts).unwrap();
-    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    let (root, _) = objects.root_with_alloc(PVec::<u64>::new_in).unwrap();
     for i in 0..1000u64 {
         root.push(i);
     }
     objects.commit().unwrap();
     let len_before = objects.heap().len();
     // 2 MiB of numbers do not fit in the 1 MiB heap: it grows during the operation.
-    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    let (root, _) = objects.root_with_alloc(PVec::<u64>::new_in).unwrap();
     for i in 1000..300_000u64 {
         root.push(i);
     }
@@ -560,7 +560,7 @@ fn rolling_back_an_operation_that_grew_the_heap_keeps_the_space() {
     assert!(len_grown > len_before, "the operation grew the heap: {len_before} -> {len_grown}");
     objects.rollback().expect("rolling back an operation that grew the heap");
     assert_eq!(objects.heap().len(), len_grown, "the growth stays");
-    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    let (root, _) = objects.root_with_alloc(PVec::<u64>::new_in).unwrap();
     assert_eq!(root.len(), 1000, "the rolled-back pushes are gone");
     // The grown space is the allocator's again: the same operation now fits without growing.
     for i in 1000..200_000u64 {
@@ -573,7 +573,7 @@ fn rolling_back_an_operation_that_grew_the_heap_keeps_the_space() {
     objects.close().unwrap();
     let heap = Heap::open(&path, &HeapOptions::default()).unwrap();
     let mut objects = ObjectHeap::open(heap, &opts).unwrap();
-    let (root, _) = objects.root_with_alloc(|a| PVec::<u64>::new_in(a)).unwrap();
+    let (root, _) = objects.root_with_alloc(PVec::<u64>::new_in).unwrap();
     assert!(root.len() == 200_000 && root.iter().enumerate().all(|(i, &v)| v == i as u64));
     let problems = objects.check();
     assert!(problems.is_ok(), "{problems:?}");
