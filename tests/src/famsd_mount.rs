@@ -231,7 +231,8 @@ pub fn xattr(path: &Path, name: &str) -> Result<String, String> {
 /// applies generations g+1, g+2, …: each writes the number g, as 512 little-endian u64s, into
 /// every other page (so the kernel sends the dirty pages as many separate WRITEs), then
 /// `flush()` (msync(MS_SYNC)). It says `sync g` before the flush and `ack g` once it returned;
-/// a failed flush (the daemon or its drive gone) says `error …` and ends the writer.
+/// a failure (a flush whose daemon or drive is gone, a file too short to map) says `error …`
+/// and ends the writer.
 const MMAP_SPAWNER: &str = r#"
 import mmap, os, struct, sys
 path, npages = sys.argv[1], int(sys.argv[2])
@@ -254,8 +255,8 @@ for line in sys.stdin:
         if pid == 0:
             try:
                 writer(int(arg))
-            except OSError as e:
-                os.write(1, ("error %s\n" % e).encode())
+            except Exception as e:
+                os.write(1, ("error %r\n" % e).encode())
             finally:
                 os._exit(1)
         os.write(1, b"pid %d\n" % pid)
