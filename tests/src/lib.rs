@@ -1,6 +1,7 @@
 //! Shared helpers for the integration and crash tests.
 
 pub mod alloc_workload;
+pub mod famsd_mount;
 pub mod fuse_disk;
 pub mod power_rig;
 

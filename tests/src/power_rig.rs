@@ -180,6 +180,11 @@ impl Rig {
         self.fuse.as_ref().expect("powered on")
     }
 
+    /// The drives' program, if powered on (for a teardown that must not assume it is).
+    pub fn fuse_if_on(&self) -> Option<&FuseDisk> {
+        self.fuse.as_ref()
+    }
+
     /// Start the drives from their durable images, attach loop devices, mount ext4 (first time:
     /// make it). With `fsck`, check the file system after its journal replay (a problem found is
     /// returned, not an error).

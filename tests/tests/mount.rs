@@ -7,202 +7,14 @@
 //! the FUSE daemon runs under the FUSE watchdog (`fams_tests::fuse_disk::Watchdog`), which aborts
 //! a wedged connection so that the test fails instead of hanging; every wait has a deadline.
 
+use fams_tests::famsd_mount::{can_mount, famsd, format_store, generation_of, MmapWriters, Mounted, PAGE, PATIENCE};
 use fams_tests::fuse_disk::{fuse_connection_of, Watchdog};
-use fams_tests::{built_binary, is_root, note_violation, skip, ChildProc, Rng, TempDir};
+use fams_tests::{note_violation, skip, ChildProc, Rng, TempDir};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const PATIENCE: Duration = Duration::from_secs(30);
-const PAGE: usize = 4096;
-
-fn famsd() -> PathBuf {
-    built_binary("famsd", &["--bin", "famsd"], Path::new("famsd"))
-}
-
-/// Can this machine run the mount tests? Says why not (and fails where every test must run).
-fn can_mount() -> bool {
-    if !is_root() {
-        skip("famsd mount tests need root (mount(2) of a FUSE file system)");
-        return false;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        skip("famsd mount tests need /dev/fuse");
-        return false;
-    }
-    if Command::new("python3").arg("-c").arg("pass").status().map(|s| !s.success()).unwrap_or(true) {
-        skip("famsd mount tests need python3");
-        return false;
-    }
-    true
-}
-
-fn format_store(store: &Path, size: &str, max: Option<&str>) {
-    let mut cmd = Command::new(famsd());
-    cmd.args(["format", "--heap"]).arg(store).args(["--size", size, "--log-size", "16M"]);
-    if let Some(m) = max {
-        cmd.args(["--max-size", m]);
-    }
-    let out = cmd.output().expect("famsd format");
-    assert!(out.status.success(), "famsd format: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A running `famsd mount --foreground`. Dropping it unmounts (lazily) and kills the daemon.
-struct Mounted {
-    famsd: PathBuf,
-    mountpoint: PathBuf,
-    daemon: Option<ChildProc>,
-    /// Still mounted (alive or dead): Drop detaches it.
-    mounted: bool,
-    watchdog: Watchdog,
-}
-
-impl Mounted {
-    fn start(famsd: &Path, store: &Path, mountpoint: &Path, extra: &[&str]) -> Result<Mounted, String> {
-        std::fs::create_dir_all(mountpoint).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(famsd);
-        cmd.arg("mount").arg(store).arg(mountpoint).arg("--foreground").args(extra);
-        cmd.env("FAMS_LOG", std::env::var("FAMS_LOG").unwrap_or_else(|_| "warn".into()));
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("starting famsd mount: {e}"))?;
-        let proc = ChildProc::new(&child);
-        let (stdout, stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
-        drop(child);
-        // The daemon's log goes on to our stderr (warnings and errors only, unless FAMS_LOG).
-        let (err_tx, err_rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("famsd mount: {line}");
-                let _ = err_tx.send(line);
-            }
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut m = Mounted {
-            famsd: famsd.into(),
-            mountpoint: mountpoint.into(),
-            daemon: Some(proc),
-            mounted: true,
-            watchdog: Watchdog::new(),
-        };
-        match rx.recv_timeout(PATIENCE) {
-            Ok(line) if line.starts_with("famsd: mounted ") => {}
-            other => {
-                let status = m.daemon.as_mut().and_then(|d| d.kill());
-                std::thread::sleep(Duration::from_millis(50));
-                let log: Vec<String> = err_rx.try_iter().collect();
-                m.daemon = None;
-                m.mounted = false;
-                return Err(format!(
-                    "famsd mount did not mount ({other:?}, wait status {status:?}): {}",
-                    log.join(" | ")
-                ));
-            }
-        }
-        m.watchdog.set_target(fuse_connection_of(mountpoint), m.daemon.as_ref().map(|d| d.pid.as_raw() as u32));
-        Ok(m)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.mountpoint.join(name)
-    }
-
-    /// Run a step that needs the daemon under the watchdog.
-    fn watch<T>(&self, what: &str, step: impl FnOnce() -> T) -> T {
-        self.watchdog.watch(what, PATIENCE, step).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// SIGKILL the daemon: the mount point then answers ENOTCONN until `famsd umount`.
-    fn kill_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            d.kill();
-        }
-    }
-
-    /// `famsd umount`; then wait for the daemon (if alive) to end by itself.
-    fn unmount(&mut self) -> Result<String, String> {
-        let out = self.watch("famsd umount", || Command::new(&self.famsd).arg("umount").arg(&self.mountpoint).output());
-        let out = out.map_err(|e| format!("famsd umount: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            return Err(format!("famsd umount failed: {text}"));
-        }
-        self.mounted = false;
-        if let Some(mut d) = self.daemon.take() {
-            let deadline = Instant::now() + PATIENCE;
-            loop {
-                if let Some(status) = d.ended() {
-                    if status != nix::sys::wait::WaitStatus::Exited(d.pid, 0) {
-                        return Err(format!("the daemon ended with {status:?} after the unmount"));
-                    }
-                    break;
-                }
-                if Instant::now() > deadline {
-                    d.kill();
-                    return Err("the daemon did not end after the unmount; killed".into());
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        Ok(text)
-    }
-
-    /// The daemon's status attribute of a file (open handles, staged bytes).
-    fn status(&self, name: &str) -> String {
-        let path = self.path(name);
-        self.watch(&format!("getxattr {name}"), || xattr(&path, "user.fams.status")).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// Wait until the daemon has processed every release of `name` (RELEASE is asynchronous
-    /// to close(), and to the death of a process).
-    fn wait_closed(&self, name: &str) -> Result<(), String> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let s = self.status(name);
-            if s.starts_with("openers=0 ") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{name} still open in the daemon after {} s: {s}", PATIENCE.as_secs()));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new(&self.famsd).arg("umount").arg("--lazy").arg(&self.mountpoint).output();
-        }
-        if let Some(mut d) = self.daemon.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while d.ended().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            d.kill();
-        }
-    }
-}
-
-fn xattr(path: &Path, name: &str) -> Result<String, String> {
-    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-    let n = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 1024];
-    // SAFETY: getxattr with NUL-terminated strings and a buffer of the length passed.
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(format!("getxattr {} {name}: {}", path.display(), std::io::Error::last_os_error()));
-    }
-    buf.truncate(r as usize);
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
 
 fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
@@ -382,50 +194,22 @@ sys.stdin.read()
     m.unmount().unwrap();
 }
 
-/// Python's mmap: a child maps a file MAP_SHARED and applies updates that each write one
-/// generation number into every other page (so the kernel writes the dirty pages back as many
-/// separate WRITEs), with `flush()` (msync(MS_SYNC)) after each, printing each generation once
-/// flush returned. It is SIGKILLed at a random moment; in every other cycle the daemon is
-/// SIGKILLed first (often mid-msync), then the writer, and the store is mounted again. After
-/// each kill the file must hold exactly one generation — all written pages the same number,
-/// the other pages zero — and never an older one than the last acknowledged.
+/// Python's mmap (the workload of `fams_tests::famsd_mount::MmapWriters`): a child maps a file
+/// MAP_SHARED and applies updates that each write one generation number into every other page
+/// (so the kernel writes the dirty pages back as many separate WRITEs), with `flush()`
+/// (msync(MS_SYNC)) after each, acknowledging each generation once flush returned. It is
+/// SIGKILLed at a random moment; in every other cycle the daemon is SIGKILLed first (often
+/// mid-msync), then the writer, and the store is mounted again. After each kill the file must
+/// hold exactly one generation — all written pages the same number, the other pages zero — and
+/// never an older one than the last acknowledged.
 ///
-/// The writers are forked by one long-lived Python process (starting Python costs more than a
-/// whole cycle on a loaded machine); it reaps each killed writer and says so, so every
-/// acknowledgement of a writer is read before the cycle is checked.
+/// The writers are forked by one long-lived Python process, which reaps each killed writer and
+/// says so, so every acknowledgement of a writer is read before the cycle is checked.
 #[test]
 fn python_mmap_survives_sigkill_of_the_writer_and_of_the_daemon() {
     if !can_mount() {
         return;
     }
-    const SPAWNER: &str = r#"
-import mmap, os, struct, sys
-path, npages = sys.argv[1], int(sys.argv[2])
-def writer(g):
-    fd = os.open(path, os.O_RDWR)
-    mm = mmap.mmap(fd, npages * 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    os.write(1, b"start\n")
-    while True:
-        g += 1
-        page = struct.pack("<Q", g) * 512
-        for p in range(0, npages, 2):
-            mm[p * 4096:(p + 1) * 4096] = page
-        mm.flush()
-        os.write(1, b"%d\n" % g)
-for line in sys.stdin:
-    cmd, arg = line.split()
-    if cmd == "go":
-        pid = os.fork()
-        if pid == 0:
-            try:
-                writer(int(arg))
-            finally:
-                os._exit(1)
-        os.write(1, b"pid %d\n" % pid)
-    elif cmd == "reap":
-        os.waitpid(int(arg), 0)
-        os.write(1, b"dead %s\n" % arg.encode())
-"#;
     let kills_wanted: u64 = std::env::var("FAMS_MOUNT_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let budget =
         Duration::from_secs(std::env::var("FAMS_MOUNT_KILL_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(75));
@@ -440,31 +224,7 @@ for line in sys.stdin:
         f.set_len((npages * PAGE) as u64).unwrap();
         f.sync_all().unwrap();
     });
-    let mut spawner = Command::new("python3")
-        .arg("-S")
-        .arg("-c")
-        .arg(SPAWNER)
-        .arg(m.path("m"))
-        .arg(npages.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _spawner_proc = ChildProc::new(&spawner);
-    let mut to_spawner = spawner.stdin.take().unwrap();
-    let (line_tx, lines) = std::sync::mpsc::channel::<String>();
-    let from_spawner = spawner.stdout.take().unwrap();
-    drop(spawner);
-    std::thread::spawn(move || {
-        for l in BufReader::new(from_spawner).lines().map_while(Result::ok) {
-            if line_tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
-    let next_line = |what: &str| -> String {
-        lines.recv_timeout(PATIENCE).unwrap_or_else(|e| panic!("waiting for the Python writer ({what}): {e}"))
-    };
+    let mut writers = MmapWriters::start(&m.path("m"), npages).unwrap();
     let mut rng = Rng::new(0x6d6d6170);
     let started = Instant::now();
     let (mut kills, mut daemon_kills, mut violations, mut details) = (0u64, 0u64, 0u64, Vec::new());
@@ -472,40 +232,16 @@ for line in sys.stdin:
     let mut verified = 0u64; // the generation the file held after the last kill
     while kills < kills_wanted && started.elapsed() < budget {
         let kill_daemon = kills % 2 == 1;
-        writeln!(to_spawner, "go {verified}").unwrap();
-        let (mut pid, mut writing, mut acked) = (None, false, None::<u64>);
-        while pid.is_none() || !writing {
-            let l = next_line("start");
-            if let Some(p) = l.strip_prefix("pid ") {
-                pid = p.parse::<i32>().ok();
-            } else if l == "start" {
-                writing = true;
-            } else if let Ok(g) = l.parse::<u64>() {
-                acked = Some(g);
-            } else {
-                panic!("the Python writer said {l:?}");
-            }
-        }
-        let pid = pid.unwrap();
+        let pid = writers.go(verified).unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
         std::thread::sleep(Duration::from_micros(rng.below(40_000)));
         if kill_daemon {
             m.kill_daemon();
             std::thread::sleep(Duration::from_micros(rng.below(3_000)));
             daemon_kills += 1;
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-        kills += 1;
         // Every acknowledgement the writer printed (only after flush() returned), up to its death.
-        writeln!(to_spawner, "reap {pid}").unwrap();
-        loop {
-            let l = next_line("reaping");
-            if l == format!("dead {pid}") {
-                break;
-            }
-            if let Ok(g) = l.parse::<u64>() {
-                acked = Some(g);
-            }
-        }
+        let acked = writers.kill(pid).unwrap_or_else(|e| panic!("cycle {kills}: {e}")).acked;
+        kills += 1;
         if acked.is_none() {
             no_ack_cycles += 1;
         }
@@ -518,39 +254,27 @@ for line in sys.stdin:
             m.wait_closed("m").unwrap_or_else(|e| panic!("cycle {kills}: {e}"));
         }
         let data = m.watch("reading the file", || std::fs::read(m.path("m")).unwrap());
-        // Exactly one generation: every written page the same number, every other page zero.
-        let mut what = None;
-        let g = if data.len() == npages * PAGE { u64::from_le_bytes(data[..8].try_into().unwrap()) } else { u64::MAX };
-        let want = g.to_le_bytes().repeat(PAGE / 8);
-        if data.len() != npages * PAGE {
-            what = Some(format!("size {} instead of {}", data.len(), npages * PAGE));
-        } else {
-            for (p, page) in data.chunks(PAGE).enumerate() {
-                let ok = if p % 2 == 0 { page == &want[..] } else { page.iter().all(|&b| b == 0) };
-                if !ok {
-                    let found = u64::from_le_bytes(page[..8].try_into().unwrap());
-                    what = Some(format!("a mix: page 0 holds generation {g}, page {p} holds {found}"));
-                    break;
-                }
+        // Exactly one generation, never older than acknowledged, never newer than written.
+        let what = match generation_of(&data, npages) {
+            Err(w) => Err(w),
+            Ok(g) if g < floor => Err(format!("generation {g}, older than the last acknowledged {floor}")),
+            Ok(g) if g > floor + 1 => {
+                Err(format!("generation {g}, newer than any written (last acknowledged {floor})"))
             }
-        }
-        if what.is_none() && g < floor {
-            what = Some(format!("generation {g}, older than the last acknowledged {floor}"));
-        }
-        if what.is_none() && g > floor + 1 {
-            what = Some(format!("generation {g}, newer than any written (last acknowledged {floor})"));
-        }
+            Ok(g) => Ok(g),
+        };
         match what {
-            Some(w) => {
+            Err(w) => {
                 let msg = format!(
                     "cycle {kills} ({}): {w}",
                     if kill_daemon { "daemon and writer killed" } else { "writer killed" }
                 );
                 eprintln!("VIOLATION {msg}");
                 note_violation(&mut violations, &mut details, msg);
+                let g = u64::from_le_bytes(data.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]));
                 verified = floor.max(g.min(u64::MAX / 2));
             }
-            None => {
+            Ok(g) => {
                 if g == floor + 1 {
                     in_flight_kept += 1; // committed, killed before the acknowledgement
                 }
@@ -558,7 +282,7 @@ for line in sys.stdin:
             }
         }
     }
-    drop(to_spawner);
+    drop(writers);
     m.unmount().unwrap();
     let secs = started.elapsed().as_secs_f64();
     let report = serde_json::json!({
