@@ -9,8 +9,10 @@
 //! open file: staged), fsync (one file's commit), close without a sync (FLUSH + RELEASE: the
 //! staged changes are discarded), truncate(2) by path of a closed file (durable at once),
 //! unlink and rename (durable when they return; an open file unlinked or replaced lives on as an
-//! orphan) — until the power is cut at a random mutating I/O operation: mid-sync as often as the
-//! syncs' share of the operations, or during a namespace operation. Unflushed writes are kept,
+//! orphan) — until the power is cut at a random mutating I/O operation (half the states: at one
+//! of the next few operations on the log, where a commit's record is on its way): mid-sync as
+//! often as the syncs' share of the operations, or during a namespace operation, or while the
+//! heap file takes a commit's write-back. Unflushed writes are kept,
 //! dropped or torn per sector. The machine reboots and the store is opened again; a quarter of
 //! the time that open (the heap's recovery, the object layer, the store's own start-up commit)
 //! is first cut at one of its own operations, as in [`crate::power_loss`].
@@ -58,6 +60,10 @@ const FILE_BYTES_MAX: u64 = 40 << 10;
 const OPS_PER_STATE_MAX: u64 = 400;
 /// The power is cut at one of the next this many mutating I/O operations.
 const CUT_WINDOW_OPS: u64 = 120;
+/// Half the states cut at one of the next this many log operations instead: a commit's record
+/// on its way to the log is the window that decides a sync, and the heap file's write-backs
+/// (several per commit) would otherwise take most cuts.
+const LOG_CUT_WINDOW_OPS: u64 = 16;
 /// Names the workload uses, in the root directory and in [`SUBDIR`].
 const NAMES: [&[u8]; 4] = [b"a", b"b", b"c", b"d"];
 const SUBDIR: &[u8] = b"sub";
@@ -128,6 +134,8 @@ pub struct MountPowerLossReport {
     pub states_per_flush_mode: [u64; 2],
     /// Cuts during the workload, by the mount operation in flight ([`MOUNT_OPS`] order).
     pub cuts_per_mount_op: [u64; 6],
+    /// States whose cut was aimed at a log operation ([`LOG_CUT_WINDOW_OPS`]).
+    pub cuts_aimed_at_log_ops: u64,
     /// Cuts that found no operation in flight (the workload ended first; rare).
     pub cuts_between_ops: u64,
     /// Cuts (workload and recovery) by the kind of I/O operation they landed in.
@@ -172,6 +180,7 @@ impl MountPowerLossReport {
             "states_per_flush_mode": { "dsync": self.states_per_flush_mode[0], "fdatasync": self.states_per_flush_mode[1] },
             "cuts_per_mount_op": by(&mount_names, &self.cuts_per_mount_op),
             "cuts_between_ops": self.cuts_between_ops,
+            "cuts_aimed_at_log_ops": self.cuts_aimed_at_log_ops,
             "cuts_per_io_op": by(&io_names, &self.cuts_per_io_op),
             "cuts_during_recovery": self.cuts_during_recovery,
             "in_flight_found_done": self.in_flight_found_done,
@@ -200,7 +209,7 @@ impl MountPowerLossReport {
             IO_KINDS.iter().map(|k| format!("{} {}", k.name(), self.cuts_per_io_op[io_index(*k)])).collect();
         format!(
             "{} mount power-loss states (dsync/fdatasync log {}/{}), {} violations, seed {}; cuts during: {}, between \
-             operations {}; cuts in I/O: {}; {} cuts during recovery; in-flight operations found done/undone {}/{}; \
+             operations {} ({} aimed at log operations); cuts in I/O: {}; {} cuts during recovery; in-flight operations found done/undone {}/{}; \
              {} syncs and {} namespace operations acknowledged, {} writes ({} of mapped pages), {} truncates; \
              {} discards, {} reads, {} orphans checked; unflushed writes kept/dropped/torn {}/{}/{}; {} heap commits",
             self.states,
@@ -210,6 +219,7 @@ impl MountPowerLossReport {
             self.seed,
             mount.join(", "),
             self.cuts_between_ops,
+            self.cuts_aimed_at_log_ops,
             io.join(", "),
             self.cuts_during_recovery,
             self.in_flight_found_done,
@@ -832,7 +842,12 @@ fn explore(x: &mut Explorer<'_>) -> Result<(), String> {
     let mut state = 0;
     while x.report.states < x.cfg.states {
         state += 1;
-        x.sim.machine.cut_power_at(Some(1 + x.rng.below(CUT_WINDOW_OPS)));
+        if x.rng.below(2) == 0 {
+            x.report.cuts_aimed_at_log_ops += 1;
+            x.sim.machine.cut_power_at_log_op(Some(1 + x.rng.below(LOG_CUT_WINDOW_OPS)));
+        } else {
+            x.sim.machine.cut_power_at(Some(1 + x.rng.below(CUT_WINDOW_OPS)));
+        }
         x.run_workload(state, &mut core);
         if x.sim.machine.powered() {
             x.report.cuts_between_ops += 1;
