@@ -93,7 +93,7 @@ fn every_mount_mutation_is_caught() {
     let mut ran = 0;
     for m in list.as_array().expect("an array").iter().filter(|m| m["layer"] == "mount") {
         let name = m["name"].as_str().expect("a name");
-        let (v, _) = explore(300, 1, &["--mutation", name]);
+        let (v, _) = explore(200, 1, &["--mutation", name]);
         eprintln!(
             "mount mutation {name}: {} violations in {} states, e.g. {}",
             v["violations"], v["states"], v["violation_details"][0]

@@ -232,7 +232,8 @@ impl Core {
             self.store
                 .apply(ino, FileChanges { cut: st.cut, size: st.size, blocks: &mut first, mtime_ns: st.mtime_ns })
                 .and_then(|()| {
-                    self.store.apply(ino, FileChanges { cut: None, size: st.size, blocks: &mut rest, mtime_ns: st.mtime_ns })
+                    self.store
+                        .apply(ino, FileChanges { cut: None, size: st.size, blocks: &mut rest, mtime_ns: st.mtime_ns })
                 })
         } else {
             let mut it = pages.iter().map(|(i, p)| (*i, &p[..]));

@@ -285,7 +285,8 @@ impl Store {
     /// in messages.
     pub fn open_with(path: &Path, mut open_heap: HeapOpener) -> Result<Store, String> {
         let objects = Self::open_objects(path, &mut open_heap)?;
-        let mut store = Store { objects: Some(objects), path: path.to_path_buf(), open_heap, stats: StoreStats::default() };
+        let mut store =
+            Store { objects: Some(objects), path: path.to_path_buf(), open_heap, stats: StoreStats::default() };
         store.init().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(store)
     }

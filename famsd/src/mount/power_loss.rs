@@ -346,10 +346,7 @@ impl<'a> Explorer<'a> {
                     return None;
                 }
             }
-            self.sim
-                .machine
-                .restore(log_image, heap_image, &self.sim.heap_path)
-                .expect("rewriting the real heap file");
+            self.sim.machine.restore(log_image, heap_image, &self.sim.heap_path).expect("rewriting the real heap file");
             if !trace.is_empty() {
                 let n = 1 + self.recovery_rng.below(trace.len() as u64);
                 self.sim.machine.cut_power_at(Some(n));
@@ -410,7 +407,10 @@ impl<'a> Explorer<'a> {
                 Err(Fail::NotFound) => {}
                 Ok(a) => self.violation(
                     state,
-                    format!("inode {ino}, unlinked while open before the power cut, is still there (nlink {})", a.nlink),
+                    format!(
+                        "inode {ino}, unlinked while open before the power cut, is still there (nlink {})",
+                        a.nlink
+                    ),
                 ),
                 Err(e) => self.violation(state, format!("looking up the unlinked inode {ino}: {e}")),
             }
@@ -621,10 +621,9 @@ impl<'a> Explorer<'a> {
                 let (ino, want) = (self.open[i].ino, self.open[i].current.clone());
                 match core.read(ino, 0, want.len() + 4096) {
                     Ok(got) if got == want => self.report.reads_checked += 1,
-                    Ok(got) => self.violation(
-                        state,
-                        format!("reading open inode {ino}: {}", describe_bytes(&want, &got)),
-                    ),
+                    Ok(got) => {
+                        self.violation(state, format!("reading open inode {ino}: {}", describe_bytes(&want, &got)))
+                    }
                     Err(e) => self.violation(state, format!("reading open inode {ino}: {e}")),
                 }
                 true
@@ -743,8 +742,7 @@ impl<'a> Explorer<'a> {
                 let content = after.remove(&from).expect("a named file");
                 after.insert(to.clone(), content);
                 let (fd, td) = (self.dir_ino(from.0), self.dir_ino(to.0));
-                let r =
-                    self.durable_op(state, MountOp::Rename, after, |_| core.rename(fd, &from.1, td, &to.1, false));
+                let r = self.durable_op(state, MountOp::Rename, after, |_| core.rename(fd, &from.1, td, &to.1, false));
                 if r.is_some() {
                     for f in self.open.iter_mut().filter(|f| f.name.as_ref() == Some(&to)) {
                         f.name = None;
@@ -770,7 +768,12 @@ impl<'a> Explorer<'a> {
                 match self.durable_op(state, MountOp::Create, after, |_| core.create(dir, &name.1, n, true)) {
                     Some((a, fh)) => {
                         self.inos.insert(name.clone(), a.ino);
-                        self.open.push(OpenFile { ino: a.ino, handles: vec![fh], name: Some(name), current: Vec::new() });
+                        self.open.push(OpenFile {
+                            ino: a.ino,
+                            handles: vec![fh],
+                            name: Some(name),
+                            current: Vec::new(),
+                        });
                         true
                     }
                     None => false,
@@ -802,7 +805,9 @@ fn describe_difference(want: &Image, got: &Image) -> String {
 
 fn describe_bytes(want: &[u8], got: &[u8]) -> String {
     match want.iter().zip(got).position(|(a, b)| a != b) {
-        Some(at) => format!("{} bytes (want {}), first difference at byte {at} (page {})", got.len(), want.len(), at / 4096),
+        Some(at) => {
+            format!("{} bytes (want {}), first difference at byte {at} (page {})", got.len(), want.len(), at / 4096)
+        }
         None if want.len() != got.len() => format!("{} bytes, want {}", got.len(), want.len()),
         None => "equal".into(),
     }
