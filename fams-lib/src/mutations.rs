@@ -6,7 +6,7 @@
 //! One is chosen at run time with [`set`], or with the environment variable `FAMS_MUTATION` (read
 //! once, at the first check or [`set`]) — so node processes spawned by a harness inherit it.
 //! `famsd torture --list-mutations` lists them; `famsd torture --power-loss --mutation NAME` runs
-//! the crash explorer with one switched on.
+//! the crash explorer with one switched on (`--power-loss --mount` for the mount's).
 //!
 //! Each mutation is hooked where the real logic lives (the hook names the file): the mutated
 //! build runs the product's own code path with one step broken, so a check that catches it has
@@ -60,6 +60,17 @@ pub enum Mutation {
     /// and, on the real kernel path, the FUSE-backed drive of `tests/tests/power_cut.rs` (its
     /// lying mode); fams's own I/O code is unchanged, so the tests show they see the drive.
     DriveIgnoresFlushes,
+    /// The mount's sync (fsync, fdatasync, msync) answers success without committing the file's
+    /// staged changes (they stay staged, and a crash or a close without sync loses them). Hook:
+    /// `famsd/src/mount/core.rs`, `Core::sync`.
+    MountSyncWithoutCommit,
+    /// The mount's sync commits one file's staged changes in two heap commits (the first half of
+    /// its pages with the new size, then the rest), so a crash between them leaves a mix. Hook:
+    /// `famsd/src/mount/core.rs`, `Core::sync`.
+    MountSyncInTwoCommits,
+    /// The mount's sync of one file also commits every other file's staged changes (FAMS
+    /// semantics are per file). Hook: `famsd/src/mount/core.rs`, `Core::sync`.
+    MountSyncCommitsOtherFiles,
 }
 
 /// Which part of the product a mutation breaks.
@@ -71,14 +82,18 @@ pub enum Layer {
     /// The turn manager and the transport. Caught by the cluster simulation and the output-commit
     /// test.
     Turns,
+    /// `famsd mount`'s sync path. Caught by the mount's power-loss explorer
+    /// (`famsd torture --power-loss --mount`).
+    Mount,
 }
 
 impl Layer {
-    /// `"heap"` or `"turns"`.
+    /// `"heap"`, `"turns"` or `"mount"`.
     pub fn name(self) -> &'static str {
         match self {
             Layer::Heap => "heap",
             Layer::Turns => "turns",
+            Layer::Mount => "mount",
         }
     }
 }
@@ -98,6 +113,9 @@ impl Mutation {
             | Mutation::TrustRecordWithoutCrc
             | Mutation::TailBeforeReplay
             | Mutation::DriveIgnoresFlushes => Layer::Heap,
+            Mutation::MountSyncWithoutCommit
+            | Mutation::MountSyncInTwoCommits
+            | Mutation::MountSyncCommitsOtherFiles => Layer::Mount,
         }
     }
 
@@ -163,6 +181,21 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         Mutation::DriveIgnoresFlushes,
         "drive-ignores-flushes",
         "the log drive acknowledges flushes and FUA writes without making anything durable",
+    ),
+    (
+        Mutation::MountSyncWithoutCommit,
+        "mount-sync-without-commit",
+        "the mount's sync answers success without committing the file's staged changes",
+    ),
+    (
+        Mutation::MountSyncInTwoCommits,
+        "mount-sync-in-two-commits",
+        "the mount's sync commits a file's staged changes in two heap commits, not one",
+    ),
+    (
+        Mutation::MountSyncCommitsOtherFiles,
+        "mount-sync-commits-other-files",
+        "the mount's sync of one file also commits every other file's staged changes",
     ),
 ];
 
@@ -244,6 +277,7 @@ mod tests {
             assert_eq!(ALL.iter().filter(|(_, n, _)| n == name).count(), 1, "name {name} taken twice");
         }
         assert!(of_layer(Layer::Heap).count() >= 6 && of_layer(Layer::Turns).count() >= 4);
+        assert!(of_layer(Layer::Mount).count() >= 2);
     }
 
     #[cfg(not(feature = "mutations"))]

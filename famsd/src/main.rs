@@ -171,6 +171,7 @@ famsd bench --turns --quick                     # ping-pong turns vs 2 × commit
     #[command(after_help = "Examples:\n  famsd torture --cycles 300 --json\n  \
 famsd torture --cycles 300 --log /dev/loop0 --tracker mprotect\n  \
 famsd torture --power-loss --states 100000 --seed 7 --json\n  \
+famsd torture --power-loss --mount --states 2000 --seed 7 --json\n  \
 famsd torture --turns --seeds 1000 --nodes 5 --app ring --json\n  \
 famsd torture --list-mutations\n  \
 famsd torture --power-loss --states 2000 --mutation skip-full-page-image   (a `--features mutations` build)")]
@@ -179,6 +180,12 @@ famsd torture --power-loss --states 2000 --mutation skip-full-page-image   (a `-
         /// disks have volatile write caches.
         #[arg(long)]
         power_loss: bool,
+        /// With --power-loss: the mount's explorer instead of the heap's — the mount's request
+        /// logic over a store on the simulated machine, a workload of creates, writes, truncates,
+        /// syncs, closes without a sync, unlinks and renames cut at random I/O operations; every
+        /// file must be exactly its last synced state (or, for the sync in flight, the new one).
+        #[arg(long)]
+        mount: bool,
         /// A deterministic simulation of a whole turn cluster (simulated network, clock and
         /// machines; kills, power cuts, partitions): runs --seeds seeds from --seed on and checks
         /// output commit, exactly-once FIFO delivery, liveness and the app's invariants. A failing
@@ -936,6 +943,32 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 }
             }
             Ok(if t.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+        Cmd::Torture { power_loss: false, mount: true, .. } => {
+            Err("--mount runs the mount's power-loss explorer: use it with --power-loss".into())
+        }
+        Cmd::Torture { power_loss: true, mount: true, states, dir, seed, json, mutation, flush_mode, .. } => {
+            if let Some(m) = &mutation {
+                fams::mutations::set(m)?;
+            }
+            let dir = WorkDir::new(dir, "torture-mount");
+            let cfg = famsd::mount::power_loss::MountPowerLossConfig {
+                states,
+                seed,
+                dir: dir.path.clone(),
+                flush_mode,
+                progress: !json,
+            };
+            let report = famsd::mount::power_loss::run(&cfg)?;
+            if json {
+                print_json(&report.to_json());
+            } else {
+                println!("{}", report.summary());
+                for v in &report.violation_details {
+                    println!("VIOLATION: {v}");
+                }
+            }
+            Ok(if report.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
         Cmd::Torture {
             power_loss: true, states, sync_only, tracker, dir, seed, json, mutation, flush_mode, ..

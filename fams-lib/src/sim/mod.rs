@@ -222,6 +222,11 @@ pub enum OpKind {
 }
 
 impl OpKind {
+    /// An operation on the log (a write or a flush), not on the heap file.
+    pub fn is_log(self) -> bool {
+        matches!(self, OpKind::LogDurableWrite | OpKind::LogWrite | OpKind::LogFlush)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             OpKind::LogDurableWrite => "log-durable-write",
@@ -241,6 +246,10 @@ struct Machine {
     /// Mutating operations so far in this power cycle.
     ops: u64,
     cut_at: Option<u64>,
+    /// Log operations ([`OpKind::is_log`]) so far in this power cycle.
+    log_ops: u64,
+    /// Cut the power during this log operation (counted in `log_ops`).
+    cut_at_log_op: Option<u64>,
     powered: bool,
     last_cut: Option<CutOutcome>,
     log_stats: IoStats,
@@ -272,6 +281,8 @@ impl SimMachine {
                 rng: SimRng::new(seed),
                 ops: 0,
                 cut_at: None,
+                log_ops: 0,
+                cut_at_log_op: None,
                 powered: true,
                 last_cut: None,
                 log_stats: IoStats::default(),
@@ -291,6 +302,15 @@ impl SimMachine {
     pub fn cut_power_at(&self, n: Option<u64>) {
         let mut m = self.lock();
         m.cut_at = n.map(|n| m.ops + n.max(1));
+    }
+
+    /// Cut the power during the `n`th operation on the log from now (1 = the next one: a write
+    /// or a flush, [`OpKind::is_log`]), whatever comes between; None cancels. Aims a cut at the
+    /// window where a commit's record is on its way, which the heap file's write-backs would
+    /// otherwise outnumber. A reboot cancels it.
+    pub fn cut_power_at_log_op(&self, n: Option<u64>) {
+        let mut m = self.lock();
+        m.cut_at_log_op = n.map(|n| m.log_ops + n.max(1));
     }
 
     /// Make the first log write request at or after the `n`th mutating operation from now (1 =
@@ -358,6 +378,8 @@ impl SimMachine {
         m.powered = true;
         m.ops = 0;
         m.cut_at = None;
+        m.log_ops = 0;
+        m.cut_at_log_op = None;
         m.short_write_at = None;
         let f = std::fs::OpenOptions::new().write(true).open(heap_file)?;
         f.write_all_at(&m.heap.durable, 0)?;
@@ -393,6 +415,7 @@ impl Machine {
         heap.cut(rng, &mut outcome);
         self.powered = false;
         self.cut_at = None;
+        self.cut_at_log_op = None;
         self.last_cut = Some(outcome);
     }
 
@@ -406,7 +429,10 @@ impl Machine {
         if let Some(t) = &mut self.trace {
             t.push(kind);
         }
-        let cut_now = self.cut_at == Some(self.ops);
+        if kind.is_log() {
+            self.log_ops += 1;
+        }
+        let cut_now = self.cut_at == Some(self.ops) || (kind.is_log() && self.cut_at_log_op == Some(self.log_ops));
         apply(self);
         if cut_now {
             self.cut();

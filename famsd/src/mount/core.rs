@@ -5,6 +5,7 @@
 
 use super::layout::{Attr, DirEntry, Fail, FileChanges, MetaChange, NewInode, Store, BLOCK, KIND_DIR, KIND_FILE};
 use super::staging::{Committed, StageError, Staging};
+use fams::mutations::{self, Mutation};
 use std::collections::HashMap;
 
 /// What happens to a file's staged changes at its last release.
@@ -209,9 +210,32 @@ impl Core {
     /// stay staged.
     pub fn sync(&mut self, ino: u64) -> Result<(), Fail> {
         self.stats.syncs += 1;
+        if mutations::is_on(Mutation::MountSyncWithoutCommit) {
+            return Ok(());
+        }
+        if mutations::is_on(Mutation::MountSyncCommitsOtherFiles) {
+            for other in self.staging.inodes().into_iter().filter(|&o| o != ino) {
+                self.commit_staged(other)?;
+            }
+        }
+        self.commit_staged(ino)
+    }
+
+    /// Commit one file's staged changes in one heap commit (see [`Core::sync`]).
+    fn commit_staged(&mut self, ino: u64) -> Result<(), Fail> {
         let Some(mut st) = self.staging.take(ino) else { return Ok(()) };
         let pages = std::mem::take(&mut st.pages);
-        let r = {
+        let r = if mutations::is_on(Mutation::MountSyncInTwoCommits) && pages.len() >= 2 {
+            let half = pages.len() / 2;
+            let mut first = pages.iter().take(half).map(|(i, p)| (*i, &p[..]));
+            let mut rest = pages.iter().skip(half).map(|(i, p)| (*i, &p[..]));
+            self.store
+                .apply(ino, FileChanges { cut: st.cut, size: st.size, blocks: &mut first, mtime_ns: st.mtime_ns })
+                .and_then(|()| {
+                    self.store
+                        .apply(ino, FileChanges { cut: None, size: st.size, blocks: &mut rest, mtime_ns: st.mtime_ns })
+                })
+        } else {
             let mut it = pages.iter().map(|(i, p)| (*i, &p[..]));
             self.store.apply(ino, FileChanges { cut: st.cut, size: st.size, blocks: &mut it, mtime_ns: st.mtime_ns })
         };

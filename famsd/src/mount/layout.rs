@@ -202,9 +202,14 @@ pub struct Store {
     /// None only after a failed reopen (see [`Store::reopen`]): every operation is then EIO.
     objects: Option<ObjectHeap>,
     path: PathBuf,
-    log: Option<PathBuf>,
+    /// Opens the store's heap (again, in [`Store::reopen`]).
+    open_heap: HeapOpener,
     pub stats: StoreStats,
 }
+
+/// Opens the heap a store lives in: from its path ([`Store::open`]), or on any storage — the
+/// mount's power-loss explorer opens it on a simulated machine ([`Store::open_with`]).
+pub type HeapOpener = Box<dyn FnMut() -> Result<Heap, String>>;
 
 fn new_root(a: HeapAlloc<'_>) -> FsRoot<'_> {
     FsRoot { format: FORMAT, next_ino: ROOT_INO + 1, inodes: PHashMap::new_in(a) }
@@ -261,20 +266,33 @@ impl Store {
     /// Open the store at `path` (its redo log: the one recorded in the heap, or `log`), creating
     /// the file system in a fresh heap, and removing inodes a crash left unlinked but not freed.
     pub fn open(path: &Path, log: Option<PathBuf>) -> Result<Store, String> {
-        let objects = Self::open_objects(path, log.clone())?;
-        let mut store = Store { objects: Some(objects), path: path.to_path_buf(), log, stats: StoreStats::default() };
+        let heap_path = path.to_path_buf();
+        Store::open_with(
+            path,
+            Box::new(move || {
+                let opts = HeapOptions { log_path: log.clone(), ..HeapOptions::default() };
+                Heap::open(&heap_path, &opts).map_err(|e| {
+                    format!(
+                        "{}: cannot open the store: {e} (make one with `famsd format --heap STORE --size 64M --max-size 64G`)",
+                        heap_path.display()
+                    )
+                })
+            }),
+        )
+    }
+
+    /// [`Store::open`] with the heap `open_heap` opens (on any storage); `path` names the store
+    /// in messages.
+    pub fn open_with(path: &Path, mut open_heap: HeapOpener) -> Result<Store, String> {
+        let objects = Self::open_objects(path, &mut open_heap)?;
+        let mut store =
+            Store { objects: Some(objects), path: path.to_path_buf(), open_heap, stats: StoreStats::default() };
         store.init().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(store)
     }
 
-    fn open_objects(path: &Path, log: Option<PathBuf>) -> Result<ObjectHeap, String> {
-        let opts = HeapOptions { log_path: log, ..HeapOptions::default() };
-        let heap = Heap::open(path, &opts).map_err(|e| {
-            format!(
-                "{}: cannot open the store: {e} (make one with `famsd format --heap STORE --size 64M --max-size 64G`)",
-                path.display()
-            )
-        })?;
+    fn open_objects(path: &Path, open_heap: &mut HeapOpener) -> Result<ObjectHeap, String> {
+        let heap = open_heap()?;
         let objects = ObjectHeap::open(heap, &ObjectOptions::schema(SCHEMA)).map_err(|e| match e {
             ObjectError::SchemaVersion { found, .. } => format!(
                 "{}: not a famsd mount store: its objects belong to another program (schema {found:#x}, a mount store has {SCHEMA:#x})",
@@ -301,7 +319,7 @@ impl Store {
         if let Some(o) = self.objects.take() {
             o.abandon();
         }
-        let objects = Self::open_objects(&self.path, self.log.clone())?;
+        let objects = Self::open_objects(&self.path, &mut self.open_heap)?;
         self.objects = Some(objects);
         Ok(())
     }
@@ -715,7 +733,24 @@ fn unlink_inode(root: &mut FsRoot<'_>, ino: u64, is_open: &dyn Fn(u64) -> bool) 
     }
 }
 
+thread_local! {
+    /// See [`use_simulated_clock`].
+    static SIMULATED_CLOCK_NS: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Make [`now_ns`] on this thread a counter from `start_ns` on (one nanosecond per call) instead
+/// of the wall clock, until called with None: the mount's power-loss explorer uses it so that a
+/// seed writes the same bytes into the heap, hence the same I/O operations (which its power cuts
+/// count).
+pub fn use_simulated_clock(start_ns: Option<i64>) {
+    SIMULATED_CLOCK_NS.with(|c| c.set(start_ns));
+}
+
 pub fn now_ns() -> i64 {
+    if let Some(t) = SIMULATED_CLOCK_NS.with(|c| c.get()) {
+        SIMULATED_CLOCK_NS.with(|c| c.set(Some(t.saturating_add(1))));
+        return t;
+    }
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))

@@ -12,6 +12,7 @@
 //! - [`staging`]: unsynced data per inode, in memory, bounded;
 //! - [`core`]: what each request does (open counts, sync, release, discard);
 //! - [`fs`]: the FUSE request handlers (fuser), forwarding to the store thread;
+//! - [`power_loss`]: the crash explorer driving [`core`] over a store on simulated storage;
 //! - this file: mounting, the daemon's life (signals, unmount, background start) and `famsd umount`.
 //!
 //! Threads: fuser reads requests on one thread; one store thread owns the heap and executes
@@ -21,6 +22,7 @@
 pub mod core;
 pub mod fs;
 pub mod layout;
+pub mod power_loss;
 pub mod staging;
 
 use std::io::{BufRead, BufReader, Write};

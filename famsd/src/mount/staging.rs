@@ -75,6 +75,13 @@ impl Staging {
         self.files.len()
     }
 
+    /// The inodes with staged changes, in ascending order.
+    pub fn inodes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.files.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The current size of `ino`: staged, or committed.
     pub fn size(&self, ino: u64, committed_size: u64) -> u64 {
         self.files.get(&ino).map_or(committed_size, |s| s.size)
