@@ -22,7 +22,8 @@ fn first_page(pages: usize, region_pages: usize, i: usize) -> usize {
 }
 
 /// The device floor: one O_DIRECT write of `bytes` (rounded up to 4 KiB) made durable with
-/// `RWF_DSYNC`, on a preallocated scratch file in `dir`, kept open between iterations.
+/// `RWF_DSYNC`, on a preallocated scratch file in `dir` (16 MiB or 16 slots, written in turn),
+/// kept open between iterations.
 pub struct FloorWriter {
     dev: Box<dyn io::LogDevice>,
     buf: AlignedBuf,
@@ -35,7 +36,7 @@ impl FloorWriter {
         let len = bytes.div_ceil(4096).max(1) * 4096;
         let path = dir.join(name);
         let _ = std::fs::remove_file(&path);
-        let span = (len as u64 * 4).max(64 << 20).next_multiple_of(4096);
+        let span = (len as u64 * 16).max(16 << 20).next_multiple_of(4096);
         io::create_log_file(&path, span)?;
         let dev = io::open_log(&path, &LogOpenOptions { io_path: None, flush_mode: Some(FlushMode::Dsync) })?;
         Ok(FloorWriter { dev, buf: AlignedBuf::zeroed(len), slots: (span / len as u64).max(1), path })
