@@ -47,6 +47,7 @@ const REGION_PAGES: usize = 256;
 /// The bigger msync / commit.
 const MANY_PAGES: usize = 64;
 /// Rows in the INSERT transaction.
+#[cfg(feature = "baselines")]
 const INSERT_ROWS: usize = 100;
 /// Untimed iterations of each row before the first round.
 const WARMUP: usize = 2;
@@ -96,7 +97,7 @@ pub fn check_can_mount() -> Result<(), String> {
 /// The name of the file system `dir` is on (from statfs).
 fn fs_name(dir: &Path) -> String {
     let Ok(s) = nix::sys::statfs::statfs(dir) else { return "unknown file system".into() };
-    match s.filesystem_type().0 as i64 {
+    match s.filesystem_type().0 {
         0xEF53 => "ext4".into(),
         0x5846_5342 => "xfs".into(),
         0x9123_683E => "btrfs".into(),
@@ -130,10 +131,7 @@ impl Daemon {
         unsafe {
             cmd.pre_exec(|| {
                 // If this process dies, the daemon gets SIGTERM and unmounts itself.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
+                nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGTERM)).map_err(std::io::Error::from)
             })
         };
         let mut child = cmd.spawn().map_err(|e| format!("starting {} mount: {e}", famsd.display()))?;
