@@ -3,6 +3,7 @@
 //! recovery. Every function measures exactly what its name says, on the target it is given, so
 //! the rows of one run can be compared as ratios.
 
+pub mod file_sync;
 pub mod turns;
 
 use fams::io::{self, AlignedBuf, FlushMode, LogOpenOptions};

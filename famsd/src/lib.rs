@@ -6,6 +6,7 @@ pub mod child;
 pub mod cluster;
 pub mod demo;
 pub mod mount;
+pub mod mount_bench;
 pub mod node;
 pub mod power_loss;
 mod progress;

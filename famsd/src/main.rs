@@ -127,7 +127,8 @@ famsd grow --heap data.heap --size 10G"
     #[command(
         after_help = "Examples:\n  famsd bench --quick\n  famsd bench --dir /mnt/nvme/bench --json > result.json\n  \
 famsd bench --log /dev/nvme0n1p3 --svg bench.svg   # destroys the partition's contents\n  \
-famsd bench --turns --quick                     # ping-pong turns vs 2 × commit floor + UDP round trip"
+famsd bench --turns --quick                     # ping-pong turns vs 2 × commit floor + UDP round trip\n  \
+famsd bench --mount --quick                     # fsync/msync on a famsd mount vs SQLite WAL, msync, Heap::commit (root)"
     )]
     Bench {
         /// Benchmark turns instead of the heap: two `famsd node pingpong` processes on 127.0.0.1
@@ -135,6 +136,15 @@ famsd bench --turns --quick                     # ping-pong turns vs 2 × commit
         /// SIGKILL → restart → next turn; each next to its floor or baseline of the same run.
         #[arg(long, conflicts_with_all = ["log", "svg", "force"])]
         turns: bool,
+        /// Benchmark a `famsd mount` (needs root or fusermount3): SQLite journal_mode=OFF on the
+        /// mount vs SQLite WAL on the plain file system of --dir (1-row UPDATE, 100-row INSERT),
+        /// msync(MS_SYNC) of 1 and 64 pages on the mount vs on the plain file system vs
+        /// Heap::commit of the same pages, and the device floor; all in one run, interleaved.
+        #[arg(long, conflicts_with_all = ["turns", "log", "svg", "force"])]
+        mount: bool,
+        /// With --mount: timed updates per row (default 1000, 200 with --quick).
+        #[arg(long, requires = "mount", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        iterations: Option<u64>,
         /// Directory on the device under test (heap files, file logs, baselines).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -862,6 +872,26 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 if let Some(s) = &r.salvaged {
                     println!("SALVAGED: {s}");
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { mount: true, dir, quick, iterations, json, save_json, .. } => {
+            let dir = WorkDir::new(dir, "bench");
+            let cfg = famsd::mount_bench::MountBenchConfig {
+                famsd: std::env::current_exe().map_err(|e| format!("finding famsd itself: {e}"))?,
+                dir: dir.path.clone(),
+                quick,
+                iterations: iterations.map(|n| n as usize),
+                progress: !json,
+            };
+            let report = famsd::mount_bench::run(&cfg)?;
+            if json {
+                print_json(&report.to_json(&cfg));
+            } else {
+                report.print_table();
+            }
+            if let Some(path) = save_json {
+                write_json(&path, &report.to_json(&cfg))?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -795,3 +795,44 @@ fn sqlite_without_a_journal_tears_on_plain_ext4() {
         "no torn or corrupt database in {kills} kills on plain ext4: the comparison shows nothing"
     );
 }
+
+/// `famsd bench --mount` on a real mount, with 3 updates per row: every row of the report is
+/// there with positive samples (SQLite rows included: famsd builds with `baselines` by default),
+/// and nothing is left mounted or on disk afterwards. No timing is checked.
+#[test]
+fn bench_mount_reports_every_row_and_leaves_no_mount_behind() {
+    if !can_mount() {
+        return;
+    }
+    let dir = TempDir::new("mount-bench");
+    let started = Instant::now();
+    let out = Command::new(famsd())
+        .args(["bench", "--mount", "--quick", "--iterations", "3", "--json", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("famsd bench --mount");
+    eprintln!("famsd bench --mount --quick --iterations 3: {:.1} s", started.elapsed().as_secs_f64());
+    // A mount left under the directory is a bug; detach it so the test run is not wedged.
+    let left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|p| Path::new(p).starts_with(dir.path()))
+        .collect();
+    for p in &left {
+        let _ = nix::mount::umount2(Path::new(p), nix::mount::MntFlags::MNT_DETACH);
+    }
+    assert!(out.status.success(), "famsd bench --mount failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(left.is_empty(), "famsd bench --mount left mounts behind: {left:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("the bench directory").flatten().collect();
+    assert!(leftovers.is_empty(), "famsd bench --mount left files behind: {leftovers:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let rows = report["rows"].as_array().expect("rows");
+    for key in famsd::mount_bench::ROW_KEYS {
+        let row = rows.iter().find(|r| r["key"] == *key).unwrap_or_else(|| panic!("row {key} missing: {report}"));
+        assert_eq!(row["samples"], 3, "row {key}: {row}");
+        assert!(row["p50_us"].as_f64().is_some_and(|v| v > 0.0), "row {key}: {row}");
+    }
+    assert_eq!(rows.len(), famsd::mount_bench::ROW_KEYS.len(), "{report}");
+    assert!(report["ratios"].as_array().is_some_and(|r| r.len() == 8), "{report}");
+}
