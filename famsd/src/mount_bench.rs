@@ -19,16 +19,16 @@
 //! errors included; if this process dies, the child gets SIGTERM (`PR_SET_PDEATHSIG`) and
 //! unmounts itself.
 
+use crate::mount::daemon::Daemon;
+use crate::mount::MountArgs;
 use crate::progress::Progress;
 use fams::{FormatOptions, Heap, HeapOptions, PAGE_SIZE};
 use fams_bench::file_sync::{heap_dirty_and_commit, FloorWriter, MsyncFile};
 use fams_bench::Samples;
 use std::cell::RefCell;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What `famsd bench --mount` runs.
 pub struct MountBenchConfig {
@@ -51,8 +51,6 @@ const MANY_PAGES: usize = 64;
 const INSERT_ROWS: usize = 100;
 /// Untimed iterations of each row before the first round.
 const WARMUP: usize = 2;
-/// How long the daemon may take to mount, and to end after its unmount.
-const DAEMON_PATIENCE: Duration = Duration::from_secs(20);
 
 /// One measured row.
 pub struct RowResult {
@@ -74,26 +72,6 @@ pub struct MountBenchReport {
     pub seconds: f64,
 }
 
-/// Can this process mount FUSE? Says why not.
-pub fn check_can_mount() -> Result<(), String> {
-    if !Path::new("/dev/fuse").exists() {
-        return Err("famsd bench --mount needs /dev/fuse (FUSE), which this machine lacks".into());
-    }
-    if nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let fusermount = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("fusermount3").is_file()))
-        .unwrap_or(false);
-    if fusermount {
-        Ok(())
-    } else {
-        Err("famsd bench --mount mounts a FUSE file system: it needs root (mount(2)) or fusermount3 \
-             (Debian/Ubuntu package fuse3) for an unprivileged mount"
-            .into())
-    }
-}
-
 /// The name of the file system `dir` is on (from statfs).
 fn fs_name(dir: &Path) -> String {
     let Ok(s) = nix::sys::statfs::statfs(dir) else { return "unknown file system".into() };
@@ -105,127 +83,6 @@ fn fs_name(dir: &Path) -> String {
         0x794C_7630 => "overlayfs".into(),
         0x6573_5546 => "fuse".into(),
         m => format!("file system with magic {m:#x}"),
-    }
-}
-
-/// A `famsd mount --foreground` child. Unmounted and reaped on drop if [`Daemon::stop`] was
-/// not called (or failed).
-struct Daemon {
-    child: Option<Child>,
-    mountpoint: PathBuf,
-    mounted: bool,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(famsd: &Path, store: &Path, mountpoint: &Path, log: &Path) -> Result<Daemon, String> {
-        let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut cmd = Command::new(famsd);
-        cmd.arg("mount").arg(store).arg(mountpoint).arg("--foreground");
-        // Info: the daemon logs its counters (syncs, commits, writes) when it unmounts.
-        cmd.env("FAMS_LOG", "info");
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log_file));
-        use std::os::unix::process::CommandExt;
-        // SAFETY: between fork and exec the closure makes one async-signal-safe system call
-        // (prctl) and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                // If this process dies, the daemon gets SIGTERM and unmounts itself.
-                nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGTERM)).map_err(std::io::Error::from)
-            })
-        };
-        let mut child = cmd.spawn().map_err(|e| format!("starting {} mount: {e}", famsd.display()))?;
-        let stdout = child.stdout.take().ok_or("no pipe from the daemon")?;
-        let mut d =
-            Daemon { child: Some(child), mountpoint: mountpoint.to_path_buf(), mounted: false, log: log.into() };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(DAEMON_PATIENCE) {
-            Ok(line) if line.starts_with(crate::mount::READY_PREFIX) => {
-                d.mounted = true;
-                Ok(d)
-            }
-            other => {
-                let why = match other {
-                    Ok(line) if line.is_empty() => "it ended without mounting".to_string(),
-                    Ok(line) => format!("it said {:?}", line.trim_end()),
-                    Err(_) => format!("no word from it in {} s", DAEMON_PATIENCE.as_secs()),
-                };
-                // A daemon that mounted but did not say so is still unmounted by drop.
-                d.mounted = crate::mount::mount_entry(mountpoint).is_some_and(|m| m.fstype.starts_with("fuse"));
-                let _ = d.stop();
-                Err(format!("famsd mount did not mount {} ({why}); its log: {}", mountpoint.display(), d.log_tail()))
-            }
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(5).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-    }
-
-    /// Unmount (retrying while the kernel finishes releasing closed files, then detaching),
-    /// and wait for the daemon to end (killing it after [`DAEMON_PATIENCE`]).
-    fn stop(&mut self) -> Result<(), String> {
-        let mut problem = None;
-        if self.mounted {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match crate::mount::umount(&self.mountpoint, false) {
-                    Ok(_) => break,
-                    Err(e) if Instant::now() >= deadline => {
-                        problem = Some(format!("unmounting {}: {e}; detached it instead", self.mountpoint.display()));
-                        let _ = crate::mount::umount(&self.mountpoint, true);
-                        break;
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-            self.mounted = false;
-        }
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + DAEMON_PATIENCE;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) if status.success() => break,
-                    Ok(Some(status)) => {
-                        problem.get_or_insert(format!("the mount daemon ended with {status}: {}", self.log_tail()));
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        problem.get_or_insert(format!(
-                            "the mount daemon did not end within {} s of its unmount; killed it",
-                            DAEMON_PATIENCE.as_secs()
-                        ));
-                        break;
-                    }
-                }
-            }
-        }
-        problem.map_or(Ok(()), Err)
-    }
-
-    /// The daemon's "store statistics" log line (after it ended).
-    fn stats(&self) -> Option<String> {
-        let text = std::fs::read_to_string(&self.log).ok()?;
-        let line = text.lines().rev().find(|l| l.contains("store statistics:"))?;
-        Some(line.split_once("store statistics: ")?.1.to_string())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("famsd bench --mount: {e}");
-        }
     }
 }
 
@@ -379,7 +236,7 @@ fn sqlite_rows(_: &mut Vec<Row>, _: &Path, _: &Path) -> Result<(), String> {
 }
 
 pub fn run(cfg: &MountBenchConfig) -> Result<MountBenchReport, String> {
-    check_can_mount()?;
+    crate::mount::daemon::check_can_mount("famsd bench --mount")?;
     let iterations = cfg.iterations.unwrap_or(if cfg.quick { 200 } else { 1000 }).max(1);
     let rounds = iterations.min(5);
     let per_round = iterations.div_ceil(rounds);
@@ -422,7 +279,7 @@ fn measure(
     format(&heap_path, 64 << 20, 64 << 20)?;
     let mut p = Progress::new(cfg.progress, rounds + 2);
     p.next("mounting");
-    let mut daemon = Daemon::start(&cfg.famsd, &store, mnt, &work.join("mount.log"))?;
+    let mut daemon = Daemon::start(&cfg.famsd, &MountArgs::new(&store, mnt), &work.join("mount.log"))?;
     let heap = Heap::open(&heap_path, &HeapOptions::default()).map_err(|e| format!("{}: {e}", heap_path.display()))?;
     let heap = Rc::new(RefCell::new(heap));
     let started = Instant::now();

@@ -7,28 +7,16 @@
 //! Needs FUSE: root, or `fusermount3` (package fuse3), and `/dev/fuse`. Without them this part
 //! says why and is skipped: the rest of the demo does not depend on it.
 
-use crate::child::signal_child;
-use crate::mount::{spawn_daemon, umount, MountArgs};
+use crate::mount::daemon::{check_can_mount, Daemon};
+use crate::mount::{umount, MountArgs};
 use fams::sim::SimRng;
 use fams::{FormatOptions, Heap};
-use nix::sys::signal::Signal;
 use std::path::Path;
 use std::time::Duration;
 
 const PAGES: usize = 16;
 const PAGE_BYTES: usize = 4096;
 const KILLS: u64 = 6;
-
-/// Why FUSE mounts cannot be made here, or None if they can.
-fn fuse_missing() -> Option<String> {
-    if !Path::new("/dev/fuse").exists() {
-        return Some("/dev/fuse is missing (no FUSE in this kernel or container)".into());
-    }
-    let root = nix::unistd::geteuid().is_root();
-    let fusermount = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("fusermount3").exists()));
-    (!root && !fusermount).then(|| "not root, and fusermount3 (package fuse3) is not installed".into())
-}
 
 /// Generation `g` of the file: every page starts with `g` and is filled with a byte of it.
 fn write_generation(map: &mut [u8], g: u64) {
@@ -64,7 +52,7 @@ fn generation_of(bytes: &[u8]) -> Result<u64, String> {
 
 pub fn run(dir: &Path) -> Result<(), String> {
     println!("  mount: unmodified programs get failure-atomic msync through `famsd mount`…");
-    if let Some(why) = fuse_missing() {
+    if let Err(why) = check_can_mount("the demo's mount part") {
         println!("  (skipped: {why})");
         return Ok(());
     }
@@ -82,21 +70,15 @@ pub fn run(dir: &Path) -> Result<(), String> {
     format.max_size_bytes = Some(1 << 30);
     format.log_size_bytes = Some(16 << 20);
     Heap::format(&format).map_err(|e| e.to_string())?;
-    let args = MountArgs {
-        store: store.clone(),
-        mountpoint: mp.clone(),
-        log: None,
-        commit_on_close: false,
-        staging_max_bytes: 64 << 20,
-        log_file: Some(daemon_log.clone()),
-    };
+    let famsd = std::env::current_exe().map_err(|e| format!("finding famsd itself: {e}"))?;
+    let args = MountArgs::new(&store, &mp);
     let file = mp.join("pages.bin");
     let mut rng = SimRng::new(5);
     let (mut acked, mut mid_msync, mut in_flight_kept) = (0u64, 0u64, 0u64);
     // An msync whose outcome the kill left unknown: the file may hold the generation after `acked`.
     let mut unknown = false;
     for kill in 0..=KILLS {
-        let mut daemon = spawn_daemon(&args, &daemon_log)?;
+        let mut daemon = Daemon::start(&famsd, &args, &daemon_log)?;
         let result = (|| -> Result<(), String> {
             if kill == 0 {
                 let f = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -132,28 +114,29 @@ pub fn run(dir: &Path) -> Result<(), String> {
             if rng.below(2) == 0 {
                 mid_msync += 1;
                 let delay_us = rng.below(3000);
-                let synced = std::thread::scope(|s| {
+                let (synced, killed) = std::thread::scope(|s| {
                     let msync = s.spawn(|| map.flush().is_ok());
                     std::thread::sleep(Duration::from_micros(delay_us));
-                    signal_child(&mut daemon, Signal::SIGKILL);
-                    msync.join().unwrap_or(false)
+                    let killed = daemon.kill();
+                    (msync.join().unwrap_or(false), killed)
                 });
+                killed?;
                 if synced {
                     acked = g + 1;
                 } else {
                     unknown = true;
                 }
             } else {
-                signal_child(&mut daemon, Signal::SIGKILL);
+                drop(map);
+                daemon.kill()?;
             }
             Ok(())
         })();
-        signal_child(&mut daemon, if kill == KILLS || kill == 0 { Signal::SIGTERM } else { Signal::SIGKILL });
-        let _ = daemon.wait();
-        if crate::mount::mount_entry(&mp).is_some() {
-            umount(&mp, true)?;
-        }
+        // A clean unmount after the first and the last mount; the kills above already detached
+        // theirs. (On an error the handle's drop unmounts too.)
+        let stopped = daemon.stop();
         result?;
+        stopped?;
     }
     println!(
         "  {KILLS} SIGKILLs of the mount's daemon ({mid_msync} while an msync of {PAGES} pages was on its way), each with unsynced pages in a MAP_SHARED mapping; remounted each time"

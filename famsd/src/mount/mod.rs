@@ -20,14 +20,15 @@
 //! SIGTERM/SIGINT/SIGHUP.
 
 pub mod core;
+pub mod daemon;
 pub mod fs;
 pub mod layout;
 pub mod power_loss;
 pub mod staging;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -41,6 +42,21 @@ pub struct MountArgs {
     pub staging_max_bytes: u64,
     /// Background mode: append the daemon's log here.
     pub log_file: Option<PathBuf>,
+}
+
+impl MountArgs {
+    /// `store` at `mountpoint` with the defaults of `famsd mount`: its own log, unsynced changes
+    /// discarded at the last close, 512 MiB of staging, the daemon's log to stderr.
+    pub fn new(store: &Path, mountpoint: &Path) -> MountArgs {
+        MountArgs {
+            store: store.to_path_buf(),
+            mountpoint: mountpoint.to_path_buf(),
+            log: None,
+            commit_on_close: false,
+            staging_max_bytes: 512 << 20,
+            log_file: None,
+        }
+    }
 }
 
 /// The line `famsd mount --foreground` prints on stdout once the file system is mounted.
@@ -206,7 +222,7 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
 /// again with `--foreground` in its own process group, its log appended to `log_file`, and
 /// return once it has mounted (or say why it could not).
 pub fn run_background(args: &MountArgs, log_file: &Path) -> Result<(), String> {
-    let child = spawn_daemon(args, log_file)?;
+    let child = daemon::spawn_background(args, log_file)?;
     println!(
         "mounted {} at {} (daemon pid {}, log {})",
         args.store.display(),
@@ -215,50 +231,6 @@ pub fn run_background(args: &MountArgs, log_file: &Path) -> Result<(), String> {
         log_file.display()
     );
     Ok(())
-}
-
-/// Run `famsd mount --foreground` (this program) as a child in its own process group, its log
-/// appended to `log_file`, and return it once it has mounted — or the end of its log if it could
-/// not. The caller owns the child: to stop it, SIGTERM (unmounts) or SIGKILL (a crash).
-pub fn spawn_daemon(args: &MountArgs, log_file: &Path) -> Result<std::process::Child, String> {
-    check_mountpoint(&args.mountpoint)?;
-    if let Err(e) = std::fs::metadata(&args.store) {
-        return Err(format!(
-            "{}: cannot open the store: {e} (make one with `famsd format --heap STORE --size 64M --max-size 64G`)",
-            args.store.display()
-        ));
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("finding famsd itself: {e}"))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_file)
-        .map_err(|e| format!("{}: {e}", log_file.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("mount").arg(&args.store).arg(&args.mountpoint).arg("--foreground");
-    cmd.arg("--staging-max").arg(args.staging_max_bytes.to_string());
-    if args.commit_on_close {
-        cmd.arg("--commit-on-close");
-    }
-    if let Some(l) = &args.log {
-        cmd.arg("--log").arg(l);
-    }
-    use std::os::unix::process::CommandExt;
-    cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log));
-    let mut child = cmd.spawn().map_err(|e| format!("starting the daemon: {e}"))?;
-    let mut line = String::new();
-    let read = BufReader::new(child.stdout.take().ok_or("no pipe")?).read_line(&mut line);
-    if read.is_ok() && line.starts_with(READY_PREFIX) {
-        return Ok(child);
-    }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    let tail = std::fs::read_to_string(log_file).unwrap_or_default();
-    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-    Err(format!(
-        "the daemon did not mount ({status}); the end of {}:\n{}",
-        log_file.display(),
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    ))
 }
 
 /// `famsd umount MOUNTPOINT`: unmount; a mount whose daemon is gone (ENOTCONN) or, with `lazy`,
