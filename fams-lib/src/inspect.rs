@@ -52,7 +52,7 @@ pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
     if locked && on_block_device {
         return Err(Error::LogInUse { path: path.into(), holder: crate::heap::lock_holder(&file), log: wanted_log });
     }
-    let (log_path, mut dev) = open_log_of(path, &header, &opts, &mut crate::storage::RealStorage)?;
+    let (log_path, mut dev, _) = open_log_of(path, &header, &opts, &mut crate::storage::RealStorage)?;
     let superblock = recovery::read_superblock(dev.as_mut(), &log_path)?;
     let file = crate::storage::RealHeapFile::new(std::sync::Arc::new(file), 0);
     let pending = recovery::recover(dev.as_mut(), &log_path, &file, path, &header, recovery::Mode::DryRun)

@@ -52,6 +52,8 @@ pub struct Stats {
     /// Why io_uring was not used, when it was not.
     pub io_fallback: Option<String>,
     pub flush_mode: &'static str,
+    /// How the I/O path and flush mode were chosen: asked for, measured at format, or defaults.
+    pub io_choice: &'static str,
     pub log_kind: &'static str,
     pub log_path: PathBuf,
     pub heap_size: u64,

@@ -51,6 +51,14 @@ famsd format --heap app.heap --size 256M --log /dev/nvme0n1p3   # log on a raw p
         /// Take over a block device even if it holds a filesystem.
         #[arg(long)]
         force: bool,
+        /// How the log is written: uring or sync (default: measured on the device now, the
+        /// fastest durable 4 KiB write wins; recorded in the log, used by every open).
+        #[arg(long)]
+        io_path: Option<IoPath>,
+        /// How log writes are made durable: dsync (RWF_DSYNC) or fdatasync (default: measured,
+        /// like --io-path).
+        #[arg(long)]
+        flush_mode: Option<FlushMode>,
         #[arg(long)]
         json: bool,
     },
@@ -695,20 +703,28 @@ fn print_json(v: &serde_json::Value) {
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
-        Cmd::Format { heap, size, max_size, log, log_size, base, force, json } => {
+        Cmd::Format { heap, size, max_size, log, log_size, base, force, io_path, flush_mode, json } => {
             let mut opts = FormatOptions::new(&heap, size);
             opts.max_size_bytes = max_size;
             opts.log_path = log;
             opts.log_size_bytes = log_size;
             opts.base_addr = base;
             opts.force = force;
-            let h = Heap::format(&opts).map_err(|e| e.to_string())?;
+            opts.io_path = io_path;
+            opts.flush_mode = flush_mode;
+            let (h, io) = Heap::format_reporting(&opts).map_err(|e| e.to_string())?;
             let log_path = h.resolve_log_path(&heap);
+            let measured: Vec<_> = io
+                .measured
+                .iter()
+                .map(|m| serde_json::json!({ "io_path": m.io_path.name(), "flush_mode": m.flush_mode.name(), "p50_us": m.p50_us }))
+                .collect();
             if json {
                 print_json(&serde_json::json!({
                     "heap": heap, "heap_id": h.heap_id.to_string(), "size_bytes": h.heap_size,
                     "max_size_bytes": h.max_size,
                     "base_addr": format!("{:#x}", h.base_addr), "log": log_path, "log_size_bytes": h.log_size,
+                    "log_io": { "io_path": io.io_path.name(), "flush_mode": io.flush_mode.name(), "measured": measured },
                 }));
             } else {
                 println!(
@@ -720,6 +736,21 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     h.heap_id
                 );
                 println!("log {} ({} bytes)", log_path.display(), h.log_size);
+                if io.measured.is_empty() {
+                    println!("log I/O: {} with {} (as asked)", io.io_path.name(), io.flush_mode.name());
+                } else {
+                    let each: Vec<String> = io
+                        .measured
+                        .iter()
+                        .map(|m| format!("{}+{} {:.0} µs", m.io_path.name(), m.flush_mode.name(), m.p50_us))
+                        .collect();
+                    println!(
+                        "log I/O: {} with {}, measured fastest here (median durable 4 KiB write: {}); every open uses it",
+                        io.io_path.name(),
+                        io.flush_mode.name(),
+                        each.join(", ")
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -743,7 +774,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                          "superblock_sequence": sb.sequence, "epoch": sb.epoch,
                          "tail_offset": sb.tail_offset, "tail_lsn": sb.tail_lsn,
                          "area_bytes": sb.capacity_bytes(), "checkpoints": sb.checkpoints,
-                         "written_limit_bytes": sb.written_limit_bytes },
+                         "written_limit_bytes": sb.written_limit_bytes,
+                         "io_path_preferred": sb.io_path_preferred.map(|p| p.name()),
+                         "flush_mode_preferred": sb.flush_mode_preferred.map(|m| m.name()) },
                 "pending": pending,
             });
             let node = node_section(&heap, i.locked);
@@ -773,6 +806,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     sb.scan_limit_bytes(),
                     if sb.written_limit_bytes == 0 { " (limit not recorded: an older log)" } else { "" }
                 );
+                match (sb.io_path_preferred, sb.flush_mode_preferred) {
+                    (Some(p), Some(m)) => {
+                        println!("log I/O   {} with {} (chosen when the log was formatted)", p.name(), m.name())
+                    }
+                    _ => println!("log I/O   not recorded (a log formatted before the choice was measured: defaults)"),
+                }
                 match &i.pending {
                     Ok(r) => {
                         println!(

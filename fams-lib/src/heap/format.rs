@@ -22,6 +22,13 @@ pub struct FormatOptions {
     pub base_addr: Option<u64>,
     /// Take over a block device even if it seems to hold a filesystem or other data.
     pub force: bool,
+    /// How the log is written (recorded in its superblock; every open uses it unless told
+    /// otherwise). None: measured when the log is made, the fastest of io_uring and plain system
+    /// calls ([`io::choose_io`]).
+    pub io_path: Option<io::IoPath>,
+    /// Likewise the flush mode. None: measured, the fastest of `RWF_DSYNC` writes and writes
+    /// followed by `fdatasync`.
+    pub flush_mode: Option<io::FlushMode>,
 }
 
 impl FormatOptions {
@@ -34,6 +41,8 @@ impl FormatOptions {
             log_size_bytes: None,
             base_addr: None,
             force: false,
+            io_path: None,
+            flush_mode: None,
         }
     }
 }
@@ -82,7 +91,7 @@ pub(super) fn pick_base(size: u64) -> Result<u64> {
     Err(Error::InvalidArgument(format!("found no free address range for a {size}-byte heap; pass --base")))
 }
 
-pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
+pub(super) fn format(opts: &FormatOptions) -> Result<(HeapHeader, io::IoChoice)> {
     let heap_path = &opts.heap_path;
     if opts.size_bytes == 0 {
         return Err(Error::InvalidArgument("heap size must be more than 0 bytes".into()));
@@ -204,6 +213,7 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         .open(&heap_staging)
         .map_err(|e| Error::io(&heap_staging, "creating the heap file under its staging name", e))?;
     let mut log_renamed = false;
+    let mut io_choice = None;
     let result = (|| {
         file.write_all_at(&header.encode(), 0).map_err(|e| Error::io(heap_path, "writing the heap header", e))?;
         // Reserve the blocks now, so a full disk is reported here and not later, when
@@ -218,6 +228,19 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
             io::create_log_file(log_target, log_size)
                 .map_err(|e| Error::io(&log_actual, "creating the log file", e))?;
         }
+        // How this device is written fastest, measured on it now (over the first record block:
+        // the log is ours and holds no record yet).
+        let choice = io::choose_io(log_target, crate::log_format::AREA_START, opts.io_path, opts.flush_mode)
+            .map_err(|e| Error::io(&log_actual, "measuring how to write the log", e))?;
+        for m in &choice.measured {
+            tracing::info!(
+                "{}: durable 4 KiB write with {} and {}: p50 {:.1} µs",
+                log_actual.display(),
+                m.io_path.name(),
+                m.flush_mode.name(),
+                m.p50_us
+            );
+        }
         let mut dev = io::open_log(log_target, &LogOpenOptions::default())
             .map_err(|e| Error::io(&log_actual, "opening the log", e))?;
         // Zero both slots first so an old superblock on a reused device cannot win.
@@ -225,6 +248,9 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
             .map_err(|e| Error::io(&log_actual, "clearing the superblocks", e))?;
         let mut first = Superblock::new(header.heap_id, log_size);
         first.heap_size = size;
+        first.io_path_preferred = Some(choice.io_path);
+        first.flush_mode_preferred = Some(choice.flush_mode);
+        io_choice = Some(choice);
         recovery::write_superblock(dev.as_mut(), &first)
             .map_err(|e| Error::io(&log_actual, "writing the first superblock", e))?;
         drop(dev);
@@ -244,7 +270,7 @@ pub(super) fn format(opts: &FormatOptions) -> Result<HeapHeader> {
         }
         return Err(e);
     }
-    Ok(header)
+    Ok((header, io_choice.expect("set before the format succeeded")))
 }
 
 /// `dir/.NAME.formatting`: where format builds `dir/NAME` before renaming it into place.

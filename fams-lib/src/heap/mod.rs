@@ -145,6 +145,8 @@ pub struct Heap {
     io_path: IoPath,
     flush_mode: FlushMode,
     io_fallback: Option<String>,
+    /// How `io_path` and `flush_mode` were chosen.
+    io_choice: &'static str,
     capacity_bytes: u64,
     /// The LSN the next record gets.
     next_lsn: u64,
@@ -167,6 +169,12 @@ pub struct Heap {
 impl Heap {
     /// Create a heap file and its log. Fails if the heap file exists.
     pub fn format(opts: &FormatOptions) -> Result<HeapHeader> {
+        format::format(opts).map(|(header, _)| header)
+    }
+
+    /// [`Heap::format`], also saying how the log will be written and what each candidate
+    /// measured on this device ([`io::choose_io`]; nothing measured when both were given).
+    pub fn format_reporting(opts: &FormatOptions) -> Result<(HeapHeader, io::IoChoice)> {
         format::format(opts)
     }
 
@@ -689,6 +697,7 @@ impl Heap {
         s.tracker = self.tracker.kind().name();
         s.io_path = self.io_path.name();
         s.io_fallback = self.io_fallback.clone();
+        s.io_choice = self.io_choice;
         s.flush_mode = self.flush_mode.name();
         s.log_kind = self.log_kind.name();
         s.log_path = self.log_path.clone();

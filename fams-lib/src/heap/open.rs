@@ -51,12 +51,17 @@ pub(crate) fn open_locked(path: &Path) -> Result<File> {
     }
 }
 
+/// How the log's I/O path and flush mode were chosen (shown in [`crate::Stats::io_choice`]).
+const IO_CHOICE_ASKED: &str = "asked for by the caller";
+const IO_CHOICE_MEASURED: &str = "measured fastest on this device when the log was formatted";
+const IO_CHOICE_DEFAULT: &str = "the defaults (this log records no measured choice; it predates it)";
+
 pub(crate) fn open_log_of(
     path: &Path,
     header: &HeapHeader,
     opts: &HeapOptions,
     storage: &mut dyn Storage,
-) -> Result<(PathBuf, Box<dyn io::LogDevice>)> {
+) -> Result<(PathBuf, Box<dyn io::LogDevice>, &'static str)> {
     let log_path = opts.log_path.clone().unwrap_or_else(|| header.resolve_log_path(path));
     if !log_path.exists() {
         return Err(Error::BadLogDevice {
@@ -67,9 +72,39 @@ pub(crate) fn open_log_of(
             ),
         });
     }
-    let dev = storage
-        .log(&log_path, &LogOpenOptions { io_path: opts.io_path, flush_mode: opts.flush_mode })
-        .map_err(|e| Error::io(&log_path, "opening the log", e))?;
+    let asked = LogOpenOptions { io_path: opts.io_path, flush_mode: opts.flush_mode };
+    // What the caller left open: the way measured fastest for this device when its log was
+    // formatted, recorded in its superblock (read through plain calls, cheap to set up). A
+    // superblock that cannot be read is recovery's to report, below.
+    let mut io_choice = IO_CHOICE_ASKED;
+    let want = if asked.io_path.is_some() && asked.flush_mode.is_some() {
+        asked
+    } else {
+        let probe = LogOpenOptions { io_path: Some(io::IoPath::Sync), flush_mode: None };
+        let mut dev = storage.log(&log_path, &probe).map_err(|e| Error::io(&log_path, "opening the log", e))?;
+        match crate::recovery::read_superblock(dev.as_mut(), &log_path) {
+            Ok(sb) if sb.io_path_preferred.is_some() || sb.flush_mode_preferred.is_some() => {
+                io_choice = IO_CHOICE_MEASURED;
+                LogOpenOptions {
+                    io_path: asked.io_path.or(sb.io_path_preferred),
+                    flush_mode: asked.flush_mode.or(sb.flush_mode_preferred),
+                }
+            }
+            _ => {
+                io_choice = IO_CHOICE_DEFAULT;
+                asked
+            }
+        }
+    };
+    let dev = match storage.log(&log_path, &want) {
+        // io_uring was measured fastest but cannot be set up now (seccomp, a new policy): open
+        // the way an unrecorded log would be, which falls back and says why.
+        Err(_) if want.io_path == Some(io::IoPath::Uring) && asked.io_path.is_none() => {
+            storage.log(&log_path, &LogOpenOptions { io_path: None, ..want })
+        }
+        r => r,
+    }
+    .map_err(|e| Error::io(&log_path, "opening the log", e))?;
     if dev.size_bytes() < header.log_size {
         return Err(Error::BadLogDevice {
             path: log_path.clone(),
@@ -80,7 +115,7 @@ pub(crate) fn open_log_of(
             ),
         });
     }
-    Ok((log_path, dev))
+    Ok((log_path, dev, io_choice))
 }
 
 /// Refuse a heap or log on a file system that forgets everything at a power cut.
@@ -99,7 +134,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
     super::upgrade::finish_interrupted(path, &file)?;
     let header = heap_file::read_header(&file, path)?;
     refuse_volatile("heap", path)?;
-    let (log_path, mut dev) = open_log_of(path, &header, opts, storage)?;
+    let (log_path, mut dev, io_choice) = open_log_of(path, &header, opts, storage)?;
     refuse_volatile("log", &log_path)?;
     let max_size = usize::try_from(header.max_size)
         .map_err(|_| Error::BadHeap { path: path.into(), reason: "heap larger than the address space".into() })?;
@@ -209,6 +244,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         io_path,
         flush_mode,
         io_fallback,
+        io_choice,
         capacity_bytes,
         next_lsn: report.next_lsn,
         in_flight_commits_max: opts.in_flight_commits_max,

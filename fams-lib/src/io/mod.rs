@@ -41,11 +41,13 @@ use std::path::Path;
 use std::str::FromStr;
 
 mod aligned;
+mod choose;
 mod device;
 mod sync;
 mod uring;
 
 pub use aligned::AlignedBuf;
+pub use choose::{choose_io, IoChoice, IoMeasurement, CHOICE_SAMPLES};
 pub use device::{write_cache_state, BlockDeviceInfo, WriteCacheState};
 
 use device::Target;

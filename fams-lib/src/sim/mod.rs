@@ -694,6 +694,10 @@ impl SimHeap {
         let _ = std::fs::remove_file(&log_path);
         let mut f = opts.clone();
         f.log_path = Some(log_path.clone());
+        // The simulated log has no I/O path to choose (and a flush mode per open): measuring
+        // the real file it starts from would only cost time.
+        f.io_path = f.io_path.or(Some(crate::io::IoPath::Sync));
+        f.flush_mode = f.flush_mode.or(Some(crate::io::FlushMode::Dsync));
         crate::Heap::format(&f)?;
         let read = |p: &Path| std::fs::read(p).map_err(|e| crate::Error::io(p, "reading the formatted image", e));
         let (log_image, heap_image) = (read(&log_path)?, read(heap_path)?);

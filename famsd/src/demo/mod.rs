@@ -39,7 +39,10 @@ pub fn run(dir: &Path) -> Result<(), String> {
         t.elapsed().as_secs_f64() * 1e3
     );
     let s = heap.stats();
-    println!("  dirty tracking: {}; log I/O: {} ({}), on a {}", s.tracker, s.io_path, s.flush_mode, s.log_kind);
+    println!(
+        "  dirty tracking: {}; log I/O: {} ({}), on a {} — {}",
+        s.tracker, s.io_path, s.flush_mode, s.log_kind, s.io_choice
+    );
 
     // 1-page synchronous commits.
     const N: usize = 400;

@@ -61,11 +61,11 @@ pub fn decode_superblock(data: &[u8]) {
     if b.len() < BLOCK {
         b.resize(BLOCK, 0);
     }
-    // Where the checksum sits depends on the superblock version (1: at 96; 2: at 104; 3: at 112).
+    // Where the checksum sits depends on the superblock version (1: at 96; 2: at 104; 3: at 120).
     let crc_at = match u32_at(&b, 8) {
         1 => 96,
         2 => 104,
-        _ => 112,
+        _ => 120,
     };
     let crc = crc32c(&b[..crc_at]);
     b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
@@ -93,7 +93,7 @@ fn check_superblock(b: &[u8]) {
     }
     if u32_at(b, 8) == 3 {
         assert_eq!(out[8..12], b[8..12], "version");
-        assert_eq!(out[104..112], b[104..112], "written limit");
+        assert_eq!(out[104..120], b[104..120], "written limit and I/O choice");
     }
 }
 
