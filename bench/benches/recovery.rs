@@ -17,7 +17,7 @@ fn recoveries(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let r = recovery(&t, log_mib, heap_bytes).expect("recovery bench");
+                    let r = recovery(&t, log_mib, heap_bytes, None).expect("recovery bench");
                     floor.push(r.floor_ms);
                     total += Duration::from_secs_f64(r.ms / 1e3);
                 }

@@ -388,19 +388,33 @@ pub fn lmdb(dir: &Path, iters: usize) -> Result<Samples, heed::Error> {
 pub struct RecoveryResult {
     pub log_mib: u64,
     pub heap_bytes: u64,
+    /// The log's size.
+    pub log_bytes: u64,
+    /// The committed records' bytes (what the floor reads).
+    pub record_bytes: u64,
     pub records: u64,
     pub log_bytes_read: u64,
     pub ms: f64,
-    /// Reading the same number of bytes from the same device with O_DIRECT.
+    /// Reading the records' bytes from the same device with O_DIRECT.
     pub floor_ms: f64,
 }
 
 /// Recovery time after a crash that left `log_mib` MiB of committed records in the log.
 /// Building the crashed image is not timed; the time is the recovery inside `Heap::open`.
-pub fn recovery(target: &Target, log_mib: u64, heap_bytes: u64) -> fams::Result<RecoveryResult> {
+///
+/// The log is sized for the records plus a margin, or `log_area_bytes` if that is larger (to
+/// show that recovery reads what it replays, not the whole log). The floor is one O_DIRECT read
+/// of the records' bytes: anything recovery reads beyond them counts against it.
+pub fn recovery(
+    target: &Target,
+    log_mib: u64,
+    heap_bytes: u64,
+    log_area_bytes: Option<u64>,
+) -> fams::Result<RecoveryResult> {
     let record_bytes = log_mib << 20;
     // Room for the records plus a margin, so nothing is checkpointed away.
-    let log_bytes = (record_bytes + record_bytes / 4 + (4 << 20)).next_multiple_of(4096);
+    let log_bytes =
+        (record_bytes + record_bytes / 4 + (4 << 20)).max(log_area_bytes.unwrap_or(0)).next_multiple_of(4096);
     let path = target.format_heap("bench-recovery.heap", heap_bytes, log_bytes)?;
     let opts = HeapOptions { checkpoint_threshold_bytes: Some(u64::MAX), ..HeapOptions::default() };
     let mut heap = Heap::open(&path, &opts)?;
@@ -427,12 +441,14 @@ pub fn recovery(target: &Target, log_mib: u64, heap_bytes: u64) -> fams::Result<
     let r = heap.stats().recovery;
     let log_path = heap.stats().log_path;
     drop(heap);
-    let floor_ms = floor_read_ms(&log_path, r.log_bytes_read)
+    let floor_ms = floor_read_ms(&log_path, written.next_multiple_of(4096))
         .map_err(|e| fams::Error::InvalidArgument(format!("floor read failed: {e}")))?;
     target.remove_heap(&path);
     Ok(RecoveryResult {
         log_mib,
         heap_bytes,
+        log_bytes,
+        record_bytes: written,
         records: r.records_replayed,
         log_bytes_read: r.log_bytes_read,
         ms: r.duration.as_secs_f64() * 1e3,

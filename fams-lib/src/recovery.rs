@@ -121,14 +121,25 @@ impl<'a> LogReader<'a> {
     fn get(&mut self, offset: u64, len: usize) -> std::io::Result<&[u8]> {
         debug_assert!(offset % BLOCK as u64 == 0 && len % BLOCK == 0);
         debug_assert!(offset + len as u64 <= self.area_end);
-        let inside = offset >= self.start && offset + len as u64 <= self.start + self.len as u64;
+        let window_end = self.start + self.len as u64;
+        let inside = offset >= self.start && offset + len as u64 <= window_end;
         if !inside {
+            // A record that starts in the window and runs past it: keep the part already read
+            // (moved to the front) and read only the rest, so sequential records are read once.
+            let keep = if offset >= self.start && offset < window_end { (window_end - offset) as usize } else { 0 };
             if len > self.buf.len() {
-                self.buf = AlignedBuf::zeroed(len.next_multiple_of(WINDOW_BYTES));
+                let mut bigger = AlignedBuf::zeroed(len.next_multiple_of(WINDOW_BYTES));
+                let at = (offset - self.start) as usize;
+                bigger[..keep].copy_from_slice(&self.buf[at..at + keep]);
+                self.buf = bigger;
+            } else if keep > 0 {
+                let at = (offset - self.start) as usize;
+                self.buf.copy_within(at..at + keep, 0);
             }
             let want = (self.area_end - offset).min(self.buf.len() as u64) as usize;
-            self.dev.read_exact_at(offset, &mut self.buf[..want])?;
-            self.bytes_read += want as u64;
+            debug_assert!(keep <= want && keep % BLOCK == 0);
+            self.dev.read_exact_at(offset + keep as u64, &mut self.buf[keep..want])?;
+            self.bytes_read += (want - keep) as u64;
             self.start = offset;
             self.len = want;
         }
