@@ -272,6 +272,22 @@ pub fn note_violation(violations: &mut u64, details: &mut Vec<String>, what: Str
 /// Deterministic randomness for tests (the same generator the torture workload uses).
 pub use famsd::workload::Rng;
 
+/// The names of the deliberate bugs of one layer (`heap`, `turns`, `mount`) that the `famsd`
+/// binary at `famsd` knows (`famsd torture --list-mutations --json`), for negative controls.
+pub fn mutations_of_layer(famsd: &Path, layer: &str) -> Vec<String> {
+    let out = Command::new(famsd)
+        .args(["torture", "--list-mutations", "--json"])
+        .output()
+        .expect("run famsd torture --list-mutations");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON list of mutations");
+    list.as_array()
+        .expect("an array")
+        .iter()
+        .filter(|m| m["layer"] == layer)
+        .map(|m| m["name"].as_str().expect("a name").to_string())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

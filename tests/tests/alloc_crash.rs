@@ -748,7 +748,8 @@ fn crashes_catch_the_heap_mutations() {
     // and submitting its write (a write submitted before the kill still completes), so a kill
     // lands in it by chance (after 24 and 88 kills in two runs, in none of 200 in a third); the
     // simulator above catches it.
-    for name in ["write-back-before-durable"] {
+    {
+        let name = "write-back-before-durable";
         fams::mutations::set(name).expect("switch the mutation on");
         let cfg = KillConfig {
             kills: env_u64("FAMS_ALLOC_KILLS", 400),
