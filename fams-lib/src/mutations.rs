@@ -71,6 +71,10 @@ pub enum Mutation {
     /// The mount's sync of one file also commits every other file's staged changes (FAMS
     /// semantics are per file). Hook: `famsd/src/mount/core.rs`, `Core::sync`.
     MountSyncCommitsOtherFiles,
+    /// The mount answers syncs and namespace operations as soon as their commit is issued, not
+    /// once it is durable. Hook: `famsd/src/mount/layout.rs`, `Store::durable_after` and
+    /// `Store::wait_durable`.
+    MountAnswerBeforeDurable,
 }
 
 /// Which part of the product a mutation breaks.
@@ -115,7 +119,8 @@ impl Mutation {
             | Mutation::DriveIgnoresFlushes => Layer::Heap,
             Mutation::MountSyncWithoutCommit
             | Mutation::MountSyncInTwoCommits
-            | Mutation::MountSyncCommitsOtherFiles => Layer::Mount,
+            | Mutation::MountSyncCommitsOtherFiles
+            | Mutation::MountAnswerBeforeDurable => Layer::Mount,
         }
     }
 
@@ -196,6 +201,11 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         Mutation::MountSyncCommitsOtherFiles,
         "mount-sync-commits-other-files",
         "the mount's sync of one file also commits every other file's staged changes",
+    ),
+    (
+        Mutation::MountAnswerBeforeDurable,
+        "mount-answer-before-durable",
+        "the mount answers syncs and namespace operations once their commit is issued, before it is durable",
     ),
 ];
 

@@ -7,6 +7,11 @@ use super::layout::{Attr, DirEntry, Fail, FileChanges, MetaChange, NewInode, Sto
 use super::staging::{Committed, StageError, Staging};
 use fams::mutations::{self, Mutation};
 use std::collections::HashMap;
+use std::sync::mpsc::Sender;
+
+/// An answer that must wait until a commit is durable: the handle to wait with, the commit, and
+/// what to do then (with the outcome). Run by the durability thread ([`Core::after_durable`]).
+pub type Deferred = (fams::DurabilityHandle, fams::Ticket, Box<dyn FnOnce(Result<(), Fail>) + Send>);
 
 /// What happens to a file's staged changes at its last release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +48,8 @@ pub struct Core {
     next_fh: u64,
     /// Pages committed since the heap's memory was last given back.
     pages_since_release: u64,
+    /// Where answers that wait for durability go (the durability thread); None: wait here.
+    durability: Option<Sender<Deferred>>,
     pub stats: CoreStats,
 }
 
@@ -92,8 +99,42 @@ impl Core {
             listings: HashMap::new(),
             next_fh: 1,
             pages_since_release: 0,
+            durability: None,
             stats: CoreStats::default(),
         }
+    }
+
+    /// Answers that promise durability are run by the thread receiving on `tx` once their
+    /// commit is durable, so this thread goes on with other requests meanwhile.
+    pub fn send_durable_answers_to(&mut self, tx: Sender<Deferred>) {
+        self.durability = Some(tx);
+    }
+
+    /// Run `then` once everything committed so far is durable: at once if it already is (or
+    /// nothing was committed), else from the durability thread (or, without one, after waiting
+    /// here). Namespace operations and syncs answer through this: durable when they return.
+    pub fn after_durable(&mut self, then: impl FnOnce(Result<(), Fail>) + Send + 'static) {
+        let Some((handle, ticket)) = self.store.durable_after() else { return then(Ok(())) };
+        let outcome = |h: &fams::DurabilityHandle| {
+            h.wait(ticket).map_err(|e| Fail::Io(format!("a commit did not become durable: {e}")))
+        };
+        if handle.is_durable(ticket).unwrap_or(false) {
+            return then(Ok(()));
+        }
+        match &self.durability {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError((handle, _, then))) = tx.send((handle, ticket, Box::new(then))) {
+                    then(outcome(&handle));
+                }
+            }
+            None => then(outcome(&handle)),
+        }
+    }
+
+    /// Wait here until everything committed so far is durable (for callers without a
+    /// durability thread, such as the power-loss explorer).
+    pub fn wait_durable(&mut self) -> Result<(), Fail> {
+        self.store.wait_durable()
     }
 
     fn is_open(&self, ino: u64) -> bool {

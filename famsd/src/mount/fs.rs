@@ -1,7 +1,9 @@
-//! The FUSE request handlers: each request is decoded on fuser's thread, handed to the store
-//! thread (which owns the heap: a heap is not `Send`) as a job, executed there in arrival order
-//! by [`Core`], and answered from there. fuser's thread never waits for the heap, so requests
-//! keep being read while a commit is on its way to the disk.
+//! The FUSE request handlers: each request is decoded on one of fuser's threads, handed to the
+//! store thread (which owns the heap: a heap is not `Send`) as a job, executed there in arrival
+//! order by [`Core`], and answered from there — or, when the answer promises durability (a sync,
+//! a namespace operation), from the durability thread once the commit is durable. Neither
+//! fuser's threads nor the store thread wait for the disk: requests of other files go on while a
+//! commit is written, and commits issued meanwhile share device writes.
 //!
 //! Caching (see `kernel-facts.md`): files open in cached mode (no `FOPEN_DIRECT_IO`, so writable
 //! `MAP_SHARED` works) without `FOPEN_KEEP_CACHE` (every open drops the kernel's cached pages, so
@@ -126,6 +128,20 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), Fail>) {
     }
 }
 
+/// Answer `answer` with `r` once everything committed so far is durable (a failure at once):
+/// namespace operations and syncs are durable when they return. The store thread goes on
+/// meanwhile; the answer comes from the durability thread ([`Core::after_durable`]).
+fn when_durable<T: Send + 'static>(
+    c: &mut Core,
+    r: Result<T, Fail>,
+    answer: impl FnOnce(Result<T, Fail>) + Send + 'static,
+) {
+    match r {
+        Ok(v) => c.after_durable(move |durable| answer(durable.map(|()| v))),
+        Err(e) => answer(Err(e)),
+    }
+}
+
 impl Filesystem for MountFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if let Err(n) = config.set_max_write(MAX_WRITE) {
@@ -182,10 +198,10 @@ impl Filesystem for MountFs {
                 }
                 c.attr(ino.0)
             })();
-            match r {
+            when_durable(c, r, move |r| match r {
                 Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
-            }
+            });
         });
     }
 
@@ -211,7 +227,10 @@ impl Filesystem for MountFs {
             gid: req.gid(),
             now_ns: super::layout::now_ns(),
         };
-        self.run(move |c| reply_entry(reply, c.create(parent.0, &name, n, false).map(|(a, _)| a)));
+        self.run(move |c| {
+            let r = c.create(parent.0, &name, n, false).map(|(a, _)| a);
+            when_durable(c, r, move |r| reply_entry(reply, r));
+        });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
@@ -223,17 +242,26 @@ impl Filesystem for MountFs {
             gid: req.gid(),
             now_ns: super::layout::now_ns(),
         };
-        self.run(move |c| reply_entry(reply, c.create(parent.0, &name, n, false).map(|(a, _)| a)));
+        self.run(move |c| {
+            let r = c.create(parent.0, &name, n, false).map(|(a, _)| a);
+            when_durable(c, r, move |r| reply_entry(reply, r));
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.run(move |c| reply_empty(reply, c.remove(parent.0, &name, false)));
+        self.run(move |c| {
+            let r = c.remove(parent.0, &name, false);
+            when_durable(c, r, move |r| reply_empty(reply, r));
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.run(move |c| reply_empty(reply, c.remove(parent.0, &name, true)));
+        self.run(move |c| {
+            let r = c.remove(parent.0, &name, true);
+            when_durable(c, r, move |r| reply_empty(reply, r));
+        });
     }
 
     fn rename(
@@ -251,7 +279,10 @@ impl Filesystem for MountFs {
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.run(move |c| reply_empty(reply, c.rename(parent.0, &name, newparent.0, &newname, noreplace)));
+        self.run(move |c| {
+            let r = c.rename(parent.0, &name, newparent.0, &newname, noreplace);
+            when_durable(c, r, move |r| reply_empty(reply, r));
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -283,11 +314,14 @@ impl Filesystem for MountFs {
             gid: req.gid(),
             now_ns: super::layout::now_ns(),
         };
-        self.run(move |c| match c.create(parent.0, &name, n, true) {
-            Ok((a, fh)) => {
-                reply.created(&ENTRY_TTL, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
-            }
-            Err(e) => reply.error(errno(&e)),
+        self.run(move |c| {
+            let r = c.create(parent.0, &name, n, true);
+            when_durable(c, r, move |r| match r {
+                Ok((a, fh)) => {
+                    reply.created(&ENTRY_TTL, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(errno(&e)),
+            });
         });
     }
 
@@ -331,7 +365,11 @@ impl Filesystem for MountFs {
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.run(move |c| reply_empty(reply, c.flush(ino.0)));
+        // With --commit-on-close a close commits: it returns once that is durable.
+        self.run(move |c| {
+            let r = c.flush(ino.0);
+            when_durable(c, r, move |r| reply_empty(reply, r));
+        });
     }
 
     fn release(
@@ -352,7 +390,12 @@ impl Filesystem for MountFs {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // fsync, fdatasync and msync(MS_SYNC) all arrive here (after the dirty pages' WRITEs).
-        self.run(move |c| reply_empty(reply, c.sync(ino.0)));
+        // Answered once the commit is durable — and, when this file had nothing staged, once an
+        // earlier commit still on its way (another process's sync of it, say) is.
+        self.run(move |c| {
+            let r = c.sync(ino.0);
+            when_durable(c, r, move |r| reply_empty(reply, r));
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -382,8 +425,8 @@ impl Filesystem for MountFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Namespace operations are durable when they return: nothing to do.
-        reply.ok();
+        // Namespace operations are durable when they return; this waits for any still on its way.
+        self.run(move |c| when_durable(c, Ok(()), move |r| reply_empty(reply, r)));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -30,12 +30,15 @@
 //! ```
 //!
 //! Every change here is one heap commit: namespace operations (create, mkdir, unlink, rmdir,
-//! rename, chmod/chown/utimes) commit before they return, and [`Store::apply`] commits one file's
-//! staged data and size (a sync). An operation that fails part way (a full store) is rolled back
-//! ([`ObjectHeap::rollback`]): nothing is left half done, in the heap or in memory.
+//! rename, chmod/chown/utimes) and [`Store::apply`] (one file's staged data and size: a sync). A
+//! commit is issued without waiting for the disk ([`ObjectHeap::commit_async`]): the store goes on
+//! with the next request while the record is written, and whoever promises durability waits for
+//! [`Store::durable_after`] first (the request handlers answer from the durability thread). An
+//! operation that fails part way (a full store) is rolled back ([`ObjectHeap::rollback`]):
+//! nothing is left half done, in the heap or in memory.
 
 use fams::alloc::{BySlice, HeapAlloc, ObjectError, ObjectHeap, ObjectOptions, PHashMap, PVec};
-use fams::{Heap, HeapOptions};
+use fams::{DurabilityHandle, Heap, HeapOptions, Ticket};
 use std::path::{Path, PathBuf};
 
 /// The object layer's schema version of a mount store ("fmnt" and version 1).
@@ -204,6 +207,8 @@ pub struct Store {
     path: PathBuf,
     /// Opens the store's heap (again, in [`Store::reopen`]).
     open_heap: HeapOpener,
+    /// The last commit issued (it and every one before it are durable once it is).
+    last_commit: Option<Ticket>,
     pub stats: StoreStats,
 }
 
@@ -285,9 +290,17 @@ impl Store {
     /// in messages.
     pub fn open_with(path: &Path, mut open_heap: HeapOpener) -> Result<Store, String> {
         let objects = Self::open_objects(path, &mut open_heap)?;
-        let mut store =
-            Store { objects: Some(objects), path: path.to_path_buf(), open_heap, stats: StoreStats::default() };
+        let mut store = Store {
+            objects: Some(objects),
+            path: path.to_path_buf(),
+            open_heap,
+            last_commit: None,
+            stats: StoreStats::default(),
+        };
         store.init().map_err(|e| format!("{}: {e}", path.display()))?;
+        // What opening changed (a fresh file system, orphans freed) is durable before any
+        // request is answered.
+        store.wait_durable().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(store)
     }
 
@@ -317,6 +330,11 @@ impl Store {
     /// cannot be undone). Nothing committed is lost; staged file data is not in the heap.
     fn reopen(&mut self) -> Result<(), String> {
         if let Some(o) = self.objects.take() {
+            // Commits on their way end first (durable, or failed with the heap): nobody waits on
+            // a heap that is gone.
+            if let Some(t) = self.last_commit.take() {
+                let _ = o.wait(t);
+            }
             o.abandon();
         }
         let objects = Self::open_objects(&self.path, &mut self.open_heap)?;
@@ -326,6 +344,27 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What to wait for before promising that everything committed so far is durable: the last
+    /// commit issued, and a handle that waits for it from any thread. None: nothing to wait for.
+    pub fn durable_after(&self) -> Option<(DurabilityHandle, Ticket)> {
+        if fams::mutations::is_on(fams::mutations::Mutation::MountAnswerBeforeDurable) {
+            return None;
+        }
+        let o = self.objects.as_ref()?;
+        self.last_commit.map(|t| (o.durability_handle(), t))
+    }
+
+    /// Wait here until everything committed so far is durable.
+    pub fn wait_durable(&mut self) -> Result<(), Fail> {
+        if fams::mutations::is_on(fams::mutations::Mutation::MountAnswerBeforeDurable) {
+            return Ok(());
+        }
+        match self.last_commit {
+            Some(t) => self.objects()?.wait(t).map_err(from_object),
+            None => Ok(()),
+        }
     }
 
     fn init(&mut self) -> Result<(), Fail> {
@@ -372,10 +411,11 @@ impl Store {
             Ok((root, a)) => f(root, a),
             Err(e) => Err(from_object(e)),
         };
-        let r = r.and_then(|v| self.objects()?.commit().map(|_| v).map_err(from_object));
+        let r = r.and_then(|v| self.objects()?.commit_async().map(|t| (v, t)).map_err(from_object));
         match r {
-            Ok(v) => {
+            Ok((v, ticket)) => {
                 self.stats.commits += 1;
+                self.last_commit = Some(ticket);
                 Ok(v)
             }
             Err(e) => {

@@ -15,9 +15,12 @@
 //! - [`power_loss`]: the crash explorer driving [`core`] over a store on simulated storage;
 //! - this file: mounting, the daemon's life (signals, unmount, background start) and `famsd umount`.
 //!
-//! Threads: fuser reads requests on one thread; one store thread owns the heap and executes
-//! every request in arrival order (the heap is single-threaded); a signal thread unmounts on
-//! SIGTERM/SIGINT/SIGHUP.
+//! Threads: fuser reads requests on two threads; one store thread owns the heap and executes
+//! every request in arrival order (the heap is single-threaded) without waiting for the disk: its
+//! commits are written by the heap's log writer, and answers that promise durability (syncs,
+//! namespace operations) are sent by a durability thread once their commit is durable, so other
+//! requests go on meanwhile and concurrent syncs share device writes; a signal thread unmounts
+//! on SIGTERM/SIGINT/SIGHUP.
 
 pub mod core;
 pub mod daemon;
@@ -58,6 +61,9 @@ impl MountArgs {
         }
     }
 }
+
+/// Threads reading requests from the kernel.
+const FUSE_THREADS: usize = 2;
 
 /// The line `famsd mount --foreground` prints on stdout once the file system is mounted.
 pub const READY_PREFIX: &str = "famsd: mounted ";
@@ -131,6 +137,19 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
     }
     signals.thread_block().map_err(|e| format!("blocking signals: {e}"))?;
 
+    // The durability thread answers requests that promise durability once their commit is
+    // durable (in commit order), so that the store thread never waits for the disk.
+    let (durable_tx, durable_rx) = std::sync::mpsc::channel::<core::Deferred>();
+    let durability_thread = std::thread::Builder::new()
+        .name("famsd-durable".into())
+        .spawn(move || {
+            for (handle, ticket, answer) in durable_rx {
+                answer(
+                    handle.wait(ticket).map_err(|e| layout::Fail::Io(format!("a commit did not become durable: {e}"))),
+                );
+            }
+        })
+        .map_err(|e| format!("starting the durability thread: {e}"))?;
     // The store thread opens the heap (it must live on one thread) and reports how that went.
     let (tx, rx) = std::sync::mpsc::channel::<fs::Job>();
     let (opened_tx, opened_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -146,7 +165,9 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
             let mut c = match layout::Store::open(&store, log) {
                 Ok(s) => {
                     let _ = opened_tx.send(Ok(()));
-                    core::Core::new(s, staging_max, on_close)
+                    let mut c = core::Core::new(s, staging_max, on_close);
+                    c.send_durable_answers_to(durable_tx);
+                    c
                 }
                 Err(e) => {
                     let _ = opened_tx.send(Err(e));
@@ -163,6 +184,7 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let _ = store_thread.join();
+            let _ = durability_thread.join();
             return Err(e);
         }
         Err(_) => return Err("the store thread ended while opening the store".into()),
@@ -175,12 +197,14 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
     ];
-    config.n_threads = Some(1);
+    // Requests are read and decoded on two threads (executed in order on the store thread).
+    config.n_threads = Some(FUSE_THREADS);
     let session = match fuser::Session::new(fs::MountFs::new(tx), &args.mountpoint, &config) {
         Ok(s) => s,
         Err(e) => {
             // The file system (and its sender) is dropped: the store thread ends and closes the heap.
             let _ = store_thread.join();
+            let _ = durability_thread.join();
             return Err(format!("mounting FUSE at {}: {e}", args.mountpoint.display()));
         }
     };
@@ -214,6 +238,8 @@ pub fn run_foreground(args: &MountArgs) -> Result<(), String> {
     let r = session.run().map_err(|e| format!("serving {}: {e}", args.mountpoint.display()));
     // The session (and the file system's sender) is gone: the store thread drains and closes.
     let _ = store_thread.join();
+    // Its last answers: the store (and with it the sender) is gone, so the thread ends.
+    let _ = durability_thread.join();
     tracing::info!("unmounted {}", args.mountpoint.display());
     r
 }

@@ -614,7 +614,8 @@ impl<'a> Explorer<'a> {
                 if let Some(n) = name {
                     after.insert(n, self.open[i].current.clone());
                 }
-                self.durable_op(state, MountOp::Sync, after, |_| core.sync(ino)).is_some()
+                self.durable_op(state, MountOp::Sync, after, |_| core.sync(ino).and_then(|()| core.wait_durable()))
+                    .is_some()
             }
             // Read an open file: its staged contents.
             (56..=59, Some(i)) => {
@@ -664,6 +665,9 @@ impl<'a> Explorer<'a> {
                         let after = self.durable.clone();
                         let r = self.durable_op(state, MountOp::Release, after, |x| {
                             core.release(fh, ino);
+                            // The release's commit is not waited for by any caller; the check is
+                            // that it is all or nothing once durable.
+                            let _ = core.wait_durable();
                             if x.sim.machine.powered() {
                                 Ok(())
                             } else {
@@ -710,7 +714,10 @@ impl<'a> Explorer<'a> {
                 let mut after = self.durable.clone();
                 after.insert(name, content);
                 self.report.truncates += 1;
-                self.durable_op(state, MountOp::TruncateClosed, after, |_| core.set_size(ino, new)).is_some()
+                self.durable_op(state, MountOp::TruncateClosed, after, |_| {
+                    core.set_size(ino, new).and_then(|()| core.wait_durable())
+                })
+                .is_some()
             }
             // Unlink (the file may be open: it becomes an orphan).
             (84..=87, _) if !self.durable.is_empty() => {
@@ -719,7 +726,9 @@ impl<'a> Explorer<'a> {
                 let mut after = self.durable.clone();
                 after.remove(&name);
                 let dir = self.dir_ino(name.0);
-                let r = self.durable_op(state, MountOp::Unlink, after, |_| core.remove(dir, &name.1, false));
+                let r = self.durable_op(state, MountOp::Unlink, after, |_| {
+                    core.remove(dir, &name.1, false).and_then(|r| core.wait_durable().map(|()| r))
+                });
                 // Whether or not it returned, the file may be gone: an open one is an orphan
                 // from now on for the check after the reboot, if it was unlinked.
                 if r.is_some() {
@@ -742,7 +751,9 @@ impl<'a> Explorer<'a> {
                 let content = after.remove(&from).expect("a named file");
                 after.insert(to.clone(), content);
                 let (fd, td) = (self.dir_ino(from.0), self.dir_ino(to.0));
-                let r = self.durable_op(state, MountOp::Rename, after, |_| core.rename(fd, &from.1, td, &to.1, false));
+                let r = self.durable_op(state, MountOp::Rename, after, |_| {
+                    core.rename(fd, &from.1, td, &to.1, false).and_then(|r| core.wait_durable().map(|()| r))
+                });
                 if r.is_some() {
                     for f in self.open.iter_mut().filter(|f| f.name.as_ref() == Some(&to)) {
                         f.name = None;
@@ -765,7 +776,9 @@ impl<'a> Explorer<'a> {
                 after.insert(name.clone(), Vec::new());
                 let n = NewInode { kind: KIND_FILE, mode: 0o644, uid: 0, gid: 0, now_ns: layout::now_ns() };
                 let dir = self.dir_ino(name.0);
-                match self.durable_op(state, MountOp::Create, after, |_| core.create(dir, &name.1, n, true)) {
+                match self.durable_op(state, MountOp::Create, after, |_| {
+                    core.create(dir, &name.1, n, true).and_then(|r| core.wait_durable().map(|()| r))
+                }) {
                     Some((a, fh)) => {
                         self.inos.insert(name.clone(), a.ino);
                         self.open.push(OpenFile {
@@ -842,7 +855,12 @@ fn explore(x: &mut Explorer<'_>) -> Result<(), String> {
     let store = x.open_store().map_err(|e| format!("opening the fresh store on the simulated machine: {e}"))?;
     let mut core = Core::new(store, STAGING_MAX_BYTES, OnClose::Discard);
     let n = NewInode { kind: KIND_DIR, mode: 0o755, uid: 0, gid: 0, now_ns: layout::now_ns() };
-    x.subdir = core.create(ROOT_INO, SUBDIR, n, false).map_err(|e| format!("making the subdirectory: {e}"))?.0.ino;
+    x.subdir = core
+        .create(ROOT_INO, SUBDIR, n, false)
+        .and_then(|r| core.wait_durable().map(|()| r))
+        .map_err(|e| format!("making the subdirectory: {e}"))?
+        .0
+        .ino;
     let progress = crate::progress::Progress::new(x.cfg.progress, x.cfg.states as usize);
     let mut state = 0;
     while x.report.states < x.cfg.states {
