@@ -1016,7 +1016,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Torture { power_loss: false, mount: true, .. } => {
             Err("--mount runs the mount's power-loss explorer: use it with --power-loss".into())
         }
-        Cmd::Torture { power_loss: true, mount: true, states, dir, seed, json, mutation, flush_mode, .. } => {
+        Cmd::Torture {
+            power_loss: true,
+            mount: true,
+            states,
+            dir,
+            seed,
+            json,
+            mutation,
+            flush_mode,
+            sync_only,
+            ..
+        } => {
             if let Some(m) = &mutation {
                 fams::mutations::set(m)?;
             }
@@ -1026,6 +1037,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 seed,
                 dir: dir.path.clone(),
                 flush_mode,
+                sync_only,
                 progress: !json,
             };
             let report = famsd::mount::power_loss::run(&cfg)?;
