@@ -710,11 +710,9 @@ impl LogWriter {
         for r in group {
             let entries = log_format::decode_entries(&r.payload, r.entry_count, u64::MAX)
                 .map_err(|e| format!("internal: a record we built does not decode: {e}"))?;
-            for e in entries {
-                self.heap_file.write_all_at(e.data, HEADER_BYTES + e.offset).map_err(|err| {
-                    format!("{}: writing committed bytes into the heap file: {err}", self.heap_path.display())
-                })?;
-            }
+            crate::storage::write_entries(&*self.heap_file, &entries).map_err(|err| {
+                format!("{}: writing committed bytes into the heap file: {err}", self.heap_path.display())
+            })?;
         }
         Ok(())
     }

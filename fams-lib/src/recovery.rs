@@ -20,11 +20,11 @@
 //!    points at the old tail until the new one is durable.
 
 use crate::error::{Error, Result};
-use crate::heap_file::{HeapHeader, HEADER_BYTES};
+use crate::heap_file::HeapHeader;
 use crate::io::{AlignedBuf, LogDevice};
 use crate::log_format::{self, HeaderProblem, RecordHeader, Superblock, BLOCK, RECORD_HEADER_BYTES};
 use crate::mutations::{self, Mutation};
-use crate::storage::HeapStore;
+use crate::storage::{write_entries, HeapStore};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -293,10 +293,8 @@ pub(crate) fn recover(
                 if mode != Mode::DryRun && report.records_replayed > 0 {
                     announce(Phase::Replay, &report);
                 }
-                for e in entries.iter().filter(|_| mode != Mode::DryRun) {
-                    heap_file
-                        .write_all_at(e.data, HEADER_BYTES + e.offset)
-                        .map_err(heap_err("replaying a log record into the heap"))?;
+                if mode != Mode::DryRun {
+                    write_entries(heap_file, &entries).map_err(heap_err("replaying a log record into the heap"))?;
                 }
                 report.bytes_replayed += entries.iter().map(|e| e.data.len() as u64).sum::<u64>();
                 report.records_replayed += 1;
