@@ -54,6 +54,10 @@ pub enum Mutation {
     /// records that no later recovery will replay. Only a crash inside a real replay can show
     /// it. Hook: `recovery.rs`, `recover`.
     TailBeforeReplay,
+    /// Recovery moves the log tail past the records it replayed without syncing the heap file
+    /// (instead of keeping them in the log until a checkpoint syncs it), so a power cut soon
+    /// after the open loses them. Hook: `recovery.rs`, `recover`.
+    RecoveryTailWithoutHeapSync,
     /// The log drive acknowledges flushes (and FUA writes) without making anything durable. Not
     /// a bug in fams's code but in the hardware under it: hooked in the drives the crash tests
     /// simulate — the power-loss simulator's log disk (`sim/mod.rs`, `SimLog::write_durable`)
@@ -116,6 +120,7 @@ impl Mutation {
             | Mutation::SkipFullPageImage
             | Mutation::TrustRecordWithoutCrc
             | Mutation::TailBeforeReplay
+            | Mutation::RecoveryTailWithoutHeapSync
             | Mutation::DriveIgnoresFlushes => Layer::Heap,
             Mutation::MountSyncWithoutCommit
             | Mutation::MountSyncInTwoCommits
@@ -181,6 +186,11 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         Mutation::TailBeforeReplay,
         "tail-before-replay",
         "recovery moves the log tail past the records before it has replayed them into the heap file",
+    ),
+    (
+        Mutation::RecoveryTailWithoutHeapSync,
+        "recovery-tail-without-heap-sync",
+        "recovery moves the log tail past the records it replayed without syncing the heap file",
     ),
     (
         Mutation::DriveIgnoresFlushes,

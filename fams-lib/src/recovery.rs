@@ -14,10 +14,18 @@
 //!    group are a torn write from a power cut, which is expected. Only the superblock's written
 //!    limit past the tail is looked at (see `log_format`): no record was ever written beyond it,
 //!    so an open reads what it replays plus the rest of that limit, whatever the log's size.
-//! 4. fdatasync the heap file, then write a new superblock: tail = end, next epoch. Only then may
-//!    new records be written, so the new history can never be confused with leftovers of the old
-//!    one. A crash anywhere in here is harmless: replay is idempotent and the old superblock still
-//!    points at the old tail until the new one is durable.
+//! 4. Write a new superblock with the next epoch. Only then may new records be written, so the
+//!    new history can never be confused with leftovers of the old one. Usually it keeps the old
+//!    tail and records where the replayed records end (`replayed_until_lsn`): the heap file is
+//!    *not* synced here — its page cache holds the replayed bytes, the log still holds them
+//!    durably, and the first checkpoint syncs the heap file and moves the tail past them. That
+//!    takes the heap file's `fdatasync` (most of a recovery on a fast device) off the open. If
+//!    the superblock already records such a stretch (an open that deferred was followed by a
+//!    crash before any checkpoint), or when a salvage dropped records, this open syncs the heap file first and
+//!    moves the tail to the end, as every open did before superblock version 4: only one
+//!    stretch of the previous epoch is ever described. A crash anywhere in here is harmless:
+//!    replay is idempotent and the old superblock still describes the log until the new one is
+//!    durable.
 
 use crate::error::{Error, Result};
 use crate::heap_file::HeapHeader;
@@ -53,7 +61,8 @@ pub enum Phase {
     /// Records are being read and written into the heap file (announced before each record,
     /// with the count replayed so far, and once before the first if there is none).
     Replay,
-    /// The heap file's fdatasync after the replay.
+    /// The heap file's fdatasync after the replay (only when the tail moves: see the module
+    /// docs, step 4).
     HeapSync,
     /// The new superblock's durable write.
     Superblock,
@@ -97,6 +106,9 @@ fn announce(phase: Phase, report: &RecoveryReport) {
 pub(crate) struct Recovered {
     pub superblock: Superblock,
     pub head: u64,
+    /// Bytes of the record area in use from the new superblock's tail to `head` (the replayed
+    /// stretch, when the heap file was not synced; else 0).
+    pub used_bytes: u64,
     pub report: RecoveryReport,
 }
 
@@ -265,6 +277,7 @@ pub(crate) fn recover(
     // not recorded or the other slot is damaged and may have held a larger one.
     let scan_limit = if other_slot_damaged { sb.capacity_bytes() } else { sb.scan_limit_bytes() };
     let end_why = loop {
+        debug_assert!(lsn >= sb.tail_lsn);
         // The next record may have wrapped to the area start only if that lies inside the limit.
         let wrap_possible = consumed_bytes + (sb.area_end - pos) < scan_limit;
         match next_step(&mut reader, &sb, pos, lsn, wrap_possible).map_err(log_err("reading log records"))? {
@@ -307,16 +320,27 @@ pub(crate) fn recover(
         }
     };
 
-    if let Some(Later { lsn: later, newer_epoch }) =
-        later_group_after(&mut reader, &sb, pos, consumed_bytes, scan_limit, lsn)
-            .map_err(log_err("scanning the log"))?
-    {
+    let later = if lsn < sb.replayed_until_lsn {
+        // An earlier open replayed these records: they were durable, so a gap among them is
+        // damage, whatever follows it.
+        Some(Later { lsn: sb.replayed_until_lsn - 1, newer_epoch: None })
+    } else {
+        later_group_after(&mut reader, &sb, pos, consumed_bytes, scan_limit, lsn).map_err(log_err("scanning the log"))?
+    };
+    if let Some(Later { lsn: later, newer_epoch }) = later {
         let reason = match newer_epoch {
             Some(e) => format!(
                 "the newest superblock is damaged: the log holds records of epoch {e}, the best superblock left is of epoch {}",
                 sb.epoch
             ),
-            None => end_why.clone().unwrap_or_else(|| format!("no valid record LSN {lsn} at offset {pos}")),
+            None => {
+                let why = end_why.clone().unwrap_or_else(|| format!("no valid record LSN {lsn} at offset {pos}"));
+                if lsn < sb.replayed_until_lsn {
+                    format!("{why}; an earlier open replayed the records up to LSN {later}, so they had been durable")
+                } else {
+                    why
+                }
+            }
         };
         if mode == (Mode::Replay { salvage: false }) {
             return Err(Error::MediaCorruption { path: log_path.into(), lsn, offset: pos, later_lsn: later, reason });
@@ -331,17 +355,32 @@ pub(crate) fn recover(
     report.heap_size_bytes = sb.heap_size;
     if mode == Mode::DryRun {
         report.duration = started.elapsed();
-        return Ok(Recovered { superblock: sb, head: pos, report });
+        return Ok(Recovered { superblock: sb, head: pos, used_bytes: 0, report });
     }
 
-    announce(Phase::HeapSync, &report);
-    heap_file.sync_data().map_err(heap_err("fdatasync after replay"))?;
     let mut next = sb;
     next.sequence += 1;
     next.epoch += 1;
-    next.tail_offset = pos;
-    next.tail_lsn = lsn;
-    next.written_limit_bytes = next.fresh_written_limit();
+    // Keep the replayed records in the log instead of syncing the heap file (step 4): when
+    // something was replayed, nothing was dropped, and no earlier stretch is still recorded.
+    // (The mutation `recovery-tail-without-heap-sync`, in `mutations` builds only, skips the
+    // sync but moves the tail anyway, to show the crash tests catch it.)
+    let keep_stretch = report.records_replayed > 0 && report.salvaged.is_none() && !sb.has_replayed_stretch();
+    let used_bytes = if keep_stretch && !mutations::is_on(Mutation::RecoveryTailWithoutHeapSync) {
+        next.replayed_until_lsn = lsn;
+        next.written_limit_bytes = consumed_bytes.saturating_add(next.fresh_written_limit()).min(next.capacity_bytes());
+        consumed_bytes
+    } else {
+        if !keep_stretch {
+            announce(Phase::HeapSync, &report);
+            heap_file.sync_data().map_err(heap_err("fdatasync after replay"))?;
+        }
+        next.tail_offset = pos;
+        next.tail_lsn = lsn;
+        next.replayed_until_lsn = 0;
+        next.written_limit_bytes = next.fresh_written_limit();
+        0
+    };
     if !next.counters_writable() {
         // Only a damaged or crafted superblock gets here (the counters grow by one per open,
         // checkpoint or commit): a superblock written with them could not be read back.
@@ -355,7 +394,7 @@ pub(crate) fn recover(
     announce(Phase::Done, &report);
 
     report.duration = started.elapsed();
-    Ok(Recovered { superblock: next, head: pos, report })
+    Ok(Recovered { superblock: next, head: pos, used_bytes, report })
 }
 
 /// Where the record with `lsn` is, if anywhere: at `pos`, or (if `wrap_possible`) at the area
@@ -374,7 +413,8 @@ fn next_step(
             Step::Record { offset, header: h }
         }
     };
-    let why = match RecordHeader::decode(reader.get(pos, BLOCK)?, sb.heap_id, sb.epoch) {
+    let epoch = sb.epoch_of(lsn);
+    let why = match RecordHeader::decode(reader.get(pos, BLOCK)?, sb.heap_id, epoch) {
         Ok(h) if h.lsn == lsn => return Ok(found(pos, h)),
         Ok(h) if h.lsn > lsn => Some(format!("at offset {pos}: LSN {} where {lsn} was expected", h.lsn)),
         Err(HeaderProblem::Foreign(f)) => Some(format!("at offset {pos}: {f}")),
@@ -390,7 +430,7 @@ fn next_step(
         | Err(HeaderProblem::OtherEpoch(_)) => None,
     };
     if pos != sb.area_start && wrap_possible {
-        if let Ok(h) = RecordHeader::decode(reader.get(sb.area_start, BLOCK)?, sb.heap_id, sb.epoch) {
+        if let Ok(h) = RecordHeader::decode(reader.get(sb.area_start, BLOCK)?, sb.heap_id, epoch) {
             if h.lsn == lsn {
                 return Ok(found(sb.area_start, h));
             }

@@ -775,6 +775,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                          "tail_offset": sb.tail_offset, "tail_lsn": sb.tail_lsn,
                          "area_bytes": sb.capacity_bytes(), "checkpoints": sb.checkpoints,
                          "written_limit_bytes": sb.written_limit_bytes,
+                         "replayed_until_lsn": sb.has_replayed_stretch().then_some(sb.replayed_until_lsn),
                          "io_path_preferred": sb.io_path_preferred.map(|p| p.name()),
                          "flush_mode_preferred": sb.flush_mode_preferred.map(|m| m.name()) },
                 "pending": pending,
@@ -806,6 +807,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     sb.scan_limit_bytes(),
                     if sb.written_limit_bytes == 0 { " (limit not recorded: an older log)" } else { "" }
                 );
+                if sb.has_replayed_stretch() {
+                    println!(
+                        "           LSNs {}..{} were replayed by the last open and stay in the log until the next checkpoint syncs the heap file",
+                        sb.tail_lsn,
+                        sb.replayed_until_lsn - 1
+                    );
+                }
                 match (sb.io_path_preferred, sb.flush_mode_preferred) {
                     (Some(p), Some(m)) => {
                         println!("log I/O   {} with {} (chosen when the log was formatted)", p.name(), m.name())

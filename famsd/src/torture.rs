@@ -60,6 +60,9 @@ pub struct TortureReport {
     pub killed_in_phase: std::collections::BTreeMap<&'static str, u64>,
     /// Children that filled the log for the next one to replay.
     pub fills: u64,
+    /// Kills aimed at the heap's sync that came right after a recovery which kept its replayed
+    /// records in the log instead (the next open then syncs, and is killed there).
+    pub kills_after_a_kept_stretch: u64,
     /// The longest replay (heap bytes) a kill interrupted.
     pub longest_replay_killed_bytes: u64,
     /// Recoveries by the children (and the last one, by this process) whose result was compared
@@ -97,6 +100,7 @@ impl TortureReport {
                 .map(|p| (p.name().to_string(), serde_json::json!(self.killed_in_phase.get(p.name()).copied().unwrap_or(0))))
                 .collect::<serde_json::Map<_, _>>(),
             "fills": self.fills,
+            "kills_after_a_kept_stretch": self.kills_after_a_kept_stretch,
             "longest_replay_killed_bytes": self.longest_replay_killed_bytes,
             "real_recoveries_compared": self.real_recoveries_compared,
             "recovery_ms_p50": pct(0.5),
@@ -220,6 +224,8 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
     let mut expected = recovered_image(&heap_path, log_path.as_deref())?;
     let mut next_phase = 0usize;
     let mut next_kill = None;
+    // Kills aimed at the heap's sync in a row whose open kept its replayed stretch instead.
+    let mut kept_stretch_in_a_row = 0u32;
     for cycle in 0..cfg.cycles {
         let kill = next_kill.take().unwrap_or_else(|| match rng.below(20) {
             0 | 1 => Kill::Early,
@@ -231,25 +237,33 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
             Kill::AfterFill if cycle + 1 == cfg.cycles => Kill::Running,
             k => k,
         };
-        let fill_bytes = (kill == Kill::AfterFill).then(|| {
+        // A child killed in the heap's sync holds its checkpoints back too: if its recovery
+        // keeps the replayed records in the log instead of syncing (the usual case), the kill
+        // comes after that recovery, and the stretch it left must still be there for the next
+        // open, which then syncs.
+        let fill_bytes = matches!(kill, Kill::AfterFill | Kill::InRecovery(Phase::HeapSync)).then(|| {
             let log_bytes = expected_log_bytes(cfg, &heap_path);
             log_bytes / FILL_LOG_FRACTION.1 * FILL_LOG_FRACTION.0
         });
         let mut child = spawn_child(cfg, cycle, fill_bytes)?;
         let mut out = BufReader::new(child.stdout.take().expect("piped"));
         let mut seen = String::new();
-        // Read lines until one starts with `want` (true) or the child's output ends (false).
+        // Read lines until one starts with one of `wants` (which one) or the child's output ends.
+        let mut read_until_any =
+            |out: &mut BufReader<std::process::ChildStdout>, wants: &[&str]| -> Result<Option<usize>, String> {
+                loop {
+                    let mut line = String::new();
+                    if out.read_line(&mut line).map_err(|e| format!("reading from the child: {e}"))? == 0 {
+                        return Ok(None);
+                    }
+                    seen.push_str(&line);
+                    if let Some(i) = wants.iter().position(|w| line.starts_with(w)) {
+                        return Ok(Some(i));
+                    }
+                }
+            };
         let mut read_until = |out: &mut BufReader<std::process::ChildStdout>, want: &str| -> Result<bool, String> {
-            loop {
-                let mut line = String::new();
-                if out.read_line(&mut line).map_err(|e| format!("reading from the child: {e}"))? == 0 {
-                    return Ok(false);
-                }
-                seen.push_str(&line);
-                if line.starts_with(want) {
-                    return Ok(true);
-                }
-            }
+            Ok(read_until_any(out, &[want])?.is_some())
         };
         let reached = match kill {
             Kill::Early => {
@@ -269,6 +283,29 @@ pub fn run(cfg: &TortureConfig) -> Result<TortureReport, String> {
                 // each one.
                 let at = rng.below(expected.report.records_replayed.max(1));
                 read_until(&mut out, &format!("phase replay records={at}\n"))?
+            }
+            Kill::InRecovery(Phase::HeapSync) => {
+                // Only an open that finds a replayed stretch already in the log syncs the heap
+                // file; one that leaves a stretch says `done` without it. Kill it there, and aim
+                // at the next open, which must sync.
+                match read_until_any(&mut out, &["phase heap-sync", "phase done"])? {
+                    Some(0) => {
+                        kept_stretch_in_a_row = 0;
+                        true
+                    }
+                    Some(_) => {
+                        if kept_stretch_in_a_row > 0 {
+                            return Err(format!(
+                                "cycle {cycle}: an open of a log holding a replayed stretch left another one instead of syncing the heap file"
+                            ));
+                        }
+                        kept_stretch_in_a_row += 1;
+                        report.kills_after_a_kept_stretch += 1;
+                        next_kill = Some(Kill::InRecovery(Phase::HeapSync));
+                        true
+                    }
+                    None => false,
+                }
             }
             Kill::InRecovery(phase) => read_until(&mut out, &format!("phase {}", phase.name()))?,
         };

@@ -127,7 +127,7 @@ fn the_harness_crc_is_the_formats() {
     sb.tail_lsn = 77;
     let mut out = vec![0u8; BLOCK];
     sb.encode(&mut out);
-    assert_eq!(harness::crc32c(&out[..120]).to_le_bytes(), out[120..124]);
+    assert_eq!(harness::crc32c(&out[..128]).to_le_bytes(), out[128..132]);
     assert_eq!(harness::crc32c(b"123456789"), 0xe306_9283);
 }
 

@@ -78,13 +78,21 @@ struct ChildOutput {
 /// Wait (bounded) until the child prints a line starting with `want`; false if its output ended
 /// or the time ran out first.
 fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, want: &str, patience: Duration) -> bool {
+    wait_for_any_line(lines, &[want], patience).is_some()
+}
+
+/// Wait for a line starting with one of `wants`; which one, or None past `patience`.
+fn wait_for_any_line(lines: &std::sync::mpsc::Receiver<String>, wants: &[&str], patience: Duration) -> Option<usize> {
     let deadline = Instant::now() + patience;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
-            Ok(line) if line.starts_with(want) => return true,
-            Ok(_) => {}
-            Err(_) => return false,
+            Ok(line) => {
+                if let Some(i) = wants.iter().position(|w| line.starts_with(w)) {
+                    return Some(i);
+                }
+            }
+            Err(_) => return None,
         }
     }
 }
@@ -165,6 +173,9 @@ struct Report {
     cuts_in_phase: std::collections::BTreeMap<&'static str, u64>,
     /// Children that filled the log (several MiB of records, checkpoints held back).
     fills: u64,
+    /// Cuts aimed at the heap's sync that came right after a recovery which kept its replayed
+    /// records in the log instead (the next open of that heap then syncs, and is cut there).
+    cuts_after_a_kept_stretch: u64,
     /// Cycles per layout.
     layouts: std::collections::BTreeMap<&'static str, u64>,
     /// Children's recoveries (and the final ones here) compared byte for byte with the verified
@@ -197,7 +208,7 @@ impl Report {
     fn summary(&self) -> String {
         format!(
             "power cuts: {} cycles in {:.1} s ({:.0} ms/cycle), violations {}, commits acknowledged {}, final commit {}, \
-             cut while recovering {} (inside a replaying recovery, by phase: {:?}; {} fills), \
+             cut while recovering {} (inside a replaying recovery, by phase: {:?}; {} fills; {} after a recovery kept its stretch), \
              recovered unacknowledged commits {} times, records replayed {}, real recoveries compared {}\n\
              layouts {:?}\n\
              cuts: {} with unflushed writes ({} on the log drive), {} dropped writes, {} tore writes; \
@@ -215,6 +226,7 @@ impl Report {
             self.cuts_during_recovery,
             self.cuts_in_phase,
             self.fills,
+            self.cuts_after_a_kept_stretch,
             self.recovered_unacknowledged,
             self.records_replayed,
             self.real_recoveries_compared,
@@ -324,6 +336,8 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Re
     let mut report = Report { loop_dio: rig.loop_dio, ..Report::default() };
     let mut rng = Rng::new(cfg.seed ^ 0x0070_7765_7263_7574);
     let mut next_phase = 0usize;
+    // Opens in a row aimed at the heap's sync that kept their replayed stretch instead.
+    let mut deferred_in_a_row = 0u32;
     for cycle in 0..cfg.cycles {
         // A heap whose log was just filled is recovered (and cut) next; otherwise either layout.
         let which = match heaps.iter().position(|h| h.cut_in.is_some()) {
@@ -391,7 +405,11 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Re
             Some(log) => cmd.env("FAMS_PC_LOG", log),
             None => cmd.env_remove("FAMS_PC_LOG"),
         };
-        if how == "filled" {
+        // A child cut in the heap's sync holds its checkpoints back too: if its recovery keeps
+        // the replayed records in the log instead of syncing (the usual case), the cut comes
+        // after that recovery, and the stretch it left must still be there for the next open,
+        // which then syncs.
+        if how == "filled" || how == "in-heap-sync" {
             cmd.env("FAMS_PC_FILL", (log_bytes / 4 * 3).to_string());
         } else {
             cmd.env_remove("FAMS_PC_FILL");
@@ -451,8 +469,33 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Re
                     return Err(child_failed(&format!("the child never reached record {at} of its replay")));
                 }
             }
-            "in-heap-sync" | "in-superblock" => {
-                let phase = if how == "in-heap-sync" { "phase heap-sync" } else { "phase superblock" };
+            "in-heap-sync" => {
+                // Only an open that finds a replayed stretch already in the log syncs the heap
+                // file; one that leaves a stretch announces `done` without it. Cut there, and
+                // aim at the next open of this heap, which must sync.
+                match wait_for_any_line(&lines, &["phase heap-sync", "phase done"], patience) {
+                    Some(0) => deferred_in_a_row = 0,
+                    Some(_) => {
+                        if deferred_in_a_row > 0 {
+                            child.kill();
+                            let _ = reader.join();
+                            return Err(child_failed(
+                                "an open of a log holding a replayed stretch left another one instead of syncing the heap file",
+                            ));
+                        }
+                        deferred_in_a_row += 1;
+                        report.cuts_after_a_kept_stretch += 1;
+                        h.cut_in = Some(Phase::HeapSync);
+                    }
+                    None => {
+                        child.kill();
+                        let _ = reader.join();
+                        return Err(child_failed("the child never announced phase heap-sync or phase done"));
+                    }
+                }
+            }
+            "in-superblock" => {
+                let phase = "phase superblock";
                 if !wait_for_line(&lines, phase, patience) {
                     child.kill();
                     let _ = reader.join();

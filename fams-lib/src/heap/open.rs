@@ -205,7 +205,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         heap_path: path.into(),
         superblock: recovered.superblock,
         head: recovered.head,
-        used_bytes: 0,
+        used_bytes: recovered.used_bytes,
         heap_size_bytes: size as u64,
         full_image_logged: commit::PageSet::new(size as u64 / PAGE_SIZE as u64),
         checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),

@@ -405,6 +405,17 @@ impl SimMachine {
         let m = self.lock();
         (m.log.durable.clone(), m.heap.durable.clone())
     }
+
+    /// The log and heap-file images as a process sees them now, through the drives' caches: what
+    /// a recovery replayed but did not sync (it leaves that to the first checkpoint) included.
+    pub fn visible_images(&self) -> (Vec<u8>, Vec<u8>) {
+        let m = self.lock();
+        let mut log = vec![0u8; m.log.durable.len()];
+        m.log.read(0, &mut log);
+        let mut heap = vec![0u8; m.heap.durable.len()];
+        m.heap.read(0, &mut heap);
+        (log, heap)
+    }
 }
 
 impl Machine {
@@ -758,7 +769,8 @@ impl HeapStore for SimMemHeap {
 
 /// Run recovery on a log image and a heap-file image, in memory: what opening a heap with these
 /// files would do, without files, locks or a mapping. Returns the result and the images after it
-/// (the heap file with the replayed records; the log with its new superblock). Used by the fuzz
+/// as the opened heap would see them (the heap file with the replayed records, synced or still
+/// in its cache; the log with its new superblock). Used by the fuzz
 /// targets and the property tests; any bytes at all may be passed.
 pub fn recover_images(
     log_image: Vec<u8>,
@@ -794,7 +806,7 @@ pub fn recover_images(
         crate::recovery::Mode::Replay { salvage },
     )
     .map(|r| r.report);
-    let (log_after, heap_after) = machine.images();
+    let (log_after, heap_after) = machine.visible_images();
     (result, heap_after, log_after)
 }
 
