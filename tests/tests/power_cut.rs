@@ -159,6 +159,9 @@ struct Config {
     /// End the run after the first cycle with a violation (the negative controls: one is proof
     /// enough, and the cycles after it cost time).
     stop_at_first_violation: bool,
+    /// Make every cut that is not aimed at a recovery phase this kind (a negative control that
+    /// only one kind of cut can show); None: the usual mix.
+    cut_focus: Option<&'static str>,
 }
 
 #[derive(Default, Debug)]
@@ -374,6 +377,7 @@ fn run_cycles(cfg: &Config, rig: &mut Rig, heaps: &mut [HeapState]) -> Result<Re
             Some(Phase::Replay) => "in-replay",
             Some(Phase::HeapSync) => "in-heap-sync",
             Some(_) => "in-superblock",
+            None if cfg.cut_focus.is_some() => cfg.cut_focus.unwrap_or_default(),
             None => match rng.below(20) {
                 0 | 1 => "recovering",
                 2..=5 => "frozen",
@@ -739,6 +743,7 @@ fn power_cuts_on_a_fuse_backed_loop_device() {
         cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
         fsck_every: 20,
         stop_at_first_violation: false,
+        cut_focus: None,
     };
     let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
     say(&report.summary());
@@ -796,9 +801,11 @@ const NOT_VISIBLE_TO_POWER_CUTS: &[(&str, &str)] = &[(
 ///
 /// Each runs until its first violation, at most FAMS_POWER_CUT_CYCLES (default 500) cycles:
 /// most are caught in the first few; `trust-record-without-crc` needs a torn record whose header
-/// survived and whose lost sectors held entry data (seen after 25, 63 and 114 cycles, and once
-/// not in 100: roughly one cycle in 70, so 500 leave it about one chance in a thousand to pass
-/// unseen).
+/// survived and whose lost sectors held entry data. In the usual mix of cuts it was seen after
+/// 25, 63, 73, 114, 269 and 428 cycles (about one in 160: 500 left it a few chances in a hundred
+/// to pass unseen); so every one of its cuts comes between a write and its flush, where such
+/// records are made (seen after 35, 63, 126 and 211 cycles, about one in 110, ~0.24 s each), and
+/// it gets up to 1000 cycles: about one chance in 10,000 to pass unseen, 26 s on average.
 /// FAMS_POWER_CUT_MUTATIONS=a,b runs only those; FAMS_POWER_CUT_MUTATION_REPORT=FILE writes
 /// `{name: {"violations", "cycles", "seconds", "first"} or {"not_visible"}}` as JSON (CI prints it beside the
 /// simulator's numbers). Run with
@@ -826,12 +833,16 @@ fn power_cuts_catch_every_heap_mutation() {
             results.insert(name.to_string(), serde_json::json!({ "not_visible": why }));
             continue;
         }
+        let torn_record = *name == "trust-record-without-crc";
         let cfg = Config {
-            cycles: env_u64("FAMS_POWER_CUT_CYCLES", 500),
+            cycles: env_u64("FAMS_POWER_CUT_CYCLES", if torn_record { 1000 } else { 500 }),
             seed: env_u64("FAMS_POWER_CUT_SEED", 0x0b0e_4e11),
             cut_after_ms_max: env_u64("FAMS_POWER_CUT_MAX_MS", 80),
             fsck_every: 0,
             stop_at_first_violation: true,
+            // A torn record with its header intact is made by a cut between a record's write and
+            // its flush: aim every cut there (in the usual mix, 9 in 20 are).
+            cut_focus: torn_record.then_some("after-write"),
         };
         fams::mutations::set(name).expect("switch the mutation on");
         let report = run_power_cuts(&cfg);
