@@ -12,6 +12,8 @@
 //!   records of later device writes, is still refused as media corruption — which needs the
 //!   writer to have raised the limit (with the raise switched off, this test fails: see the
 //!   closing note of the change that added it).
+//! - an open keeps the records it replayed in the log (the heap file unsynced) until a
+//!   checkpoint, and the next open after another crash replays them again and syncs.
 
 use fams::log_format::{Superblock, BLOCK, WRITTEN_LIMIT_STEP_BYTES};
 use fams::{Error, Heap, HeapOptions, PAGE_SIZE};
@@ -145,4 +147,58 @@ fn damage_reaching_past_the_first_limit_step_before_later_records_is_media_corru
             h.stats().recovery
         ),
     }
+}
+
+/// An open after a crash replays into the heap file without syncing it: the replayed records
+/// stay in the log — the superblock keeps the old tail and records, in a new epoch, where they
+/// end — until a checkpoint syncs the heap file. A crash before that checkpoint makes the next
+/// open replay them again, with what was committed after them; that open syncs and moves the
+/// tail, so a log never describes two such stretches. A checkpoint ends a stretch too.
+#[test]
+fn an_open_keeps_its_replayed_records_in_the_log_until_a_checkpoint() {
+    let dir = TempDir::new("recovery-stretch");
+    let path = heap_with_records(&dir, "s.heap", 64 << 20, 40);
+    let log = log_of(&path);
+    let crashed = superblock(&log);
+    let held = HeapOptions { checkpoint_threshold_bytes: Some(u64::MAX), ..HeapOptions::default() };
+
+    let mut h = Heap::open(&path, &held).unwrap();
+    assert_eq!((h.stats().recovery.records_replayed, counter(&h)), (40, 40));
+    let sb = superblock(&log);
+    assert_eq!((sb.tail_lsn, sb.tail_offset), (crashed.tail_lsn, crashed.tail_offset), "{sb:?}");
+    assert_eq!(sb.replayed_until_lsn, crashed.tail_lsn + 40, "{sb:?}");
+    assert_eq!(sb.epoch, crashed.epoch + 1, "{sb:?}");
+    for i in 41..=43u64 {
+        h.bytes_mut()[0..8].copy_from_slice(&i.to_le_bytes());
+        h.commit().unwrap();
+    }
+    h.abandon();
+
+    let h = Heap::open(&path, &held).unwrap();
+    assert_eq!((h.stats().recovery.records_replayed, counter(&h)), (43, 43), "the stretch and what followed it");
+    let sb = superblock(&log);
+    assert!(!sb.has_replayed_stretch(), "an open that found a stretch syncs instead of keeping another: {sb:?}");
+    assert_eq!(sb.tail_lsn, crashed.tail_lsn + 43, "{sb:?}");
+    h.abandon();
+
+    let h = Heap::open(&path, &held).unwrap();
+    assert_eq!((h.stats().recovery.records_replayed, counter(&h)), (0, 43));
+    drop(h);
+
+    // A stretch again (one commit, a crash, an open), then a checkpoint at the first commit.
+    let mut h = Heap::open(&path, &held).unwrap();
+    h.bytes_mut()[0..8].copy_from_slice(&44u64.to_le_bytes());
+    h.commit().unwrap();
+    h.abandon();
+    let every_commit = HeapOptions { checkpoint_threshold_bytes: Some(1), ..HeapOptions::default() };
+    let mut h = Heap::open(&path, &every_commit).unwrap();
+    assert!(superblock(&log).has_replayed_stretch());
+    h.bytes_mut()[0..8].copy_from_slice(&45u64.to_le_bytes());
+    h.commit().unwrap();
+    assert!(h.stats().checkpoints > 0);
+    let sb = superblock(&log);
+    assert!(!sb.has_replayed_stretch(), "{sb:?}");
+    h.abandon();
+    let h = Heap::open(&path, &held).unwrap();
+    assert_eq!((h.stats().recovery.records_replayed, counter(&h)), (0, 45));
 }
