@@ -7,7 +7,7 @@
 //! are read the production way, through its mapping) and only models what would survive a power
 //! cut.
 
-use crate::heap_file::HEADER_BYTES;
+use crate::heap_file::{HEADER_BYTES, PAGE_SIZE};
 use crate::io::{self, LogDevice, LogOpenOptions};
 use crate::log_format::Entry;
 use std::fs::File;
@@ -41,28 +41,76 @@ pub trait HeapStore: Send + Sync {
 /// Most iovecs in one `pwritev` (Linux's `IOV_MAX`).
 const IOVECS_PER_WRITE_MAX: usize = 1024;
 
-/// Write a record's entries into the heap file, in order. Entries that continue one another
-/// (the pages of a run of consecutive pages) go out as one vectored write: replaying or writing
-/// back 64 consecutive pages is one `pwritev`, not 64 `pwrite`s (recovery spent 5.7 µs per
-/// 4 KiB `pwrite` on ext4 over zram). Order is kept, so a later entry overlapping an earlier
-/// one still wins, as with one write per entry.
+/// Most bytes one gap-filled write of `write_entries` spans (its buffer's size).
+const SPAN_BYTES_MAX: u64 = 1 << 20;
+
+/// Write a record's entries into the heap file, in order, with as few system calls as the
+/// entries allow:
+///
+/// * entries that continue one another (the pages of a run of consecutive pages) go out as one
+///   vectored write: replaying or writing back 64 consecutive pages is one `pwritev`, not 64
+///   `pwrite`s (recovery spent 5.7 µs per 4 KiB `pwrite` on ext4 over zram);
+/// * entries with gaps between them, each gap inside a page the entries touch (the changed words
+///   of one page, or of neighbouring pages), go out as one write of the whole span: the gaps are
+///   read from the heap file first, so they are written back unchanged. A commit that changed
+///   one byte in each of 256 neighbouring pages is one 1 MiB write instead of 256 `pwrite`s
+///   (137 µs instead of 240 µs on ext4 over zram, measured with a C program: the kernel's
+///   per-call cost is larger than its per-page copy).
+///
+/// Rewriting a gap with its own bytes changes nothing in the file; after a power cut it may be
+/// torn like any write, but every page it touches is also touched by the entries, so replay from
+/// the tail rebuilds it (the first change to a page after a checkpoint is logged whole). The gap
+/// bytes are read while this thread is the only one writing these pages and no committing thread
+/// reads them (they hold a record on its way to the heap file), so they are the committed image.
+///
+/// Order is kept: an entry that overlaps or precedes the bytes already gathered starts a new
+/// write, so a later entry overlapping an earlier one still wins, as with one write per entry.
 pub(crate) fn write_entries(store: &dyn HeapStore, entries: &[Entry<'_>]) -> std::io::Result<()> {
+    let page_of = |offset: u64| offset / PAGE_SIZE as u64;
+    thread_local! {
+        /// The gap-filled span being written; kept between calls, so its bytes are zeroed once
+        /// per thread rather than at every write-back.
+        static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let mut bufs: Vec<&[u8]> = Vec::new();
     let mut i = 0;
     while i < entries.len() {
         let start = entries[i].offset;
         let mut end = start + entries[i].data.len() as u64;
+        let mut has_gaps = false;
         let mut j = i + 1;
-        while j < entries.len() && j - i < IOVECS_PER_WRITE_MAX && entries[j].offset == end {
-            end += entries[j].data.len() as u64;
+        while j < entries.len() && j - i < IOVECS_PER_WRITE_MAX {
+            let (next, len) = (entries[j].offset, entries[j].data.len() as u64);
+            let joins_with_gap =
+                next > end && page_of(next) <= page_of(end.max(1) - 1) + 1 && next + len - start <= SPAN_BYTES_MAX;
+            if next != end && !joins_with_gap {
+                break;
+            }
+            has_gaps |= joins_with_gap;
+            end = next + len;
             j += 1;
         }
-        if j - i == 1 {
-            store.write_all_at(entries[i].data, HEADER_BYTES + start)?;
-        } else {
+        let run = &entries[i..j];
+        if run.len() == 1 {
+            store.write_all_at(run[0].data, HEADER_BYTES + start)?;
+        } else if !has_gaps {
             bufs.clear();
-            bufs.extend(entries[i..j].iter().map(|e| e.data));
+            bufs.extend(run.iter().map(|e| e.data));
             store.write_vectored_at(&bufs, HEADER_BYTES + start)?;
+        } else {
+            let span_len = usize::try_from(end - start).expect("a span is at most SPAN_BYTES_MAX");
+            SPAN.with_borrow_mut(|span| {
+                if span.len() < span_len {
+                    span.resize(span_len, 0);
+                }
+                let span = &mut span[..span_len];
+                store.read_exact_at(span, HEADER_BYTES + start)?;
+                for e in run {
+                    let at = (e.offset - start) as usize;
+                    span[at..at + e.data.len()].copy_from_slice(e.data);
+                }
+                store.write_all_at(span, HEADER_BYTES + start)
+            })?;
         }
         i = j;
     }
@@ -272,6 +320,50 @@ mod tests {
         let h = HEADER_BYTES;
         assert_eq!(*r.calls.lock().unwrap(), vec![(h, IOVECS_PER_WRITE_MAX), (h + 8 * IOVECS_PER_WRITE_MAX as u64, 5)]);
         assert_eq!(r.bytes.into_inner().unwrap(), one_by_one(&entries));
+    }
+
+    /// Entries with gaps inside the pages they touch go out as one write of their span, the
+    /// gaps rewritten with what the file held; entries two pages apart, or overlapping, do not.
+    #[test]
+    fn entries_with_gaps_in_the_pages_they_touch_go_out_as_one_write_of_the_span() {
+        let (a, b, c, d, e) = ([1u8; 1], [2u8; 8], [3u8; 16], [4u8; 1], [5u8; 4]);
+        let entries = [
+            Entry { offset: 5, data: &a },
+            Entry { offset: 100, data: &b },    // same page as the first
+            Entry { offset: 4096 + 7, data: &c }, // the next page
+            Entry { offset: 3 * 4096 + 1, data: &d }, // page 3: page 2 lies between, a new write
+            Entry { offset: 3 * 4096, data: &e },     // overlaps the previous one: a new write
+        ];
+        let h = HEADER_BYTES;
+        let before: Vec<u8> = (0..h as usize + 5 * 4096).map(|i| (i * 7 % 251) as u8).collect();
+        let r = Recording { bytes: Mutex::new(before.clone()), ..Default::default() };
+        write_entries(&r, &entries).unwrap();
+        assert_eq!(*r.calls.lock().unwrap(), vec![(h + 5, 1), (h + 3 * 4096 + 1, 1), (h + 3 * 4096, 1)]);
+        let mut want = before;
+        for e in &entries {
+            let at = (h + e.offset) as usize;
+            want[at..at + e.data.len()].copy_from_slice(e.data);
+        }
+        assert_eq!(r.bytes.into_inner().unwrap(), want);
+    }
+
+    /// A span stops growing at SPAN_BYTES_MAX.
+    #[test]
+    fn a_gap_filled_span_is_bounded() {
+        let byte = [7u8; 1];
+        let pages = SPAN_BYTES_MAX / 4096 + 3;
+        let entries: Vec<Entry<'_>> = (0..pages).map(|p| Entry { offset: p * 4096 + 9, data: &byte }).collect();
+        let h = HEADER_BYTES;
+        let before = vec![0u8; (h + (pages + 1) * 4096) as usize];
+        let r = Recording { bytes: Mutex::new(before.clone()), ..Default::default() };
+        write_entries(&r, &entries).unwrap();
+        let per_span = SPAN_BYTES_MAX / 4096;
+        assert_eq!(*r.calls.lock().unwrap(), vec![(h + 9, 1), (h + per_span * 4096 + 9, 1)]);
+        let got = r.bytes.into_inner().unwrap();
+        for (i, &b) in got.iter().enumerate() {
+            let in_heap = i as u64 >= h && (i as u64 - h) % 4096 == 9 && (i as u64 - h) / 4096 < pages;
+            assert_eq!(b, if in_heap { 7 } else { 0 }, "byte {i}");
+        }
     }
 
     /// The real file's pwritev writes the concatenation at the offset.
