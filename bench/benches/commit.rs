@@ -28,8 +28,8 @@ fn commits(c: &mut Criterion) {
                 let mut log_bytes = 0.0;
                 g.bench_function(&name, |b| {
                     b.iter_custom(|iters| {
-                        let r =
-                            fams_commit(&t, pages, whole, iters.max(2) as usize, Some(tracker)).expect("commit bench");
+                        let r = fams_commit(&t, pages, whole, iters.max(2) as usize, Some(tracker), 64 << 20)
+                            .expect("commit bench");
                         log_bytes = r.log_bytes_per_commit;
                         per_iter(&r.samples, iters)
                     })

@@ -142,6 +142,8 @@ pub fn floor_read_ms(path: &Path, bytes: u64) -> std::io::Result<f64> {
 #[derive(Clone, Debug)]
 pub struct CommitResult {
     pub pages: usize,
+    /// The heap's size; every page of it is resident (read once) before the commits.
+    pub heap_bytes: u64,
     pub whole_pages: bool,
     pub tracker: &'static str,
     /// The durable update as the baselines are timed: from the first write of the update to the
@@ -164,11 +166,20 @@ pub fn fams_commit(
     whole_pages: bool,
     iters: usize,
     tracker: Option<TrackerKind>,
+    heap_bytes_min: u64,
 ) -> fams::Result<CommitResult> {
-    let heap_bytes = ((pages * 2 * PAGE_SIZE) as u64).max(64 << 20);
+    let heap_bytes = ((pages * 2 * PAGE_SIZE) as u64).max(heap_bytes_min);
     let log_bytes = (256u64 << 20).max((pages * PAGE_SIZE) as u64 * 16);
     let path = target.format_heap("bench-commit.heap", heap_bytes, log_bytes)?;
     let mut heap = Heap::open(&path, &HeapOptions { tracker, ..HeapOptions::default() })?;
+    // Every page of the heap resident (read once, so mapped but clean), as in a program that
+    // has been running for a while: a tracker that walks the heap's page tables pays for all of
+    // them, not only for the few pages the commits touch.
+    let mut sum = 0u8;
+    for at in (0..heap.len()).step_by(PAGE_SIZE) {
+        sum = sum.wrapping_add(heap.bytes()[at]);
+    }
+    std::hint::black_box(sum);
     let touch = |heap: &mut Heap, i: usize| {
         let b = heap.bytes_mut();
         for p in 0..pages {
@@ -200,7 +211,16 @@ pub fn fams_commit(
     target.remove_heap(&path);
     let floor = floor_write_flush(target, log_bytes_per_commit.round() as usize, iters, FlushMode::Dsync)
         .map_err(|e| fams::Error::InvalidArgument(format!("floor measurement failed: {e}")))?;
-    Ok(CommitResult { pages, whole_pages, tracker: stats.tracker, samples, commit_only, log_bytes_per_commit, floor })
+    Ok(CommitResult {
+        pages,
+        heap_bytes,
+        whole_pages,
+        tracker: stats.tracker,
+        samples,
+        commit_only,
+        log_bytes_per_commit,
+        floor,
+    })
 }
 
 /// Commits per second, 1-page commits: synchronous `commit()` vs `commit_async()` with up to

@@ -26,6 +26,43 @@ pub struct BenchReport {
     pub seconds: f64,
     /// The write cache of the device the log lives on, as the kernel reports it.
     pub write_cache: Option<fams::io::WriteCacheState>,
+    /// Rows this run left out, and why (for example no room for the large heap).
+    pub skipped: Vec<String>,
+}
+
+/// The large heap's size: a tracker whose commit cost follows the heap's size, not the dirty
+/// pages, shows it here (every page is resident).
+const LARGE_HEAP_BYTES: u64 = 4 << 30;
+
+/// Why the large-heap row cannot run here, if it cannot: its heap file needs the disk space and
+/// its resident pages the memory (page cache), with room to spare for everything else.
+fn large_heap_unfit(free_disk_bytes: Option<u64>) -> Option<String> {
+    let available_memory_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    // The heap file and its 256 MiB log, with 512 MiB to spare; the page cache for the whole
+    // heap, with as much again for everything else.
+    let (disk_need, memory_need) = (LARGE_HEAP_BYTES + (768 << 20), 2 * LARGE_HEAP_BYTES);
+    match (free_disk_bytes, available_memory_bytes) {
+        (Some(d), _) if d < disk_need => Some(format!(
+            "1-page commit with a {} GiB resident heap: skipped, the directory has {} MiB free and the \
+             row needs {} MiB",
+            LARGE_HEAP_BYTES >> 30,
+            d >> 20,
+            disk_need >> 20
+        )),
+        (_, Some(m)) if m < memory_need => Some(format!(
+            "1-page commit with a {} GiB resident heap: skipped, {} MiB of memory available and the \
+             row needs {} MiB",
+            LARGE_HEAP_BYTES >> 30,
+            m >> 20,
+            memory_need >> 20
+        )),
+        _ => None,
+    }
 }
 
 /// Refuse a log device that holds anything we would destroy, unless forced.
@@ -62,11 +99,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     let target = Target { dir: cfg.dir.clone(), log_device: cfg.log_device.clone() };
     let err = |e: fams::Error| e.to_string();
 
-    // (pages, iterations) rows, baseline iterations, commits for the rate, (MiB of records, heap
+    // (pages, iterations, heap bytes) rows, baseline iterations, commits for the rate, (MiB of records, heap
     // bytes, log size if larger than the records need) rows. The same 16 MiB of records in a
     // small and a large log: recovery should read what it replays, not the whole log. (A raw
     // device's log is the whole device whatever is asked; files are made at the size asked.)
-    type Plan = (Vec<(usize, usize)>, usize, usize, Vec<(u64, u64, Option<u64>)>);
+    type Plan = (Vec<(usize, usize, u64)>, usize, usize, Vec<(u64, u64, Option<u64>)>);
     // The large log of the full run is 8 GiB (a file written full once): only where the file
     // system has room to spare for it, else 1 GiB.
     let free_bytes =
@@ -76,16 +113,17 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     } else {
         8 << 30
     };
-    let (page_rows, baseline_iters, rate_commits, recovery_rows): Plan = if cfg.quick {
+    const HEAP: u64 = 64 << 20;
+    let (mut page_rows, baseline_iters, rate_commits, recovery_rows): Plan = if cfg.quick {
         (
-            vec![(1, 300), (16, 150), (256, 40)],
+            vec![(1, 300, HEAP), (16, 150, HEAP), (256, 40, HEAP)],
             200,
             2000,
             vec![(1, 1 << 30, None), (16, 1 << 30, None), (16, 1 << 30, Some(big_log))],
         )
     } else {
         (
-            vec![(1, 1000), (16, 500), (256, 100), (4096, 20)],
+            vec![(1, 1000, HEAP), (16, 500, HEAP), (256, 100, HEAP), (4096, 20, HEAP)],
             1000,
             10000,
             vec![
@@ -97,6 +135,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
             ],
         )
     };
+    let mut skipped = Vec::new();
+    match large_heap_unfit(free_bytes.ok()) {
+        None => page_rows.push((1, if cfg.quick { 300 } else { 1000 }, LARGE_HEAP_BYTES)),
+        Some(why) => skipped.push(why),
+    }
     let trackers: Vec<Option<TrackerKind>> = if cfg.quick {
         vec![None]
     } else {
@@ -111,9 +154,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
 
     let mut commits = Vec::new();
     for tracker in &trackers {
-        for &(pages, iters) in &page_rows {
-            p.next(&format!("commit, {pages} dirty pages, {iters} commits + the floor"));
-            commits.push(fams_bench::fams_commit(&target, pages, false, iters, *tracker).map_err(err)?);
+        for &(pages, iters, heap_bytes) in &page_rows {
+            p.next(&format!(
+                "commit, {pages} dirty pages, {} resident heap, {iters} commits + the floor",
+                size_label(heap_bytes)
+            ));
+            commits.push(fams_bench::fams_commit(&target, pages, false, iters, *tracker, heap_bytes).map_err(err)?);
             fams_bench::settle();
         }
     }
@@ -153,7 +199,17 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         async_commits: rate_commits,
         seconds: p.started.elapsed().as_secs_f64(),
         write_cache: fams::io::write_cache_state(cfg.log_device.as_deref().unwrap_or(&cfg.dir)),
+        skipped,
     })
+}
+
+/// "64 MiB", "4 GiB".
+fn size_label(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
 }
 
 /// How many baselines this build measures (SQLite and LMDB only with the `baselines` feature).
@@ -171,7 +227,8 @@ impl BenchReport {
             .iter()
             .map(|c| {
                 serde_json::json!({
-                    "pages": c.pages, "tracker": c.tracker, "p50_us": c.samples.p50(), "p99_us": c.samples.p99(),
+                    "pages": c.pages, "heap_bytes": c.heap_bytes, "heap_resident": true,
+                    "tracker": c.tracker, "p50_us": c.samples.p50(), "p99_us": c.samples.p99(),
                     "commit_only_p50_us": c.commit_only.p50(), "commit_only_p99_us": c.commit_only.p99(),
                     "floor_p50_us": c.floor.p50(), "floor_p99_us": c.floor.p99(),
                     "ratio_to_floor_p50": c.samples.p50() / c.floor.p50(),
@@ -214,22 +271,25 @@ impl BenchReport {
                 "async_device_writes": self.async_groups, "async_commits": self.async_commits,
             },
             "seconds": self.seconds,
+            "skipped": self.skipped,
         })
     }
 
     pub fn print_table(&self) {
         print_write_cache(self.write_cache.as_ref());
         println!(
-            "\ndurable update (one byte changed per dirty page, timed from the first write to commit()'s return), µs"
+            "\ndurable update (one byte changed per dirty page, timed from the first write to commit()'s return; \
+             every page of the heap resident), µs"
         );
         println!(
-            "{:>8} {:>9} {:>9} {:>9} {:>11} {:>11} {:>8} {:>13} {:>12}",
-            "pages", "tracker", "p50", "p99", "commit p50", "floor p50", "ratio", "above floor", "log B/commit"
+            "{:>8} {:>8} {:>9} {:>9} {:>9} {:>11} {:>11} {:>8} {:>13} {:>12}",
+            "pages", "heap", "tracker", "p50", "p99", "commit p50", "floor p50", "ratio", "above floor", "log B/commit"
         );
         for c in &self.commits {
             println!(
-                "{:>8} {:>9} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>7.2}× {:>10.0} µs {:>12.0}",
+                "{:>8} {:>8} {:>9} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>7.2}× {:>10.0} µs {:>12.0}",
                 c.pages,
+                size_label(c.heap_bytes),
                 c.tracker,
                 c.samples.p50(),
                 c.samples.p99(),
@@ -241,6 +301,9 @@ impl BenchReport {
             );
         }
         let one = self.commits.iter().find(|c| c.pages == 1).map(|c| c.samples.p50()).unwrap_or(0.0);
+        for why in &self.skipped {
+            println!("{why}");
+        }
         println!("\nthe same durable 1-page update elsewhere, µs (p50, p99, and how many times slower than fams)");
         for (name, s) in &self.baselines {
             let label = match *name {
@@ -288,8 +351,11 @@ impl BenchReport {
     /// and recovery time vs MiB of log (fams, the O_DIRECT read floor). Axes carry values and
     /// units; a legend names every line.
     pub fn svg(&self) -> Result<String, String> {
-        let tracker = self.commits.first().map(|c| c.tracker).unwrap_or_default();
-        let of_tracker = || self.commits.iter().filter(|c| c.tracker == tracker);
+        let first = self.commits.first();
+        let (tracker, heap_bytes) = (first.map(|c| c.tracker).unwrap_or_default(), first.map_or(0, |c| c.heap_bytes));
+        // One line: the first tracker's rows on the usual heap (the large heap's row would put a
+        // second point at one page).
+        let of_tracker = || self.commits.iter().filter(|c| c.tracker == tracker && c.heap_bytes == heap_bytes);
         let fams_pts: Vec<(f64, f64)> = of_tracker().map(|c| (c.pages as f64, c.samples.p50())).collect();
         let floor_pts: Vec<(f64, f64)> = of_tracker().map(|c| (c.pages as f64, c.floor.p50())).collect();
         let base: Vec<(String, f64)> = self
