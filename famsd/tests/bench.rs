@@ -19,7 +19,12 @@ fn quick_bench_reports_commit_recovery_and_baselines() {
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     let commit = v["commit"].as_array().expect("commit rows");
     assert!(commit.iter().any(|r| r["pages"] == 1));
+    // The large resident heap's row is there, or the run says why not.
+    let large = commit.iter().any(|r| r["heap_bytes"].as_u64() == Some(4 << 30));
+    let skipped = v["skipped"].as_array().expect("skipped rows");
+    assert!(large != skipped.iter().any(|s| s.as_str().is_some_and(|s| s.contains("4 GiB resident heap"))), "{v}");
     for r in commit {
+        assert!(r["heap_bytes"].as_u64().unwrap() >= 64 << 20 && r["heap_resident"] == true, "{r}");
         for k in ["p50_us", "p99_us", "commit_only_p50_us", "floor_p50_us"] {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k} in {r}");
         }
