@@ -88,7 +88,7 @@ pub use commit::{DurabilityHandle, Ticket};
 pub use error::{Error, Result};
 pub use heap::{FormatOptions, Heap, HeapOptions, InFlight, RollbackReport, UpgradeOptions, UpgradeReport, WriterMode};
 pub use heap_file::{HeapHeader, HeapId, PAGE_SIZE};
-pub use io::{FlushMode, IoPath, LogKind};
+pub use io::{write_cache_state, FlushMode, IoChoice, IoMeasurement, IoPath, LogKind, WriteCacheState};
 pub use recovery::RecoveryReport;
 pub use stats::{Memory, Stats};
 pub use tracker::TrackerKind;

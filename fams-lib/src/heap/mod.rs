@@ -778,7 +778,7 @@ mod tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod upgrade;
 #[cfg(not(any(test, feature = "testing")))]
-mod upgrade;
+pub(crate) mod upgrade;
 
 pub use format::FormatOptions;
 pub(crate) use open::{lock_holder, open_log_of};

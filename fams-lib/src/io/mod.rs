@@ -47,7 +47,10 @@ mod sync;
 mod uring;
 
 pub use aligned::AlignedBuf;
+// Without `testing`, only what the crate's root re-exports is reachable.
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))]
 pub use choose::{choose_io, IoChoice, IoMeasurement, CHOICE_SAMPLES};
+#[cfg_attr(not(feature = "testing"), allow(unused_imports))]
 pub use device::{write_cache_state, BlockDeviceInfo, WriteCacheState};
 
 use device::Target;
