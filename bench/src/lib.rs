@@ -155,6 +155,26 @@ pub struct CommitResult {
     pub log_bytes_per_commit: f64,
     /// The floor for the same number of log bytes.
     pub floor: Samples,
+    /// Comparing the dirty pages with their committed images and copying them, in plain memory
+    /// (see [`compare_and_copy`]): the CPU floor the overhead target is stated against.
+    pub compare_copy: Samples,
+}
+
+impl CommitResult {
+    /// The most fams may add above the device floor (p50): 10 µs for one page, and 10 µs plus
+    /// twice the in-run cost of comparing and copying the dirty pages for more.
+    pub fn overhead_target_us(&self) -> f64 {
+        if self.pages <= 1 {
+            10.0
+        } else {
+            10.0 + 2.0 * self.compare_copy.p50()
+        }
+    }
+
+    /// p50 of the whole update minus the floor's p50.
+    pub fn overhead_above_floor_us(&self) -> f64 {
+        self.samples.p50() - self.floor.p50()
+    }
 }
 
 /// Commit latency with `pages` dirty pages per commit: one byte changed per page, or whole pages
@@ -208,6 +228,7 @@ pub fn fams_commit(
     let stats = heap.stats();
     let log_bytes_per_commit = (stats.log_bytes_written - before) as f64 / iters as f64;
     drop(heap);
+    let compare_copy = compare_and_copy(pages, whole_pages, iters);
     target.remove_heap(&path);
     let floor = floor_write_flush(target, log_bytes_per_commit.round() as usize, iters, FlushMode::Dsync)
         .map_err(|e| fams::Error::InvalidArgument(format!("floor measurement failed: {e}")))?;
@@ -220,7 +241,40 @@ pub fn fams_commit(
         commit_only,
         log_bytes_per_commit,
         floor,
+        compare_copy,
     })
+}
+
+/// The least CPU work any commit of these changes does, measured in the same run: compare each
+/// dirty page with its committed image and copy it once (plain memory, no tracker, no I/O).
+pub fn compare_and_copy(pages: usize, whole_pages: bool, iters: usize) -> Samples {
+    let mut current = vec![0u8; pages * PAGE_SIZE];
+    let mut committed = current.clone();
+    let mut copy = current.clone();
+    let mut s = Samples::default();
+    for i in 0..iters {
+        for p in 0..pages {
+            if whole_pages {
+                current[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill((i + p) as u8);
+            } else {
+                current[p * PAGE_SIZE + (i * 8 + p) % PAGE_SIZE] ^= 0x5a;
+            }
+        }
+        s.0.push(time_us(|| {
+            for ((cur, old), out) in current
+                .chunks_exact(PAGE_SIZE)
+                .zip(committed.chunks_exact(PAGE_SIZE))
+                .zip(copy.chunks_exact_mut(PAGE_SIZE))
+            {
+                if std::hint::black_box(cur != old) {
+                    out.copy_from_slice(cur);
+                }
+            }
+        }));
+        std::hint::black_box(&copy);
+        committed.copy_from_slice(&current);
+    }
+    s
 }
 
 /// Commits per second, 1-page commits: synchronous `commit()` vs `commit_async()` with up to

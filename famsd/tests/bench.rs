@@ -25,7 +25,9 @@ fn quick_bench_reports_commit_recovery_and_baselines() {
     assert!(large != skipped.iter().any(|s| s.as_str().is_some_and(|s| s.contains("4 GiB resident heap"))), "{v}");
     for r in commit {
         assert!(r["heap_bytes"].as_u64().unwrap() >= 64 << 20 && r["heap_resident"] == true, "{r}");
-        for k in ["p50_us", "p99_us", "commit_only_p50_us", "floor_p50_us"] {
+        assert!(r["overhead_target_met"].is_boolean(), "{r}");
+        for k in ["p50_us", "p99_us", "commit_only_p50_us", "floor_p50_us", "compare_copy_p50_us", "overhead_target_us"]
+        {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k} in {r}");
         }
         assert!(r["p99_us"].as_f64() >= r["p50_us"].as_f64());
