@@ -19,10 +19,11 @@
 //! On the writer thread (this file's [`LogWriter`]):
 //! 4. everything queued is taken as one group, sealed (checksums) and laid out in the circular
 //!    log, and written with one durable device write (two when it wraps around the end);
-//! 5. once durable, the group's tickets are acknowledged, then its entries are written into the
-//!    heap file with plain `pwrite` (page cache; the log makes them durable);
+//! 5. once durable, the group's entries are applied to the committed page images held in memory
+//!    (`images.rs`; small groups before their tickets are acknowledged, large ones after);
 //! 6. when the log holds more than the checkpoint threshold, or the next group would not fit:
-//!    fdatasync the heap file, then move the tail in a new superblock (see `log_format`).
+//!    write the images into the heap file, fdatasync it, then move the tail in a new superblock
+//!    (see `log_format`). Images also go to the heap file, unsynced, when there are too many.
 //!
 //! Only one group is in flight at a time: that is what lets recovery tell a torn write (damage
 //! inside the last group) from corruption (damage followed by a later group). And no group is
@@ -390,6 +391,9 @@ pub(crate) struct LogWriter {
     pub heap_size_bytes: u64,
     /// Pages that have had a full image logged since the last checkpoint.
     pub full_image_logged: PageSet,
+    /// Durable records' bytes, applied to page images in memory; the heap file gets them at the
+    /// next checkpoint (or when there are too many, see `images.rs`).
+    pub images: crate::images::SharedImages,
 }
 
 /// One bit per heap page.
@@ -520,7 +524,11 @@ impl LogWriter {
         // before its record is even written — and before a checkpoint that makes room for it,
         // whose fdatasync would then make them durable with no record to explain them.
         if mutations::is_on(Mutation::WriteBackBeforeDurable) {
-            self.write_back(&group)?;
+            for r in &group {
+                let entries = log_format::decode_entries(&r.payload, r.entry_count, u64::MAX)
+                    .map_err(|e| format!("internal: a record we built does not decode: {e}"))?;
+                crate::storage::write_entries(&*self.heap_file, &entries).map_err(|e| e.to_string())?;
+            }
         }
         // Room for the group at its largest, plus what a wrap can skip (less than one record).
         let bytes_max: u64 = group.iter().map(|r| r.total_len_max()).sum();
@@ -685,7 +693,7 @@ impl LogWriter {
                     }
                 } else {
                     let page_offset = page * PAGE_SIZE as u64;
-                    self.heap_file.read_exact_at(&mut image, HEADER_BYTES + page_offset).map_err(|err| {
+                    crate::images::lock(&self.images).read(&*self.heap_file, page, &mut image).map_err(|err| {
                         format!("{}: reading a page to log it whole: {err}", self.heap_path.display())
                     })?;
                     for e in &entries[i..end] {
@@ -705,13 +713,20 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Write a durable group's entries into the heap file (page cache; checkpoints sync it).
+    /// Apply a durable group's entries to the committed images (see `images.rs`); write the
+    /// images into the heap file (page cache; checkpoints sync it) when there are too many.
     fn write_back(&self, group: &[QueuedRecord]) -> Result<(), String> {
+        let mut images = crate::images::lock(&self.images);
         for r in group {
             let entries = log_format::decode_entries(&r.payload, r.entry_count, u64::MAX)
                 .map_err(|e| format!("internal: a record we built does not decode: {e}"))?;
-            crate::storage::write_entries(&*self.heap_file, &entries).map_err(|err| {
-                format!("{}: writing committed bytes into the heap file: {err}", self.heap_path.display())
+            images.apply(&*self.heap_file, &entries).map_err(|err| {
+                format!("{}: reading a page to apply committed bytes to it: {err}", self.heap_path.display())
+            })?;
+        }
+        if images.over_budget() {
+            images.flush(&*self.heap_file).map_err(|err| {
+                format!("{}: writing committed pages into the heap file: {err}", self.heap_path.display())
             })?;
         }
         Ok(())
@@ -776,8 +791,14 @@ impl LogWriter {
 
     fn checkpoint(&mut self) -> Result<(), String> {
         // The heap file must hold everything up to the new tail durably before the superblock
-        // says replay may start there. (The mutation `checkpoint-without-heap-sync`, in
-        // `mutations` builds only, skips this to show the crash tests catch it.)
+        // says replay may start there: first the images held in memory, then its fdatasync.
+        // (The mutations `checkpoint-without-image-flush` and `checkpoint-without-heap-sync`, in
+        // `mutations` builds only, skip one step each to show the crash tests catch it.)
+        if !mutations::is_on(Mutation::CheckpointWithoutImageFlush) {
+            crate::images::lock(&self.images).flush(&*self.heap_file).map_err(|e| {
+                format!("{}: writing committed pages into the heap file at checkpoint: {e}", self.heap_path.display())
+            })?;
+        }
         if !mutations::is_on(Mutation::CheckpointWithoutHeapSync) {
             self.heap_file
                 .sync_data()

@@ -72,6 +72,7 @@ macro_rules! internal_modules {
 internal_modules! {
     commit;
     heap_file;
+    images;
     io;
     log_format;
     recovery;

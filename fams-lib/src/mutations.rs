@@ -35,6 +35,10 @@ pub enum Mutation {
     /// fdatasync), so records the heap file has not made durable can be dropped from replay.
     /// Hook: `commit.rs`, `LogWriter::checkpoint`.
     CheckpointWithoutHeapSync,
+    /// A checkpoint syncs the heap file and moves the log tail without first writing the
+    /// committed images held in memory into it, so the records they came from leave the log
+    /// while the heap file still lacks them. Hook: `commit.rs`, `LogWriter::checkpoint`.
+    CheckpointWithoutImageFlush,
     /// A group's tickets are reported durable (the durable LSN advances, waiters wake) before its
     /// log write is issued, let alone durable. Hook: `commit.rs`, `LogWriter::commit_group`.
     CommitAckBeforeDurable,
@@ -115,6 +119,7 @@ impl Mutation {
             | Mutation::NoDuplicateSuppression
             | Mutation::FifoReorder => Layer::Turns,
             Mutation::CheckpointWithoutHeapSync
+            | Mutation::CheckpointWithoutImageFlush
             | Mutation::CommitAckBeforeDurable
             | Mutation::WriteBackBeforeDurable
             | Mutation::SkipFullPageImage
@@ -161,6 +166,11 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         Mutation::CheckpointWithoutHeapSync,
         "checkpoint-without-heap-sync",
         "a checkpoint moves the log tail before the heap file is durable (no fdatasync)",
+    ),
+    (
+        Mutation::CheckpointWithoutImageFlush,
+        "checkpoint-without-image-flush",
+        "a checkpoint moves the log tail before the committed images held in memory are in the heap file",
     ),
     (
         Mutation::CommitAckBeforeDurable,

@@ -42,6 +42,12 @@ pub struct Stats {
     /// Pages logged whole because it was their first change since a checkpoint (so that replay
     /// never depends on a heap-file page a power cut may have torn).
     pub full_images_after_checkpoint: u64,
+    /// Committed page images held in memory, not yet written into the heap file (they are at the
+    /// next checkpoint, or when there are too many), now.
+    pub committed_images_pages: u64,
+    /// Times those images were written into the heap file, and how many pages that wrote.
+    pub committed_images_flushes: u64,
+    pub committed_images_pages_flushed: u64,
     /// Total time the log writer waited for durable writes.
     pub device_write_ns: u64,
     /// The log device's own counters (writes, RWF_DSYNC writes, fdatasyncs, reads).

@@ -24,6 +24,7 @@ impl Heap {
         let applied_lsn = self.applied_lsn_for(&dirty)?;
         self.stats.write_back_wait_ns += wait_started.elapsed().as_nanos() as u64;
         let mut builder = PayloadBuilder::new();
+        let images = crate::images::lock(&self.images);
         for &page in &dirty {
             debug_assert!(page * PAGE_SIZE < self.size);
             let offset = (page * PAGE_SIZE) as u64;
@@ -40,13 +41,15 @@ impl Heap {
                 }
                 continue;
             }
-            if let Err(e) = self.store.read_exact_at(&mut self.page_scratch, HEADER_BYTES + offset) {
+            if let Err(e) = images.read(&*self.store, page as u64, &mut self.page_scratch) {
+                drop(images);
                 self.carried_pages = dirty.clone();
                 self.dirty_scratch = dirty;
                 return Err(Error::io(&self.path, "reading the committed image of a dirty page", e));
             }
             builder.add_diff(offset, current, &self.page_scratch);
         }
+        drop(images);
 
         let record_bytes = builder.record_bytes();
         let record_max = commit::group_bytes_max(self.capacity_bytes);

@@ -132,6 +132,9 @@ pub struct Heap {
     _file: Arc<File>,
     /// The heap file as the commit path reads it (the storage seam; the real file in production).
     store: Arc<dyn HeapStore>,
+    /// Committed page images not yet in the heap file (shared with the log writer): a page's
+    /// committed image is here if held, else in `store`.
+    images: crate::images::SharedImages,
     /// Dropped by hand in `Drop`, before the mapping it watches goes away.
     tracker: std::mem::ManuallyDrop<Box<dyn DirtyTracker>>,
     shared: Arc<Shared>,
@@ -552,9 +555,11 @@ impl Heap {
             let image: &[u8] = match shadow {
                 Some(shadow) => &shadow[..],
                 None => {
-                    self.store.read_exact_at(&mut self.page_scratch, HEADER_BYTES + offset).map_err(|e| {
-                        Error::io(&self.path, "reading the committed image of a page to roll it back", e)
-                    })?;
+                    crate::images::lock(&self.images)
+                        .read(&*self.store, offset / PAGE_SIZE as u64, &mut self.page_scratch)
+                        .map_err(|e| {
+                            Error::io(&self.path, "reading the committed image of a page to roll it back", e)
+                        })?;
                     &self.page_scratch
                 }
             };
@@ -598,6 +603,10 @@ impl Heap {
             }
             st.applied_lsn
         };
+        // A released page is read back from the heap file: it must hold every committed image.
+        crate::images::lock(&self.images)
+            .flush(&*self.store)
+            .map_err(|e| Error::io(&self.path, "writing committed pages into the heap file before a release", e))?;
         let mut keep: Vec<usize> = self.carried_pages.clone();
         keep.extend(self.page_last_lsn.iter().filter(|(_, &l)| l > applied_lsn).map(|(&p, _)| p));
         keep.sort_unstable();
@@ -683,8 +692,14 @@ impl Heap {
 
     /// Counters since open, and what the last open's recovery did. Cheap: no system calls.
     pub fn stats(&self) -> Stats {
-        let st = self.shared.lock();
         let mut s = self.stats.clone();
+        {
+            let images = crate::images::lock(&self.images);
+            s.committed_images_pages = images.len() as u64;
+            s.committed_images_flushes = images.flushes;
+            s.committed_images_pages_flushed = images.pages_flushed;
+        }
+        let st = self.shared.lock();
         s.groups = st.stats.groups;
         s.log_bytes_written = st.stats.log_bytes_written;
         s.checkpoints = st.stats.checkpoints;

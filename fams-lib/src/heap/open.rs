@@ -198,6 +198,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
     };
     let (log_kind, io_path, flush_mode) = (dev.kind(), dev.io_path(), dev.flush_mode());
     let io_fallback = dev.fallback_reason().map(str::to_string);
+    let images = crate::images::new_shared(crate::images::IMAGES_BYTES_MAX);
     let writer = LogWriter {
         dev,
         log_path: log_path.clone(),
@@ -210,6 +211,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         full_image_logged: commit::PageSet::new(size as u64 / PAGE_SIZE as u64),
         checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),
         shared: shared.clone(),
+        images: images.clone(),
     };
     let writer_core: commit::WriterCore = Arc::new(std::sync::Mutex::new(writer));
     let (core, thread_shared) = (writer_core.clone(), shared.clone());
@@ -234,6 +236,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         max_size,
         _file: file,
         store,
+        images,
         tracker: std::mem::ManuallyDrop::new(tracker),
         shared,
         writer_core,
