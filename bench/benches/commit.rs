@@ -88,7 +88,7 @@ fn commits(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("sync-vs-async/1p", |b| {
         b.iter_custom(|iters| {
-            let (sync_rate, async_rate, _) = commit_rate(&t, (iters as usize).max(100), 64).expect("rate");
+            let (sync_rate, async_rate, _) = commit_rate(&t, (iters as usize).max(100), 64, None).expect("rate");
             eprintln!("commit rate: sync {sync_rate:.0}/s, async {async_rate:.0}/s ({:.1}x)", async_rate / sync_rate);
             Duration::from_secs_f64(iters as f64 / async_rate)
         })

@@ -41,7 +41,7 @@ fn turns(c: &mut Criterion) {
     });
     g.bench_function("floor/commit-async-64", |b| {
         b.iter_custom(|iters| {
-            let (_, async_per_s, _) = commit_rate(&t, iters.max(64) as usize, 64).expect("commit rate");
+            let (_, async_per_s, _) = commit_rate(&t, iters.max(64) as usize, 64, None).expect("commit rate");
             Duration::from_secs_f64(iters as f64 / async_per_s)
         })
     });

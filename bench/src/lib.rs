@@ -278,10 +278,16 @@ pub fn compare_and_copy(pages: usize, whole_pages: bool, iters: usize) -> Sample
 }
 
 /// Commits per second, 1-page commits: synchronous `commit()` vs `commit_async()` with up to
-/// `depth` in flight (grouped into shared device writes).
-pub fn commit_rate(target: &Target, commits: usize, depth: usize) -> fams::Result<(f64, f64, u64)> {
+/// `depth` in flight (grouped into shared device writes), with the given tracker (None: the
+/// default).
+pub fn commit_rate(
+    target: &Target,
+    commits: usize,
+    depth: usize,
+    tracker: Option<TrackerKind>,
+) -> fams::Result<(f64, f64, u64)> {
     let path = target.format_heap("bench-rate.heap", 64 << 20, 256 << 20)?;
-    let mut heap = Heap::open(&path, &HeapOptions::default())?;
+    let mut heap = Heap::open(&path, &HeapOptions { tracker, ..HeapOptions::default() })?;
     let t = Instant::now();
     for i in 0..commits {
         heap.bytes_mut()[PAGE_SIZE * (1 + i % 1000) + 8] ^= 1;

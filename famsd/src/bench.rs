@@ -19,15 +19,24 @@ pub struct BenchReport {
     pub commits: Vec<CommitResult>,
     pub recoveries: Vec<RecoveryResult>,
     pub baselines: Vec<(&'static str, Samples)>,
-    pub sync_rate: f64,
-    pub async_rate: f64,
-    pub async_groups: u64,
+    /// Synchronous vs `commit_async` rates: the default tracker's first, then (full run) the
+    /// others'.
+    pub rates: Vec<RateRow>,
     pub async_commits: usize,
     pub seconds: f64,
     /// The write cache of the device the log lives on, as the kernel reports it.
     pub write_cache: Option<fams::io::WriteCacheState>,
     /// Rows this run left out, and why (for example no room for the large heap).
     pub skipped: Vec<String>,
+}
+
+/// 1-page commits per second with one tracker.
+pub struct RateRow {
+    pub tracker: &'static str,
+    pub sync_per_s: f64,
+    pub async_per_s: f64,
+    /// Device writes that carried the async commits.
+    pub async_groups: u64,
 }
 
 /// The large heap's size: a tracker whose commit cost follows the heap's size, not the dirty
@@ -150,7 +159,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         .into_iter()
         .filter(|t| uffd || !matches!(t, Some(TrackerKind::Uffd) | Some(TrackerKind::Regions)))
         .collect();
-    let mut p = Progress::new(cfg.progress, page_rows.len() * trackers.len() + BASELINES + 1 + recovery_rows.len());
+    let mut p = Progress::new(
+        cfg.progress,
+        page_rows.len() * trackers.len() + BASELINES + trackers.len() + recovery_rows.len(),
+    );
 
     let mut commits = Vec::new();
     for tracker in &trackers {
@@ -177,8 +189,17 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     p.next("baseline: msync(MS_SYNC) of a MAP_SHARED file (not failure-atomic)");
     baselines
         .push(("msync_not_atomic", fams_bench::msync_shared(&cfg.dir, baseline_iters).map_err(|e| e.to_string())?));
-    p.next(&format!("commit rate: {rate_commits} synchronous vs {rate_commits} async 1-page commits"));
-    let (sync_rate, async_rate, async_groups) = fams_bench::commit_rate(&target, rate_commits, 64).map_err(err)?;
+    let mut rates = Vec::new();
+    for tracker in &trackers {
+        p.next(&format!(
+            "commit rate{}: {rate_commits} synchronous vs {rate_commits} async 1-page commits",
+            tracker.map(|t| format!(", {}", t.name())).unwrap_or_default()
+        ));
+        let (sync_per_s, async_per_s, async_groups) =
+            fams_bench::commit_rate(&target, rate_commits, 64, *tracker).map_err(err)?;
+        let tracker = tracker.map_or(if uffd { "uffd" } else { "mprotect" }, |t| t.name());
+        rates.push(RateRow { tracker, sync_per_s, async_per_s, async_groups });
+    }
     let mut recoveries = Vec::new();
     for &(log_mib, heap_bytes, log_area) in &recovery_rows {
         p.next(&format!(
@@ -193,13 +214,19 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         commits,
         recoveries,
         baselines,
-        sync_rate,
-        async_rate,
-        async_groups,
+        rates,
         async_commits: rate_commits,
         seconds: p.started.elapsed().as_secs_f64(),
         write_cache: fams::io::write_cache_state(cfg.log_device.as_deref().unwrap_or(&cfg.dir)),
         skipped,
+    })
+}
+
+fn rate_json(r: &RateRow, commits: usize) -> serde_json::Value {
+    serde_json::json!({
+        "tracker": r.tracker, "sync_per_s": r.sync_per_s, "async_per_s": r.async_per_s,
+        "async_speedup": r.async_per_s / r.sync_per_s,
+        "async_device_writes": r.async_groups, "async_commits": commits,
     })
 }
 
@@ -268,11 +295,8 @@ impl BenchReport {
                 "ken_style_p50_us": self.baseline_p50("ken_style"),
                 "msync_not_atomic_p50_us": self.baseline_p50("msync_not_atomic"),
             },
-            "commit_rate": {
-                "sync_per_s": self.sync_rate, "async_per_s": self.async_rate,
-                "async_speedup": self.async_rate / self.sync_rate,
-                "async_device_writes": self.async_groups, "async_commits": self.async_commits,
-            },
+            "commit_rate": self.rates.first().map(|r| rate_json(r, self.async_commits)),
+            "commit_rates": self.rates.iter().map(|r| rate_json(r, self.async_commits)).collect::<Vec<_>>(),
             "seconds": self.seconds,
             "skipped": self.skipped,
         })
@@ -334,14 +358,18 @@ impl BenchReport {
         if !cfg!(feature = "baselines") {
             println!("{:>32} not in this build (famsd was built without the `baselines` feature)", "SQLite, LMDB");
         }
-        println!(
-            "\ncommit rate, 1-page commits: synchronous {:.0}/s, commit_async {:.0}/s ({:.1}×; {} commits in {} device writes)",
-            self.sync_rate,
-            self.async_rate,
-            self.async_rate / self.sync_rate,
-            self.async_commits,
-            self.async_groups
-        );
+        println!("\ncommit rate, 1-page commits (commit_async: up to 64 in flight)");
+        for r in &self.rates {
+            println!(
+                "{:>9}: synchronous {:.0}/s, commit_async {:.0}/s ({:.1}×; {} commits in {} device writes)",
+                r.tracker,
+                r.sync_per_s,
+                r.async_per_s,
+                r.async_per_s / r.sync_per_s,
+                self.async_commits,
+                r.async_groups
+            );
+        }
         println!("\nrecovery (replay, and the look for later records up to the log's written limit), ms; floor: reading the records once");
         println!(
             "{:>11} {:>9} {:>9} {:>9} {:>9} {:>11} {:>8} {:>12}",

@@ -236,7 +236,7 @@ pub fn run(cfg: &TurnBenchConfig) -> Result<TurnBenchReport, String> {
             z.rate_commits
         ));
         let (sync_rate, async_rate, async_groups) =
-            fams_bench::commit_rate(&target, z.rate_commits, COMMIT_ASYNC_DEPTH).map_err(|e| e.to_string())?;
+            fams_bench::commit_rate(&target, z.rate_commits, COMMIT_ASYNC_DEPTH, None).map_err(|e| e.to_string())?;
         fams_bench::settle();
         p.next(&format!(
             "round {r}/{n}: Ken-style ping-pong, window {WINDOW}: {} round trips",

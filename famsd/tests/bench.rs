@@ -43,6 +43,11 @@ fn quick_bench_reports_commit_recovery_and_baselines() {
             || wc["disk"].as_str().is_some_and(|d| !d.is_empty()) && wc["volatile_cache"].is_boolean(),
         "{wc}"
     );
+    let rates = v["commit_rates"].as_array().expect("commit rates");
+    assert!(!rates.is_empty() && v["commit_rate"] == rates[0], "{v}");
+    for r in rates {
+        assert!(r["tracker"].is_string() && r["async_speedup"].as_f64().unwrap() > 0.0, "{r}");
+    }
     for r in v["recovery"].as_array().expect("recovery rows") {
         assert!(r["ms"].as_f64().unwrap() > 0.0 && r["floor_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["records"].as_u64().unwrap() > 0, "recovery replayed nothing: {r}");
