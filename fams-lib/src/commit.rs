@@ -126,6 +126,9 @@ pub(crate) struct WriterState {
     /// Every LSN up to this one is also in the heap file.
     pub applied_lsn: u64,
     pub failed: Option<String>,
+    /// The log-writer thread should write committed images into the heap file while it has
+    /// nothing else to do (set as a checkpoint nears; see `images.rs`).
+    pub flush_images: bool,
     pub shutdown: bool,
     /// With `shutdown`: leave without the final checkpoint, as a crash would.
     pub abandon: bool,
@@ -164,6 +167,7 @@ impl Shared {
                 durable_lsn: last_lsn,
                 applied_lsn: last_lsn,
                 failed: None,
+                flush_images: false,
                 shutdown: false,
                 abandon: false,
                 stats: WriterStats::default(),
@@ -352,11 +356,17 @@ pub(crate) fn run_writer_thread(core: WriterCore, shared: Arc<Shared>) {
         loop {
             {
                 let mut st = shared.lock();
-                while st.queue.is_empty() && !st.shutdown {
+                while st.queue.is_empty() && !st.shutdown && !st.flush_images {
                     st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
-                if st.queue.is_empty() {
+                if st.queue.is_empty() && st.shutdown {
                     break;
+                }
+                if st.queue.is_empty() {
+                    st.flush_images = false;
+                    drop(st);
+                    flush_images_in_background(&core, &shared);
+                    continue;
                 }
             }
             if lock_core(&core).drain().is_err() {
@@ -369,6 +379,49 @@ pub(crate) fn run_writer_thread(core: WriterCore, shared: Arc<Shared>) {
     // and `drain` and `finish` refuse to write anything once it is.
     if let Err(payload) = std::panic::catch_unwind(body) {
         shared.fail(format!("the log writer thread panicked: {}", panic_message(payload.as_ref())));
+    }
+}
+
+/// Do the images hold more than half their budget?
+fn images_past_half(images: &crate::images::SharedImages) -> bool {
+    let images = crate::images::lock(images);
+    images.len() * PAGE_SIZE > images.bytes_max() / 2
+}
+
+/// Committed images the log-writer thread copies per turn of its background flush (the lock is
+/// held only to copy them, ~20 µs, not while they are written).
+const BACKGROUND_FLUSH_PAGES: usize = 64;
+
+/// Write committed images into the heap file on the log-writer thread, a few at a time, copied
+/// under the lock and written without it (a capture reading an image never waits for a write),
+/// until none is left, the queue gets work, or the heap fails or shuts down. Pages a record
+/// changes meanwhile stay (their copy was old); at most as many pages as there were images
+/// when it started are written, so a page committed without pause cannot keep it busy.
+fn flush_images_in_background(core: &WriterCore, shared: &Shared) {
+    let (images, store, heap_path) = {
+        let w = lock_core(core);
+        (w.images.clone(), w.heap_file.clone(), w.heap_path.clone())
+    };
+    let mut pages_left = crate::images::lock(&images).len();
+    while pages_left > 0 {
+        let _writing = crate::images::lock_file_writes(&images);
+        {
+            let st = shared.lock();
+            if !st.queue.is_empty() || st.shutdown || st.failed.is_some() {
+                return;
+            }
+        }
+        let copies = crate::images::lock(&images).copy_some(BACKGROUND_FLUSH_PAGES.min(pages_left));
+        if copies.is_empty() {
+            return;
+        }
+        let pages: Vec<(u64, &[u8])> = copies.iter().map(|(p, _, b)| (*p, &b[..])).collect();
+        if let Err(e) = crate::images::write_pages(&*store, &pages) {
+            shared.fail(format!("{}: writing committed pages into the heap file: {e}", heap_path.display()));
+            return;
+        }
+        pages_left = pages_left.saturating_sub(copies.len());
+        crate::images::lock(&images).forget_written(&copies);
     }
 }
 
@@ -650,6 +703,15 @@ impl LogWriter {
         }
         if self.used_bytes > self.checkpoint_threshold_bytes {
             self.checkpoint()?;
+        } else if self.used_bytes > self.checkpoint_threshold_bytes / 2 || images_past_half(&self.images) {
+            // A checkpoint nears: let the log-writer thread, when idle, write the images now, so
+            // the commit that takes the checkpoint does not have to. (With no writer thread,
+            // `WriterMode::Manual`, nobody acts on it and the checkpoint writes them.)
+            let mut st = self.shared.lock();
+            if !st.flush_images {
+                st.flush_images = true;
+                self.shared.work.notify_one();
+            }
         }
         Ok(())
     }
@@ -716,16 +778,19 @@ impl LogWriter {
     /// Apply a durable group's entries to the committed images (see `images.rs`); write the
     /// images into the heap file (page cache; checkpoints sync it) when there are too many.
     fn write_back(&self, group: &[QueuedRecord]) -> Result<(), String> {
-        let mut images = crate::images::lock(&self.images);
-        for r in group {
-            let entries = log_format::decode_entries(&r.payload, r.entry_count, u64::MAX)
-                .map_err(|e| format!("internal: a record we built does not decode: {e}"))?;
-            images.apply(&*self.heap_file, &entries).map_err(|err| {
-                format!("{}: reading a page to apply committed bytes to it: {err}", self.heap_path.display())
-            })?;
-        }
-        if images.over_budget() {
-            images.flush(&*self.heap_file).map_err(|err| {
+        let over_budget = {
+            let mut images = crate::images::lock(&self.images);
+            for r in group {
+                let entries = log_format::decode_entries(&r.payload, r.entry_count, u64::MAX)
+                    .map_err(|e| format!("internal: a record we built does not decode: {e}"))?;
+                images.apply(&*self.heap_file, &entries).map_err(|err| {
+                    format!("{}: reading a page to apply committed bytes to it: {err}", self.heap_path.display())
+                })?;
+            }
+            images.over_budget()
+        };
+        if over_budget {
+            crate::images::flush_all(&self.images, &*self.heap_file).map_err(|err| {
                 format!("{}: writing committed pages into the heap file: {err}", self.heap_path.display())
             })?;
         }
@@ -795,7 +860,7 @@ impl LogWriter {
         // (The mutations `checkpoint-without-image-flush` and `checkpoint-without-heap-sync`, in
         // `mutations` builds only, skip one step each to show the crash tests catch it.)
         if !mutations::is_on(Mutation::CheckpointWithoutImageFlush) {
-            crate::images::lock(&self.images).flush(&*self.heap_file).map_err(|e| {
+            crate::images::flush_all(&self.images, &*self.heap_file).map_err(|e| {
                 format!("{}: writing committed pages into the heap file at checkpoint: {e}", self.heap_path.display())
             })?;
         }

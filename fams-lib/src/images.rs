@@ -13,7 +13,10 @@
 //!   does the superblock move the tail: the crash reasoning of `log_format` is unchanged);
 //! * when they hold more than their budget (then without a sync: like the old write-back);
 //! * before the heap releases resident pages (`Heap::release_committed`: a released page is read
-//!   back from the heap file, which must then be current).
+//!   back from the heap file, which must then be current);
+//! * in the background, on the log-writer thread while it has nothing else to do, once a
+//!   checkpoint nears (half the threshold, or half the budget): then the commit that takes the
+//!   checkpoint finds little left to write.
 //!
 //! Each flush writes the pages in ascending order, neighbours in one vectored write.
 //!
@@ -22,8 +25,13 @@
 //! The committed image of a page is its image here if there is one, else the heap file's page.
 //! The committing thread reads it to diff a dirty page (only for pages with no record on its way,
 //! as before), rollback to restore one, and the log writer to log a page whole. Every read and
-//! every change happens under this store's lock, and a flush writes and forgets its images under
-//! the same lock, so a reader never sees a page between "forgotten here" and "in the file".
+//! every change happens under this store's lock. An image is forgotten only once the file holds
+//! it, so a reader never sees a page between "forgotten here" and "in the file": a full flush
+//! writes and forgets under the lock; the background flush copies a few images under it, writes
+//! the copies without it (a capture never waits for a write), and forgets each one only if no
+//! record changed it meanwhile (a version stamp says). One more lock, `file_writes`, is held by
+//! whoever writes images into the file, so two writes of one page never land out of order (an
+//! older background copy after a checkpoint's newer one would leave the file stale).
 //!
 //! # Crash reasoning
 //!
@@ -48,26 +56,61 @@ const PAGES_PER_WRITE_MAX: usize = 1024;
 /// The committed images newer than the heap file's pages, shared by the committing thread and
 /// the log writer.
 pub(crate) struct CommittedImages {
-    pages: HashMap<u64, Box<[u8; PAGE_SIZE]>>,
+    pages: HashMap<u64, Image>,
+    /// Stamped on an image each time a record changes it, so a flush made without the lock can
+    /// tell whether the image it wrote is still the newest.
+    next_version: u64,
     bytes_max: usize,
     /// Flushes made so far, and the pages they wrote (for statistics).
     pub flushes: u64,
     pub pages_flushed: u64,
 }
 
-pub(crate) type SharedImages = Arc<Mutex<CommittedImages>>;
-
-pub(crate) fn new_shared(bytes_max: usize) -> SharedImages {
-    Arc::new(Mutex::new(CommittedImages { pages: HashMap::new(), bytes_max, flushes: 0, pages_flushed: 0 }))
+struct Image {
+    version: u64,
+    bytes: Box<[u8; PAGE_SIZE]>,
 }
 
-/// Lock the store. A panic while holding it leaves images that are each either before or after
+/// Copies of some images, taken to be written without the lock: (page, version, bytes).
+pub(crate) type ImageCopies = Vec<(u64, u64, Box<[u8; PAGE_SIZE]>)>;
+
+/// The images and the right to write them into the heap file.
+pub(crate) struct ImageStore {
+    images: Mutex<CommittedImages>,
+    /// Held by whoever writes images into the heap file (taken before `images`), so two writes
+    /// of one page can never land out of order: the log-writer thread's background flush writes
+    /// copies without holding `images`, and a checkpoint's flush must not be overtaken by it.
+    file_writes: Mutex<()>,
+}
+
+pub(crate) type SharedImages = Arc<ImageStore>;
+
+pub(crate) fn new_shared(bytes_max: usize) -> SharedImages {
+    Arc::new(ImageStore { images: Mutex::new(CommittedImages::new(bytes_max)), file_writes: Mutex::new(()) })
+}
+
+/// Lock the images. A panic while holding it leaves images that are each either before or after
 /// one record's entries; the heap fails on such a panic and writes nothing more, so go on.
 pub(crate) fn lock(images: &SharedImages) -> MutexGuard<'_, CommittedImages> {
-    images.lock().unwrap_or_else(|p| p.into_inner())
+    images.images.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Take the right to write images into the heap file (before [`lock`], never after it).
+pub(crate) fn lock_file_writes(images: &SharedImages) -> MutexGuard<'_, ()> {
+    images.file_writes.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Write every image into the heap file and forget them (see [`CommittedImages::flush`]).
+pub(crate) fn flush_all(images: &SharedImages, store: &dyn HeapStore) -> std::io::Result<()> {
+    let _writing = lock_file_writes(images);
+    lock(images).flush(store)
 }
 
 impl CommittedImages {
+    pub fn new(bytes_max: usize) -> CommittedImages {
+        CommittedImages { pages: HashMap::new(), next_version: 0, bytes_max, flushes: 0, pages_flushed: 0 }
+    }
+
     /// Pages held.
     pub fn len(&self) -> usize {
         self.pages.len()
@@ -79,7 +122,7 @@ impl CommittedImages {
         debug_assert_eq!(out.len(), PAGE_SIZE);
         match self.pages.get(&page) {
             Some(image) => {
-                out.copy_from_slice(&image[..]);
+                out.copy_from_slice(&image.bytes[..]);
                 Ok(())
             }
             None => store.read_exact_at(out, HEADER_BYTES + page * PAGE_SIZE as u64),
@@ -100,17 +143,24 @@ impl CommittedImages {
                 let image = match self.pages.entry(page) {
                     std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
-                        let mut image = Box::new([0u8; PAGE_SIZE]);
-                        store.read_exact_at(&mut image[..], HEADER_BYTES + page * PAGE_SIZE as u64)?;
-                        v.insert(image)
+                        let mut bytes = Box::new([0u8; PAGE_SIZE]);
+                        store.read_exact_at(&mut bytes[..], HEADER_BYTES + page * PAGE_SIZE as u64)?;
+                        v.insert(Image { version: 0, bytes })
                     }
                 };
-                image[at..at + n].copy_from_slice(&data[..n]);
+                image.bytes[at..at + n].copy_from_slice(&data[..n]);
+                image.version = self.next_version;
+                self.next_version += 1;
                 offset += n as u64;
                 data = &data[n..];
             }
         }
         Ok(())
+    }
+
+    /// The budget, in bytes.
+    pub fn bytes_max(&self) -> usize {
+        self.bytes_max
     }
 
     /// Do the images exceed their budget?
@@ -122,34 +172,73 @@ impl CommittedImages {
     /// pages in one vectored write, and forget them. On error the images are kept (a later
     /// flush writes them again; the heap fails anyway).
     pub fn flush(&mut self, store: &dyn HeapStore) -> std::io::Result<()> {
-        if self.pages.is_empty() {
-            return Ok(());
-        }
-        let mut order: Vec<u64> = self.pages.keys().copied().collect();
-        order.sort_unstable();
-        let mut bufs: Vec<&[u8]> = Vec::new();
-        let mut i = 0;
-        while i < order.len() {
-            let first = order[i];
-            let mut j = i + 1;
-            while j < order.len() && j - i < PAGES_PER_WRITE_MAX && order[j] == first + (j - i) as u64 {
-                j += 1;
-            }
-            bufs.clear();
-            bufs.extend(order[i..j].iter().map(|p| &self.pages[p][..]));
-            let at = HEADER_BYTES + first * PAGE_SIZE as u64;
-            if bufs.len() == 1 {
-                store.write_all_at(bufs[0], at)?;
-            } else {
-                store.write_vectored_at(&bufs, at)?;
-            }
-            i = j;
-        }
-        self.flushes += 1;
-        self.pages_flushed += order.len() as u64;
-        self.pages.clear();
-        Ok(())
+        self.flush_some(store, usize::MAX).map(|_| ())
     }
+
+    /// Like [`CommittedImages::flush`], for at most `pages_max` of the images (any of them);
+    /// returns how many are left.
+    pub fn flush_some(&mut self, store: &dyn HeapStore, pages_max: usize) -> std::io::Result<usize> {
+        let mut order: Vec<u64> = self.pages.keys().copied().take(pages_max).collect();
+        order.sort_unstable();
+        let items: Vec<(u64, &[u8])> = order.iter().map(|p| (*p, &self.pages[p].bytes[..])).collect();
+        write_pages(store, &items)?;
+        self.count_flush(order.len());
+        for p in &order {
+            self.pages.remove(p);
+        }
+        Ok(self.pages.len())
+    }
+
+    /// Copies of at most `pages_max` of the images (any of them), ascending, to write without the
+    /// lock; then [`CommittedImages::forget_written`].
+    pub fn copy_some(&self, pages_max: usize) -> ImageCopies {
+        let mut copies: ImageCopies =
+            self.pages.iter().take(pages_max).map(|(&p, i)| (p, i.version, i.bytes.clone())).collect();
+        copies.sort_unstable_by_key(|c| c.0);
+        copies
+    }
+
+    /// Forget the images of `written` (copies taken by [`CommittedImages::copy_some`], now in the
+    /// heap file) unless a record changed them since: those stay, newer than the file.
+    pub fn forget_written(&mut self, written: &ImageCopies) {
+        for (page, version, _) in written {
+            if self.pages.get(page).is_some_and(|i| i.version == *version) {
+                self.pages.remove(page);
+            }
+        }
+        self.count_flush(written.len());
+    }
+
+    fn count_flush(&mut self, pages: usize) {
+        if pages > 0 {
+            self.flushes += 1;
+            self.pages_flushed += pages as u64;
+        }
+    }
+}
+
+/// Write whole pages into the heap file (page cache), `pages` ascending: neighbouring pages go out
+/// in one vectored write.
+pub(crate) fn write_pages(store: &dyn HeapStore, pages: &[(u64, &[u8])]) -> std::io::Result<()> {
+    let mut bufs: Vec<&[u8]> = Vec::new();
+    let mut i = 0;
+    while i < pages.len() {
+        let first = pages[i].0;
+        let mut j = i + 1;
+        while j < pages.len() && j - i < PAGES_PER_WRITE_MAX && pages[j].0 == first + (j - i) as u64 {
+            j += 1;
+        }
+        bufs.clear();
+        bufs.extend(pages[i..j].iter().map(|(_, b)| *b));
+        let at = HEADER_BYTES + first * PAGE_SIZE as u64;
+        if bufs.len() == 1 {
+            store.write_all_at(bufs[0], at)?;
+        } else {
+            store.write_vectored_at(&bufs, at)?;
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -182,7 +271,7 @@ mod tests {
         let pages = 6u64;
         let before: Vec<u8> = (0..HEADER_BYTES + pages * PAGE_SIZE as u64).map(|i| (i % 251) as u8).collect();
         let file = MemFile(Mutex::new(before.clone()));
-        let mut images = CommittedImages { pages: HashMap::new(), bytes_max: 1 << 20, flushes: 0, pages_flushed: 0 };
+        let mut images = CommittedImages::new(1 << 20);
         let (a, b, c) = ([1u8; 3], [2u8; 10], [3u8; 5]);
         // Page 1 and 2 (one entry crossing their boundary), page 4; page 1 again later.
         let entries = [
@@ -211,10 +300,32 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_flush_writes_some_images_and_keeps_the_rest_readable() {
+        let pages = 10u64;
+        let file = MemFile(Mutex::new(vec![0u8; (HEADER_BYTES + pages * PAGE_SIZE as u64) as usize]));
+        let mut images = CommittedImages::new(1 << 20);
+        let one = [5u8; 1];
+        let entries: Vec<Entry<'_>> = (0..pages).map(|p| Entry { offset: p * PAGE_SIZE as u64 + 3, data: &one }).collect();
+        images.apply(&file, &entries).unwrap();
+        assert_eq!(images.flush_some(&file, 4).unwrap(), 6);
+        assert_eq!(images.flush_some(&file, 4).unwrap(), 2);
+        // Flushed or not, every page reads back its committed image.
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in 0..pages {
+            images.read(&file, p, &mut page).unwrap();
+            assert_eq!(page[3], 5, "page {p}");
+        }
+        assert_eq!(images.flush_some(&file, 4).unwrap(), 0);
+        assert_eq!(images.pages_flushed, pages);
+        let f = file.0.lock().unwrap();
+        assert!((0..pages).all(|p| f[(HEADER_BYTES + p * PAGE_SIZE as u64 + 3) as usize] == 5));
+    }
+
+    #[test]
     fn the_budget_is_counted_in_pages() {
         let file = MemFile(Mutex::new(vec![0u8; (HEADER_BYTES as usize) + 4 * PAGE_SIZE]));
         let mut images =
-            CommittedImages { pages: HashMap::new(), bytes_max: 2 * PAGE_SIZE, flushes: 0, pages_flushed: 0 };
+            CommittedImages::new(2 * PAGE_SIZE);
         let one = [9u8; 1];
         for p in 0..3u64 {
             assert!(!images.over_budget());

@@ -604,8 +604,7 @@ impl Heap {
             st.applied_lsn
         };
         // A released page is read back from the heap file: it must hold every committed image.
-        crate::images::lock(&self.images)
-            .flush(&*self.store)
+        crate::images::flush_all(&self.images, &*self.store)
             .map_err(|e| Error::io(&self.path, "writing committed pages into the heap file before a release", e))?;
         let mut keep: Vec<usize> = self.carried_pages.clone();
         keep.extend(self.page_last_lsn.iter().filter(|(_, &l)| l > applied_lsn).map(|(&p, _)| p));
