@@ -524,6 +524,18 @@ pub fn restarts(cfg: &TurnBenchConfig, count: usize) -> Result<RestartRun, Strin
                     Ok(Seen::Opened(g, at)) if g == generation => opened = Some(at),
                     Ok(Seen::Restarted(g, at)) if g == generation => {
                         run.to_turn_ms.push(at.duration_since(spawned).as_secs_f64() * 1e3);
+                        // The open is logged (stderr) before the turn (stdout), but the two pipes
+                        // are read by two threads: on a busy machine the turn's line can arrive
+                        // first. Wait a little for the open's.
+                        let open_deadline = Instant::now() + Duration::from_secs(2);
+                        while opened.is_none() {
+                            let left = open_deadline.saturating_duration_since(Instant::now());
+                            match rx.recv_timeout(left) {
+                                Ok(Seen::Opened(g, at)) if g == generation => opened = Some(at),
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
+                        }
                         if let Some(o) = opened {
                             run.to_open_ms.push(o.duration_since(spawned).as_secs_f64() * 1e3);
                         }
