@@ -447,6 +447,9 @@ pub(crate) struct LogWriter {
     /// Durable records' bytes, applied to page images in memory; the heap file gets them at the
     /// next checkpoint (or when there are too many, see `images.rs`).
     pub images: crate::images::SharedImages,
+    /// Ask the log-writer thread to write images while idle as a checkpoint nears (see
+    /// `HeapOptions::images_only_at_checkpoints`).
+    pub images_in_background: bool,
 }
 
 /// One bit per heap page.
@@ -703,7 +706,9 @@ impl LogWriter {
         }
         if self.used_bytes > self.checkpoint_threshold_bytes {
             self.checkpoint()?;
-        } else if self.used_bytes > self.checkpoint_threshold_bytes / 2 || images_past_half(&self.images) {
+        } else if self.images_in_background
+            && (self.used_bytes > self.checkpoint_threshold_bytes / 2 || images_past_half(&self.images))
+        {
             // A checkpoint nears: let the log-writer thread, when idle, write the images now, so
             // the commit that takes the checkpoint does not have to. (With no writer thread,
             // `WriterMode::Manual`, nobody acts on it and the checkpoint writes them.)

@@ -71,6 +71,14 @@ pub struct HeapOptions {
     /// Who writes queued commits to the log: a thread of the heap's own (the default), or the
     /// owner, step by step ([`WriterMode::Manual`], for deterministic simulations).
     pub writer: WriterMode,
+    /// Write committed page images into the heap file only at checkpoints (and when they pass
+    /// their budget), never in the background. By default the log-writer thread writes them
+    /// while idle once a checkpoint nears, so the commit that takes the checkpoint has little
+    /// left to write (a shorter worst case), at the cost of that thread's work running beside
+    /// the committing one (measured: p99.9 ~1.0 instead of ~1.5 ms, p50 +15 % on 2 vCPUs, for
+    /// 1-page commits at random pages). Set it for simulations that replay a seed's I/O
+    /// operations in the same order, or to trade the worst case for the median.
+    pub images_only_at_checkpoints: bool,
 }
 
 /// Who runs the log writer.

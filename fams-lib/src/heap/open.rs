@@ -212,6 +212,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),
         shared: shared.clone(),
         images: images.clone(),
+        images_in_background: !opts.images_only_at_checkpoints,
     };
     let writer_core: commit::WriterCore = Arc::new(std::sync::Mutex::new(writer));
     let (core, thread_shared) = (writer_core.clone(), shared.clone());

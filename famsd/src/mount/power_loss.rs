@@ -305,6 +305,10 @@ impl<'a> Explorer<'a> {
         HeapOptions {
             checkpoint_threshold_bytes: Some(CHECKPOINT_BYTES),
             flush_mode: Some(self.flush_mode),
+            // Nothing beside the mount's own thread writes the heap file (the background writing
+            // of committed images would, when it likes), so a seed's I/O operations come in the
+            // same order every time and a state can be rebuilt by replaying them.
+            images_only_at_checkpoints: true,
             ..HeapOptions::default()
         }
     }
