@@ -210,6 +210,10 @@ impl<'a> Explorer<'a> {
             tracker: self.cfg.tracker,
             checkpoint_threshold_bytes: Some(threshold),
             flush_mode: Some(self.flush_mode),
+            // With synchronous commits only, nothing may write the heap file beside the
+            // committing thread (the background writing of committed images would, when it
+            // likes), so a seed replays bit-exactly; the mixed workload keeps it, and explores it.
+            images_only_at_checkpoints: self.cfg.sync_only,
             ..HeapOptions::default()
         }
     }
