@@ -50,9 +50,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// checkpoint (8,192 pages).
 pub(crate) const IMAGES_BYTES_MAX: usize = 32 << 20;
 
-/// Most pages one flush puts in a single vectored write (Linux's `IOV_MAX`).
-const PAGES_PER_WRITE_MAX: usize = 1024;
-
 /// The committed images newer than the heap file's pages, shared by the committing thread and
 /// the log writer.
 pub(crate) struct CommittedImages {
@@ -218,27 +215,11 @@ impl CommittedImages {
 }
 
 /// Write whole pages into the heap file (page cache), `pages` ascending: neighbouring pages go out
-/// in one vectored write.
+/// in one vectored write (`storage::write_entries` groups them).
 pub(crate) fn write_pages(store: &dyn HeapStore, pages: &[(u64, &[u8])]) -> std::io::Result<()> {
-    let mut bufs: Vec<&[u8]> = Vec::new();
-    let mut i = 0;
-    while i < pages.len() {
-        let first = pages[i].0;
-        let mut j = i + 1;
-        while j < pages.len() && j - i < PAGES_PER_WRITE_MAX && pages[j].0 == first + (j - i) as u64 {
-            j += 1;
-        }
-        bufs.clear();
-        bufs.extend(pages[i..j].iter().map(|(_, b)| *b));
-        let at = HEADER_BYTES + first * PAGE_SIZE as u64;
-        if bufs.len() == 1 {
-            store.write_all_at(bufs[0], at)?;
-        } else {
-            store.write_vectored_at(&bufs, at)?;
-        }
-        i = j;
-    }
-    Ok(())
+    let entries: Vec<Entry<'_>> =
+        pages.iter().map(|&(page, data)| Entry { offset: page * PAGE_SIZE as u64, data }).collect();
+    crate::storage::write_entries(store, &entries)
 }
 
 #[cfg(test)]
