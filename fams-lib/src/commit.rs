@@ -21,9 +21,11 @@
 //!    log, and written with one durable device write (two when it wraps around the end);
 //! 5. once durable, the group's entries are applied to the committed page images held in memory
 //!    (`images.rs`; small groups before their tickets are acknowledged, large ones after);
-//! 6. when the log holds more than the checkpoint threshold, or the next group would not fit:
-//!    write the images into the heap file, fdatasync it, then move the tail in a new superblock
-//!    (see `log_format`). Images also go to the heap file, unsynced, when there are too many.
+//! 6. when the log holds more than the checkpoint threshold: ask the heap-file thread for a
+//!    checkpoint — write the images into the heap file, fdatasync it, then move the tail in a new
+//!    superblock — which it takes beside the commits (`checkpoint.rs`); when the next group would
+//!    not fit, take one at once. Images also go to the heap file, unsynced, when there are too
+//!    many, and in the background as a checkpoint nears.
 //!
 //! Only one group is in flight at a time: that is what lets recovery tell a torn write (damage
 //! inside the last group) from corruption (damage followed by a later group). And no group is
@@ -106,6 +108,8 @@ pub struct WriterStats {
     pub records: u64,
     pub log_bytes_written: u64,
     pub checkpoints: u64,
+    /// Of those, taken on the heap-file thread (see `checkpoint.rs`).
+    pub background_checkpoints: u64,
     pub written_limit_raises: u64,
     pub heap_fdatasyncs: u64,
     /// Pages logged whole because it was their first change since a checkpoint.
@@ -126,9 +130,12 @@ pub(crate) struct WriterState {
     /// Every LSN up to this one is also in the heap file.
     pub applied_lsn: u64,
     pub failed: Option<String>,
-    /// The log-writer thread should write committed images into the heap file while it has
-    /// nothing else to do (set as a checkpoint nears; see `images.rs`).
+    /// The heap-file thread should write committed images into the heap file (set as a
+    /// checkpoint nears; see `checkpoint.rs`).
     pub flush_images: bool,
+    /// The log passed its checkpoint threshold: the heap-file thread should take a checkpoint
+    /// (see `checkpoint.rs`).
+    pub checkpoint_wanted: bool,
     pub shutdown: bool,
     /// With `shutdown`: leave without the final checkpoint, as a crash would.
     pub abandon: bool,
@@ -140,6 +147,9 @@ pub(crate) struct Shared {
     pub state: Mutex<WriterState>,
     /// Signalled when the queue gains work or shutdown is asked.
     pub work: Condvar,
+    /// Signalled when the heap-file thread has work (`flush_images`, `checkpoint_wanted`), and on
+    /// shutdown and failure.
+    pub background: Condvar,
     /// Signalled when durable_lsn / applied_lsn / failed change.
     pub progress: Condvar,
     /// Counts durable-LSN advances and failures, for event loops (see the module docs).
@@ -153,6 +163,14 @@ pub(crate) struct Shared {
     /// write-back, lifts it.
     #[cfg(test)]
     pub hold_groups: std::sync::atomic::AtomicBool,
+    /// Tests: a background checkpoint waits after its plan, before writing images, while this is
+    /// set (or until shutdown).
+    #[cfg(test)]
+    pub hold_checkpoint_before_sync: std::sync::atomic::AtomicBool,
+    /// Tests: a background checkpoint waits after its sync, before moving the tail, while this is
+    /// set (or until shutdown).
+    #[cfg(test)]
+    pub hold_checkpoint_before_tail: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -168,18 +186,24 @@ impl Shared {
                 applied_lsn: last_lsn,
                 failed: None,
                 flush_images: false,
+                checkpoint_wanted: false,
                 shutdown: false,
                 abandon: false,
                 stats: WriterStats::default(),
                 io: Default::default(),
             }),
             work: Condvar::new(),
+            background: Condvar::new(),
             progress: Condvar::new(),
             durability_fd,
             #[cfg(test)]
             panic_next_group: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             hold_groups: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            hold_checkpoint_before_sync: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            hold_checkpoint_before_tail: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -219,6 +243,7 @@ impl Shared {
             self.signal_fd();
         }
         self.progress.notify_all();
+        self.background.notify_all();
     }
 
     pub fn durability_fd(&self) -> BorrowedFd<'_> {
@@ -356,17 +381,11 @@ pub(crate) fn run_writer_thread(core: WriterCore, shared: Arc<Shared>) {
         loop {
             {
                 let mut st = shared.lock();
-                while st.queue.is_empty() && !st.shutdown && !st.flush_images {
+                while st.queue.is_empty() && !st.shutdown {
                     st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
                 if st.queue.is_empty() && st.shutdown {
                     break;
-                }
-                if st.queue.is_empty() {
-                    st.flush_images = false;
-                    drop(st);
-                    flush_images_in_background(&core, &shared);
-                    continue;
                 }
             }
             if lock_core(&core).drain().is_err() {
@@ -379,49 +398,6 @@ pub(crate) fn run_writer_thread(core: WriterCore, shared: Arc<Shared>) {
     // and `drain` and `finish` refuse to write anything once it is.
     if let Err(payload) = std::panic::catch_unwind(body) {
         shared.fail(format!("the log writer thread panicked: {}", panic_message(payload.as_ref())));
-    }
-}
-
-/// Do the images hold more than half their budget?
-fn images_past_half(images: &crate::images::SharedImages) -> bool {
-    let images = crate::images::lock(images);
-    images.len() * PAGE_SIZE > images.bytes_max() / 2
-}
-
-/// Committed images the log-writer thread copies per turn of its background flush (the lock is
-/// held only to copy them, ~20 µs, not while they are written).
-const BACKGROUND_FLUSH_PAGES: usize = 64;
-
-/// Write committed images into the heap file on the log-writer thread, a few at a time, copied
-/// under the lock and written without it (a capture reading an image never waits for a write),
-/// until none is left, the queue gets work, or the heap fails or shuts down. Pages a record
-/// changes meanwhile stay (their copy was old); at most as many pages as there were images
-/// when it started are written, so a page committed without pause cannot keep it busy.
-fn flush_images_in_background(core: &WriterCore, shared: &Shared) {
-    let (images, store, heap_path) = {
-        let w = lock_core(core);
-        (w.images.clone(), w.heap_file.clone(), w.heap_path.clone())
-    };
-    let mut pages_left = crate::images::lock(&images).len();
-    while pages_left > 0 {
-        let _writing = crate::images::lock_file_writes(&images);
-        {
-            let st = shared.lock();
-            if !st.queue.is_empty() || st.shutdown || st.failed.is_some() {
-                return;
-            }
-        }
-        let copies = crate::images::lock(&images).copy_some(BACKGROUND_FLUSH_PAGES.min(pages_left));
-        if copies.is_empty() {
-            return;
-        }
-        let pages: Vec<(u64, &[u8])> = copies.iter().map(|(p, _, b)| (*p, &b[..])).collect();
-        if let Err(e) = crate::images::write_pages(&*store, &pages) {
-            shared.fail(format!("{}: writing committed pages into the heap file: {e}", heap_path.display()));
-            return;
-        }
-        pages_left = pages_left.saturating_sub(copies.len());
-        crate::images::lock(&images).forget_written(&copies);
     }
 }
 
@@ -447,9 +423,13 @@ pub(crate) struct LogWriter {
     /// Durable records' bytes, applied to page images in memory; the heap file gets them at the
     /// next checkpoint (or when there are too many, see `images.rs`).
     pub images: crate::images::SharedImages,
-    /// Ask the log-writer thread to write images while idle as a checkpoint nears (see
-    /// `HeapOptions::images_only_at_checkpoints`).
-    pub images_in_background: bool,
+    /// A heap-file thread takes checkpoints and writes images beside the commits (see
+    /// `checkpoint.rs`); without one, checkpoints run on the thread that writes the group.
+    pub checkpoints_in_background: bool,
+    /// The background checkpoint planned and not yet finished (its id), if any.
+    pub planned_checkpoint: Option<u64>,
+    /// Checkpoints planned so far (ids).
+    pub checkpoint_plans: u64,
 }
 
 /// One bit per heap page.
@@ -705,18 +685,9 @@ impl LogWriter {
             self.shared.progress.notify_all();
         }
         if self.used_bytes > self.checkpoint_threshold_bytes {
-            self.checkpoint()?;
-        } else if self.images_in_background
-            && (self.used_bytes > self.checkpoint_threshold_bytes / 2 || images_past_half(&self.images))
-        {
-            // A checkpoint nears: let the log-writer thread, when idle, write the images now, so
-            // the commit that takes the checkpoint does not have to. (With no writer thread,
-            // `WriterMode::Manual`, nobody acts on it and the checkpoint writes them.)
-            let mut st = self.shared.lock();
-            if !st.flush_images {
-                st.flush_images = true;
-                self.shared.work.notify_one();
-            }
+            self.checkpoint_due()?;
+        } else {
+            self.images_due();
         }
         Ok(())
     }
@@ -802,7 +773,6 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Make the heap file hold everything logged so far, then free the log up to the head.
     /// Grow the heap to `new_size` bytes, failure-atomically: extend the heap file with its disk
     /// space reserved and make that durable, then write a superblock naming the new size (same
     /// tail, same epoch) with one durable write. A crash before that write leaves the old size
@@ -855,43 +825,6 @@ impl LogWriter {
         self.superblock = sb;
         let mut st = self.shared.lock();
         st.stats.written_limit_raises += 1;
-        st.io = self.dev.stats();
-        Ok(())
-    }
-
-    fn checkpoint(&mut self) -> Result<(), String> {
-        // The heap file must hold everything up to the new tail durably before the superblock
-        // says replay may start there: first the images held in memory, then its fdatasync.
-        // (The mutations `checkpoint-without-image-flush` and `checkpoint-without-heap-sync`, in
-        // `mutations` builds only, skip one step each to show the crash tests catch it.)
-        if !mutations::is_on(Mutation::CheckpointWithoutImageFlush) {
-            crate::images::flush_all(&self.images, &*self.heap_file).map_err(|e| {
-                format!("{}: writing committed pages into the heap file at checkpoint: {e}", self.heap_path.display())
-            })?;
-        }
-        if !mutations::is_on(Mutation::CheckpointWithoutHeapSync) {
-            self.heap_file
-                .sync_data()
-                .map_err(|e| format!("{}: fdatasync at checkpoint: {e}", self.heap_path.display()))?;
-        }
-        let next_lsn = self.shared.lock().applied_lsn + 1;
-        let mut sb = self.superblock;
-        sb.sequence += 1;
-        sb.tail_offset = self.head;
-        sb.tail_lsn = next_lsn;
-        sb.checkpoints += 1;
-        sb.written_limit_bytes = sb.fresh_written_limit();
-        if !sb.counters_writable() {
-            return Err(format!("{}: the log's counters are at their limit ({sb:?})", self.log_path.display()));
-        }
-        write_superblock(self.dev.as_mut(), &sb)
-            .map_err(|e| format!("{}: writing the superblock at checkpoint: {e}", self.log_path.display()))?;
-        self.superblock = sb;
-        self.used_bytes = 0;
-        self.full_image_logged.clear();
-        let mut st = self.shared.lock();
-        st.stats.checkpoints += 1;
-        st.stats.heap_fdatasyncs += 1;
         st.io = self.dev.stats();
         Ok(())
     }

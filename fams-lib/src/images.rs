@@ -186,16 +186,20 @@ impl CommittedImages {
         Ok(self.pages.len())
     }
 
-    /// Copies of at most `pages_max` of the images (any of them), ascending, to write without the
-    /// lock; then [`CommittedImages::forget_written`].
-    pub fn copy_some(&self, pages_max: usize) -> ImageCopies {
-        let mut copies: ImageCopies =
-            self.pages.iter().take(pages_max).map(|(&p, i)| (p, i.version, i.bytes.clone())).collect();
-        copies.sort_unstable_by_key(|c| c.0);
-        copies
+    /// The pages held, ascending.
+    pub fn pages(&self) -> Vec<u64> {
+        let mut pages: Vec<u64> = self.pages.keys().copied().collect();
+        pages.sort_unstable();
+        pages
     }
 
-    /// Forget the images of `written` (copies taken by [`CommittedImages::copy_some`], now in the
+    /// Copies of the images of those of `pages` still held, in that order, to write without the
+    /// lock; then [`CommittedImages::forget_written`].
+    pub fn copy_pages(&self, pages: &[u64]) -> ImageCopies {
+        pages.iter().filter_map(|p| self.pages.get(p).map(|i| (*p, i.version, i.bytes.clone()))).collect()
+    }
+
+    /// Forget the images of `written` (copies taken by [`CommittedImages::copy_pages`], now in the
     /// heap file) unless a record changed them since: those stay, newer than the file.
     pub fn forget_written(&mut self, written: &ImageCopies) {
         for (page, version, _) in written {
@@ -212,6 +216,32 @@ impl CommittedImages {
             self.pages_flushed += pages as u64;
         }
     }
+}
+
+/// Write the images held now into the heap file (page cache, no sync), `batch_pages` at a time:
+/// each batch is copied under the lock and written without it (a capture reading an image never
+/// waits for a write), and each page forgotten only if no record changed it meanwhile (those stay,
+/// newer than the file). Every page held at the start is then in the file, at that state or a newer
+/// one, or still held. `keep_going` is asked before each batch; Ok(false) if it said no.
+pub(crate) fn write_in_batches(
+    images: &SharedImages,
+    store: &dyn HeapStore,
+    batch_pages: usize,
+    keep_going: &dyn Fn() -> bool,
+) -> std::io::Result<bool> {
+    assert!(batch_pages > 0);
+    let pages = lock(images).pages();
+    for batch in pages.chunks(batch_pages) {
+        if !keep_going() {
+            return Ok(false);
+        }
+        let _writing = lock_file_writes(images);
+        let copies = lock(images).copy_pages(batch);
+        let items: Vec<(u64, &[u8])> = copies.iter().map(|(p, _, b)| (*p, &b[..])).collect();
+        write_pages(store, &items)?;
+        lock(images).forget_written(&copies);
+    }
+    Ok(true)
 }
 
 /// Write whole pages into the heap file (page cache), `pages` ascending: neighbouring pages go out

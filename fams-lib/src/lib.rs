@@ -70,6 +70,7 @@ macro_rules! internal_modules {
 }
 
 internal_modules! {
+    checkpoint;
     commit;
     heap_file;
     images;

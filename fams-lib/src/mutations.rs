@@ -39,6 +39,11 @@ pub enum Mutation {
     /// committed images held in memory into it, so the records they came from leave the log
     /// while the heap file still lacks them. Hook: `commit.rs`, `LogWriter::checkpoint`.
     CheckpointWithoutImageFlush,
+    /// A checkpoint taken beside the commits moves the log tail to the head of the moment it
+    /// writes the superblock, not to the head it planned before writing and syncing the heap
+    /// file: records written meanwhile leave replay while the heap file may lack them. Hook:
+    /// `checkpoint.rs`, `LogWriter::move_tail`.
+    BackgroundCheckpointTailAtHead,
     /// A group's tickets are reported durable (the durable LSN advances, waiters wake) before its
     /// log write is issued, let alone durable. Hook: `commit.rs`, `LogWriter::commit_group`.
     CommitAckBeforeDurable,
@@ -120,6 +125,7 @@ impl Mutation {
             | Mutation::FifoReorder => Layer::Turns,
             Mutation::CheckpointWithoutHeapSync
             | Mutation::CheckpointWithoutImageFlush
+            | Mutation::BackgroundCheckpointTailAtHead
             | Mutation::CommitAckBeforeDurable
             | Mutation::WriteBackBeforeDurable
             | Mutation::SkipFullPageImage
@@ -171,6 +177,11 @@ pub const ALL: &[(Mutation, &str, &str)] = &[
         Mutation::CheckpointWithoutImageFlush,
         "checkpoint-without-image-flush",
         "a checkpoint moves the log tail before the committed images held in memory are in the heap file",
+    ),
+    (
+        Mutation::BackgroundCheckpointTailAtHead,
+        "background-checkpoint-tail-at-head",
+        "a checkpoint taken beside the commits moves the log tail to the current head, past records written during its sync",
     ),
     (
         Mutation::CommitAckBeforeDurable,

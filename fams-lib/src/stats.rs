@@ -36,6 +36,10 @@ pub struct Stats {
     pub groups: u64,
     pub log_bytes_written: u64,
     pub checkpoints: u64,
+    /// Of those, taken on the heap's heap-file thread beside the commits (the others ran on the
+    /// thread that wrote a group: one that would not fit the log, the final one, or all of them
+    /// without that thread).
+    pub background_checkpoints: u64,
     /// Superblock writes that raised the log's written limit before a group (see `log_format`).
     pub written_limit_raises: u64,
     pub heap_fdatasyncs: u64,

@@ -71,13 +71,15 @@ pub struct HeapOptions {
     /// Who writes queued commits to the log: a thread of the heap's own (the default), or the
     /// owner, step by step ([`WriterMode::Manual`], for deterministic simulations).
     pub writer: WriterMode,
-    /// Write committed page images into the heap file only at checkpoints (and when they pass
-    /// their budget), never in the background. By default the log-writer thread writes them
-    /// while idle once a checkpoint nears, so the commit that takes the checkpoint has little
-    /// left to write (a shorter worst case), at the cost of that thread's work running beside
-    /// the committing one (measured: p99.9 ~1.0 instead of ~1.5 ms, p50 +15 % on 2 vCPUs, for
-    /// 1-page commits at random pages). Set it for simulations that replay a seed's I/O
-    /// operations in the same order, or to trade the worst case for the median.
+    /// No heap-file thread: checkpoints run on the thread that writes the group that crosses the
+    /// threshold (a synchronous `commit()`, or the log-writer thread), and committed page images
+    /// reach the heap file only at checkpoints (and when they pass their budget). By default a
+    /// thread of the heap's own takes checkpoints beside the commits — the heap file's
+    /// `fdatasync` off the committing path — and writes images as a checkpoint nears, so the
+    /// checkpoint has little left to write (`checkpoint.rs`). Set it for simulations that replay
+    /// a seed's I/O operations in the same order, or to keep that thread's work from running
+    /// beside the committing one on a machine with few CPUs. [`WriterMode::Manual`] has no
+    /// heap-file thread either.
     pub images_only_at_checkpoints: bool,
 }
 
@@ -149,6 +151,8 @@ pub struct Heap {
     /// The log writer; a synchronous commit uses it directly when it is idle.
     writer_core: commit::WriterCore,
     writer: Option<JoinHandle<()>>,
+    /// The heap-file thread: checkpoints and image writes beside the commits (`checkpoint.rs`).
+    heap_file_thread: Option<JoinHandle<()>>,
     /// [`WriterMode::Manual`]: no writer thread; the owner steps the writer.
     manual: bool,
     log_path: PathBuf,
@@ -671,10 +675,14 @@ impl Heap {
             let mut st = self.shared.lock();
             st.shutdown = true;
             self.shared.work.notify_all();
+            self.shared.background.notify_all();
             st.abandon
         };
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        if let Some(t) = self.heap_file_thread.take() {
+            let _ = t.join();
         }
         if self.manual {
             // What the thread does when it leaves, here; once only (shutdown stays set).
@@ -710,6 +718,7 @@ impl Heap {
         s.groups = st.stats.groups;
         s.log_bytes_written = st.stats.log_bytes_written;
         s.checkpoints = st.stats.checkpoints;
+        s.background_checkpoints = st.stats.background_checkpoints;
         s.heap_fdatasyncs = st.stats.heap_fdatasyncs;
         s.written_limit_raises = st.stats.written_limit_raises;
         s.full_images_after_checkpoint = st.stats.full_images_after_checkpoint;

@@ -199,6 +199,8 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
     let (log_kind, io_path, flush_mode) = (dev.kind(), dev.io_path(), dev.flush_mode());
     let io_fallback = dev.fallback_reason().map(str::to_string);
     let images = crate::images::new_shared(crate::images::IMAGES_BYTES_MAX);
+    let manual = opts.writer == WriterMode::Manual;
+    let background = !manual && !opts.images_only_at_checkpoints;
     let writer = LogWriter {
         dev,
         log_path: log_path.clone(),
@@ -212,11 +214,12 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         checkpoint_threshold_bytes: opts.checkpoint_threshold_bytes.unwrap_or(capacity_bytes / 4),
         shared: shared.clone(),
         images: images.clone(),
-        images_in_background: !opts.images_only_at_checkpoints,
+        checkpoints_in_background: background,
+        planned_checkpoint: None,
+        checkpoint_plans: 0,
     };
     let writer_core: commit::WriterCore = Arc::new(std::sync::Mutex::new(writer));
     let (core, thread_shared) = (writer_core.clone(), shared.clone());
-    let manual = opts.writer == WriterMode::Manual;
     let writer = if manual {
         None
     } else {
@@ -228,6 +231,27 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
                 Error::io(path, "starting the log writer thread", e)
             })?;
         Some(thread)
+    };
+    let heap_file_thread = if background {
+        let (core, thread_shared) = (writer_core.clone(), shared.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fams-checkpoint".into())
+            .spawn(move || crate::checkpoint::run_heap_file_thread(core, thread_shared));
+        match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Stop the log writer first: it must not outlive the mapping.
+                shared.lock().shutdown = true;
+                shared.work.notify_all();
+                if let Some(w) = writer {
+                    let _ = w.join();
+                }
+                unmap();
+                return Err(Error::io(path, "starting the heap-file thread", e));
+            }
+        }
+    } else {
+        None
     };
     Ok(Heap {
         path: path.into(),
@@ -242,6 +266,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         shared,
         writer_core,
         writer,
+        heap_file_thread,
         manual,
         log_path,
         log_kind,

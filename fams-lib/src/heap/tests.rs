@@ -333,3 +333,92 @@ fn a_manual_writer_never_blocks_commit_wait_bounds_or_close() {
     assert_eq!(page_byte(&h, 9), 3);
     assert_eq!(page_byte(&h, 10), 5, "close wrote the queued commit");
 }
+
+/// Commit one byte into page `i % pages`, and the same into `model`.
+fn commit_step(h: &mut Heap, model: &mut [u8], i: usize, pages: usize) {
+    let at = (i % pages) * PAGE_SIZE + i % 7;
+    let byte = (i % 251) as u8 + 1;
+    h.bytes_mut()[at] = byte;
+    model[at] = byte;
+    h.commit().unwrap();
+}
+
+/// Commit until the heap-file thread has planned a checkpoint (bounded); returns commits made.
+fn commit_until_planned(h: &mut Heap, model: &mut [u8], pages: usize) -> usize {
+    for i in 0..100_000 {
+        commit_step(h, model, i, pages);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        if h.stats().checkpoints == 0 && commit::lock_core(&h.writer_core).used_bytes > (1 << 20) {
+            // Past the threshold: the plan comes from the other thread; wait for it.
+            while commit::lock_core(&h.writer_core).planned_checkpoint.is_none() {
+                assert!(std::time::Instant::now() < deadline, "no checkpoint planned within 10 s");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if commit::lock_core(&h.writer_core).planned_checkpoint.is_some() {
+            return i + 1;
+        }
+    }
+    panic!("no checkpoint planned after 100,000 commits");
+}
+
+#[test]
+fn a_background_checkpoint_moves_the_tail_to_its_plan_while_commits_go_on() {
+    let dir = Dir::new("bg-checkpoint");
+    let path = dir.heap();
+    let pages = 1000;
+    let opts = HeapOptions { checkpoint_threshold_bytes: Some(1 << 20), ..HeapOptions::default() };
+    let mut model = {
+        let h = Heap::open(&path, &opts).unwrap();
+        h.bytes().to_vec()
+    };
+    let mut h = Heap::open(&path, &opts).unwrap();
+    h.shared.hold_checkpoint_before_tail.store(true, SeqCst);
+    let before = commit_until_planned(&mut h, &mut model, pages);
+    // The heap file is synced, the tail not moved yet: commits go on, each touching a page for
+    // the first time since the plan.
+    let during = 40;
+    for i in before..before + during {
+        commit_step(&mut h, &mut model, i, pages);
+    }
+    assert_eq!(h.stats().checkpoints, 0, "the held checkpoint moved the tail");
+    assert!(commit::lock_core(&h.writer_core).planned_checkpoint.is_some());
+    h.shared.hold_checkpoint_before_tail.store(false, SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.stats().background_checkpoints == 0 {
+        assert!(std::time::Instant::now() < deadline, "the checkpoint did not finish within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(h.stats().checkpoints, 1);
+    h.abandon(); // a crash: the images of the commits made during the checkpoint are lost
+    let h = Heap::open(&path, &opts).unwrap();
+    let replayed = h.recovery.records_replayed;
+    assert!(
+        replayed >= during as u64,
+        "recovery replayed {replayed} records; the {during} written while the checkpoint ran are after its tail"
+    );
+    assert!(replayed < (before + during) as u64, "the tail did not move: {replayed} records replayed");
+    assert!(h.bytes() == &model[..], "the recovered heap differs from the last commit");
+}
+
+#[test]
+fn a_crash_before_a_background_checkpoint_moves_the_tail_loses_nothing() {
+    let dir = Dir::new("bg-checkpoint-crash");
+    let path = dir.heap();
+    let pages = 1000;
+    let opts = HeapOptions { checkpoint_threshold_bytes: Some(1 << 20), ..HeapOptions::default() };
+    let mut model = {
+        let h = Heap::open(&path, &opts).unwrap();
+        h.bytes().to_vec()
+    };
+    let mut h = Heap::open(&path, &opts).unwrap();
+    h.shared.hold_checkpoint_before_sync.store(true, SeqCst);
+    let before = commit_until_planned(&mut h, &mut model, pages);
+    for i in before..before + 40 {
+        commit_step(&mut h, &mut model, i, pages);
+    }
+    h.abandon(); // before the images are written: only the log holds the commits
+    let h = Heap::open(&path, &opts).unwrap();
+    assert_eq!(h.recovery.records_replayed, (before + 40) as u64, "replay starts at the old tail");
+    assert!(h.bytes() == &model[..], "the recovered heap differs from the last commit");
+}
