@@ -14,9 +14,9 @@
 //! * when they hold more than their budget (then without a sync: like the old write-back);
 //! * before the heap releases resident pages (`Heap::release_committed`: a released page is read
 //!   back from the heap file, which must then be current);
-//! * in the background, on the log-writer thread while it has nothing else to do, once a
-//!   checkpoint nears (half the threshold, or half the budget): then the commit that takes the
-//!   checkpoint finds little left to write.
+//! * in the background, on the heap-file thread (`checkpoint.rs`), once a checkpoint nears (half
+//!   the threshold, or half the budget) and a batch has gathered: then the checkpoint finds little
+//!   left to write.
 //!
 //! Each flush writes the pages in ascending order, neighbours in one vectored write.
 //!
@@ -75,7 +75,7 @@ pub(crate) type ImageCopies = Vec<(u64, u64, Box<[u8; PAGE_SIZE]>)>;
 pub(crate) struct ImageStore {
     images: Mutex<CommittedImages>,
     /// Held by whoever writes images into the heap file (taken before `images`), so two writes
-    /// of one page can never land out of order: the log-writer thread's background flush writes
+    /// of one page can never land out of order: the heap-file thread's batches write
     /// copies without holding `images`, and a checkpoint's flush must not be overtaken by it.
     file_writes: Mutex<()>,
 }

@@ -723,6 +723,14 @@ fn crashes_catch_the_heap_mutations() {
     }
     let mut missed = Vec::new();
     for (_, name, what) in fams::mutations::of_layer(fams::mutations::Layer::Heap) {
+        if *name == "background-checkpoint-tail-at-head" {
+            // This test's heaps step a manual writer (so a seed replays its I/O exactly), and a
+            // manual writer has no heap-file thread, so no checkpoint runs beside the commits.
+            // The power-loss explorer, the real power cuts, the SIGKILL torture and the heap's
+            // unit test catch it.
+            say(&format!("mutation {name}: not run (no checkpoint beside the commits with a manual writer)"));
+            continue;
+        }
         fams::mutations::set(name).expect("switch the mutation on");
         let cfg =
             SimConfig { states: env_u64("FAMS_ALLOC_SIM_STATES", 3000), seed: seed(), stop_at_first_violation: true };
