@@ -110,6 +110,8 @@ pub struct PowerLossReport {
     pub garbage_sectors: u64,
     pub records_replayed: u64,
     pub checkpoints: u64,
+    /// Of those, taken by the heap-file thread beside the commits (none with `--sync-only`).
+    pub background_checkpoints: u64,
     /// Superblock writes that raised the log's written limit (each a place a cut can land).
     pub written_limit_raises: u64,
     /// Failed turns rolled back (and checked to leave the heap as it was).
@@ -153,6 +155,7 @@ impl PowerLossReport {
             "garbage_sectors": self.garbage_sectors,
             "records_replayed": self.records_replayed,
             "checkpoints": self.checkpoints,
+            "background_checkpoints": self.background_checkpoints,
             "written_limit_raises": self.written_limit_raises,
             "rollbacks": self.rollbacks,
             "final_commit": self.final_commit,
@@ -374,7 +377,7 @@ impl<'a> Explorer<'a> {
     /// Commit the workload until the power goes (or `max_commits`). Returns the highest commit
     /// issued; updates `acked`.
     fn run_workload(&mut self, heap: &mut Heap, rng: &mut SimRng, max_commits: u64, sync_only: bool) -> u64 {
-        let checkpoints_before = heap.stats().checkpoints;
+        let (checkpoints_before, background_before) = (heap.stats().checkpoints, heap.stats().background_checkpoints);
         let raises_before = heap.stats().written_limit_raises;
         let mut k = commit_number(heap.bytes());
         let mut done = 0;
@@ -419,6 +422,7 @@ impl<'a> Explorer<'a> {
             }
         }
         self.report.checkpoints += heap.stats().checkpoints - checkpoints_before;
+        self.report.background_checkpoints += heap.stats().background_checkpoints - background_before;
         self.report.written_limit_raises += heap.stats().written_limit_raises - raises_before;
         k
     }
