@@ -112,7 +112,9 @@ pub(crate) struct Recovered {
     pub report: RecoveryReport,
 }
 
-/// Read window over the log: recovery reads sequentially in large aligned chunks.
+/// Read window over the log: recovery reads sequentially in large aligned chunks — ahead of the
+/// replay, on a thread of its own, when the device offers a second handle ([`ReadAhead`]); else,
+/// and for any read the read-ahead cannot serve, on this thread.
 struct LogReader<'a> {
     dev: &'a mut dyn LogDevice,
     buf: AlignedBuf,
@@ -120,19 +122,31 @@ struct LogReader<'a> {
     len: usize,
     area_end: u64,
     bytes_read: u64,
+    ahead: Option<ReadAhead>,
 }
 
 const WINDOW_BYTES: usize = 1 << 20;
 
 impl<'a> LogReader<'a> {
     fn new(dev: &'a mut dyn LogDevice, area_end: u64) -> LogReader<'a> {
-        LogReader { dev, buf: AlignedBuf::zeroed(WINDOW_BYTES), start: 0, len: 0, area_end, bytes_read: 0 }
+        LogReader { dev, buf: AlignedBuf::zeroed(0), start: 0, len: 0, area_end, bytes_read: 0, ahead: None }
+    }
+
+    /// Start reading the log ahead: `limit_bytes` in ring order from the tail (what recovery may
+    /// look at). Without a second handle on the device, or a thread, reads stay on this thread.
+    fn read_ahead(&mut self, sb: &Superblock, limit_bytes: u64) {
+        if let Some(reader) = self.dev.reader() {
+            self.ahead = ReadAhead::start(reader, sb.area_start, sb.area_end, sb.tail_offset, limit_bytes);
+        }
     }
 
     /// The bytes [offset, offset+len), both block aligned and inside the record area.
     fn get(&mut self, offset: u64, len: usize) -> std::io::Result<&[u8]> {
         debug_assert!(offset % BLOCK as u64 == 0 && len % BLOCK == 0);
         debug_assert!(offset + len as u64 <= self.area_end);
+        if self.ahead.as_mut().is_some_and(|a| a.fill(offset, len)) {
+            return Ok(self.ahead.as_ref().map_or(&[][..], |a| a.slice(len)));
+        }
         let window_end = self.start + self.len as u64;
         let inside = offset >= self.start && offset + len as u64 <= window_end;
         if !inside {
@@ -141,8 +155,10 @@ impl<'a> LogReader<'a> {
             let keep = if offset >= self.start && offset < window_end { (window_end - offset) as usize } else { 0 };
             if len > self.buf.len() {
                 let mut bigger = AlignedBuf::zeroed(len.next_multiple_of(WINDOW_BYTES));
-                let at = (offset - self.start) as usize;
-                bigger[..keep].copy_from_slice(&self.buf[at..at + keep]);
+                if keep > 0 {
+                    let at = (offset - self.start) as usize;
+                    bigger[..keep].copy_from_slice(&self.buf[at..at + keep]);
+                }
                 self.buf = bigger;
             } else if keep > 0 {
                 let at = (offset - self.start) as usize;
@@ -158,9 +174,203 @@ impl<'a> LogReader<'a> {
         let at = (offset - self.start) as usize;
         Ok(&self.buf[at..at + len])
     }
+
+    /// Bytes read from the device so far, by this thread and the read-ahead (which is stopped).
+    fn finish(&mut self) -> u64 {
+        let ahead = self.ahead.take().map_or(0, |a| a.stop());
+        self.bytes_read + ahead
+    }
 }
 
-/// Read both superblock slots and return the current one.
+/// Windows in flight between the read-ahead thread and the replay (each [`WINDOW_BYTES`]).
+const READ_AHEAD_WINDOWS: usize = 4;
+
+/// One window of the log, read ahead: `len` bytes at ring distance `distance` from the tail.
+struct Window {
+    distance: u64,
+    buf: AlignedBuf,
+    len: usize,
+}
+
+/// The log read ahead of the replay by a thread of its own, as a stream: the record area in
+/// ring order from the tail (wrapping from the area's end to its start), `limit` bytes long, in
+/// windows that never cross the area's end. A record never crosses it either, so every request
+/// is one contiguous stretch of the stream. Requests go forward (replay, then the look for a later
+/// group); one behind the stream (after a look at the area start that found no wrap) is not
+/// served here and goes to the device directly, as does everything after a read error — the
+/// direct read then reports it.
+struct ReadAhead {
+    area_start: u64,
+    area_end: u64,
+    tail: u64,
+    limit: u64,
+    /// Received windows, ascending, covering a stretch of the stream with no gap.
+    windows: std::collections::VecDeque<Window>,
+    rx: Option<std::sync::mpsc::Receiver<std::io::Result<Window>>>,
+    /// Buffers given back to the thread for reuse.
+    recycle: std::sync::mpsc::Sender<AlignedBuf>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    bytes_read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// A request spanning windows is copied here.
+    scratch: AlignedBuf,
+    /// Where the last filled request lies: in the front window at this offset, or (None) in
+    /// `scratch`.
+    hit: Option<usize>,
+}
+
+impl ReadAhead {
+    fn start(
+        mut reader: Box<dyn crate::io::LogRead>,
+        area_start: u64,
+        area_end: u64,
+        tail: u64,
+        limit: u64,
+    ) -> Option<ReadAhead> {
+        use std::sync::atomic::Ordering::Relaxed;
+        assert!(area_start <= tail && tail < area_end && limit <= area_end - area_start);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Window>>(READ_AHEAD_WINDOWS - 1);
+        let (recycle, recycled) = std::sync::mpsc::channel::<AlignedBuf>();
+        let bytes_read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = bytes_read.clone();
+        let thread = std::thread::Builder::new()
+            .name("fams-log-read-ahead".into())
+            .spawn(move || {
+                let mut distance = 0u64;
+                while distance < limit {
+                    let pos = ring_position(area_start, area_end, tail, distance);
+                    let len = (WINDOW_BYTES as u64).min(limit - distance).min(area_end - pos) as usize;
+                    let mut buf = recycled.try_recv().unwrap_or_else(|_| AlignedBuf::zeroed(WINDOW_BYTES));
+                    let read = reader.read_exact_at(pos, &mut buf[..len]);
+                    let failed = read.is_err();
+                    if !failed {
+                        counter.fetch_add(len as u64, Relaxed);
+                    }
+                    // The receiver is gone once recovery has what it needs: stop.
+                    if tx.send(read.map(|()| Window { distance, buf, len })).is_err() || failed {
+                        return;
+                    }
+                    distance += len as u64;
+                }
+            })
+            .ok()?;
+        Some(ReadAhead {
+            area_start,
+            area_end,
+            tail,
+            limit,
+            windows: std::collections::VecDeque::new(),
+            rx: Some(rx),
+            recycle,
+            thread: Some(thread),
+            bytes_read,
+            scratch: AlignedBuf::zeroed(0),
+            hit: None,
+        })
+    }
+
+    /// Make [offset, offset+len) ready for [`ReadAhead::slice`]; false if this stream cannot
+    /// serve it (behind the stream, past its limit, or the thread stopped).
+    fn fill(&mut self, offset: u64, len: usize) -> bool {
+        let distance = ring_distance(self.area_start, self.area_end, self.tail, offset);
+        let end = distance + len as u64;
+        if end > self.limit {
+            return false;
+        }
+        loop {
+            while self.windows.front().is_some_and(|w| w.distance + w.len as u64 <= distance) {
+                let done = self.windows.pop_front().map(|w| w.buf);
+                if let Some(buf) = done {
+                    let _ = self.recycle.send(buf);
+                }
+            }
+            if let Some(front) = self.windows.front() {
+                if front.distance > distance {
+                    return false; // behind the stream
+                }
+                let back = self.windows.back().map_or(0, |w| w.distance + w.len as u64);
+                if back >= end {
+                    break;
+                }
+            }
+            let Some(rx) = &self.rx else { return false };
+            match rx.recv() {
+                Ok(Ok(w)) => self.windows.push_back(w),
+                // A read error, or the thread gone: the direct read reports what is wrong.
+                Ok(Err(_)) | Err(_) => {
+                    self.rx = None;
+                    return false;
+                }
+            }
+        }
+        let front = &self.windows[0];
+        let at = (distance - front.distance) as usize;
+        if at + len <= front.len {
+            self.hit = Some(at);
+            return true;
+        }
+        if self.scratch.len() < len {
+            self.scratch = AlignedBuf::zeroed(len.next_multiple_of(WINDOW_BYTES));
+        }
+        let mut copied = 0usize;
+        for w in &self.windows {
+            if copied == len {
+                break;
+            }
+            let from = (distance + copied as u64 - w.distance) as usize;
+            let n = (w.len - from).min(len - copied);
+            self.scratch[copied..copied + n].copy_from_slice(&w.buf[from..from + n]);
+            copied += n;
+        }
+        assert_eq!(copied, len, "the windows cover the request");
+        self.hit = None;
+        true
+    }
+
+    /// The request made ready by the last [`ReadAhead::fill`] that returned true.
+    fn slice(&self, len: usize) -> &[u8] {
+        match self.hit {
+            Some(at) => &self.windows[0].buf[at..at + len],
+            None => &self.scratch[..len],
+        }
+    }
+
+    /// Stop the thread; the bytes it read.
+    fn stop(mut self) -> u64 {
+        self.rx = None; // its next send fails, and it returns
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.rx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Ring distance from `tail` to `offset` in the record area [area_start, area_end).
+fn ring_distance(area_start: u64, area_end: u64, tail: u64, offset: u64) -> u64 {
+    if offset >= tail {
+        offset - tail
+    } else {
+        (area_end - tail) + (offset - area_start)
+    }
+}
+
+/// The offset `distance` bytes past `tail` in ring order.
+fn ring_position(area_start: u64, area_end: u64, tail: u64, distance: u64) -> u64 {
+    if distance < area_end - tail {
+        tail + distance
+    } else {
+        area_start + (distance - (area_end - tail))
+    }
+}
+
 pub(crate) fn read_superblock(dev: &mut dyn LogDevice, log_path: &Path) -> Result<Superblock> {
     read_superblock_slots(dev, log_path).map(|(sb, _)| sb)
 }
@@ -276,6 +486,7 @@ pub(crate) fn recover(
     // How far past the tail records can be: the written limit — or anywhere, when the limit is
     // not recorded or the other slot is damaged and may have held a larger one.
     let scan_limit = if other_slot_damaged { sb.capacity_bytes() } else { sb.scan_limit_bytes() };
+    reader.read_ahead(&sb, scan_limit);
     let end_why = loop {
         debug_assert!(lsn >= sb.tail_lsn);
         // The next record may have wrapped to the area start only if that lies inside the limit.
@@ -349,7 +560,7 @@ pub(crate) fn recover(
             Some(format!("dropped LSN {lsn} and everything after it (up to at least LSN {later}): {reason}"));
     }
     report.torn_tail = end_why;
-    report.log_bytes_read = reader.bytes_read;
+    report.log_bytes_read = reader.finish();
     drop(reader);
     report.next_lsn = lsn;
     report.heap_size_bytes = sb.heap_size;
@@ -481,4 +692,98 @@ fn later_group_after(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log in memory, readable from another thread; fails reads at and past `fail_at`.
+    struct MemLog {
+        bytes: std::sync::Arc<Vec<u8>>,
+        fail_at: u64,
+    }
+
+    impl crate::io::LogRead for MemLog {
+        fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            if offset + buf.len() as u64 > self.fail_at {
+                return Err(std::io::Error::other("injected read error"));
+            }
+            buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    /// Every block holds its own block number, so a wrong byte says where it came from.
+    fn numbered(blocks: u64) -> std::sync::Arc<Vec<u8>> {
+        let mut v = vec![0u8; (blocks * BLOCK as u64) as usize];
+        for (i, b) in v.chunks_mut(BLOCK).enumerate() {
+            for w in b.chunks_mut(8) {
+                w.copy_from_slice(&(i as u64).to_le_bytes());
+            }
+        }
+        std::sync::Arc::new(v)
+    }
+
+    fn expect_blocks(got: &[u8], first_block: u64) {
+        for (i, b) in got.chunks(BLOCK).enumerate() {
+            let want = first_block + i as u64;
+            assert!(b.chunks(8).all(|w| w == want.to_le_bytes()), "block {i} of the request is not block {want}");
+        }
+    }
+
+    #[test]
+    fn the_read_ahead_serves_forward_requests_across_windows_and_the_wrap() {
+        let window_blocks = (WINDOW_BYTES / BLOCK) as u64;
+        let area = (2u64, 2 + 5 * window_blocks + 3); // blocks; not a multiple of the window
+        let log = numbered(area.1);
+        let (start, end) = (area.0 * BLOCK as u64, area.1 * BLOCK as u64);
+        let tail = start + (3 * window_blocks + 1) * BLOCK as u64;
+        let limit = end - start;
+        let reader = Box::new(MemLog { bytes: log.clone(), fail_at: u64::MAX });
+        let mut a = ReadAhead::start(reader, start, end, tail, limit).expect("a thread");
+        let block = BLOCK as u64;
+        // From the tail to the area's end in requests of assorted sizes, some spanning windows.
+        let mut at = tail;
+        let mut sizes = [1u64, 7, window_blocks + 5, 2, 3 * window_blocks, 1].into_iter().cycle();
+        while at < end {
+            let n = sizes.next().unwrap().min((end - at) / block);
+            assert!(a.fill(at, (n * block) as usize), "request at {at} not served");
+            expect_blocks(a.slice((n * block) as usize), at / block);
+            at += n * block;
+        }
+        // Then from the area's start, up to the limit (just before the tail).
+        let mut at = start;
+        while at < tail {
+            let n = (window_blocks / 2).min((tail - at) / block);
+            assert!(a.fill(at, (n * block) as usize));
+            expect_blocks(a.slice((n * block) as usize), at / block);
+            at += n * block;
+        }
+        // Behind the stream: not served (the direct read takes it).
+        assert!(!a.fill(tail, BLOCK));
+        assert_eq!(a.stop(), limit, "the whole limit was read once");
+    }
+
+    #[test]
+    fn the_read_ahead_gives_up_on_a_read_error_and_past_its_limit() {
+        let w = (WINDOW_BYTES / BLOCK) as u64;
+        let block = BLOCK as u64;
+        let (start, end) = (2 * block, (2 + 4 * w) * block);
+        // The third window's read fails.
+        let reader = Box::new(MemLog { bytes: numbered(2 + 4 * w), fail_at: start + (2 * w + 1) * block });
+        let mut a = ReadAhead::start(reader, start, end, start, 4 * w * block).expect("a thread");
+        assert!(a.fill(start, 8 * BLOCK));
+        expect_blocks(a.slice(8 * BLOCK), 2);
+        assert!(a.fill(start + (w + 3) * block, BLOCK), "the second window");
+        assert!(!a.fill(start + (2 * w + 3) * block, BLOCK), "the failed window");
+        assert!(!a.fill(start + (3 * w) * block, BLOCK), "nothing after an error");
+        drop(a);
+        let reader = Box::new(MemLog { bytes: numbered(2 + 4 * w), fail_at: u64::MAX });
+        let mut b = ReadAhead::start(reader, start, end, start, 16 * block).expect("a thread");
+        assert!(!b.fill(start + 16 * block, BLOCK), "past the limit");
+        assert!(b.fill(start + 15 * block, BLOCK));
+        expect_blocks(b.slice(BLOCK), 17);
+        assert_eq!(b.stop(), 16 * block);
+    }
 }

@@ -41,6 +41,19 @@ pub(crate) struct Target {
     pub mem_align: u32,
 }
 
+impl Target {
+    /// The same target through a duplicated descriptor (one open file: flags and all).
+    pub fn try_clone(&self) -> std::io::Result<Target> {
+        Ok(Target {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+            kind: self.kind,
+            size_bytes: self.size_bytes,
+            mem_align: self.mem_align,
+        })
+    }
+}
+
 /// What to tell the operator for a given errno (appended to error messages).
 pub(crate) fn errno_hint(errno: i32) -> &'static str {
     use nix::errno::Errno;

@@ -212,6 +212,36 @@ pub trait LogDevice: Send {
     fn fallback_reason(&self) -> Option<&str> {
         None
     }
+    /// A second handle that reads the same device, for a thread that reads ahead while this one
+    /// is busy (recovery's replay). None if the device offers none; the caller then reads on its
+    /// own thread.
+    fn reader(&self) -> Option<Box<dyn LogRead>> {
+        None
+    }
+}
+
+/// Reads of a log device from another thread (see [`LogDevice::reader`]).
+pub trait LogRead: Send {
+    /// As [`LogDevice::read_exact_at`].
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// The real device's second handle: a duplicate of its descriptor (same open file, so the same
+/// `O_DIRECT`), read with plain `pread`s.
+struct PlainReader {
+    target: Target,
+    stats: IoStats,
+}
+
+impl LogRead for PlainReader {
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        device::check_range(&self.target.path, self.target.size_bytes, offset, buf.len(), "read")?;
+        let aligned = (buf.as_ptr() as usize) & (self.target.mem_align as usize - 1) == 0;
+        if !aligned || buf.len() > MAX_IO_BYTES {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read-ahead buffers are aligned and at most 1 GiB"));
+        }
+        sync::SyncIo.read(&self.target, &mut [(offset, buf)], &mut self.stats)
+    }
 }
 
 /// Options for [`open_log`]. `None` means automatic.
@@ -417,6 +447,11 @@ impl<B: Backend> LogDevice for Log<B> {
             return Ok(());
         }
         self.backend.write_durable(&self.target, self.flush, &pieces, &mut self.stats)
+    }
+
+    fn reader(&self) -> Option<Box<dyn LogRead>> {
+        let target = self.target.try_clone().ok()?;
+        Some(Box::new(PlainReader { target, stats: IoStats::default() }))
     }
 
     fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -503,6 +503,28 @@ pub struct SimLog {
     flush: FlushMode,
 }
 
+/// A read of the simulated log (reads are not operations: they never count toward a cut).
+fn read_log(machine: &SimMachine, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut m = machine.lock();
+    if !m.powered {
+        return Err(powered_off());
+    }
+    m.log.check_range(offset, buf.len())?;
+    m.log.read(offset, buf);
+    m.log_stats.reads += 1;
+    m.log_stats.bytes_read += buf.len() as u64;
+    Ok(())
+}
+
+/// The simulated log read from another thread (recovery's read-ahead).
+struct SimLogReader(SimMachine);
+
+impl crate::io::LogRead for SimLogReader {
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        read_log(&self.0, offset, buf)
+    }
+}
+
 impl LogDevice for SimLog {
     fn path(&self) -> &Path {
         &self.path
@@ -592,15 +614,11 @@ impl LogDevice for SimLog {
     }
 
     fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let mut m = self.machine.lock();
-        if !m.powered {
-            return Err(powered_off());
-        }
-        m.log.check_range(offset, buf.len())?;
-        m.log.read(offset, buf);
-        m.log_stats.reads += 1;
-        m.log_stats.bytes_read += buf.len() as u64;
-        Ok(())
+        read_log(&self.machine, offset, buf)
+    }
+
+    fn reader(&self) -> Option<Box<dyn crate::io::LogRead>> {
+        Some(Box::new(SimLogReader(self.machine.clone())))
     }
 
     fn stats(&self) -> IoStats {
