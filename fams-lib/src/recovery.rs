@@ -5,7 +5,10 @@
 //! 2. From the tail, read records in LSN order: the record with LSN `n` is at the current position,
 //!    or at the start of the record area when the writer wrapped. Each record's header and payload
 //!    checksums must match and its entries must lie inside the heap; its entries are written into
-//!    the heap file.
+//!    the heap file. A thread of its own reads the log ahead meanwhile, in 1 MiB windows in ring
+//!    order from the tail up to the written limit, so the device's reads overlap the replay's
+//!    copying (`ReadAhead`); whatever it cannot serve is read directly, and its bytes are checked
+//!    exactly like those.
 //! 3. The first position that holds no valid record with the expected LSN is the end. What lies
 //!    after it decides whether that end is honest: an intact record of this epoch from a *later*
 //!    device write (its group started after the missing LSN) proves the missing record had been

@@ -214,7 +214,8 @@ pub trait LogDevice: Send {
     }
     /// A second handle that reads the same device, for a thread that reads ahead while this one
     /// is busy (recovery's replay). None if the device offers none; the caller then reads on its
-    /// own thread.
+    /// own thread. Its reads are not counted in [`LogDevice::stats`] (recovery counts them in
+    /// `RecoveryReport::log_bytes_read`).
     fn reader(&self) -> Option<Box<dyn LogRead>> {
         None
     }
