@@ -55,7 +55,7 @@ pub fn inspect(path: &Path, log_path: Option<PathBuf>) -> Result<Inspection> {
     let (log_path, mut dev, _) = open_log_of(path, &header, &opts, &mut crate::storage::RealStorage)?;
     let superblock = recovery::read_superblock(dev.as_mut(), &log_path)?;
     let file = crate::storage::RealHeapFile::new(std::sync::Arc::new(file), 0);
-    let pending = recovery::recover(dev.as_mut(), &log_path, &file, path, &header, recovery::Mode::DryRun)
+    let pending = recovery::recover(dev.as_mut(), &log_path, &file, path, &header, recovery::Mode::DryRun, None)
         .map(|r| r.report)
         .map_err(|e| e.to_string());
     let heap_size_bytes = if superblock.heap_size == 0 { header.heap_size } else { superblock.heap_size };

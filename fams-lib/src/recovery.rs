@@ -185,14 +185,27 @@ impl<'a> LogReader<'a> {
     }
 }
 
-/// Windows in flight between the read-ahead thread and the replay (each [`WINDOW_BYTES`]).
-const READ_AHEAD_WINDOWS: usize = 4;
+/// Buffers of the read-ahead ([`WINDOW_BYTES`] each): one being read, one waiting, one in use by
+/// the replay. Bounded, and reused: a fresh buffer costs its page faults on first use.
+const READ_AHEAD_BUFFERS: usize = 3;
+
+/// Below this much to read, the log is read on the replaying thread: starting the read-ahead (a
+/// thread, its buffers' first page faults) cost 0.3–0.9 ms more than it saved for 1 and 4 MiB of
+/// records on zram, and saved 20–35 % from 16 MiB on.
+/// (`HeapOptions::recovery_read_ahead` chooses otherwise.)
+pub const READ_AHEAD_BYTES_MIN: u64 = 8 << 20;
 
 /// One window of the log, read ahead: `len` bytes at ring distance `distance` from the tail.
 struct Window {
     distance: u64,
     buf: AlignedBuf,
     len: usize,
+}
+
+impl Window {
+    fn end(&self) -> u64 {
+        self.distance + self.len as u64
+    }
 }
 
 /// The log read ahead of the replay by a thread of its own, as a stream: the record area in
@@ -210,8 +223,8 @@ struct ReadAhead {
     /// Received windows, ascending, covering a stretch of the stream with no gap.
     windows: std::collections::VecDeque<Window>,
     rx: Option<std::sync::mpsc::Receiver<std::io::Result<Window>>>,
-    /// Buffers given back to the thread for reuse.
-    recycle: std::sync::mpsc::Sender<AlignedBuf>,
+    /// Buffers given back to the thread for reuse (it waits for one when all are out).
+    recycle: Option<std::sync::mpsc::Sender<AlignedBuf>>,
     thread: Option<std::thread::JoinHandle<()>>,
     bytes_read: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// A request spanning windows is copied here.
@@ -231,7 +244,7 @@ impl ReadAhead {
     ) -> Option<ReadAhead> {
         use std::sync::atomic::Ordering::Relaxed;
         assert!(area_start <= tail && tail < area_end && limit <= area_end - area_start);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Window>>(READ_AHEAD_WINDOWS - 1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Window>>(READ_AHEAD_BUFFERS - 2);
         let (recycle, recycled) = std::sync::mpsc::channel::<AlignedBuf>();
         let bytes_read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = bytes_read.clone();
@@ -239,16 +252,26 @@ impl ReadAhead {
             .name("fams-log-read-ahead".into())
             .spawn(move || {
                 let mut distance = 0u64;
+                let mut buffers = 0usize;
                 while distance < limit {
                     let pos = ring_position(area_start, area_end, tail, distance);
                     let len = (WINDOW_BYTES as u64).min(limit - distance).min(area_end - pos) as usize;
-                    let mut buf = recycled.try_recv().unwrap_or_else(|_| AlignedBuf::zeroed(WINDOW_BYTES));
+                    let mut buf = match recycled.try_recv() {
+                        Ok(b) => b,
+                        Err(_) if buffers < READ_AHEAD_BUFFERS => {
+                            buffers += 1;
+                            AlignedBuf::zeroed(WINDOW_BYTES)
+                        }
+                        Err(_) => match recycled.recv() {
+                            Ok(b) => b,
+                            Err(_) => return, // recovery is done with the stream
+                        },
+                    };
                     let read = reader.read_exact_at(pos, &mut buf[..len]);
                     let failed = read.is_err();
                     if !failed {
                         counter.fetch_add(len as u64, Relaxed);
                     }
-                    // The receiver is gone once recovery has what it needs: stop.
                     if tx.send(read.map(|()| Window { distance, buf, len })).is_err() || failed {
                         return;
                     }
@@ -263,12 +286,30 @@ impl ReadAhead {
             limit,
             windows: std::collections::VecDeque::new(),
             rx: Some(rx),
-            recycle,
+            recycle: Some(recycle),
             thread: Some(thread),
             bytes_read,
             scratch: AlignedBuf::zeroed(0),
             hit: None,
         })
+    }
+
+    /// The next window from the thread; None once it stopped (done, or a read error: the direct
+    /// read reports what is wrong).
+    fn next_window(&mut self) -> Option<Window> {
+        match self.rx.as_ref()?.recv() {
+            Ok(Ok(w)) => Some(w),
+            Ok(Err(_)) | Err(_) => {
+                self.rx = None;
+                None
+            }
+        }
+    }
+
+    fn recycle_front(&mut self) {
+        if let (Some(w), Some(recycle)) = (self.windows.pop_front(), &self.recycle) {
+            let _ = recycle.send(w.buf);
+        }
     }
 
     /// Make [offset, offset+len) ready for [`ReadAhead::slice`]; false if this stream cannot
@@ -279,52 +320,46 @@ impl ReadAhead {
         if end > self.limit {
             return false;
         }
+        // The window holding the request's first byte, at the front.
         loop {
-            while self.windows.front().is_some_and(|w| w.distance + w.len as u64 <= distance) {
-                let done = self.windows.pop_front().map(|w| w.buf);
-                if let Some(buf) = done {
-                    let _ = self.recycle.send(buf);
-                }
+            while self.windows.front().is_some_and(|w| w.end() <= distance) {
+                self.recycle_front();
             }
-            if let Some(front) = self.windows.front() {
-                if front.distance > distance {
-                    return false; // behind the stream
-                }
-                let back = self.windows.back().map_or(0, |w| w.distance + w.len as u64);
-                if back >= end {
-                    break;
-                }
-            }
-            let Some(rx) = &self.rx else { return false };
-            match rx.recv() {
-                Ok(Ok(w)) => self.windows.push_back(w),
-                // A read error, or the thread gone: the direct read reports what is wrong.
-                Ok(Err(_)) | Err(_) => {
-                    self.rx = None;
-                    return false;
-                }
+            match self.windows.front() {
+                Some(front) if front.distance > distance => return false, // behind the stream
+                Some(_) => break,
+                None => match self.next_window() {
+                    Some(w) => self.windows.push_back(w),
+                    None => return false,
+                },
             }
         }
         let front = &self.windows[0];
-        let at = (distance - front.distance) as usize;
-        if at + len <= front.len {
-            self.hit = Some(at);
+        if front.end() >= end {
+            self.hit = Some((distance - front.distance) as usize);
             return true;
         }
+        // Spanning windows: copy the parts, giving back each window passed (the last one stays:
+        // it may hold the next request), so the thread never waits for buffers held here.
         if self.scratch.len() < len {
             self.scratch = AlignedBuf::zeroed(len.next_multiple_of(WINDOW_BYTES));
         }
         let mut copied = 0usize;
-        for w in &self.windows {
-            if copied == len {
-                break;
-            }
+        loop {
+            let w = &self.windows[0];
             let from = (distance + copied as u64 - w.distance) as usize;
             let n = (w.len - from).min(len - copied);
             self.scratch[copied..copied + n].copy_from_slice(&w.buf[from..from + n]);
             copied += n;
+            if copied == len {
+                break;
+            }
+            self.recycle_front();
+            match self.next_window() {
+                Some(w) => self.windows.push_back(w),
+                None => return false,
+            }
         }
-        assert_eq!(copied, len, "the windows cover the request");
         self.hit = None;
         true
     }
@@ -339,20 +374,23 @@ impl ReadAhead {
 
     /// Stop the thread; the bytes it read.
     fn stop(mut self) -> u64 {
-        self.rx = None; // its next send fails, and it returns
+        self.halt();
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stop the thread: its next send fails, and so does a wait for a buffer.
+    fn halt(&mut self) {
+        self.rx = None;
+        self.recycle = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        self.rx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
     }
 }
 
@@ -424,6 +462,7 @@ pub(crate) fn recover(
     heap_path: &Path,
     header: &HeapHeader,
     mode: Mode,
+    read_ahead: Option<bool>,
 ) -> Result<Recovered> {
     let started = Instant::now();
     let (sb, other_slot_damaged) = read_superblock_slots(dev, log_path)?;
@@ -478,7 +517,7 @@ pub(crate) fn recover(
         announce(Phase::Replay, &report);
         if mutations::is_on(Mutation::TailBeforeReplay) {
             // The deliberate bug: find the end first, and make it the tail before replaying.
-            let ahead = recover(&mut *reader.dev, log_path, heap_file, heap_path, header, Mode::DryRun)?;
+            let ahead = recover(&mut *reader.dev, log_path, heap_file, heap_path, header, Mode::DryRun, Some(false))?;
             let mut early = sb;
             early.sequence += 1;
             early.tail_offset = ahead.head;
@@ -489,7 +528,9 @@ pub(crate) fn recover(
     // How far past the tail records can be: the written limit — or anywhere, when the limit is
     // not recorded or the other slot is damaged and may have held a larger one.
     let scan_limit = if other_slot_damaged { sb.capacity_bytes() } else { sb.scan_limit_bytes() };
-    reader.read_ahead(&sb, scan_limit);
+    if read_ahead.unwrap_or(scan_limit >= READ_AHEAD_BYTES_MIN) {
+        reader.read_ahead(&sb, scan_limit);
+    }
     let end_why = loop {
         debug_assert!(lsn >= sb.tail_lsn);
         // The next record may have wrapped to the area start only if that lies inside the limit.

@@ -196,6 +196,9 @@ struct Explorer<'a> {
     flush_mode: FlushMode,
     /// Whether the next open lets the log grow long before checkpointing.
     long_log: bool,
+    /// Whether the next open's recovery reads the log ahead on a second thread (every other
+    /// open: the explorer's logs are smaller than the size from which an open does by itself).
+    read_ahead: bool,
     /// Chooses where recovery is cut (its own generator, so the workload's draws stay put).
     recovery_rng: SimRng,
 }
@@ -217,12 +220,15 @@ impl<'a> Explorer<'a> {
             // committing thread (the background writing of committed images would, when it
             // likes), so a seed replays bit-exactly; the mixed workload keeps it, and explores it.
             images_only_at_checkpoints: self.cfg.sync_only,
+            recovery_read_ahead: Some(self.read_ahead),
             ..HeapOptions::default()
         }
     }
 
-    /// The flush mode for the next open: the configured one, or drawn from `rng`.
+    /// The flush mode for the next open: the configured one, or drawn from `rng`; and whether its
+    /// recovery reads ahead (every other open, without a draw: the workload's draws stay put).
     fn choose_flush_mode(&mut self, rng: &mut SimRng) {
+        self.read_ahead = !self.read_ahead;
         self.flush_mode =
             self.cfg.flush_mode.unwrap_or(if rng.below(2) == 0 { FlushMode::Dsync } else { FlushMode::Fdatasync });
     }
@@ -465,6 +471,7 @@ pub fn run(cfg: &PowerLossConfig) -> Result<PowerLossReport, String> {
         report: PowerLossReport { seed: cfg.seed, ..Default::default() },
         flush_mode: cfg.flush_mode.unwrap_or(FlushMode::Dsync),
         long_log: false,
+        read_ahead: false,
         recovery_rng: SimRng::new(cfg.seed ^ 0x7265_636f_7665_7279),
     };
     let mut rng = SimRng::new(cfg.seed ^ 0x0ddb_a11c_afe0_0001);

@@ -92,30 +92,35 @@ fn recovery_reads_about_what_it_replays_whatever_the_log_size() {
     }
     let dir = TempDir::new("recovery-bound");
     const COMMITS: u64 = 64; // about 2 MiB of records
-    let mut read = Vec::new();
-    for (name, log_bytes) in [("small", 64u64 << 20), ("large", 256 << 20)] {
-        let path = heap_with_records(&dir, name, log_bytes, COMMITS);
-        let sb = superblock(&log_of(&path));
-        assert!(sb.written_limit_bytes > WRITTEN_LIMIT_STEP_BYTES, "the writer raised the limit: {sb:?}");
-        let h = Heap::open(&path, &HeapOptions::default()).unwrap();
-        let r = h.stats().recovery;
-        assert_eq!((r.records_replayed, counter(&h)), (COMMITS, COMMITS), "{name}: {r:?}");
-        eprintln!(
-            "{name} log ({} MiB): replayed {} records, read {} KiB of log (written limit {} KiB)",
-            log_bytes >> 20,
-            r.records_replayed,
-            r.log_bytes_read >> 10,
-            sb.written_limit_bytes >> 10
-        );
-        // What was replayed, what is left of the written limit, and one read window (1 MiB).
-        assert!(
-            r.log_bytes_read <= sb.written_limit_bytes + (1 << 20),
-            "{name}: read {} bytes: {r:?}",
-            r.log_bytes_read
-        );
-        read.push(r.log_bytes_read);
+                             // Both ways of reading: on the opening thread, and ahead of the replay on a second one.
+    for read_ahead in [false, true] {
+        let mut read = Vec::new();
+        for (name, log_bytes) in [("small", 64u64 << 20), ("large", 256 << 20)] {
+            let name = format!("{name}-{}", if read_ahead { "ahead" } else { "direct" });
+            let path = heap_with_records(&dir, &name, log_bytes, COMMITS);
+            let sb = superblock(&log_of(&path));
+            assert!(sb.written_limit_bytes > WRITTEN_LIMIT_STEP_BYTES, "the writer raised the limit: {sb:?}");
+            let opts = HeapOptions { recovery_read_ahead: Some(read_ahead), ..HeapOptions::default() };
+            let h = Heap::open(&path, &opts).unwrap();
+            let r = h.stats().recovery;
+            assert_eq!((r.records_replayed, counter(&h)), (COMMITS, COMMITS), "{name}: {r:?}");
+            eprintln!(
+                "{name} log ({} MiB): replayed {} records, read {} KiB of log (written limit {} KiB)",
+                log_bytes >> 20,
+                r.records_replayed,
+                r.log_bytes_read >> 10,
+                sb.written_limit_bytes >> 10
+            );
+            // What was replayed, what is left of the written limit, and one read window (1 MiB).
+            assert!(
+                r.log_bytes_read <= sb.written_limit_bytes + (1 << 20),
+                "{name}: read {} bytes: {r:?}",
+                r.log_bytes_read
+            );
+            read.push(r.log_bytes_read);
+        }
+        assert_eq!(read[0], read[1], "the same records cost the same reads in a 64 MiB and a 256 MiB log");
     }
-    assert_eq!(read[0], read[1], "the same records cost the same reads in a 64 MiB and a 256 MiB log");
 }
 
 #[test]
@@ -125,27 +130,30 @@ fn damage_reaching_past_the_first_limit_step_before_later_records_is_media_corru
     }
     let dir = TempDir::new("recovery-bound-damage");
     const COMMITS: u64 = 120; // about 3.8 MiB of records, each its own device write
-    let path = heap_with_records(&dir, "h", 64 << 20, COMMITS);
-    let log = log_of(&path);
-    let sb = superblock(&log);
-    let records = record_offsets(&log, sb.epoch);
-    assert_eq!(records.len() as u64, COMMITS, "every record is in the log");
-    // Zero records 3.. up to 1.5 limit steps past the tail: the damage alone looks like a log
-    // that ends at LSN 3; the intact records after it prove LSN 3 had been durable.
-    let damage_end = sb.tail_offset + WRITTEN_LIMIT_STEP_BYTES * 3 / 2;
-    let (first, first_at) = records[2];
-    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
-    f.write_all_at(&vec![0u8; (damage_end - first_at) as usize], first_at).unwrap();
-    let later = records.iter().find(|(_, at)| *at >= damage_end).expect("records after the damage").0;
-    match Heap::open(&path, &HeapOptions::default()) {
-        Err(Error::MediaCorruption { lsn, later_lsn, .. }) => {
-            assert_eq!((lsn, later_lsn), (first, later), "the first damaged record and the first intact later one")
+    for read_ahead in [false, true] {
+        let path = heap_with_records(&dir, if read_ahead { "ahead" } else { "direct" }, 64 << 20, COMMITS);
+        let log = log_of(&path);
+        let sb = superblock(&log);
+        let records = record_offsets(&log, sb.epoch);
+        assert_eq!(records.len() as u64, COMMITS, "every record is in the log");
+        // Zero records 3.. up to 1.5 limit steps past the tail: the damage alone looks like a log
+        // that ends at LSN 3; the intact records after it prove LSN 3 had been durable.
+        let damage_end = sb.tail_offset + WRITTEN_LIMIT_STEP_BYTES * 3 / 2;
+        let (first, first_at) = records[2];
+        let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+        f.write_all_at(&vec![0u8; (damage_end - first_at) as usize], first_at).unwrap();
+        let later = records.iter().find(|(_, at)| *at >= damage_end).expect("records after the damage").0;
+        let opts = HeapOptions { recovery_read_ahead: Some(read_ahead), ..HeapOptions::default() };
+        match Heap::open(&path, &opts) {
+            Err(Error::MediaCorruption { lsn, later_lsn, .. }) => {
+                assert_eq!((lsn, later_lsn), (first, later), "the first damaged record and the first intact later one")
+            }
+            Err(e) => panic!("expected media corruption at LSN {first}, got {e}"),
+            Ok(h) => panic!(
+                "recovery took the damage for a torn tail and dropped commits {first}..={COMMITS}: {:?}",
+                h.stats().recovery
+            ),
         }
-        Err(e) => panic!("expected media corruption at LSN {first}, got {e}"),
-        Ok(h) => panic!(
-            "recovery took the damage for a torn tail and dropped commits {first}..={COMMITS}: {:?}",
-            h.stats().recovery
-        ),
     }
 }
 

@@ -81,6 +81,11 @@ pub struct HeapOptions {
     /// beside the committing one on a machine with few CPUs. [`WriterMode::Manual`] has no
     /// heap-file thread either.
     pub images_only_at_checkpoints: bool,
+    /// Whether recovery reads the log ahead of its replay on a second thread. None (the
+    /// default): when it may read 8 MiB or more (below that, starting the thread costs more than
+    /// the overlap saves; measured in BENCHMARKS.md). `Some(false)` keeps every read on the
+    /// opening thread (a machine with one CPU); `Some(true)` reads ahead whatever the size.
+    pub recovery_read_ahead: Option<bool>,
 }
 
 /// Who runs the log writer.

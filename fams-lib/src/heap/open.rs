@@ -156,6 +156,7 @@ pub(super) fn open(path: &Path, opts: &HeapOptions, storage: &mut dyn Storage) -
         path,
         &header,
         recovery::Mode::Replay { salvage: opts.salvage },
+        opts.recovery_read_ahead,
     )?;
     let size = recovered.report.heap_size_bytes as usize;
     let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();

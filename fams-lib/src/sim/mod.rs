@@ -822,6 +822,8 @@ pub fn recover_images(
         path,
         &header,
         crate::recovery::Mode::Replay { salvage },
+        // Read ahead whatever the log's size: damaged logs go through that path too.
+        Some(true),
     )
     .map(|r| r.report);
     let (log_after, heap_after) = machine.visible_images();
