@@ -47,8 +47,9 @@
 //!   tail and the planned one is not reused (the space counts as in use until step 3), so a crash
 //!   at any point replays from the old tail exactly as before.
 //!
-//! The written limit (see `log_format`) is carried over: the old superblock's limit, counted from
-//! the new tail, still bounds every record written since, and is never less than a fresh one.
+//! The written limit (see `log_format`) starts fresh from the new tail, as at every checkpoint,
+//! but never below the end of the records written since the plan: nothing of this epoch lies past
+//! them, and the writer raises the limit before a group would run past it.
 //!
 //! Negative controls (`mutations` builds): `checkpoint-without-image-flush` and
 //! `checkpoint-without-heap-sync` skip step 1 or 2 in both forms; `background-checkpoint-tail-at-
@@ -83,7 +84,7 @@ impl LogWriter {
     pub(crate) fn checkpoint(&mut self) -> Result<(), String> {
         self.planned_checkpoint = None;
         let plan = self.plan_checkpoint();
-        write_and_sync(&self.images, &*self.heap_file, &self.heap_path, || true)?;
+        write_and_sync(&self.images, &*self.heap_file, &self.heap_path, None)?;
         self.move_tail(plan)
     }
 
@@ -116,9 +117,10 @@ impl LogWriter {
         sb.tail_offset = plan.tail_offset;
         sb.tail_lsn = plan.tail_lsn;
         sb.checkpoints += 1;
-        sb.written_limit_bytes =
-            sb.fresh_written_limit().max(sb.written_limit_bytes.saturating_sub(plan.used_bytes)).min(sb.capacity_bytes());
-        assert!(sb.written_limit_bytes >= used_after, "records written since the plan lie inside the written limit");
+        // A fresh limit from the new tail, as far as the records written since the plan at least
+        // (the writer raises it before any group that would end past it).
+        sb.written_limit_bytes = sb.fresh_written_limit().max(used_after);
+        assert!(sb.written_limit_bytes <= sb.capacity_bytes());
         if !sb.counters_writable() {
             return Err(format!("{}: the log's counters are at their limit ({sb:?})", self.log_path.display()));
         }
@@ -168,16 +170,23 @@ impl LogWriter {
     }
 }
 
-/// Steps 1 and 2: write every image into the heap file, then `fdatasync` it. `keep_going` may
-/// stop the writing between batches (then nothing is synced and Ok(false) is returned).
+/// Steps 1 and 2: write every image into the heap file, then `fdatasync` it. With `keep_going`
+/// (beside the commits) the images are written in batches, each copied under the images' lock and
+/// written without it, and `keep_going` may stop the writing between batches (then nothing is
+/// synced and Ok(false) is returned); without it (the log writer's lock held, no record can change
+/// an image) in one pass under the lock.
 fn write_and_sync(
     images: &crate::images::SharedImages,
     store: &dyn crate::storage::HeapStore,
     heap_path: &std::path::Path,
-    keep_going: impl Fn() -> bool,
+    keep_going: Option<&dyn Fn() -> bool>,
 ) -> Result<bool, String> {
     if !mutations::is_on(Mutation::CheckpointWithoutImageFlush) {
-        let done = crate::images::write_in_batches(images, store, IMAGE_BATCH_PAGES, &keep_going).map_err(|e| {
+        let written = match keep_going {
+            Some(keep_going) => crate::images::write_in_batches(images, store, IMAGE_BATCH_PAGES, keep_going),
+            None => crate::images::flush_all(images, store).map(|()| true),
+        };
+        let done = written.map_err(|e| {
             format!("{}: writing committed pages into the heap file at checkpoint: {e}", heap_path.display())
         })?;
         if !done {
@@ -250,7 +259,7 @@ fn background_checkpoint(core: &WriterCore, shared: &Shared) -> Result<(), Strin
     };
     #[cfg(test)]
     hold_while_set(&shared.hold_checkpoint_before_sync, shared);
-    if !write_and_sync(&images, &*store, &heap_path, || !should_stop(shared, false))? {
+    if !write_and_sync(&images, &*store, &heap_path, Some(&|| !should_stop(shared, false)))? {
         return Ok(()); // closing: the final checkpoint takes over
     }
     #[cfg(test)]
