@@ -176,7 +176,7 @@ pub fn stats_json(s: &NodeStats) -> serde_json::Value {
                   "pages_per_commit": per_commit(h.pages_tracked), "record_bytes_per_commit": per_commit(h.record_bytes),
                   "capture_us_per_commit": per_commit(h.capture_ns) / 1e3, "collect_us_per_commit": per_commit(h.collect_ns) / 1e3,
                   "device_write_us_per_group": h.device_write_ns as f64 / 1e3 / h.groups.max(1) as f64,
-                  "groups": h.groups, "checkpoints": h.checkpoints,
+                  "groups": h.groups, "checkpoints": h.checkpoints, "background_checkpoints": h.background_checkpoints,
                   "recovery_ms": h.recovery.duration.as_secs_f64() * 1e3, "records_replayed": h.recovery.records_replayed },
         "transport": transport_json(&s.transport),
         "faults_injected": { "dropped": s.faults_injected.dropped, "duplicated": s.faults_injected.duplicated,
