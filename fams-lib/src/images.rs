@@ -126,6 +126,19 @@ impl CommittedImages {
         }
     }
 
+    /// The committed image of `page`, for reading in place: this store's image if it holds one
+    /// (no copy), else the heap file's page read into `scratch` (one page).
+    pub fn committed<'a>(&'a self, store: &dyn HeapStore, page: u64, scratch: &'a mut [u8]) -> std::io::Result<&'a [u8]> {
+        debug_assert_eq!(scratch.len(), PAGE_SIZE);
+        match self.pages.get(&page) {
+            Some(image) => Ok(&image.bytes[..]),
+            None => {
+                store.read_exact_at(scratch, HEADER_BYTES + page * PAGE_SIZE as u64)?;
+                Ok(scratch)
+            }
+        }
+    }
+
     /// Apply a durable record's entries, in order: each page they touch gets an image here
     /// (read from the heap file the first time), and the entries' bytes are copied into it.
     pub fn apply(&mut self, store: &dyn HeapStore, entries: &[Entry<'_>]) -> std::io::Result<()> {
@@ -330,6 +343,28 @@ mod tests {
         assert_eq!(images.pages_flushed, pages);
         let f = file.0.lock().unwrap();
         assert!((0..pages).all(|p| f[(HEADER_BYTES + p * PAGE_SIZE as u64 + 3) as usize] == 5));
+    }
+
+    #[test]
+    fn committed_images_are_read_in_place_and_others_from_the_file() {
+        let pages = 3u64;
+        let before: Vec<u8> = (0..HEADER_BYTES + pages * PAGE_SIZE as u64).map(|i| (i % 241) as u8).collect();
+        let file = MemFile(Mutex::new(before.clone()));
+        let mut images = CommittedImages::new(1 << 20);
+        let seven = [7u8; 9];
+        images.apply(&file, &[Entry { offset: PAGE_SIZE as u64 + 5, data: &seven }]).unwrap();
+        let mut scratch = vec![0u8; PAGE_SIZE];
+        for p in 0..pages {
+            let at = (HEADER_BYTES + p * PAGE_SIZE as u64) as usize;
+            let mut want = before[at..at + PAGE_SIZE].to_vec();
+            if p == 1 {
+                want[5..14].copy_from_slice(&seven);
+            }
+            let scratch_at = scratch.as_ptr();
+            let got = images.committed(&file, p, &mut scratch).unwrap();
+            assert_eq!(got, &want[..], "page {p}");
+            assert_eq!(got.as_ptr() == scratch_at, p != 1, "page {p}: a held image is read in place, others from the file");
+        }
     }
 
     #[test]

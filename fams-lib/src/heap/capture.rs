@@ -41,13 +41,16 @@ impl Heap {
                 }
                 continue;
             }
-            if let Err(e) = images.read(&*self.store, page as u64, &mut self.page_scratch) {
-                drop(images);
-                self.carried_pages = dirty.clone();
-                self.dirty_scratch = dirty;
-                return Err(Error::io(&self.path, "reading the committed image of a dirty page", e));
+            // Diffed in place when the image is held (hot pages): no copy of it first.
+            match images.committed(&*self.store, page as u64, &mut self.page_scratch) {
+                Ok(committed) => builder.add_diff(offset, current, committed),
+                Err(e) => {
+                    drop(images);
+                    self.carried_pages = dirty.clone();
+                    self.dirty_scratch = dirty;
+                    return Err(Error::io(&self.path, "reading the committed image of a dirty page", e));
+                }
             }
-            builder.add_diff(offset, current, &self.page_scratch);
         }
         drop(images);
 
