@@ -362,17 +362,32 @@ fn commit_until_planned(h: &mut Heap, model: &mut [u8], pages: usize) -> usize {
     panic!("no checkpoint planned after 100,000 commits");
 }
 
-#[test]
-fn a_background_checkpoint_moves_the_tail_to_its_plan_while_commits_go_on() {
-    let dir = Dir::new("bg-checkpoint");
+/// A fresh heap checkpointing past 1 MiB of log, open, with a model of its bytes.
+struct BackgroundCheckpointHeap {
+    _dir: Dir,
+    path: PathBuf,
+    pages: usize,
+    opts: HeapOptions,
+    model: Vec<u8>,
+    h: Heap,
+}
+
+fn background_checkpoint_heap(tag: &str) -> BackgroundCheckpointHeap {
+    let dir = Dir::new(tag);
     let path = dir.heap();
-    let pages = 1000;
     let opts = HeapOptions { checkpoint_threshold_bytes: Some(1 << 20), ..HeapOptions::default() };
-    let mut model = {
+    let model = {
         let h = Heap::open(&path, &opts).unwrap();
         h.bytes().to_vec()
     };
-    let mut h = Heap::open(&path, &opts).unwrap();
+    let h = Heap::open(&path, &opts).unwrap();
+    BackgroundCheckpointHeap { _dir: dir, path, pages: 1000, opts, model, h }
+}
+
+#[test]
+fn a_background_checkpoint_moves_the_tail_to_its_plan_while_commits_go_on() {
+    let BackgroundCheckpointHeap { _dir, path, pages, opts, mut model, mut h } =
+        background_checkpoint_heap("bg-checkpoint");
     h.shared.hold_checkpoint_before_tail.store(true, SeqCst);
     let before = commit_until_planned(&mut h, &mut model, pages);
     // The heap file is synced, the tail not moved yet: commits go on, each touching a page for
@@ -403,15 +418,8 @@ fn a_background_checkpoint_moves_the_tail_to_its_plan_while_commits_go_on() {
 
 #[test]
 fn a_crash_before_a_background_checkpoint_moves_the_tail_loses_nothing() {
-    let dir = Dir::new("bg-checkpoint-crash");
-    let path = dir.heap();
-    let pages = 1000;
-    let opts = HeapOptions { checkpoint_threshold_bytes: Some(1 << 20), ..HeapOptions::default() };
-    let mut model = {
-        let h = Heap::open(&path, &opts).unwrap();
-        h.bytes().to_vec()
-    };
-    let mut h = Heap::open(&path, &opts).unwrap();
+    let BackgroundCheckpointHeap { _dir, path, pages, opts, mut model, mut h } =
+        background_checkpoint_heap("bg-checkpoint-crash");
     h.shared.hold_checkpoint_before_sync.store(true, SeqCst);
     let before = commit_until_planned(&mut h, &mut model, pages);
     for i in before..before + 40 {
