@@ -270,11 +270,54 @@ impl Report {
     }
 }
 
+impl Report {
+    /// Fold in the report of a run beside this one (another rig, another seed).
+    fn absorb(&mut self, o: Report) {
+        fn add<K: Ord>(a: &mut std::collections::BTreeMap<K, u64>, b: std::collections::BTreeMap<K, u64>) {
+            for (k, v) in b {
+                *a.entry(k).or_default() += v;
+            }
+        }
+        self.cycles += o.cycles;
+        self.violations += o.violations;
+        self.violation_details.extend(o.violation_details);
+        self.commits_acknowledged += o.commits_acknowledged;
+        self.final_commit = self.final_commit.max(o.final_commit);
+        self.cuts_during_recovery += o.cuts_during_recovery;
+        add(&mut self.cuts_in_phase, o.cuts_in_phase);
+        self.fills += o.fills;
+        self.cuts_after_a_kept_stretch += o.cuts_after_a_kept_stretch;
+        add(&mut self.layouts, o.layouts);
+        self.real_recoveries_compared += o.real_recoveries_compared;
+        self.recovered_unacknowledged += o.recovered_unacknowledged;
+        self.records_replayed += o.records_replayed;
+        self.cuts_with_pending_writes += o.cuts_with_pending_writes;
+        self.cuts_with_pending_log_writes += o.cuts_with_pending_log_writes;
+        self.cuts_that_dropped += o.cuts_that_dropped;
+        self.cuts_that_tore += o.cuts_that_tore;
+        self.writes_pending_at_cuts += o.writes_pending_at_cuts;
+        self.writes_dropped += o.writes_dropped;
+        self.writes_torn += o.writes_torn;
+        self.writes_kept += o.writes_kept;
+        add(&mut self.cut_modes, o.cut_modes);
+        add(&mut self.cut_triggers, o.cut_triggers);
+        self.child_saw_io_errors += o.child_saw_io_errors;
+        self.log_disk.absorb(&o.log_disk);
+        self.fs_disk.absorb(&o.fs_disk);
+        self.fsck_runs += o.fsck_runs;
+        self.fsck_problems.extend(o.fsck_problems);
+        add(&mut self.choices, o.choices);
+        self.loop_dio &= o.loop_dio;
+        self.seconds = self.seconds.max(o.seconds);
+    }
+}
+
 fn run_power_cuts(cfg: &Config) -> Result<Report, String> {
     let started = Instant::now();
     let mut rig = Rig::new("powercut", Path::new(env!("CARGO_BIN_EXE_fams-fuse-disk")), LOG_DISK, FS_DISK);
     // FAMS_POWER_CUT_TRACE=DIR: keep a trace of every request the drives see, per power-on.
-    rig.trace = std::env::var_os("FAMS_POWER_CUT_TRACE").map(PathBuf::from);
+    // (One directory per seed: runs side by side would otherwise write the same files.)
+    rig.trace = std::env::var_os("FAMS_POWER_CUT_TRACE").map(|d| PathBuf::from(d).join(format!("seed-{:x}", cfg.seed)));
     if let Some(d) = &rig.trace {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
@@ -745,7 +788,25 @@ fn power_cuts_on_a_fuse_backed_loop_device() {
         stop_at_first_violation: false,
         cut_focus: None,
     };
-    let report = run_power_cuts(&cfg).unwrap_or_else(|e| panic!("power-cut test could not run: {e}"));
+    // Two rigs side by side, each with half the cycles and a seed of its own: a cycle mostly
+    // waits (for the child, the drives, ext4's mount), so two take little longer than one. The
+    // checks below are over both runs together.
+    let halves = [cfg.cycles.div_ceil(2), cfg.cycles / 2];
+    let reports: Vec<Result<Report, String>> = std::thread::scope(|s| {
+        let runs: Vec<_> = halves
+            .iter()
+            .enumerate()
+            .map(|(i, &cycles)| {
+                let half = Config { cycles, seed: cfg.seed ^ i as u64, cut_focus: None, ..cfg };
+                s.spawn(move || run_power_cuts(&half))
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap_or_else(|_| Err("a power-cut run panicked".into()))).collect()
+    });
+    let mut report = Report { loop_dio: true, ..Report::default() };
+    for r in reports {
+        report.absorb(r.unwrap_or_else(|e| panic!("power-cut test could not run: {e}")));
+    }
     say(&report.summary());
     assert_eq!(report.cycles, cfg.cycles, "{}", report.summary());
     assert_eq!(report.violations, 0, "{}", report.summary());
