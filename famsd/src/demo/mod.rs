@@ -106,8 +106,13 @@ pub fn run(dir: &Path) -> Result<(), String> {
         s.groups
     );
     println!(
-        "  wrote {} log bytes ({} of them page images logged whole, first change after a checkpoint) for {} changed bytes; {} checkpoints ({} taken beside the commits, off their path)",
-        s.log_bytes_written, s.full_images_after_checkpoint * 4096, s.bytes_changed, s.checkpoints, s.background_checkpoints
+        "  wrote {} log bytes ({} of them page images logged whole, first change after a checkpoint) for {} changed bytes; {} checkpoint{} ({} taken beside the commits, off their path)",
+        s.log_bytes_written,
+        s.full_images_after_checkpoint * 4096,
+        s.bytes_changed,
+        s.checkpoints,
+        if s.checkpoints == 1 { "" } else { "s" },
+        s.background_checkpoints
     );
     drop(heap);
 
