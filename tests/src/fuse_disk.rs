@@ -84,22 +84,6 @@ pub struct DiskCounters {
 }
 
 impl DiskCounters {
-    /// Add what another disk (or another run's disk) saw; the maximum stays a maximum.
-    pub fn absorb(&mut self, o: &DiskCounters) {
-        self.writes += o.writes;
-        self.write_bytes += o.write_bytes;
-        self.writes_with_sync_flag += o.writes_with_sync_flag;
-        self.writes_from_page_cache += o.writes_from_page_cache;
-        self.fsyncs += o.fsyncs;
-        self.fdatasyncs += o.fdatasyncs;
-        self.reads += o.reads;
-        self.fallocates += o.fallocates;
-        self.opens += o.opens;
-        self.opens_direct += o.opens_direct;
-        self.max_pending_writes = self.max_pending_writes.max(o.max_pending_writes);
-        self.ignored_after_cut += o.ignored_after_cut;
-    }
-
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "writes": self.writes,

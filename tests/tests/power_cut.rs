@@ -302,8 +302,8 @@ impl Report {
         add(&mut self.cut_modes, o.cut_modes);
         add(&mut self.cut_triggers, o.cut_triggers);
         self.child_saw_io_errors += o.child_saw_io_errors;
-        self.log_disk.absorb(&o.log_disk);
-        self.fs_disk.absorb(&o.fs_disk);
+        self.log_disk.add(&o.log_disk);
+        self.fs_disk.add(&o.fs_disk);
         self.fsck_runs += o.fsck_runs;
         self.fsck_problems.extend(o.fsck_problems);
         add(&mut self.choices, o.choices);
